@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+export JAX_PLATFORMS ?= cpu
+
+.PHONY: demo test bench test-gpu clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -q -e '.[test,mpi,examples]'
+	rm -f $(VENV)/.installed-*; touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/quickstart.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+	$(BIN)/python -m benchmarks --quick --out $(VENV)/bench-quick.json
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks
+
+test-gpu: $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[cuda12,test]'
+	$(BIN)/python -m pytest -q -m gpu
+	$(BIN)/python -m benchmarks --quick --gpu
+
+clean:
+	rm -rf $(VENV) build *.egg-info
