@@ -1,0 +1,17 @@
+"""spmd: a JAX-style functional SPMD framework over NumPy programs.
+
+>>> import numpy as np, spmd
+>>> mesh = spmd.make_mesh((2, 4), ("data", "model"))
+>>> x = spmd.device_put(np.arange(32.).reshape(8, 4), spmd.NamedSharding(mesh, spmd.P("data", "model")))
+>>> x.sharding.shard_shape(x.shape)
+(4, 1)
+"""
+from .devices import Device, devices, local_devices, device_count, local_device_count
+from .distributed import process_index, process_count
+from .errors import (SpmdError, MeshError, ShardingError, TracingError, VmaError,
+                     CollectiveTimeoutError)
+from .mesh import Mesh, AbstractMesh, make_mesh, set_mesh, get_mesh
+from .sharding import PartitionSpec, P, NamedSharding
+from .array import Array, Shard, device_put, reshard
+
+__version__ = "0.1.0"

@@ -1,0 +1,230 @@
+"""``Array``: a global array laid out over a mesh, and ``device_put`` / ``reshard``.
+
+On the simulated mesh the storage is the stacked layout (``spmd.layout``): one array with a
+dim per mesh axis (size 1 where the array is replicated over it) followed by the block shape.
+For evenly divided dims the storage is a view of the host array, so ``device_put`` copies
+nothing.  Uneven dims are padded at the end of each dim; shards report the true data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from . import layout
+from .devices import Device, devices as _devices
+from .errors import ShardingError
+from .mesh import Mesh
+from .sharding import NamedSharding, PartitionSpec, as_sharding, block_size
+
+SUPPORTED_DTYPES = tuple(np.dtype(t) for t in (
+    np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+    np.float16, ml_dtypes.bfloat16, np.float32, np.float64, np.complex64, np.complex128))
+
+
+def check_dtype(dtype, what: str) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
+        raise TypeError(f"{what}: dtype {dt} is not supported; use one of {names}.")
+    return dt
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """The block of a global array held by one device."""
+    device: Device
+    index: tuple[slice, ...]
+    data: np.ndarray
+    replica_id: int = 0
+
+
+def _padded_shape(shape, parts):
+    return tuple(block_size(d, n) * n for d, n in zip(shape, parts))
+
+
+class Array:
+    """A global array sharded over a mesh.  ``np.asarray(a)`` gathers it."""
+
+    __array_priority__ = 100
+
+    def __init__(self, storage, shape: tuple[int, ...], sharding: NamedSharding):
+        self._storage = storage
+        self.shape = tuple(shape)
+        self.sharding = sharding
+
+    # -- basic properties ------------------------------------------------------------------------
+    @property
+    def dtype(self) -> np.dtype:
+        return self._storage.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.itemsize
+
+    def __len__(self):
+        if not self.shape:
+            raise TypeError("len() of a 0-d spmd.Array")
+        return self.shape[0]
+
+    @property
+    def is_fully_replicated(self) -> bool:
+        return self.sharding.is_fully_replicated
+
+    @property
+    def is_fully_addressable(self) -> bool:
+        return self.sharding.is_fully_addressable
+
+    def devices(self) -> set:
+        return self.sharding.device_set
+
+    def block_until_ready(self):
+        return self
+
+    # -- shards ------------------------------------------------------------------------------
+    def _block_at(self, mesh_index: tuple[int, ...]) -> np.ndarray:
+        m = len(mesh_index)
+        idx = tuple(i if n > 1 else 0 for i, n in zip(mesh_index, self._storage.shape[:m]))
+        return self._storage[idx]
+
+    @property
+    def addressable_shards(self) -> list[Shard]:
+        mesh = self.sharding.mesh
+        local = {d.id for d in mesh.local_devices}
+        out = []
+        replicas: dict[tuple, int] = {}
+        for mesh_index, dev in np.ndenumerate(mesh.devices):
+            if dev.id not in local:
+                continue
+            coords = dict(zip(mesh.axis_names, mesh_index))
+            index = self.sharding.index_at(coords, self.shape)
+            block = self._block_at(mesh_index)
+            true = tuple(slice(0, len(range(*s.indices(d)))) for s, d in zip(index, self.shape))
+            key = tuple((s.start, s.stop) for s in index)
+            rid = replicas.get(key, 0)
+            replicas[key] = rid + 1
+            out.append(Shard(dev, index, block[true], rid))
+        return out
+
+    # -- conversion ----------------------------------------------------------------------------
+    def _gather(self) -> np.ndarray:
+        mesh = self.sharding.mesh
+        dims = layout.mesh_positions(mesh.axis_names, self.sharding._dim_axes(self.ndim))
+        merged = layout.merge_from_mesh(self._storage, mesh.axis_sizes, dims, np)
+        full = merged.reshape(merged.shape[len(mesh.axis_sizes):])
+        if full.shape != self.shape:
+            full = full[tuple(slice(0, d) for d in self.shape)]
+        return full
+
+    def __array__(self, dtype=None, copy=None):
+        out = self._gather()
+        if copy is False and not np.shares_memory(out, self._storage):
+            raise ValueError("np.asarray(spmd.Array, copy=False): the global array is not one "
+                             "contiguous view of the shards; a copy is needed.")
+        out = np.array(out, dtype=dtype, copy=True) if copy or dtype is not None else np.array(out)
+        return out
+
+    def __array_namespace__(self, api_version=None):
+        import spmd.numpy
+        return spmd.numpy
+
+    def __repr__(self):
+        body = np.array2string(self._gather(), separator=", ", prefix="Array(", threshold=64)
+        return f"Array({body}, dtype={self.dtype}, sharding={self.sharding.spec})"
+
+    def _repr_html_(self):
+        from .visualize import visualize_sharding
+        return visualize_sharding(self, _html=True)
+
+
+def _host_array(x: Any, what: str) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        arr = x
+    elif isinstance(x, (bool, int, float, complex, np.generic, list, tuple)):
+        try:
+            arr = np.asarray(x)
+        except ValueError as e:
+            raise TypeError(f"{what}: cannot make an array of {type(x).__name__} ({e}).") from None
+    elif hasattr(x, "__array__") or hasattr(x, "__dlpack__"):
+        arr = np.asarray(x)
+    else:
+        raise TypeError(f"{what}: expected an array (numpy array, spmd.Array, scalar or nested "
+                        f"list), got {type(x).__name__}.")
+    if arr.dtype == object:
+        raise TypeError(f"{what}: object arrays cannot be placed on devices; convert to a numeric "
+                        f"dtype first (for example np.asarray(x, dtype=np.float32)).")
+    check_dtype(arr.dtype, what)
+    return arr
+
+
+def device_put(x: Any, device_or_sharding: NamedSharding | PartitionSpec | Device | None = None) -> Array:
+    """Place ``x`` on devices with the given sharding (default: replicated on device 0).
+
+    Works on pytrees of arrays, with a single sharding or a matching pytree of shardings.
+    ``device_put`` of an ``Array`` re-shards it.
+    """
+    import optree
+    leaves, tree = optree.tree_flatten(x, none_is_leaf=False)
+    if isinstance(device_or_sharding, (NamedSharding, PartitionSpec, Device)) or device_or_sharding is None:
+        shardings = [device_or_sharding] * len(leaves)
+    else:
+        shardings = tree.flatten_up_to(device_or_sharding)
+    out = [_device_put_one(leaf, s) for leaf, s in zip(leaves, shardings)]
+    return optree.tree_unflatten(tree, out) if tree.num_leaves != 1 or not tree.is_leaf() else out[0]
+
+
+def _device_put_one(x, s) -> Array:
+    if s is None or isinstance(s, Device):
+        dev = s if s is not None else _devices()[0]
+        arr = np.empty((1,), dtype=object)
+        arr[0] = dev
+        s = NamedSharding(Mesh(arr, ("_device",)), PartitionSpec())
+    sharding = as_sharding(s, what="device_put")
+    if isinstance(x, Array):
+        if x.sharding == sharding or x.sharding.is_equivalent_to(sharding, x.ndim):
+            return x
+        return reshard(x, sharding)
+    host = _host_array(x, "device_put")
+    from .sharding import check_spec
+    check_spec(sharding.spec, sharding.mesh, host.ndim, what=f"device_put with {sharding.spec}")
+    if not isinstance(sharding.mesh, Mesh):
+        raise ShardingError("device_put needs a Mesh with devices, not an AbstractMesh.")
+    return _array_from_host(host, sharding)
+
+
+def _array_from_host(host: np.ndarray, sharding: NamedSharding) -> Array:
+    mesh = sharding.mesh
+    parts = sharding.num_parts(host.ndim)
+    padded = _padded_shape(host.shape, parts)
+    x = host
+    if padded != host.shape:
+        x = np.zeros(padded, host.dtype)
+        x[tuple(slice(0, d) for d in host.shape)] = host
+    stacked = x.reshape((1,) * len(mesh.axis_sizes) + x.shape)
+    dims = layout.mesh_positions(mesh.axis_names, sharding._dim_axes(host.ndim))
+    return Array(layout.split_into_mesh(stacked, mesh.axis_sizes, dims, np), host.shape, sharding)
+
+
+def reshard(x: Array, sharding: NamedSharding | PartitionSpec) -> Array:
+    """``x`` with a new sharding (on the same or another mesh)."""
+    sharding = as_sharding(sharding, what="reshard")
+    if not isinstance(x, Array):
+        return device_put(x, sharding)
+    from .sharding import check_spec
+    check_spec(sharding.spec, sharding.mesh, x.ndim, what=f"reshard to {sharding.spec}")
+    return _array_from_host(x._gather(), sharding)

@@ -1,0 +1,92 @@
+"""Devices: simulated CPU devices (the default) and, where present, GPUs.
+
+On the CPU, ``SPMD_NUM_CPU_DEVICES`` simulated devices (default 8) live in this one process.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from .errors import MeshError
+
+DEFAULT_NUM_CPU_DEVICES = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    """One device of the (possibly simulated) machine.  ``id`` is global across processes."""
+
+    id: int
+    platform: str = "cpu"
+    process_index: int = 0
+    local_id: int = 0
+
+    @property
+    def device_kind(self) -> str:
+        return {"cpu": "cpu (simulated)", "gpu": "gpu"}.get(self.platform, self.platform)
+
+    def __repr__(self) -> str:
+        kind = {"cpu": "CpuDevice", "gpu": "CudaDevice"}.get(self.platform, "Device")
+        return f"{kind}(id={self.id})"
+
+
+def _num_cpu_devices() -> int:
+    raw = os.environ.get("SPMD_NUM_CPU_DEVICES")
+    if raw is None or raw.strip() == "":
+        return DEFAULT_NUM_CPU_DEVICES
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1 or str(n) != raw.strip():
+        raise MeshError(
+            f"SPMD_NUM_CPU_DEVICES={raw!r} is not a positive integer; set it to the number of "
+            f"simulated CPU devices you want (for example SPMD_NUM_CPU_DEVICES=8) or unset it.")
+    return n
+
+
+_cpu_cache: dict[tuple[int, int, int], tuple[Device, ...]] = {}
+
+
+def _cpu_devices() -> tuple[Device, ...]:
+    from . import distributed
+    n = _num_cpu_devices()
+    state = distributed.state()
+    key = (n, state.process_index, state.process_count)
+    if key not in _cpu_cache:
+        if state.process_count == 1:
+            devs = tuple(Device(i, "cpu", 0, i) for i in range(n))
+        else:
+            # One CPU device per process: the mesh spans processes.
+            devs = tuple(Device(p, "cpu", p, 0) for p in range(state.process_count))
+        _cpu_cache[key] = devs
+    return _cpu_cache[key]
+
+
+def devices(platform: str | None = None) -> list[Device]:
+    """All devices of ``platform`` (``"cpu"`` by default, or ``"gpu"``), across processes.
+
+    >>> len(devices()) == device_count()
+    True
+    """
+    if platform in (None, "cpu"):
+        return list(_cpu_devices())
+    if platform in ("gpu", "cuda"):
+        from .gpu import gpu_devices
+        return list(gpu_devices())
+    raise MeshError(f"unknown platform {platform!r}; use 'cpu' or 'gpu'.")
+
+
+def local_devices(platform: str | None = None) -> list[Device]:
+    """The devices this process can address."""
+    from . import distributed
+    me = distributed.state().process_index
+    return [d for d in devices(platform) if d.process_index == me]
+
+
+def device_count(platform: str | None = None) -> int:
+    return len(devices(platform))
+
+
+def local_device_count(platform: str | None = None) -> int:
+    return len(local_devices(platform))

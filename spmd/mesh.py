@@ -1,0 +1,232 @@
+"""Named device meshes: ``Mesh``, ``make_mesh``, ``AbstractMesh`` and ``set_mesh``."""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections import OrderedDict
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .devices import Device, devices as _all_devices
+from .errors import MeshError
+
+
+def _check_axis_names(axis_names, where: str) -> tuple[str, ...]:
+    if isinstance(axis_names, str):
+        axis_names = (axis_names,)
+    try:
+        names = tuple(axis_names)
+    except TypeError:
+        raise MeshError(f"{where}: axis_names must be a sequence of strings, got {axis_names!r}.") from None
+    for n in names:
+        if not isinstance(n, str) or not n:
+            raise MeshError(f"{where}: axis name {n!r} is not a non-empty string; mesh axes are "
+                            f"named with strings such as 'data' or 'model'.")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise MeshError(f"{where}: duplicate axis name {dup[0]!r} in {names}; every mesh axis "
+                        f"needs its own name.")
+    return names
+
+
+def _check_axis_sizes(shape, where: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(shape)
+    except TypeError:
+        raise MeshError(f"{where}: mesh shape must be a tuple of positive integers, got {shape!r}.") from None
+    for s in sizes:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1:
+            raise MeshError(f"{where}: mesh axis size {s!r} in {sizes} is not a positive integer.")
+    return tuple(int(s) for s in sizes)
+
+
+class AbstractMesh:
+    """A mesh's shape and axis names without devices: enough for tracing and shard shapes."""
+
+    def __init__(self, axis_sizes: Sequence[int], axis_names: Sequence[str]):
+        self.axis_names = _check_axis_names(axis_names, "AbstractMesh")
+        self.axis_sizes = _check_axis_sizes(axis_sizes, "AbstractMesh")
+        if len(self.axis_names) != len(self.axis_sizes):
+            raise MeshError(f"AbstractMesh: {len(self.axis_sizes)} sizes {self.axis_sizes} but "
+                            f"{len(self.axis_names)} names {self.axis_names}.")
+
+    @property
+    def shape(self) -> "OrderedDict[str, int]":
+        return OrderedDict(zip(self.axis_names, self.axis_sizes))
+
+    @property
+    def shape_tuple(self) -> tuple[tuple[str, int], ...]:
+        return tuple(zip(self.axis_names, self.axis_sizes))
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.axis_sizes)
+
+    @property
+    def empty(self) -> bool:
+        return False
+
+    @property
+    def abstract_mesh(self) -> "AbstractMesh":
+        return self
+
+    def axis_size(self, name: str) -> int:
+        try:
+            return self.axis_sizes[self.axis_names.index(name)]
+        except ValueError:
+            raise MeshError(f"axis {name!r} is not in the mesh; its axes are {self.axis_names}.") from None
+
+    def _key(self):
+        return ("abstract", self.axis_names, self.axis_sizes)
+
+    def __eq__(self, other):
+        return type(other) is type(self) and other._key() == self._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __repr__(self):
+        inner = ", ".join(f"{n!r}: {s}" for n, s in zip(self.axis_names, self.axis_sizes))
+        return f"AbstractMesh({{{inner}}})"
+
+
+class Mesh(AbstractMesh):
+    """An n-d array of devices with a name per axis.
+
+    >>> mesh = Mesh(np.array(devices()[:8]).reshape(2, 4), ("data", "model"))
+    >>> dict(mesh.shape)
+    {'data': 2, 'model': 4}
+    """
+
+    def __init__(self, devices: np.ndarray | Sequence[Device], axis_names: Sequence[str]):
+        names = _check_axis_names(axis_names, "Mesh")
+        arr = np.empty(np.shape(np.asarray(devices, dtype=object)), dtype=object)
+        arr[...] = np.asarray(devices, dtype=object)
+        if arr.ndim != len(names):
+            raise MeshError(f"Mesh: the device array has {arr.ndim} dims {arr.shape} but there are "
+                            f"{len(names)} axis names {names}; give one name per dim.")
+        flat = list(arr.flat)
+        for d in flat:
+            if not isinstance(d, Device):
+                raise MeshError(f"Mesh: {d!r} is not a Device; build meshes from spmd.devices().")
+        ids = [d.id for d in flat]
+        if len(set(ids)) != len(ids):
+            dup = next(d for d in flat if ids.count(d.id) > 1)
+            raise MeshError(f"Mesh: device {dup!r} appears more than once; each device may hold one "
+                            f"mesh position.")
+        super().__init__(arr.shape, names)
+        arr.flags.writeable = False
+        self.devices = arr
+        self.device_ids = np.vectorize(lambda d: d.id, otypes=[np.int64])(arr) if arr.size else np.zeros(arr.shape, np.int64)
+
+    # -- properties mirroring jax.sharding.Mesh --------------------------------------------
+    @property
+    def abstract_mesh(self) -> AbstractMesh:
+        return AbstractMesh(self.axis_sizes, self.axis_names)
+
+    @property
+    def device_list(self) -> list[Device]:
+        return list(self.devices.flat)
+
+    @property
+    def local_devices(self) -> list[Device]:
+        from .distributed import process_index
+        me = process_index()
+        return [d for d in self.devices.flat if d.process_index == me]
+
+    @property
+    def is_multi_process(self) -> bool:
+        return len({d.process_index for d in self.devices.flat}) > 1
+
+    def device_coords(self, device: Device) -> tuple[int, ...]:
+        pos = np.argwhere(self.device_ids == device.id)
+        if not len(pos):
+            raise MeshError(f"{device!r} is not in {self!r}.")
+        return tuple(int(i) for i in pos[0])
+
+    def submesh(self, axis_names: str | Iterable[str], **at: int) -> "Mesh":
+        """The mesh over ``axis_names`` (in mesh order) at fixed coordinates of the other axes.
+
+        ``mesh.submesh("model", data=1)`` is the row of devices with data index 1.
+        """
+        keep = _check_axis_names(axis_names, "Mesh.submesh")
+        for n in list(keep) + list(at):
+            self.axis_size(n)
+        index = []
+        for n, s in zip(self.axis_names, self.axis_sizes):
+            if n in keep:
+                if n in at:
+                    raise MeshError(f"Mesh.submesh: axis {n!r} is both kept and fixed at {at[n]}.")
+                index.append(slice(None))
+            else:
+                i = at.get(n, 0)
+                if not isinstance(i, (int, np.integer)) or not 0 <= i < s:
+                    raise MeshError(f"Mesh.submesh: index {i!r} for axis {n!r} is outside 0..{s - 1}.")
+                index.append(int(i))
+        kept = tuple(n for n in self.axis_names if n in keep)
+        return Mesh(self.devices[tuple(index)], kept)
+
+    def __enter__(self):
+        self._ctx = set_mesh(self)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+    def _key(self):
+        return ("mesh", self.axis_names, self.device_ids.shape, tuple(self.device_ids.flat))
+
+    def __repr__(self):
+        inner = ", ".join(f"{n!r}: {s}" for n, s in zip(self.axis_names, self.axis_sizes))
+        platform = self.devices.flat[0].platform if self.size else "none"
+        return f"Mesh({{{inner}}}, {self.size} {platform} devices)"
+
+    def _repr_html_(self):
+        from .visualize import mesh_html
+        return mesh_html(self)
+
+
+def make_mesh(axis_shapes: Sequence[int], axis_names: Sequence[str], *,
+              devices: Sequence[Device] | None = None) -> Mesh:
+    """A mesh of the given shape over ``devices`` (default: all devices).
+
+    >>> make_mesh((2, 4), ("data", "model")).shape
+    OrderedDict({'data': 2, 'model': 4})
+    """
+    names = _check_axis_names(axis_names, "make_mesh")
+    sizes = _check_axis_sizes(axis_shapes, "make_mesh")
+    if len(names) != len(sizes):
+        raise MeshError(f"make_mesh: axis_shapes {sizes} has {len(sizes)} entries but axis_names "
+                        f"{names} has {len(names)}.")
+    devs = list(_all_devices() if devices is None else devices)
+    if math.prod(sizes) != len(devs):
+        hint = (" Set SPMD_NUM_CPU_DEVICES to change the number of simulated devices, or pass "
+                "devices=spmd.devices()[:n].")
+        raise MeshError(f"make_mesh: mesh shape {sizes} needs {math.prod(sizes)} devices but "
+                        f"{len(devs)} were given.{hint}")
+    arr = np.empty(len(devs), dtype=object)
+    arr[:] = devs
+    return Mesh(arr.reshape(sizes), names)
+
+
+_current_mesh: contextvars.ContextVar[AbstractMesh | None] = contextvars.ContextVar("spmd_mesh", default=None)
+
+
+@contextlib.contextmanager
+def set_mesh(mesh: AbstractMesh):
+    """``with set_mesh(mesh):`` makes ``mesh`` the default for shard_map, jit and bare ``P`` specs."""
+    if not isinstance(mesh, AbstractMesh):
+        raise MeshError(f"set_mesh expects a Mesh, got {type(mesh).__name__} {mesh!r}.")
+    token = _current_mesh.set(mesh)
+    try:
+        yield mesh
+    finally:
+        _current_mesh.reset(token)
+
+
+def get_mesh() -> AbstractMesh | None:
+    """The mesh of the innermost ``with set_mesh(...)``, or None."""
+    return _current_mesh.get()

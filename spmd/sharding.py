@@ -1,0 +1,221 @@
+"""``PartitionSpec`` and ``NamedSharding``: how an array's dims map onto mesh axes.
+
+Uneven dims are allowed: a dim of size ``d`` split ``n`` ways has blocks of ``ceil(d / n)``;
+trailing blocks are shorter or empty.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .errors import ShardingError
+from .mesh import AbstractMesh, Mesh, get_mesh
+
+
+def _entry_axes(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    if isinstance(entry, str):
+        return (entry,)
+    return tuple(entry)
+
+
+class PartitionSpec(tuple):
+    """One entry per array dim: ``None``, a mesh-axis name, or a tuple of names (major first).
+
+    >>> PartitionSpec("data", None)
+    P('data', None)
+    """
+
+    def __new__(cls, *entries):
+        for e in entries:
+            ok = e is None or isinstance(e, str) or (
+                isinstance(e, tuple) and all(isinstance(a, str) for a in e))
+            if not ok:
+                raise ShardingError(
+                    f"PartitionSpec entry {e!r} is not None, an axis name or a tuple of axis names.")
+        return super().__new__(cls, entries)
+
+    def __repr__(self):
+        return "P(" + ", ".join(repr(e) for e in self) + ")"
+
+    __str__ = __repr__
+
+    @property
+    def axes(self) -> tuple[tuple[str, ...], ...]:
+        """The mesh axes of each entry, as tuples."""
+        return tuple(_entry_axes(e) for e in self)
+
+    def _normalized(self) -> tuple[tuple[str, ...], ...]:
+        axes = list(self.axes)
+        while axes and not axes[-1]:
+            axes.pop()
+        return tuple(axes)
+
+    def __eq__(self, other):
+        if isinstance(other, PartitionSpec):
+            return self._normalized() == other._normalized()
+        return tuple.__eq__(self, other)
+
+    def __ne__(self, other):
+        return not self == other
+
+    def __hash__(self):
+        return hash(self._normalized())
+
+    def __reduce__(self):
+        return (PartitionSpec, tuple(self))
+
+
+P = PartitionSpec
+
+
+def check_spec(spec: PartitionSpec, mesh: AbstractMesh, ndim: int | None = None, *, what: str = "spec"):
+    """Raise a ShardingError naming ``what`` if ``spec`` does not fit ``mesh`` (and rank ``ndim``)."""
+    if not isinstance(spec, PartitionSpec):
+        raise ShardingError(f"{what}: expected a PartitionSpec (spmd.P), got {type(spec).__name__} {spec!r}.")
+    seen: dict[str, int] = {}
+    for dim, axes in enumerate(spec.axes):
+        for a in axes:
+            if a not in mesh.axis_names:
+                raise ShardingError(f"{what}: {spec} names mesh axis {a!r}, which is not in the mesh; "
+                                    f"its axes are {mesh.axis_names}.")
+            if a in seen:
+                raise ShardingError(f"{what}: {spec} uses mesh axis {a!r} twice (dims {seen[a]} and "
+                                    f"{dim}); an axis can split only one dim.")
+            seen[a] = dim
+    if ndim is not None and len(spec) > ndim:
+        raise ShardingError(f"{what}: {spec} has {len(spec)} entries but the array has rank {ndim}; "
+                            f"give at most one entry per dim.")
+
+
+def block_size(dim: int, parts: int) -> int:
+    return -(-dim // parts) if dim else 0
+
+
+def shard_range(dim: int, parts: int, i: int) -> tuple[int, int]:
+    """[start, stop) of block ``i`` of a dim of size ``dim`` split ``parts`` ways."""
+    b = block_size(dim, parts)
+    return min(i * b, dim), min((i + 1) * b, dim)
+
+
+class NamedSharding:
+    """A mesh and a PartitionSpec.
+
+    >>> from spmd import make_mesh
+    >>> s = NamedSharding(make_mesh((2, 4), ("data", "model")), P("data"))
+    >>> s.shard_shape((8, 6))
+    (4, 6)
+    """
+
+    def __init__(self, mesh: AbstractMesh, spec: PartitionSpec = PartitionSpec(), *, memory_kind=None):
+        if not isinstance(mesh, AbstractMesh):
+            raise ShardingError(f"NamedSharding: first argument must be a Mesh, got {type(mesh).__name__}.")
+        if isinstance(spec, tuple) and not isinstance(spec, PartitionSpec):
+            spec = PartitionSpec(*spec)
+        check_spec(spec, mesh, what="NamedSharding")
+        self.mesh = mesh
+        self.spec = spec
+        self.memory_kind = memory_kind
+
+    # -- geometry ----------------------------------------------------------------------------
+    def _dim_axes(self, ndim: int) -> tuple[tuple[str, ...], ...]:
+        check_spec(self.spec, self.mesh, ndim, what=f"NamedSharding{self.spec}")
+        axes = self.spec.axes
+        return axes + ((),) * (ndim - len(axes))
+
+    def num_parts(self, ndim: int) -> tuple[int, ...]:
+        return tuple(math.prod(self.mesh.axis_size(a) for a in ax) for ax in self._dim_axes(ndim))
+
+    def shard_shape(self, global_shape) -> tuple[int, ...]:
+        """The shape of the largest block (all blocks, when the dims divide evenly)."""
+        shape = tuple(global_shape)
+        return tuple(block_size(d, n) for d, n in zip(shape, self.num_parts(len(shape))))
+
+    def _dim_position(self, coords: dict[str, int], axes: tuple[str, ...]) -> int:
+        pos = 0
+        for a in axes:
+            pos = pos * self.mesh.axis_size(a) + coords[a]
+        return pos
+
+    def index_at(self, coords: dict[str, int], global_shape) -> tuple[slice, ...]:
+        """The block of ``global_shape`` held at mesh coordinates ``coords``."""
+        shape = tuple(global_shape)
+        out = []
+        for d, axes, n in zip(shape, self._dim_axes(len(shape)), self.num_parts(len(shape))):
+            if not axes:
+                out.append(slice(None))
+            else:
+                out.append(slice(*shard_range(d, n, self._dim_position(coords, axes))))
+        return tuple(out)
+
+    def devices_indices_map(self, global_shape) -> dict:
+        """Device -> tuple of slices it holds (the meaning of JAX's method of the same name)."""
+        mesh = self._concrete_mesh("devices_indices_map")
+        return {dev: self.index_at(dict(zip(mesh.axis_names, idx)), global_shape)
+                for idx, dev in np.ndenumerate(mesh.devices)}
+
+    def _concrete_mesh(self, what: str) -> Mesh:
+        if not isinstance(self.mesh, Mesh):
+            raise ShardingError(f"{what} needs a Mesh with devices; this sharding has {self.mesh!r}.")
+        return self.mesh
+
+    @property
+    def device_set(self) -> set:
+        return set(self._concrete_mesh("device_set").devices.flat)
+
+    @property
+    def addressable_devices(self) -> set:
+        return set(self._concrete_mesh("addressable_devices").local_devices)
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.size
+
+    @property
+    def is_fully_replicated(self) -> bool:
+        return all(self.mesh.axis_size(a) == 1 for ax in self.spec.axes for a in ax)
+
+    @property
+    def is_fully_addressable(self) -> bool:
+        return not getattr(self.mesh, "is_multi_process", False)
+
+    def replica_axes(self) -> tuple[str, ...]:
+        used = {a for ax in self.spec.axes for a in ax}
+        return tuple(a for a in self.mesh.axis_names if a not in used)
+
+    def with_spec(self, spec) -> "NamedSharding":
+        return NamedSharding(self.mesh, spec if isinstance(spec, PartitionSpec) else PartitionSpec(*spec))
+
+    def is_equivalent_to(self, other, ndim: int) -> bool:
+        return (isinstance(other, NamedSharding) and other.mesh == self.mesh
+                and self._dim_axes(ndim) == other._dim_axes(ndim))
+
+    def __eq__(self, other):
+        return isinstance(other, NamedSharding) and other.mesh == self.mesh and other.spec == self.spec
+
+    def __hash__(self):
+        return hash((self.mesh, self.spec))
+
+    def __repr__(self):
+        return f"NamedSharding(mesh={self.mesh!r}, spec={self.spec!r})"
+
+    def _repr_html_(self):
+        from .visualize import visualize_sharding
+        return visualize_sharding(self, _html=True)
+
+
+def as_sharding(s: Any, *, what: str) -> NamedSharding:
+    """A NamedSharding from a NamedSharding, or a bare P under ``with set_mesh(mesh):``."""
+    if isinstance(s, NamedSharding):
+        return s
+    if isinstance(s, PartitionSpec):
+        mesh = get_mesh()
+        if mesh is None:
+            raise ShardingError(f"{what}: got the bare spec {s}, which needs a mesh; wrap it as "
+                                f"NamedSharding(mesh, {s}) or call inside `with spmd.set_mesh(mesh):`.")
+        return NamedSharding(mesh, s)
+    raise ShardingError(f"{what}: expected a NamedSharding or PartitionSpec, got "
+                        f"{type(s).__name__} {s!r}.")
