@@ -13,5 +13,12 @@ from .errors import (SpmdError, MeshError, ShardingError, TracingError, VmaError
 from .mesh import Mesh, AbstractMesh, make_mesh, set_mesh, get_mesh
 from .sharding import PartitionSpec, P, NamedSharding
 from .array import Array, Shard, device_put, reshard
+from .core import Program, Primitive, Tracer, bind
+from .jit import jit, make_program
+from .shard_map import shard_map
+from .collectives import (psum, pmean, pmax, pmin, all_gather, psum_scatter, all_to_all, ppermute,
+                          pbroadcast, axis_index, axis_size, pvary)
+from . import numpy, lax, executors
+from .visualize import visualize_sharding
 
 __version__ = "0.1.0"

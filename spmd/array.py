@@ -100,7 +100,7 @@ class Array:
     def _block_at(self, mesh_index: tuple[int, ...]) -> np.ndarray:
         m = len(mesh_index)
         idx = tuple(i if n > 1 else 0 for i, n in zip(mesh_index, self._storage.shape[:m]))
-        return self._storage[idx]
+        return self._storage[idx + (Ellipsis,)]  # the Ellipsis keeps a rank-0 block an array view
 
     @property
     def addressable_shards(self) -> list[Shard]:
@@ -118,7 +118,7 @@ class Array:
             key = tuple((s.start, s.stop) for s in index)
             rid = replicas.get(key, 0)
             replicas[key] = rid + 1
-            out.append(Shard(dev, index, block[true], rid))
+            out.append(Shard(dev, index, block[true + (Ellipsis,)], rid))
         return out
 
     # -- conversion ----------------------------------------------------------------------------
@@ -133,11 +133,12 @@ class Array:
 
     def __array__(self, dtype=None, copy=None):
         out = self._gather()
-        if copy is False and not np.shares_memory(out, self._storage):
-            raise ValueError("np.asarray(spmd.Array, copy=False): the global array is not one "
-                             "contiguous view of the shards; a copy is needed.")
-        out = np.array(out, dtype=dtype, copy=True) if copy or dtype is not None else np.array(out)
-        return out
+        if copy is False:
+            if not np.shares_memory(out, self._storage) or (dtype is not None and np.dtype(dtype) != out.dtype):
+                raise ValueError("np.asarray(spmd.Array, copy=False): the global array is not one "
+                                 "view of the shards with that dtype; a copy is needed.")
+            return out
+        return np.array(out, dtype=dtype, copy=True)
 
     def __array_namespace__(self, api_version=None):
         import spmd.numpy
@@ -183,7 +184,12 @@ def device_put(x: Any, device_or_sharding: NamedSharding | PartitionSpec | Devic
     if isinstance(device_or_sharding, (NamedSharding, PartitionSpec, Device)) or device_or_sharding is None:
         shardings = [device_or_sharding] * len(leaves)
     else:
-        shardings = tree.flatten_up_to(device_or_sharding)
+        try:
+            shardings = tree.flatten_up_to(device_or_sharding)
+        except (ValueError, TypeError) as e:
+            raise ShardingError(f"device_put: the shardings {device_or_sharding!r} do not match the "
+                                f"structure of the arguments ({e}); give one sharding, or a pytree "
+                                f"of shardings shaped like the arguments.") from None
     out = [_device_put_one(leaf, s) for leaf, s in zip(leaves, shardings)]
     return optree.tree_unflatten(tree, out) if tree.num_leaves != 1 or not tree.is_leaf() else out[0]
 
@@ -202,9 +208,14 @@ def _device_put_one(x, s) -> Array:
     host = _host_array(x, "device_put")
     from .sharding import check_spec
     check_spec(sharding.spec, sharding.mesh, host.ndim, what=f"device_put with {sharding.spec}")
-    if not isinstance(sharding.mesh, Mesh):
-        raise ShardingError("device_put needs a Mesh with devices, not an AbstractMesh.")
+    _check_concrete(sharding, "device_put")
     return _array_from_host(host, sharding)
+
+
+def _check_concrete(sharding: NamedSharding, what: str):
+    if not isinstance(sharding.mesh, Mesh):
+        raise ShardingError(f"{what} needs a Mesh with devices, but {sharding.spec} is on "
+                            f"{sharding.mesh!r}; build the sharding on spmd.make_mesh(...).")
 
 
 def _array_from_host(host: np.ndarray, sharding: NamedSharding) -> Array:
@@ -227,4 +238,5 @@ def reshard(x: Array, sharding: NamedSharding | PartitionSpec) -> Array:
         return device_put(x, sharding)
     from .sharding import check_spec
     check_spec(sharding.spec, sharding.mesh, x.ndim, what=f"reshard to {sharding.spec}")
+    _check_concrete(sharding, "reshard")
     return _array_from_host(x._gather(), sharding)

@@ -122,7 +122,7 @@ class NamedSharding:
 
     # -- geometry ----------------------------------------------------------------------------
     def _dim_axes(self, ndim: int) -> tuple[tuple[str, ...], ...]:
-        check_spec(self.spec, self.mesh, ndim, what=f"NamedSharding{self.spec}")
+        check_spec(self.spec, self.mesh, ndim, what=f"NamedSharding(mesh, {self.spec})")
         axes = self.spec.axes
         return axes + ((),) * (ndim - len(axes))
 
@@ -145,7 +145,7 @@ class NamedSharding:
         shape = tuple(global_shape)
         out = []
         for d, axes, n in zip(shape, self._dim_axes(len(shape)), self.num_parts(len(shape))):
-            if not axes:
+            if n == 1:  # as JAX: a dim split one way (no axes, or only size-1 axes) is slice(None)
                 out.append(slice(None))
             else:
                 out.append(slice(*shard_range(d, n, self._dim_position(coords, axes))))

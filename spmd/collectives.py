@@ -1,0 +1,541 @@
+"""Collectives: ordinary primitives, usable inside ``shard_map``.
+
+Each primitive's block holds its shape rule, its vma rule, and two implementations:
+``stacked`` works on the stacked layout (mesh axes as leading array dims) with array
+operations only, and ``per_device`` works on one array per device through a
+``Communicator`` (in-process reference, MPI, NCCL).
+
+Both implementations reduce to the *rank-major* form: the mesh dims of the collective's axes
+folded into one leading dim of size ``n`` (the rank within the axis group), optionally split
+as ``(groups, group_size)`` for ``axis_index_groups``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import optree
+
+from .core import Aval, Primitive, bind, current_builder
+from .errors import VmaError
+
+# ---------------------------------------------------------------------------------------------
+# argument checking (at trace time, before anything runs)
+# ---------------------------------------------------------------------------------------------
+
+
+def _axes_tuple(axis_name) -> tuple[str, ...]:
+    if isinstance(axis_name, str):
+        return (axis_name,)
+    if isinstance(axis_name, (tuple, list)) and all(isinstance(a, str) for a in axis_name):
+        return tuple(axis_name)
+    raise TypeError(f"axis_name must be a mesh-axis name or a tuple of names, got {axis_name!r}")
+
+
+def _context(op: str, axis_name):
+    """The builder of the enclosing shard_map, after checking ``axis_name`` is manual there."""
+    axes = _axes_tuple(axis_name)
+    b = current_builder()
+    if b is None or not b.manual_axes:
+        raise NameError(f"{op}: unbound axis name {axes[0]!r}: collectives can only be used inside "
+                        f"a shard_map body whose mesh has that axis; wrap the function with "
+                        f"spmd.shard_map(f, mesh=..., in_specs=..., out_specs=...).")
+    for a in axes:
+        if a not in b.manual_axes:
+            known = ", ".join(repr(m) for m in b.manual_axes)
+            raise NameError(f"{op} in {b.context}: unbound axis name {a!r}; the manual mesh axes "
+                            f"here are {known}.")
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"{op} in {b.context}: axis {axes} names an axis twice.")
+    return b, axes
+
+
+def _group_size(b, axes) -> int:
+    return math.prod(b.mesh.axis_size(a) for a in axes)
+
+
+def _check_groups(op, b, axes, groups):
+    if groups is None:
+        return None
+    n = _group_size(b, axes)
+    try:
+        groups = tuple(tuple(int(i) for i in g) for g in groups)
+    except TypeError:
+        raise ValueError(f"{op} in {b.context}: axis_index_groups must be a list of lists of "
+                         f"indices, got {groups!r}") from None
+    flat = sorted(i for g in groups for i in g)
+    if flat != list(range(n)) or len({len(g) for g in groups}) != 1:
+        raise ValueError(f"{op} in {b.context}: axis_index_groups {groups} must split the "
+                         f"{n} indices of axis {axes if len(axes) > 1 else axes[0]!r} into groups "
+                         f"of equal size, each index exactly once.")
+    return groups
+
+
+def _tree_map(fn, x):
+    return optree.tree_map(fn, x)
+
+
+def _require_varying(op, b, x, axes, hint):
+    missing = [a for a in axes if a not in x.aval.vma]
+    if missing and b.check_vma:
+        raise VmaError(
+            f"{op} in {b.context}: the value ({x.aval}) is already invariant over mesh axis "
+            f"{missing[0]!r}, so {op} over it would count the same value "
+            f"{b.mesh.axis_size(missing[0])} times. {hint}")
+
+
+def _as_traced(b, x):
+    """Constants entering a collective become program values first."""
+    from .core import Tracer
+    if isinstance(x, Tracer):
+        return x
+    return bind(_identity_p, x)
+
+
+_identity_p = Primitive("copy", abstract=lambda x: Aval(x.shape, x.dtype),
+                        impl=lambda xp, k, x: x, linear=True)
+
+
+def _vary(b, x, axes):
+    """Implicit pvary of the input of a collective that needs a varying value."""
+    missing = tuple(a for a in b.mesh.axis_names if a in axes and a not in x.aval.vma)
+    return bind(pvary_p, x, axes=missing) if missing else x
+
+
+# ---------------------------------------------------------------------------------------------
+# rank-major form (used by the stacked implementations)
+# ---------------------------------------------------------------------------------------------
+
+class _RankMajor:
+    """Fold the mesh dims of ``axes`` of a stacked value into a leading ``(G, g)`` pair."""
+
+    def __init__(self, xp, axis_names, sizes, axes, groups, x):
+        self.xp, self.m = xp, len(sizes)
+        self.pos = [axis_names.index(a) for a in axes]
+        self.sizes = sizes
+        self.n = math.prod(sizes[p] for p in self.pos)
+        self.groups = groups
+        want = tuple(sizes[j] if j in self.pos else x.shape[j] for j in range(self.m)) + x.shape[self.m:]
+        if want != x.shape:
+            x = xp.broadcast_to(x, want)
+        self.others = [j for j in range(self.m) if j not in self.pos]
+        y = xp.transpose(x, self.pos + self.others + list(range(self.m, x.ndim)))
+        y = y.reshape((self.n,) + y.shape[len(self.pos):])
+        if groups is not None:
+            self.order = np.array([i for g in groups for i in g])
+            y = y[self.order]
+            G = len(groups)
+        else:
+            G = 1
+        self.y = y.reshape((G, self.n // G) + y.shape[1:])
+        self.r = len(self.others)          # other mesh dims, between the rank pair and local dims
+
+    def local(self, d):
+        """Index of local dim ``d`` in the rank-major array."""
+        return 2 + self.r + d
+
+    def unfold(self, z, varying: bool):
+        """Back to the stacked layout; ``z`` has shape (G, g or 1, others..., local...)."""
+        xp = self.xp
+        G = z.shape[0]
+        if varying or G > 1:
+            z = xp.broadcast_to(z, (G, self.n // G) + z.shape[2:])
+            z = z.reshape((self.n,) + z.shape[2:])
+            if self.groups is not None:
+                z = xp.take(z, np.argsort(self.order), axis=0)
+            lead = tuple(self.sizes[p] for p in self.pos)
+        else:
+            z = z.reshape((1,) + z.shape[2:])
+            lead = (1,) * len(self.pos)
+        z = z.reshape(lead + z.shape[1:])
+        inv = np.argsort(self.pos + self.others).tolist() + list(range(self.m, z.ndim))
+        return xp.transpose(z, inv)
+
+
+def _rank_major_rule(body, *, out_varying):
+    """A stacked implementation from a function of the rank-major array."""
+    def stacked(xp, mesh, x, *, axes, groups=None, **params):
+        rm = _RankMajor(xp, mesh.axis_names, mesh.axis_sizes, axes, groups, x)
+        z = body(xp, rm, rm.y, **params)
+        varying = out_varying(params) if callable(out_varying) else out_varying
+        return rm.unfold(z, varying)
+    return stacked
+
+
+# ---------------------------------------------------------------------------------------------
+# psum / pmax / pmin
+# ---------------------------------------------------------------------------------------------
+
+def _reduce_vma(x, *, axes, groups=None, **_):
+    return x.vma if groups is not None else x.vma - set(axes)
+
+
+def _all_reduce_prim(name, op):
+    reduce = {"sum": lambda xp, y: y.sum(axis=1, keepdims=True),
+              "max": lambda xp, y: y.max(axis=1, keepdims=True),
+              "min": lambda xp, y: y.min(axis=1, keepdims=True)}[op]
+    return Primitive(
+        name, abstract=lambda x, **p: Aval(x.shape, x.dtype), vma=_reduce_vma,
+        stacked=_rank_major_rule(lambda xp, rm, y: reduce(xp, y), out_varying=False),
+        per_device=lambda comm, bufs, *, axes, groups=None: comm.all_reduce(bufs, axes, groups, op),
+        collective=op, linear=(op == "sum"))
+
+
+psum_p = _all_reduce_prim("psum", "sum")
+pmax_p = _all_reduce_prim("pmax", "max")
+pmin_p = _all_reduce_prim("pmin", "min")
+
+
+def _all_reduce(prim, op_name, x, axis_name, axis_index_groups):
+    b, axes = _context(op_name, axis_name)
+    groups = _check_groups(op_name, b, axes, axis_index_groups)
+
+    def one(leaf):
+        leaf = _as_traced(b, leaf)
+        _require_varying(op_name, b, leaf, axes,
+                         f"If you mean n·x, write {op_name}(spmd.pvary(x, {axes[0]!r}), "
+                         f"{axes[0]!r}); if the value is already the same everywhere, drop the "
+                         f"{op_name}.")
+        return bind(prim, leaf, axes=axes, groups=groups)
+    return _tree_map(one, x)
+
+
+def psum(x, axis_name, *, axis_index_groups=None):
+    """Sum ``x`` over the devices of mesh axis ``axis_name`` (a name or tuple of names).
+
+    The result is invariant over those axes.  ``psum`` of a value that is already invariant
+    over the axis is an error (it would silently count it n times)."""
+    return _all_reduce(psum_p, "psum", x, axis_name, axis_index_groups)
+
+
+def pmax(x, axis_name, *, axis_index_groups=None):
+    return _all_reduce(pmax_p, "pmax", x, axis_name, axis_index_groups)
+
+
+def pmin(x, axis_name, *, axis_index_groups=None):
+    return _all_reduce(pmin_p, "pmin", x, axis_name, axis_index_groups)
+
+
+def pmean(x, axis_name, *, axis_index_groups=None):
+    b, axes = _context("pmean", axis_name)
+    n = _group_size(b, axes) if axis_index_groups is None else len(list(axis_index_groups)[0])
+    return _tree_map(lambda s: s / n, psum(x, axis_name, axis_index_groups=axis_index_groups))
+
+
+# ---------------------------------------------------------------------------------------------
+# all_gather
+# ---------------------------------------------------------------------------------------------
+
+def _all_gather_abstract(x, *, axes, axis, tiled, groups, to, size):
+    shape = list(x.shape)
+    if tiled:
+        shape[axis] *= size
+    else:
+        shape.insert(axis, size)
+    return Aval(tuple(shape), x.dtype)
+
+
+def _all_gather_vma(x, *, axes, groups, to, **_):
+    return x.vma - set(axes) if (to == "invariant" and groups is None) else x.vma | set(axes)
+
+
+def _all_gather_body(xp, rm, y, *, axis, tiled, to, size):
+    z = xp.moveaxis(y, 1, rm.local(axis) - 1)          # (G, others, local with g at axis)
+    if tiled:
+        a = rm.local(axis) - 1
+        z = z.reshape(z.shape[:a] + (z.shape[a] * z.shape[a + 1],) + z.shape[a + 2:])
+    return xp.expand_dims(z, 1)
+
+
+all_gather_p = Primitive(
+    "all_gather", abstract=_all_gather_abstract, vma=_all_gather_vma,
+    stacked=_rank_major_rule(_all_gather_body, out_varying=lambda p: p["to"] == "varying"),
+    per_device=lambda comm, bufs, *, axes, axis, tiled, groups, to, size: {
+        d: (np.concatenate(list(g), axis=axis) if tiled else np.stack(list(g), axis=axis))
+        for d, g in comm.all_gather(bufs, axes, groups).items()},
+    collective="all_gather")
+
+
+def all_gather(x, axis_name, *, axis_index_groups=None, axis=0, tiled=False, to="varying"):
+    """Gather the blocks of ``x`` from every device of ``axis_name`` along ``axis``.
+
+    ``to="varying"`` (default) types the result as varying over the axis, as in JAX;
+    ``to="invariant"`` (JAX spells it ``"invarying"``; both accepted) types it invariant."""
+    if to == "invarying":
+        to = "invariant"
+    if to not in ("varying", "invariant"):
+        raise ValueError(f"all_gather: to={to!r}; use 'varying' or 'invariant'.")
+    b, axes = _context("all_gather", axis_name)
+    groups = _check_groups("all_gather", b, axes, axis_index_groups)
+    size = _group_size(b, axes) if groups is None else len(groups[0])
+
+    def one(leaf):
+        leaf = _vary(b, _as_traced(b, leaf), axes)
+        nd = leaf.ndim + (0 if tiled else 1)
+        ax = _norm_axis("all_gather", b, axis, nd if not tiled else leaf.ndim)
+        return bind(all_gather_p, leaf, axes=axes, axis=ax, tiled=bool(tiled), groups=groups,
+                    to=to, size=size)
+    return _tree_map(one, x)
+
+
+def _norm_axis(op, b, axis, ndim):
+    if not isinstance(axis, (int, np.integer)) or not -ndim <= axis < max(ndim, 1):
+        raise ValueError(f"{op} in {b.context}: axis {axis!r} is out of range for a value of rank "
+                         f"{ndim}.")
+    return int(axis) % max(ndim, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# psum_scatter
+# ---------------------------------------------------------------------------------------------
+
+def _psum_scatter_abstract(x, *, axes, scatter_dimension, tiled, groups, size):
+    shape = list(x.shape)
+    if tiled:
+        shape[scatter_dimension] //= size
+    else:
+        del shape[scatter_dimension]
+    return Aval(tuple(shape), x.dtype)
+
+
+def _psum_scatter_body(xp, rm, y, *, scatter_dimension, tiled, size):
+    s = y.sum(axis=1)                                   # (G, others, local)
+    a = rm.local(scatter_dimension) - 1
+    if tiled:
+        s = s.reshape(s.shape[:a] + (size, s.shape[a] // size) + s.shape[a + 1:])
+    return xp.moveaxis(s, a, 1)
+
+
+psum_scatter_p = Primitive(
+    "psum_scatter", abstract=_psum_scatter_abstract,
+    vma=lambda x, *, axes, **_: x.vma | set(axes),
+    stacked=_rank_major_rule(_psum_scatter_body, out_varying=True),
+    per_device=lambda comm, bufs, *, axes, scatter_dimension, tiled, groups, size: comm.reduce_scatter(
+        {d: _to_front(v, scatter_dimension, size, tiled) for d, v in bufs.items()}, axes, groups, "sum"),
+    collective="reduce_scatter", linear=True)
+
+
+def _to_front(v, dim, size, tiled):
+    """Split dim ``dim`` into ``size`` chunks as a new leading dim (for per-device collectives)."""
+    if tiled:
+        v = v.reshape(v.shape[:dim] + (size, v.shape[dim] // size) + v.shape[dim + 1:])
+    return np.moveaxis(v, dim, 0)
+
+
+def psum_scatter(x, axis_name, *, scatter_dimension=0, axis_index_groups=None, tiled=False):
+    """Sum over ``axis_name`` and leave device ``i`` with block ``i`` along ``scatter_dimension``."""
+    b, axes = _context("psum_scatter", axis_name)
+    groups = _check_groups("psum_scatter", b, axes, axis_index_groups)
+    size = _group_size(b, axes) if groups is None else len(groups[0])
+
+    def one(leaf):
+        leaf = _as_traced(b, leaf)
+        _require_varying("psum_scatter", b, leaf, axes,
+                         f"pvary the value first if you mean to scatter n·x.")
+        d = _norm_axis("psum_scatter", b, scatter_dimension, leaf.ndim)
+        n = leaf.shape[d]
+        if (tiled and n % size) or (not tiled and n != size):
+            need = f"a multiple of {size}" if tiled else f"exactly {size}"
+            raise ValueError(f"psum_scatter in {b.context}: scatter_dimension {d} has size {n}, "
+                             f"but scattering over axis {axes if len(axes) > 1 else axes[0]!r} "
+                             f"({size} devices) needs {need}.")
+        return bind(psum_scatter_p, leaf, axes=axes, scatter_dimension=d, tiled=bool(tiled),
+                    groups=groups, size=size)
+    return _tree_map(one, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# all_to_all
+# ---------------------------------------------------------------------------------------------
+
+def _all_to_all_abstract(x, *, axes, split_axis, concat_axis, tiled, groups, size):
+    shape = list(x.shape)
+    if tiled:
+        shape[split_axis] //= size
+        shape[concat_axis] *= size
+    else:
+        del shape[split_axis]
+        shape.insert(concat_axis, size)
+    return Aval(tuple(shape), x.dtype)
+
+
+def _all_to_all_body(xp, rm, y, *, split_axis, concat_axis, tiled, size):
+    # y: (G, g_src, others, local).  Split local[split_axis] into (g_dst, rest).
+    s = rm.local(split_axis)
+    if tiled:
+        y = y.reshape(y.shape[:s] + (size, y.shape[s] // size) + y.shape[s + 1:])
+    z = xp.moveaxis(y, s, 1)                            # (G, g_dst, g_src, others, local')
+    # move g_src into the local dims, right before local[concat_axis], and merge when tiled
+    c = 2 + rm.r + concat_axis
+    z = xp.moveaxis(z, 2, c)
+    if tiled:
+        z = z.reshape(z.shape[:c] + (z.shape[c] * z.shape[c + 1],) + z.shape[c + 2:])
+    return z
+
+
+def _all_to_all_per_device(comm, bufs, *, axes, split_axis, concat_axis, tiled, groups, size):
+    sent = {d: _to_front(v, split_axis, size, tiled) for d, v in bufs.items()}
+    got = comm.all_to_all(sent, axes, groups)
+    join = np.concatenate if tiled else np.stack        # r: (size, chunk...) from each source
+    return {d: join(list(r), axis=concat_axis) for d, r in got.items()}
+
+
+all_to_all_p = Primitive(
+    "all_to_all", abstract=_all_to_all_abstract, vma=lambda x, *, axes, **_: x.vma | set(axes),
+    stacked=_rank_major_rule(_all_to_all_body, out_varying=True),
+    per_device=_all_to_all_per_device, collective="all_to_all", linear=True)
+
+
+def all_to_all(x, axis_name, split_axis, concat_axis, *, axis_index_groups=None, tiled=False):
+    """Device ``i`` sends chunk ``j`` of ``split_axis`` to device ``j``, which concatenates what
+    it receives along ``concat_axis`` in source order."""
+    b, axes = _context("all_to_all", axis_name)
+    groups = _check_groups("all_to_all", b, axes, axis_index_groups)
+    size = _group_size(b, axes) if groups is None else len(groups[0])
+
+    def one(leaf):
+        leaf = _vary(b, _as_traced(b, leaf), axes)
+        s = _norm_axis("all_to_all", b, split_axis, leaf.ndim)
+        c = _norm_axis("all_to_all", b, concat_axis, leaf.ndim if tiled else leaf.ndim)
+        n = leaf.shape[s]
+        if (tiled and n % size) or (not tiled and n != size):
+            need = f"a multiple of {size}" if tiled else f"exactly {size}"
+            raise ValueError(f"all_to_all in {b.context}: split_axis {s} has size {n}, but "
+                             f"splitting over axis {axes if len(axes) > 1 else axes[0]!r} "
+                             f"({size} devices) needs {need}.")
+        return bind(all_to_all_p, leaf, axes=axes, split_axis=s, concat_axis=c,
+                    tiled=bool(tiled), groups=groups, size=size)
+    return _tree_map(one, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# ppermute, pbroadcast
+# ---------------------------------------------------------------------------------------------
+
+def _ppermute_body(xp, rm, y, *, perm):
+    src_of = np.full(rm.n, -1)
+    for s, d in perm:
+        src_of[d] = s
+    z = xp.take(y, np.maximum(src_of, 0), axis=1)
+    if (src_of < 0).any():
+        mask = (src_of >= 0).reshape((1, -1) + (1,) * (z.ndim - 2))
+        z = z * xp.asarray(mask, dtype=z.dtype) if z.dtype != np.bool_ else z & xp.asarray(mask)
+    return z
+
+
+ppermute_p = Primitive(
+    "ppermute", abstract=lambda x, **p: Aval(x.shape, x.dtype),
+    vma=lambda x, *, axes, **_: x.vma | set(axes),
+    stacked=_rank_major_rule(_ppermute_body, out_varying=True),
+    per_device=lambda comm, bufs, *, axes, perm, groups=None: comm.permute(bufs, axes, perm),
+    collective="permute", linear=True)
+
+
+def ppermute(x, axis_name, perm):
+    """Send the value of device ``src`` to device ``dst`` for each ``(src, dst)`` in ``perm``;
+    devices that receive nothing get zeros."""
+    b, axes = _context("ppermute", axis_name)
+    n = _group_size(b, axes)
+    try:
+        perm = tuple((int(s), int(d)) for s, d in perm)
+    except (TypeError, ValueError):
+        raise ValueError(f"ppermute in {b.context}: perm must be a list of (source, destination) "
+                         f"pairs, got {perm!r}") from None
+    for what, idx in (("source", [s for s, _ in perm]), ("destination", [d for _, d in perm])):
+        bad = [i for i in idx if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"ppermute in {b.context}: {what} index {bad[0]} is out of range for "
+                             f"axis {axes if len(axes) > 1 else axes[0]!r} of size {n}.")
+        dup = sorted({i for i in idx if idx.count(i) > 1})
+        if dup:
+            raise ValueError(f"ppermute in {b.context}: {what} {dup[0]} appears more than once in "
+                             f"perm {list(perm)}; each device sends and receives at most once.")
+    return _tree_map(lambda leaf: bind(ppermute_p, _vary(b, _as_traced(b, leaf), axes),
+                                       axes=axes, perm=perm), x)
+
+
+def _pbroadcast_body(xp, rm, y, *, source):
+    return y[:, source:source + 1]
+
+
+pbroadcast_p = Primitive(
+    "pbroadcast", abstract=lambda x, **p: Aval(x.shape, x.dtype),
+    vma=lambda x, *, axes, **_: x.vma | set(axes),
+    stacked=_rank_major_rule(_pbroadcast_body, out_varying=True),
+    per_device=lambda comm, bufs, *, axes, source, groups=None: comm.broadcast(bufs, axes, groups, source),
+    collective="broadcast", linear=True)
+
+
+def pbroadcast(x, axis_name, source):
+    """Every device of ``axis_name`` gets the value of device ``source``."""
+    b, axes = _context("pbroadcast", axis_name)
+    n = _group_size(b, axes)
+    if not isinstance(source, (int, np.integer)) or not 0 <= source < n:
+        raise ValueError(f"pbroadcast in {b.context}: source {source!r} is out of range for axis "
+                         f"{axes if len(axes) > 1 else axes[0]!r} of size {n}.")
+    return _tree_map(lambda leaf: bind(pbroadcast_p, _vary(b, _as_traced(b, leaf), axes),
+                                       axes=axes, source=int(source)), x)
+
+
+# ---------------------------------------------------------------------------------------------
+# axis_index, axis_size, pvary
+# ---------------------------------------------------------------------------------------------
+
+def _axis_index_stacked(xp, mesh, *, axes):
+    m = len(mesh.axis_sizes)
+    shape = [1] * m
+    idx = xp.zeros(shape, dtype=np.int32)
+    for a in axes:
+        p = mesh.axis_names.index(a)
+        n = mesh.axis_sizes[p]
+        s = [1] * m
+        s[p] = n
+        idx = idx * n + xp.arange(n, dtype=np.int32).reshape(s)
+    return idx
+
+
+axis_index_p = Primitive(
+    "axis_index", abstract=lambda *, axes: Aval((), np.dtype(np.int32)),
+    vma=lambda *, axes: frozenset(axes), stacked=_axis_index_stacked,
+    per_device=lambda comm, bufs, *, axes: comm.axis_index(axes), collective="none")
+
+
+def axis_index(axis_name):
+    """This device's index along ``axis_name`` (major-to-minor over a tuple of names)."""
+    b, axes = _context("axis_index", axis_name)
+    return bind(axis_index_p, axes=axes)
+
+
+def axis_size(axis_name) -> int:
+    """The number of devices along ``axis_name`` (a Python int)."""
+    b, axes = _context("axis_size", axis_name)
+    return _group_size(b, axes)
+
+
+def _pvary_stacked(xp, mesh, x, *, axes):
+    shape = list(x.shape)
+    for a in axes:
+        shape[mesh.axis_names.index(a)] = mesh.axis_size(a)
+    return xp.broadcast_to(x, tuple(shape))
+
+
+pvary_p = Primitive(
+    "pvary", abstract=lambda x, **p: Aval(x.shape, x.dtype),
+    vma=lambda x, *, axes: x.vma | set(axes), stacked=_pvary_stacked,
+    per_device=lambda comm, bufs, *, axes: bufs, collective="none", linear=True)
+
+
+def pvary(x, axis_name):
+    """Mark ``x`` as varying over ``axis_name`` (no data moves)."""
+    b, axes = _context("pvary", axis_name)
+
+    def one(leaf):
+        leaf = _as_traced(b, leaf)
+        new = tuple(a for a in b.mesh.axis_names if a in axes and a not in leaf.aval.vma)
+        return bind(pvary_p, leaf, axes=new) if new else leaf
+    return _tree_map(one, x)
+
+
+COLLECTIVES = (psum_p, pmax_p, pmin_p, all_gather_p, psum_scatter_p, all_to_all_p, ppermute_p,
+               pbroadcast_p, axis_index_p, pvary_p)

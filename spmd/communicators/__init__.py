@@ -1,0 +1,44 @@
+"""Communicators carry out collectives for the per-device executor.
+
+A communicator knows the mesh and which mesh positions (flat indices into ``mesh.devices``)
+this process holds.  Every method takes ``bufs``, a dict from local position to array, plus
+the mesh ``axes`` the collective runs over and optional ``groups`` (``axis_index_groups``:
+indices along those axes); it returns a dict of the same positions.
+
+- ``all_reduce(bufs, axes, groups, op)``, op in sum/max/min
+- ``all_gather(bufs, axes, groups)`` -> arrays with a new leading dim (group order)
+- ``reduce_scatter(bufs, axes, groups, op)``: each buffer has a leading dim of group size
+- ``all_to_all(bufs, axes, groups)``: leading dim of group size, chunk j goes to member j
+- ``permute(bufs, axes, perm)``: (source, destination) pairs along the axes; zeros elsewhere
+- ``broadcast(bufs, axes, groups, source)``
+- ``axis_index(axes)`` -> {position: index along axes}
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def axis_groups(mesh, axes, groups=None) -> list[list[int]]:
+    """The flat mesh positions that take part together in a collective over ``axes``, each list
+    in rank order (major-to-minor over ``axes``), split by ``axis_index_groups``."""
+    ids = np.arange(mesh.size).reshape(mesh.axis_sizes)
+    pos = [mesh.axis_names.index(a) for a in axes]
+    others = [j for j in range(len(mesh.axis_sizes)) if j not in pos]
+    n = int(np.prod([mesh.axis_sizes[p] for p in pos]))
+    rows = np.transpose(ids, others + pos).reshape(-1, n)
+    out = []
+    for row in rows:
+        if groups is None:
+            out.append([int(i) for i in row])
+        else:
+            out.extend([[int(row[i]) for i in g] for g in groups])
+    return out
+
+
+def rank_in(mesh, axes, position) -> int:
+    coords = np.unravel_index(position, mesh.axis_sizes)
+    r = 0
+    for a in axes:
+        p = mesh.axis_names.index(a)
+        r = r * mesh.axis_sizes[p] + int(coords[p])
+    return r

@@ -1,0 +1,521 @@
+"""The Program IR and tracing.
+
+A traced function becomes a ``Program``: typed input variables, a list of equations
+``outs = prim(ins, **params)`` and outputs.  Every value has an abstract value ``Aval``:
+its (per-device, inside ``shard_map``) shape, dtype and *vma*, the set of mesh axes it varies
+over.  Tracing works by handing ``Tracer`` objects to ordinary NumPy code: the tracer
+implements NEP 13/18, so ``np.tanh(x)`` or ``x @ w`` lands in :func:`bind`, which appends an
+equation to the innermost ``Builder``.
+
+Primitives are registered once, with every rule beside them (see ``Primitive``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .errors import TracingError, VmaError
+
+
+# ---------------------------------------------------------------------------------------------
+# Abstract values
+# ---------------------------------------------------------------------------------------------
+
+_SHORT = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "float64": "f64",
+          "int8": "i8", "int16": "i16", "int32": "i32", "int64": "i64", "uint8": "u8",
+          "uint16": "u16", "uint32": "u32", "uint64": "u64", "bool": "bool",
+          "complex64": "c64", "complex128": "c128"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Aval:
+    """Shape, dtype and varying mesh axes of a value (per device inside shard_map)."""
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    vma: frozenset = frozenset()
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def update(self, **kw) -> "Aval":
+        return dataclasses.replace(self, **kw)
+
+    def __str__(self):
+        t = _SHORT.get(np.dtype(self.dtype).name, np.dtype(self.dtype).name)
+        vma = "{" + ",".join(sorted(self.vma)) + "}" if self.vma else ""
+        return f"{t}[{','.join(map(str, self.shape))}]{vma}"
+
+
+def aval_of(x) -> Aval:
+    if isinstance(x, Tracer):
+        return x.aval
+    from .array import Array
+    if isinstance(x, Array):
+        return Aval(x.shape, x.dtype)
+    if isinstance(x, (bool, int, float, complex)):
+        return Aval((), _weak_dtype(x))
+    a = np.asarray(x)
+    return Aval(a.shape, a.dtype)
+
+
+def _weak_dtype(x) -> np.dtype:
+    return np.dtype({bool: np.bool_, int: np.int64, float: np.float64, complex: np.complex128}[type(x)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Program
+# ---------------------------------------------------------------------------------------------
+
+class Var:
+    __slots__ = ("aval",)
+
+    def __init__(self, aval: Aval):
+        self.aval = aval
+
+    def __repr__(self):
+        return f"Var({self.aval})"
+
+
+class Literal:
+    """A constant inside a program (Python scalar or array)."""
+    __slots__ = ("val", "aval")
+
+    def __init__(self, val):
+        self.val = val
+        self.aval = aval_of(val)
+
+    def __repr__(self):
+        if isinstance(self.val, (bool, int, float, complex)) or np.ndim(self.val) == 0:
+            return repr(self.val.item() if hasattr(self.val, "item") else self.val)
+        return f"const:{self.aval}"
+
+
+Atom = "Var | Literal"
+
+
+class Params(dict):
+    """Equation parameters: a dict that hashes (params must be hashable so programs cache)."""
+
+    def __hash__(self):
+        return hash(tuple(sorted(self.items(), key=lambda kv: kv[0])))
+
+
+@dataclasses.dataclass(eq=False)
+class Eqn:
+    prim: "Primitive"
+    inputs: list
+    params: Params
+    outputs: list
+
+
+@dataclasses.dataclass(eq=False)
+class Program:
+    """A typed program: ``{ lambda in_vars ; eqns ; in out_vars }``."""
+    in_vars: list
+    eqns: list
+    out_vars: list
+
+    @property
+    def in_avals(self):
+        return [v.aval for v in self.in_vars]
+
+    @property
+    def out_avals(self):
+        return [v.aval for v in self.out_vars]
+
+    def __str__(self):
+        return _ProgramPrinter().program(self, 0)
+
+    __repr__ = __str__
+
+    def check(self):
+        """Type-check the program: every variable defined once before use, and every
+        equation's output types equal what its primitive's rule gives for its inputs."""
+        defined: set[int] = set()
+        for v in self.in_vars:
+            if not isinstance(v, Var):
+                raise TypeError(f"program input {v!r} is not a Var")
+            defined.add(id(v))
+
+        def use(a, where):
+            if isinstance(a, Literal):
+                return
+            if not isinstance(a, Var) or id(a) not in defined:
+                raise TypeError(f"{where}: {a!r} is used before it is defined")
+
+        for i, e in enumerate(self.eqns):
+            for a in e.inputs:
+                use(a, f"equation {i} ({e.prim.name})")
+            want = e.prim.abstract_eval(*[a.aval for a in e.inputs], **e.params)
+            want = list(want) if e.prim.multiple_results else [want]
+            got = [v.aval for v in e.outputs]
+            if len(want) != len(got) or any(
+                    (w.shape, np.dtype(w.dtype), w.vma) != (g.shape, np.dtype(g.dtype), g.vma)
+                    for w, g in zip(want, got)):
+                raise TypeError(f"equation {i} ({e.prim.name}): outputs typed "
+                                f"{[str(g) for g in got]} but its rule gives {[str(w) for w in want]}")
+            for v in e.outputs:
+                if id(v) in defined:
+                    raise TypeError(f"equation {i} ({e.prim.name}) redefines {v!r}")
+                defined.add(id(v))
+            for sub in e.prim.subprograms(e.params):
+                sub.check()
+        for a in self.out_vars:
+            use(a, "program output")
+        return self
+
+
+class _ProgramPrinter:
+    def __init__(self):
+        self.names: dict[int, str] = {}
+        self.counter = itertools.count()
+
+    def name(self, a) -> str:
+        if isinstance(a, Literal):
+            return repr(a)
+        if id(a) not in self.names:
+            n = next(self.counter)
+            s = ""
+            while True:
+                s = chr(ord("a") + n % 26) + s
+                n = n // 26 - 1
+                if n < 0:
+                    break
+            self.names[id(a)] = s
+        return self.names[id(a)]
+
+    def decl(self, v) -> str:
+        return f"{self.name(v)}:{v.aval}"
+
+    def program(self, p: Program, indent: int) -> str:
+        pad = " " * indent
+        ins = " ".join(self.decl(v) for v in p.in_vars)
+        lines = [f"{{ lambda {ins} ; "]
+        for e in p.eqns:
+            outs = " ".join(self.decl(v) for v in e.outputs)
+            shown = {k: v for k, v in e.params.items() if not isinstance(v, Program)}
+            params = ("[" + " ".join(f"{k}={_fmt_param(v)}" for k, v in shown.items()) + "]") if shown else ""
+            args = " ".join(self.name(a) for a in e.inputs)
+            lines.append(f"{pad}    {outs} = {e.prim.name}{params} {args}")
+            for k, v in e.params.items():
+                if isinstance(v, Program):
+                    lines.append(f"{pad}      {k}={self.program(v, indent + 6)}")
+        outs = " ".join(self.name(a) for a in p.out_vars)
+        lines.append(f"{pad}  in ({outs}) }}")
+        return "\n".join(lines)
+
+
+def _fmt_param(v) -> str:
+    from .mesh import AbstractMesh
+    from .sharding import PartitionSpec
+    if isinstance(v, PartitionSpec):
+        return repr(v)
+    if isinstance(v, AbstractMesh):
+        return "{" + ",".join(f"{n}:{s}" for n, s in zip(v.axis_names, v.axis_sizes)) + "}"
+    if isinstance(v, np.dtype):
+        return _SHORT.get(v.name, v.name)
+    if isinstance(v, tuple) and len(v) == 1:
+        return f"({_fmt_param(v[0])},)"
+    if isinstance(v, tuple):
+        return "(" + ",".join(_fmt_param(x) for x in v) + ")"
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Primitives
+# ---------------------------------------------------------------------------------------------
+
+class Primitive:
+    """A primitive operation, registered once with all of its rules side by side.
+
+    - ``abstract(*avals, **params) -> Aval`` (shape/dtype rule; vma defaults to the union)
+    - ``impl(xp, k, *arrays, **params)``: one implementation for any array namespace ``xp``,
+      where every array carries ``k`` leading batch dims (the mesh dims of the stacked
+      executor; 0 for one device).  Batch dims of size 1 broadcast.
+    - ``jvp``, ``transpose``: autodiff rules (``None`` if the primitive has none yet)
+    - ``vma(*avals, **params) -> frozenset``: overrides the default union rule (collectives)
+    - ``collective``: rules for collectives (stacked and per-device implementations)
+    """
+
+    def __init__(self, name: str, *, abstract: Callable, impl: Callable | None = None,
+                 multiple_results: bool = False, vma: Callable | None = None,
+                 jvp: Callable | None = None, transpose: Callable | None = None,
+                 batch: Callable | None = None, linear: bool = False, **rules):
+        self.name = name
+        self.abstract = abstract
+        self.impl = impl
+        self.multiple_results = multiple_results
+        self.vma_rule = vma
+        self.jvp = jvp
+        self.transpose = transpose
+        self.batch = batch
+        self.linear = linear
+        self.rules = rules
+
+    def __repr__(self):
+        return self.name
+
+    def rule(self, name: str):
+        r = getattr(self, name, None) if name in ("impl", "jvp", "transpose", "batch") else self.rules.get(name)
+        if r is None:
+            raise NotImplementedError(f"{name} rule for {self.name}")
+        return r
+
+    def subprograms(self, params) -> list[Program]:
+        return [v for v in params.values() if isinstance(v, Program)]
+
+    def abstract_eval(self, *avals, **params):
+        out = self.abstract(*avals, **params)
+        if self.vma_rule is not None:
+            vma = self.vma_rule(*avals, **params)
+        else:
+            vma = frozenset().union(*[a.vma for a in avals]) if avals else frozenset()
+        if self.multiple_results:
+            return [o if o.vma else o.update(vma=vma) for o in out]
+        return out.update(vma=vma) if not out.vma else out
+
+    def __call__(self, *args, **params):
+        return bind(self, *args, **params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracing
+# ---------------------------------------------------------------------------------------------
+
+class Builder:
+    """Collects equations while a function is traced.
+
+    ``manual_axes`` are the mesh axes made manual by enclosing shard_maps (the vma universe);
+    ``check_vma`` is False inside ``shard_map(check_vma=False)``.
+    """
+
+    def __init__(self, parent: "Builder | None", *, mesh=None, manual_axes=(), check_vma=True,
+                 context: str = "function"):
+        self.parent = parent
+        self.eqns: list[Eqn] = []
+        self.mesh = mesh if mesh is not None else (parent.mesh if parent else None)
+        self.manual_axes = tuple(manual_axes)
+        self.check_vma = check_vma
+        self.context = context
+        self.captured: dict[int, tuple[Tracer, Var]] = {}
+
+    def new_input(self, aval: Aval) -> "Tracer":
+        return Tracer(self, Var(aval))
+
+    def atom(self, x) -> Any:
+        """The atom of this builder for ``x``: a Var, or a Literal for constants."""
+        if isinstance(x, Tracer):
+            if x.builder is self:
+                return x.node
+            # A tracer of an enclosing trace: close over it as an extra input.
+            key = id(x)
+            if key not in self.captured:
+                # Closed-over values are the same on every device: their type carries over.
+                var = Var(x.aval)
+                self.captured[key] = (x, var)
+            return self.captured[key][1]
+        from .array import Array
+        if isinstance(x, Array):
+            x = np.asarray(x)
+        return Literal(x)
+
+
+_builders: list[Builder] = []
+
+
+def current_builder() -> Builder | None:
+    return _builders[-1] if _builders else None
+
+
+class _Scope:
+    def __init__(self, b: Builder):
+        self.b = b
+
+    def __enter__(self):
+        _builders.append(self.b)
+        return self.b
+
+    def __exit__(self, *exc):
+        popped = _builders.pop()
+        assert popped is self.b
+
+
+def bind(prim: Primitive, *args, **params):
+    """Apply ``prim`` to ``args``: stage an equation into the innermost trace, or, when
+    nothing is being traced, evaluate it on NumPy arrays."""
+    builder = current_builder()
+    params = Params(params)
+    if builder is None:
+        arrays = [np.asarray(a) if not isinstance(a, (bool, int, float, complex)) else a for a in args]
+        out = prim.rule("impl")(np, 0, *arrays, **params)
+        return out
+    atoms = [builder.atom(a) for a in args]
+    if builder.manual_axes and prim.vma_rule is None and builder.check_vma:
+        atoms = _implicit_pvary(builder, atoms)
+    avals = [a.aval for a in atoms]
+    out = prim.abstract_eval(*avals, **params)
+    outs = out if prim.multiple_results else [out]
+    out_vars = [Var(o) for o in outs]
+    builder.eqns.append(Eqn(prim, atoms, params, out_vars))
+    tracers = [Tracer(builder, v) for v in out_vars]
+    return tracers if prim.multiple_results else tracers[0]
+
+
+def _implicit_pvary(builder: Builder, atoms):
+    """Ordinary ops on operands of mixed vma first ``pvary`` the less varying ones (explicit in
+    the program, so autodiff sees the psum that ``pvary`` transposes to)."""
+    vmas = [a.aval.vma for a in atoms if isinstance(a, Var)]
+    if not vmas:
+        return atoms
+    union = frozenset().union(*vmas)
+    out = []
+    for a in atoms:
+        if isinstance(a, Var) and a.aval.vma != union:
+            from .collectives import pvary_p
+            v = Var(a.aval.update(vma=union))
+            builder.eqns.append(Eqn(pvary_p, [a], Params(axes=_ordered(builder, union - a.aval.vma)), [v]))
+            a = v
+        out.append(a)
+    return out
+
+
+def _ordered(builder: Builder, axes) -> tuple[str, ...]:
+    return tuple(a for a in builder.mesh.axis_names if a in axes)
+
+
+def trace(fn: Callable, in_avals: Sequence[Aval], *, mesh=None, manual_axes=(), check_vma=True,
+          context: str = "function") -> tuple[Program, list, Any]:
+    """Trace ``fn`` (taking flat positional tracers, returning a flat list) into a Program.
+
+    Returns the program, the list of outer tracers it closed over (appended to its inputs),
+    and whatever extra ``fn`` returned as a second value, if it returned a pair.
+    """
+    parent = current_builder()
+    b = Builder(parent, mesh=mesh, manual_axes=manual_axes, check_vma=check_vma, context=context)
+    ins = [b.new_input(a) for a in in_avals]
+    with _Scope(b):
+        outs = fn(*ins)
+        out_atoms = [b.atom(o) for o in outs]
+    captured = list(b.captured.values())
+    program = Program([t.node for t in ins] + [v for _, v in captured], b.eqns, out_atoms)
+    return program, [t for t, _ in captured]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracer
+# ---------------------------------------------------------------------------------------------
+
+_CONCRETE_HELP = (
+    "{what} needs a concrete value, but this is a traced value ({aval}) inside {context}: "
+    "its value is known only when the program runs on the devices. Use spmd.numpy.where / "
+    "np.where instead of Python `if`, make the argument static (static_argnums), or compute it "
+    "outside the traced function.")
+
+
+class Tracer:
+    """A value being traced.  Unmodified NumPy code works on it (NEP 13/18)."""
+
+    __array_priority__ = 1000
+    __slots__ = ("builder", "node")
+
+    def __init__(self, builder: Builder, var: Var):
+        self.builder = builder
+        self.node = var
+
+    @property
+    def aval(self) -> Aval:
+        return self.node.aval
+
+    shape = property(lambda self: self.aval.shape)
+    dtype = property(lambda self: self.aval.dtype)
+    ndim = property(lambda self: self.aval.ndim)
+    size = property(lambda self: self.aval.size)
+    vma = property(lambda self: self.aval.vma)
+
+    def __repr__(self):
+        return f"Tracer<{self.aval}>"
+
+    def __len__(self):
+        if not self.shape:
+            raise TypeError("len() of a 0-d traced value")
+        return self.shape[0]
+
+    def __iter__(self):
+        if not self.shape:
+            raise TypeError("iteration over a 0-d traced value")
+        return (self[i] for i in range(self.shape[0]))
+
+    def _concrete(self, what):
+        raise TracingError(_CONCRETE_HELP.format(what=what, aval=self.aval, context=self.builder.context))
+
+    def __bool__(self):
+        self._concrete("Python `if`/`bool()` on a traced value")
+
+    def __float__(self):
+        self._concrete("float()")
+
+    def __int__(self):
+        self._concrete("int()")
+
+    def __complex__(self):
+        self._concrete("complex()")
+
+    def __index__(self):
+        self._concrete("using a traced value as a Python index")
+
+    def __array__(self, dtype=None, copy=None):
+        self._concrete("np.asarray()/np.array()")
+
+    def tolist(self):
+        self._concrete(".tolist()")
+
+    def item(self):
+        self._concrete(".item()")
+
+    def __hash__(self):
+        return id(self)
+
+    # NEP 13 / NEP 18 -- the table lives in spmd.numpy_api
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        from .numpy_api import handle_ufunc
+        return handle_ufunc(ufunc, method, inputs, kwargs)
+
+    def __array_function__(self, func, types, args, kwargs):
+        from .numpy_api import handle_function
+        return handle_function(func, args, kwargs)
+
+    def __array_namespace__(self, api_version=None):
+        import spmd.numpy
+        return spmd.numpy
+
+
+def _install_tracer_methods():
+    """Operators and ndarray methods, all through the NumPy table."""
+    import operator
+    ops = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "truediv": np.true_divide,
+           "floordiv": np.floor_divide, "mod": np.remainder, "pow": np.power,
+           "matmul": np.matmul, "and": np.bitwise_and, "or": np.bitwise_or, "xor": np.bitwise_xor,
+           "lshift": np.left_shift, "rshift": np.right_shift}
+    for name, uf in ops.items():
+        setattr(Tracer, f"__{name}__", (lambda uf: lambda s, o: uf(s, o))(uf))
+        setattr(Tracer, f"__r{name}__", (lambda uf: lambda s, o: uf(o, s))(uf))
+    for name, uf in {"lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal,
+                     "eq": np.equal, "ne": np.not_equal}.items():
+        setattr(Tracer, f"__{name}__", (lambda uf: lambda s, o: uf(s, o))(uf))
+    Tracer.__neg__ = lambda s: np.negative(s)
+    Tracer.__pos__ = lambda s: s
+    Tracer.__abs__ = lambda s: np.abs(s)
+    Tracer.__invert__ = lambda s: np.invert(s)
+    del operator
+
+
+_install_tracer_methods()

@@ -1,0 +1,130 @@
+"""``spmd.jit``: trace once per (argument types, static arguments), cache, execute."""
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+import optree
+
+from .core import Tracer, aval_of, current_builder, trace
+
+
+def _default_executor():
+    from .executors import StackedExecutor, reference_executor
+    name = os.environ.get("SPMD_EXECUTOR", "stacked")
+    if name == "reference":
+        return reference_executor()
+    if name != "stacked":
+        raise ValueError(f"SPMD_EXECUTOR={name!r}; use 'stacked' or 'reference'.")
+    return StackedExecutor()
+
+
+class Lowered:
+    def __init__(self, program, in_tree, out_tree):
+        self.program = program
+        self.in_tree = in_tree
+        self.out_tree = out_tree
+
+    def as_text(self) -> str:
+        return str(self.program)
+
+
+def _hashable_static(v, name):
+    try:
+        hash(v)
+    except TypeError:
+        raise TypeError(f"jit({name}): static argument {v!r} is not hashable; static arguments "
+                        f"key the compilation cache, so pass a tuple instead of a list.") from None
+    return v
+
+
+class Jitted:
+    def __init__(self, f, static_argnums=(), static_argnames=(), name=None, executor=None):
+        self.f = f
+        self.static_argnums = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
+        self.static_argnames = (static_argnames,) if isinstance(static_argnames, str) else tuple(static_argnames)
+        self.name = name or getattr(f, "__qualname__", getattr(f, "__name__", "function"))
+        self.executor = executor
+        self._cache: dict = {}
+        functools.update_wrapper(self, f)
+
+    def _split(self, args, kwargs):
+        static = tuple((i, _hashable_static(args[i], self.name)) for i in self.static_argnums if i < len(args))
+        static_kw = tuple(sorted((k, _hashable_static(v, self.name)) for k, v in kwargs.items()
+                                 if k in self.static_argnames))
+        dyn_args = [a for i, a in enumerate(args) if i not in self.static_argnums]
+        dyn_kwargs = {k: v for k, v in kwargs.items() if k not in self.static_argnames}
+        return static, static_kw, dyn_args, dyn_kwargs
+
+    def _program(self, args, kwargs):
+        static, static_kw, dyn_args, dyn_kwargs = self._split(args, kwargs)
+        leaves, in_tree = optree.tree_flatten((dyn_args, dyn_kwargs), none_is_leaf=False)
+        avals = tuple(aval_of(x) for x in leaves)
+        weak = tuple(type(x) if isinstance(x, (bool, int, float, complex)) else None for x in leaves)
+        key = (in_tree, avals, weak, static, static_kw)
+        hit = self._cache.get(key)
+        if hit is None:
+            out_box = []
+
+            def flat_fn(*tracers):
+                a, kw = optree.tree_unflatten(in_tree, list(tracers))
+                full = list(a)
+                for i, v in sorted(static):
+                    full.insert(i, v)
+                out = self.f(*full, **kw, **dict(static_kw))
+                out_leaves, out_tree = optree.tree_flatten(out, none_is_leaf=False)
+                out_box.append(out_tree)
+                return out_leaves
+
+            program, captured = trace(flat_fn, avals, context=f"jit({self.name})")
+            assert not captured
+            hit = self._cache[key] = (program, in_tree, out_box[0])
+        return hit, leaves
+
+    def __call__(self, *args, **kwargs):
+        if current_builder() is not None:          # inside another trace: inline
+            return self.f(*args, **kwargs)
+        (program, in_tree, out_tree), leaves = self._program(args, kwargs)
+        executor = self.executor or _default_executor()
+        outs = executor.run(program, leaves)
+        return optree.tree_unflatten(out_tree, [_as_array(o) for o in outs])
+
+    def lower(self, *args, **kwargs) -> Lowered:
+        (program, in_tree, out_tree), _ = self._program(args, kwargs)
+        return Lowered(program, in_tree, out_tree)
+
+    def _cache_size(self) -> int:
+        return len(self._cache)
+
+
+def _as_array(x):
+    from .array import Array, device_put
+    if isinstance(x, Array):
+        return x
+    return device_put(np.asarray(x))
+
+
+def jit(f=None, *, static_argnums=(), static_argnames=(), _name=None, executor=None, **kwargs):
+    """Trace ``f`` once per argument types (and static arguments), cache the program, run it.
+
+    >>> import numpy as np, spmd
+    >>> double = spmd.jit(lambda x: 2 * x)
+    >>> np.asarray(double(np.arange(3.)))
+    array([0., 2., 4.])
+    """
+    if kwargs:
+        from .errors import SpmdError
+        raise NotImplementedError(f"jit options {sorted(kwargs)} (in_shardings, out_shardings, "
+                                  f"donate_argnums) belong to the sharding compiler")
+    if f is None:
+        return functools.partial(jit, static_argnums=static_argnums, static_argnames=static_argnames,
+                                 _name=_name, executor=executor)
+    return Jitted(f, static_argnums, static_argnames, _name, executor)
+
+
+def make_program(f, *, static_argnums=()):
+    """``make_program(f)(*args)`` returns the Program that ``f`` traces to (like make_jaxpr)."""
+    def build(*args, **kwargs):
+        return Jitted(f, static_argnums).lower(*args, **kwargs).program
+    return build

@@ -1,0 +1,1057 @@
+"""NumPy on traced values: the NEP 13/18 tables and the ``spmd.numpy`` namespace.
+
+Every NumPy function here is a few lines over primitives (``spmd.lax``); a NumPy function
+with no entry raises ``NotImplementedError`` naming it -- never a silent fallback to the host.
+"""
+from __future__ import annotations
+
+import builtins
+import math
+import operator
+import string
+
+import numpy as np
+
+from . import lax
+from .core import Tracer, bind, current_builder
+
+HANDLED_FUNCTIONS: dict = {}
+
+
+def implements(*np_funcs):
+    def register(fn):
+        for f in np_funcs:
+            HANDLED_FUNCTIONS[f] = fn
+        return fn
+    return register
+
+
+# ---------------------------------------------------------------------------------------------
+# operands: dtypes, promotion, broadcasting
+# ---------------------------------------------------------------------------------------------
+
+def _is_scalar(x):
+    return isinstance(x, (bool, int, float, complex))
+
+
+def _dtype(x):
+    return x.dtype if isinstance(x, Tracer) else np.asarray(x).dtype
+
+
+def _shape(x):
+    return x.shape if isinstance(x, Tracer) else np.shape(x)
+
+
+def _dummy(x):
+    """A stand-in for ``x`` that NumPy's own dtype rules accept (Python scalars stay weak)."""
+    return x if _is_scalar(x) else np.zeros((), _dtype(x))
+
+
+def _operand(x):
+    if isinstance(x, Tracer) or _is_scalar(x):
+        return x
+    from .array import Array
+    if isinstance(x, Array):
+        return np.asarray(x)
+    a = np.asarray(x)
+    if a.dtype == object:
+        raise TypeError(f"cannot use an object array ({type(x).__name__}) in a traced computation")
+    return a
+
+
+def astype(x, dtype):
+    dtype = np.dtype(dtype)
+    if _is_scalar(x):
+        return np.asarray(x, dtype)
+    if _dtype(x) == dtype:
+        return x
+    if not isinstance(x, Tracer):
+        return np.asarray(x).astype(dtype)
+    return bind(lax.convert_element_type_p, x, dtype=dtype)
+
+
+def broadcast_to(x, shape):
+    shape = tuple(int(s) for s in shape)
+    x = _operand(x)
+    if not isinstance(x, Tracer):
+        return np.broadcast_to(x, shape)
+    if x.shape == shape:
+        return x
+    lead = len(shape) - x.ndim
+    if lead < 0 or any(s not in (1, t) for s, t in zip(x.shape, shape[lead:])):
+        raise ValueError(f"cannot broadcast a value of shape {x.shape} to {shape}")
+    return bind(lax.broadcast_in_dim_p, x, shape=shape, dims=tuple(range(lead, len(shape))))
+
+
+def _broadcast_operands(xs):
+    shapes = [_shape(x) for x in xs]
+    try:
+        out = np.broadcast_shapes(*shapes)
+    except ValueError:
+        raise ValueError(f"operands could not be broadcast together with shapes "
+                         f"{' '.join(str(s) for s in shapes)}") from None
+    return [broadcast_to(x, out) if isinstance(x, Tracer) and x.shape != out else x for x in xs]
+
+
+# ---------------------------------------------------------------------------------------------
+# ufuncs
+# ---------------------------------------------------------------------------------------------
+
+# ufunc -> (primitive, how inputs are cast: "out" to the result dtype, "common" to the
+# promoted input dtype, "none" left alone)
+_UFUNCS = {
+    np.add: (lax.add_p, "out"), np.subtract: (lax.sub_p, "out"), np.multiply: (lax.mul_p, "out"),
+    np.true_divide: (lax.div_p, "out"), np.floor_divide: (lax.floordiv_p, "out"),
+    np.remainder: (lax.rem_p, "out"), np.fmod: (lax.fmod_p, "out"), np.power: (lax.pow_p, "out"),
+    np.maximum: (lax.max_p, "out"), np.minimum: (lax.min_p, "out"), np.fmax: (lax.fmax_p, "out"),
+    np.fmin: (lax.fmin_p, "out"), np.arctan2: (lax.atan2_p, "out"), np.hypot: (lax.hypot_p, "out"),
+    np.copysign: (lax.copysign_p, "out"), np.logaddexp: (lax.logaddexp_p, "out"),
+    np.bitwise_and: (lax.and_p, "out"), np.bitwise_or: (lax.or_p, "out"),
+    np.bitwise_xor: (lax.xor_p, "out"), np.left_shift: (lax.shift_left_p, "out"),
+    np.right_shift: (lax.shift_right_p, "out"),
+    np.logical_and: (lax.and_p, "bool"), np.logical_or: (lax.or_p, "bool"),
+    np.logical_xor: (lax.xor_p, "bool"), np.logical_not: (lax.not_p, "bool"),
+    np.equal: (lax.eq_p, "common"), np.not_equal: (lax.ne_p, "common"), np.less: (lax.lt_p, "common"),
+    np.less_equal: (lax.le_p, "common"), np.greater: (lax.gt_p, "common"),
+    np.greater_equal: (lax.ge_p, "common"),
+    np.negative: (lax.neg_p, "out"), np.positive: (None, "out"), np.exp: (lax.exp_p, "out"),
+    np.exp2: (lax.exp2_p, "out"), np.log: (lax.log_p, "out"), np.log2: (lax.log2_p, "out"),
+    np.log10: (lax.log10_p, "out"), np.log1p: (lax.log1p_p, "out"), np.expm1: (lax.expm1_p, "out"),
+    np.tanh: (lax.tanh_p, "out"), np.sinh: (lax.sinh_p, "out"), np.cosh: (lax.cosh_p, "out"),
+    np.sin: (lax.sin_p, "out"), np.cos: (lax.cos_p, "out"), np.tan: (lax.tan_p, "out"),
+    np.arcsin: (lax.asin_p, "out"), np.arccos: (lax.acos_p, "out"), np.arctan: (lax.atan_p, "out"),
+    np.arcsinh: (lax.asinh_p, "out"), np.arccosh: (lax.acosh_p, "out"),
+    np.arctanh: (lax.atanh_p, "out"), np.sqrt: (lax.sqrt_p, "out"), np.cbrt: (lax.cbrt_p, "out"),
+    np.square: (lax.square_p, "out"), np.reciprocal: (lax.reciprocal_p, "out"),
+    np.absolute: (lax.abs_p, "none"), np.sign: (lax.sign_p, "out"), np.floor: (lax.floor_p, "out"),
+    np.ceil: (lax.ceil_p, "out"), np.trunc: (lax.trunc_p, "out"), np.rint: (lax.rint_p, "out"),
+    np.conjugate: (lax.conj_p, "out"), np.invert: (lax.invert_p, "out"),
+    np.isnan: (lax.isnan_p, "none"), np.isinf: (lax.isinf_p, "none"),
+    np.isfinite: (lax.isfinite_p, "none"), np.signbit: (lax.signbit_p, "none"),
+}
+
+
+def _result_dtype(ufunc, operands):
+    try:
+        with np.errstate(all="ignore"):
+            return np.asarray(ufunc(*[_dummy(x) for x in operands])).dtype
+    except (TypeError, OverflowError, np._core._exceptions._UFuncNoLoopError
+            if hasattr(np, "_core") and hasattr(np._core, "_exceptions") else TypeError) as e:
+        dts = ", ".join(str(_dtype(x)) if not _is_scalar(x) else type(x).__name__ for x in operands)
+        raise TypeError(f"np.{ufunc.__name__} of ({dts}): NumPy refuses this dtype combination "
+                        f"({e}). Cast the operands with .astype(...) first.") from None
+
+
+def apply_ufunc(ufunc, *operands):
+    if ufunc not in _UFUNCS:
+        raise NotImplementedError(f"spmd has no rule for numpy.{ufunc.__name__} on traced values")
+    prim, cast = _UFUNCS[ufunc]
+    operands = [_operand(x) for x in operands]
+    out_dt = _result_dtype(ufunc, operands)
+    if cast == "out":
+        operands = [astype(x, out_dt) if not _is_scalar(x) else np.asarray(x, out_dt) for x in operands]
+    elif cast == "common":
+        common = np.result_type(*[_dummy(x) for x in operands])
+        operands = [astype(x, common) for x in operands]
+    elif cast == "bool":
+        operands = [astype(x, np.bool_) for x in operands]
+    if prim is None:
+        return operands[0]
+    operands = _broadcast_operands(operands)
+    return bind(prim, *operands)
+
+
+def handle_ufunc(ufunc, method, inputs, kwargs):
+    if kwargs.get("out") is not None:
+        raise TypeError(f"np.{ufunc.__name__}(..., out=...): traced values are immutable; use the "
+                        f"returned value instead.")
+    if method == "__call__":
+        if ufunc is np.matmul:
+            return matmul(*inputs)
+        extra = {k: v for k, v in kwargs.items() if k not in ("out",) and v is not None}
+        if "dtype" in extra:
+            dt = extra.pop("dtype")
+            inputs = [astype(_operand(x), dt) for x in inputs]
+        if extra:
+            raise NotImplementedError(f"numpy.{ufunc.__name__} with {sorted(extra)} on traced values")
+        return apply_ufunc(ufunc, *inputs)
+    if method == "reduce":
+        red = {np.add: sum, np.multiply: prod, np.maximum: amax, np.minimum: amin,
+               np.logical_and: all_, np.logical_or: any_}.get(ufunc)
+        if red is None:
+            raise NotImplementedError(f"numpy.{ufunc.__name__}.reduce on traced values")
+        kw = {k: v for k, v in kwargs.items() if k in ("axis", "keepdims", "dtype")}
+        kw.setdefault("axis", 0)
+        return red(inputs[0], **kw)
+    if method == "accumulate" and ufunc in (np.add, np.multiply, np.maximum, np.minimum):
+        p = {np.add: lax.cumsum_p, np.multiply: lax.cumprod_p, np.maximum: lax.cummax_p,
+             np.minimum: lax.cummin_p}[ufunc]
+        x = _operand(inputs[0])
+        return bind(p, x, axis=_axis(kwargs.get("axis", 0), x.ndim), reverse=False)
+    raise NotImplementedError(f"numpy.{ufunc.__name__}.{method} on traced values")
+
+
+def handle_function(func, args, kwargs):
+    impl = HANDLED_FUNCTIONS.get(func)
+    if impl is None:
+        mod = getattr(func, "__module__", "numpy") or "numpy"
+        mod = "numpy" if mod.startswith("numpy") else mod
+        raise NotImplementedError(f"spmd has no rule for {mod}.{func.__name__} on traced values; "
+                                  f"express it with supported NumPy functions or file an issue.")
+    return impl(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# axes
+# ---------------------------------------------------------------------------------------------
+
+def _axis(axis, ndim):
+    if not isinstance(axis, (int, np.integer)) or not -ndim <= axis < max(ndim, 1):
+        raise np.exceptions.AxisError(f"axis {axis} is out of bounds for array of dimension {ndim}")
+    return int(axis) % max(ndim, 1)
+
+
+def _axes(axis, ndim):
+    if axis is None:
+        return tuple(range(ndim))
+    if isinstance(axis, (tuple, list)):
+        out = tuple(sorted(_axis(a, ndim) for a in axis))
+        if len(set(out)) != len(out):
+            raise ValueError(f"repeated axis in {axis}")
+        return out
+    return (_axis(axis, ndim),)
+
+
+# ---------------------------------------------------------------------------------------------
+# shape manipulation
+# ---------------------------------------------------------------------------------------------
+
+@implements(np.reshape)
+def reshape(x, shape=None, order="C", *, newshape=None, copy=None):
+    shape = newshape if shape is None else shape
+    if order != "C":
+        raise NotImplementedError("reshape with order other than 'C'")
+    x = _operand(x)
+    if not isinstance(x, Tracer):
+        return np.reshape(x, shape)
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(int(s) for s in shape)
+    if shape.count(-1) > 1:
+        raise ValueError("reshape: can only specify one unknown dimension")
+    if -1 in shape:
+        rest = math.prod(s for s in shape if s != -1)
+        if rest == 0 or x.size % rest:
+            raise ValueError(f"cannot reshape a value of size {x.size} into shape {shape}")
+        shape = tuple(x.size // rest if s == -1 else s for s in shape)
+    if math.prod(shape) != x.size:
+        raise ValueError(f"cannot reshape a value of shape {x.shape} into shape {shape}")
+    return x if shape == x.shape else bind(lax.reshape_p, x, shape=shape)
+
+
+@implements(np.ravel)
+def ravel(x, order="C"):
+    return reshape(x, (-1,), order)
+
+
+@implements(np.transpose)
+def transpose(x, axes=None):
+    x = _operand(x)
+    if not isinstance(x, Tracer):
+        return np.transpose(x, axes)
+    perm = tuple(reversed(range(x.ndim))) if axes is None else tuple(_axis(a, x.ndim) for a in axes)
+    if sorted(perm) != list(range(x.ndim)):
+        raise ValueError(f"transpose: axes {axes} don't match the value's rank {x.ndim}")
+    return x if perm == tuple(range(x.ndim)) else bind(lax.transpose_p, x, perm=perm)
+
+
+@implements(np.swapaxes)
+def swapaxes(x, axis1, axis2):
+    x = _operand(x)
+    perm = list(range(np.ndim(x) if not isinstance(x, Tracer) else x.ndim))
+    a, b = _axis(axis1, len(perm)), _axis(axis2, len(perm))
+    perm[a], perm[b] = perm[b], perm[a]
+    return transpose(x, perm)
+
+
+@implements(np.moveaxis)
+def moveaxis(x, source, destination):
+    x = _operand(x)
+    nd = len(_shape(x))
+    src = [_axis(a, nd) for a in (source if isinstance(source, (tuple, list)) else [source])]
+    dst = [_axis(a, nd) for a in (destination if isinstance(destination, (tuple, list)) else [destination])]
+    order = [i for i in range(nd) if i not in src]
+    for d, s in sorted(zip(dst, src)):
+        order.insert(d, s)
+    return transpose(x, order)
+
+
+@implements(np.expand_dims)
+def expand_dims(x, axis):
+    x = _operand(x)
+    shape = list(_shape(x))
+    axes = axis if isinstance(axis, (tuple, list)) else [axis]
+    nd = len(shape) + len(axes)
+    for a in sorted(_axis(a, nd) for a in axes):
+        shape.insert(a, 1)
+    return reshape(x, tuple(shape))
+
+
+@implements(np.squeeze)
+def squeeze(x, axis=None):
+    x = _operand(x)
+    shape = _shape(x)
+    axes = [i for i, s in enumerate(shape) if s == 1] if axis is None else _axes(axis, len(shape))
+    for a in axes:
+        if shape[a] != 1:
+            raise ValueError(f"cannot select an axis to squeeze out which has size not equal to one (axis {a}, size {shape[a]})")
+    return reshape(x, tuple(s for i, s in enumerate(shape) if i not in axes))
+
+
+implements(np.broadcast_to)(lambda x, shape, subok=False: broadcast_to(x, shape))
+
+
+@implements(np.broadcast_arrays)
+def broadcast_arrays(*xs, subok=False):
+    return _broadcast_operands([_operand(x) for x in xs])
+
+
+@implements(np.atleast_1d)
+def atleast_1d(*xs):
+    out = [reshape(x, (1,)) if len(_shape(x)) == 0 else _operand(x) for x in xs]
+    return out[0] if len(out) == 1 else out
+
+
+@implements(np.atleast_2d)
+def atleast_2d(*xs):
+    out = []
+    for x in xs:
+        s = _shape(x)
+        out.append(reshape(x, (1,) * (2 - len(s)) + tuple(s)) if len(s) < 2 else _operand(x))
+    return out[0] if len(out) == 1 else out
+
+
+def _same_dtype(xs):
+    dt = np.result_type(*[_dummy(_operand(x)) for x in xs])
+    return [astype(_operand(x), dt) for x in xs]
+
+
+@implements(np.concatenate)
+def concatenate(arrays, axis=0, out=None, dtype=None, casting="same_kind"):
+    xs = list(arrays)
+    if dtype is not None:
+        xs = [astype(_operand(x), dtype) for x in xs]
+    xs = _same_dtype(xs)
+    if axis is None:
+        xs, axis = [ravel(x) for x in xs], 0
+    nd = len(_shape(xs[0]))
+    ax = _axis(axis, nd)
+    if not any(isinstance(x, Tracer) for x in xs):
+        return np.concatenate(xs, axis=ax)
+    return bind(lax.concatenate_p, *xs, axis=ax)
+
+
+@implements(np.stack)
+def stack(arrays, axis=0, out=None, dtype=None, casting="same_kind"):
+    xs = list(arrays)
+    shapes = {tuple(_shape(x)) for x in xs}
+    if len(shapes) != 1:
+        raise ValueError(f"all input arrays must have the same shape, got {sorted(shapes)}")
+    ax = _axis(axis, len(_shape(xs[0])) + 1)
+    return concatenate([expand_dims(x, ax) for x in xs], axis=ax, dtype=dtype)
+
+
+implements(np.hstack)(lambda tup, dtype=None, casting="same_kind": concatenate(
+    atleast_1d(*tup) if len(tup) > 1 else [atleast_1d(*tup)], axis=0 if len(_shape(tup[0])) <= 1 else 1, dtype=dtype))
+implements(np.vstack)(lambda tup, dtype=None, casting="same_kind": concatenate(
+    [atleast_2d(x) for x in tup], axis=0, dtype=dtype))
+
+
+@implements(np.split, np.array_split)
+def split(x, indices_or_sections, axis=0):
+    x = _operand(x)
+    ax = _axis(axis, len(_shape(x)))
+    n = _shape(x)[ax]
+    if isinstance(indices_or_sections, (int, np.integer)):
+        k = int(indices_or_sections)
+        if n % k:
+            raise ValueError(f"array split does not result in an equal division: size {n} into {k}")
+        cuts = [i * (n // k) for i in range(1, k)]
+    else:
+        cuts = [int(c) for c in indices_or_sections]
+    bounds = [0] + cuts + [n]
+    return [_slice_axis(x, ax, a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _slice_axis(x, axis, start, stop, step=1):
+    index = tuple((0, d, 1) if i != axis else slice(start, stop, step).indices(d)
+                  for i, d in enumerate(_shape(x)))
+    if not isinstance(x, Tracer):
+        return x[tuple(slice(*s) for s in index)]
+    return bind(lax.slice_p, x, index=index)
+
+
+@implements(np.flip)
+def flip(x, axis=None):
+    x = _operand(x)
+    for a in _axes(axis, len(_shape(x))):
+        x = _slice_axis(x, a, None, None, -1)
+    return x
+
+
+@implements(np.roll)
+def roll(x, shift, axis=None):
+    if axis is None:
+        return reshape(roll(ravel(x), shift, 0), _shape(x))
+    x = _operand(x)
+    ax = _axis(axis, len(_shape(x)))
+    n = _shape(x)[ax]
+    s = int(shift) % n if n else 0
+    if s == 0:
+        return x
+    return concatenate([_slice_axis(x, ax, n - s, n), _slice_axis(x, ax, 0, n - s)], axis=ax)
+
+
+@implements(np.pad)
+def pad(x, pad_width, mode="constant", constant_values=0):
+    if mode != "constant":
+        raise NotImplementedError(f"numpy.pad with mode={mode!r} on traced values (only 'constant')")
+    x = _operand(x)
+    nd = len(_shape(x))
+    pw = np.broadcast_to(np.asarray(pad_width, dtype=np.int64), (nd, 2))
+    config = tuple((int(a), int(b)) for a, b in pw)
+    value = np.asarray(constant_values, dtype=_dtype(x))
+    return bind(lax.pad_p, x, value, config=config)
+
+
+@implements(np.tile)
+def tile(x, reps):
+    x = _operand(x)
+    reps = (reps,) if isinstance(reps, int) else tuple(reps)
+    shape = _shape(x)
+    nd = max(len(shape), len(reps))
+    x = reshape(x, (1,) * (nd - len(shape)) + tuple(shape))
+    reps = (1,) * (nd - len(reps)) + reps
+    for ax, r in enumerate(reps):
+        if r != 1:
+            x = concatenate([x] * r, axis=ax)
+    return x
+
+
+@implements(np.repeat)
+def repeat(x, repeats, axis=None):
+    if not isinstance(repeats, (int, np.integer)):
+        raise NotImplementedError("numpy.repeat with per-element repeats on traced values")
+    if axis is None:
+        x, axis = ravel(x), 0
+    x = _operand(x)
+    shape = _shape(x)
+    ax = _axis(axis, len(shape))
+    y = expand_dims(x, ax + 1)
+    y = broadcast_to(y, shape[:ax + 1] + (int(repeats),) + shape[ax + 1:])
+    return reshape(y, shape[:ax] + (shape[ax] * int(repeats),) + shape[ax + 1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# reductions
+# ---------------------------------------------------------------------------------------------
+
+def _reduce(prim, x, axis, keepdims, dtype=None, initial=None, where=None):
+    if where is not None and where is not True:
+        raise NotImplementedError(f"{prim.name} with where= on traced values")
+    x = _operand(x)
+    if dtype is not None:
+        x = astype(x, dtype)
+    elif prim in (lax.reduce_sum_p, lax.reduce_prod_p) and _dtype(x).kind in "bui" and \
+            np.dtype(_dtype(x)).itemsize < 8:
+        x = astype(x, np.uint64 if _dtype(x).kind == "u" else np.int64)
+    elif prim in (lax.reduce_sum_p, lax.reduce_prod_p) and _dtype(x) == np.bool_:
+        x = astype(x, np.int64)
+    shape = _shape(x)
+    axes = _axes(axis, len(shape))
+    if prim in (lax.reduce_max_p, lax.reduce_min_p) and any(shape[a] == 0 for a in axes) and initial is None:
+        raise ValueError("zero-size array to reduction operation which has no identity")
+    out = bind(prim, x, axes=axes)
+    if initial is not None:
+        op = {lax.reduce_sum_p: np.add, lax.reduce_prod_p: np.multiply, lax.reduce_max_p: np.maximum,
+              lax.reduce_min_p: np.minimum}[prim]
+        out = apply_ufunc(op, out, initial)
+    if keepdims:
+        out = reshape(out, tuple(1 if i in axes else s for i, s in enumerate(shape)))
+    return out
+
+
+@implements(np.sum)
+def sum(x, axis=None, dtype=None, out=None, keepdims=False, initial=None, where=None):
+    return _reduce(lax.reduce_sum_p, x, axis, keepdims, dtype, initial, where)
+
+
+@implements(np.prod)
+def prod(x, axis=None, dtype=None, out=None, keepdims=False, initial=None, where=None):
+    return _reduce(lax.reduce_prod_p, x, axis, keepdims, dtype, initial, where)
+
+
+@implements(np.max, np.amax)
+def amax(x, axis=None, out=None, keepdims=False, initial=None, where=None):
+    return _reduce(lax.reduce_max_p, x, axis, keepdims, None, initial, where)
+
+
+@implements(np.min, np.amin)
+def amin(x, axis=None, out=None, keepdims=False, initial=None, where=None):
+    return _reduce(lax.reduce_min_p, x, axis, keepdims, None, initial, where)
+
+
+@implements(np.all)
+def all_(x, axis=None, out=None, keepdims=False, *, where=None):
+    return _reduce(lax.reduce_and_p, astype(_operand(x), np.bool_), axis, keepdims, where=where)
+
+
+@implements(np.any)
+def any_(x, axis=None, out=None, keepdims=False, *, where=None):
+    return _reduce(lax.reduce_or_p, astype(_operand(x), np.bool_), axis, keepdims, where=where)
+
+
+def _count(shape, axes):
+    return math.prod(shape[a] for a in axes)
+
+
+@implements(np.mean)
+def mean(x, axis=None, dtype=None, out=None, keepdims=False, *, where=None):
+    x = _operand(x)
+    if dtype is None and _dtype(x).kind in "biu":
+        dtype = np.float64
+    s = sum(x, axis, dtype, keepdims=keepdims, where=where)
+    return apply_ufunc(np.true_divide, s, _count(_shape(x), _axes(axis, len(_shape(x)))))
+
+
+@implements(np.var)
+def var(x, axis=None, dtype=None, out=None, ddof=0, keepdims=False, *, where=None, mean=None,
+        correction=None):
+    x = _operand(x)
+    ddof = correction if correction is not None else ddof
+    mu = globals()["mean"](x, axis, dtype, keepdims=True)
+    d = apply_ufunc(np.subtract, x, mu)
+    sq = apply_ufunc(np.multiply, d, apply_ufunc(np.conjugate, d)) if _dtype(d).kind == "c" else apply_ufunc(np.square, d)
+    if _dtype(sq).kind == "c":
+        sq = bind(lax.real_p, sq)
+    n = _count(_shape(x), _axes(axis, len(_shape(x))))
+    return apply_ufunc(np.true_divide, sum(sq, axis, keepdims=keepdims), builtins.max(n - ddof, 0))
+
+
+@implements(np.std)
+def std(x, axis=None, dtype=None, out=None, ddof=0, keepdims=False, *, where=None, mean=None,
+        correction=None):
+    return apply_ufunc(np.sqrt, var(x, axis, dtype, ddof=ddof, keepdims=keepdims, correction=correction))
+
+
+def _arg(prim, x, axis, keepdims):
+    x = _operand(x)
+    if axis is None:
+        x, axis = ravel(x), 0
+    ax = _axis(axis, len(_shape(x)))
+    if _shape(x)[ax] == 0:
+        raise ValueError(f"attempt to get {prim.name} of an empty sequence")
+    out = bind(prim, x, axis=ax, index_dtype=np.dtype(np.int64))
+    return expand_dims(out, ax) if keepdims else out
+
+
+implements(np.argmax)(lambda x, axis=None, out=None, *, keepdims=False: _arg(lax.argmax_p, x, axis, keepdims))
+implements(np.argmin)(lambda x, axis=None, out=None, *, keepdims=False: _arg(lax.argmin_p, x, axis, keepdims))
+
+
+def _cum(prim, x, axis, dtype):
+    x = _operand(x)
+    if dtype is not None:
+        x = astype(x, dtype)
+    elif prim in (lax.cumsum_p, lax.cumprod_p) and _dtype(x).kind in "bi" and np.dtype(_dtype(x)).itemsize < 8:
+        x = astype(x, np.int64)
+    if axis is None:
+        x, axis = ravel(x), 0
+    return bind(prim, x, axis=_axis(axis, len(_shape(x))), reverse=False)
+
+
+implements(np.cumsum)(lambda x, axis=None, dtype=None, out=None: _cum(lax.cumsum_p, x, axis, dtype))
+implements(np.cumprod)(lambda x, axis=None, dtype=None, out=None: _cum(lax.cumprod_p, x, axis, dtype))
+
+
+@implements(np.sort)
+def sort(x, axis=-1, kind=None, order=None, *, stable=None):
+    x = _operand(x)
+    if axis is None:
+        x, axis = ravel(x), 0
+    return bind(lax.sort_p, x, axis=_axis(axis, len(_shape(x))))
+
+
+@implements(np.argsort)
+def argsort(x, axis=-1, kind=None, order=None, *, stable=None):
+    x = _operand(x)
+    if axis is None:
+        x, axis = ravel(x), 0
+    return bind(lax.argsort_p, x, axis=_axis(axis, len(_shape(x))), index_dtype=np.dtype(np.int64))
+
+
+# ---------------------------------------------------------------------------------------------
+# elementwise composites
+# ---------------------------------------------------------------------------------------------
+
+@implements(np.where)
+def where(cond, x=None, y=None):
+    if x is None or y is None:
+        raise NotImplementedError("numpy.where(cond) with one argument has a data-dependent shape; "
+                                  "pass both x and y")
+    cond = astype(_operand(cond), np.bool_)
+    x, y = _same_dtype([x, y])
+    cond, x, y = _broadcast_operands([cond, x, y])
+    return bind(lax.select_p, cond, x, y)
+
+
+@implements(np.clip)
+def clip(x, a_min=None, a_max=None, out=None, *, min=None, max=None):
+    lo = a_min if a_min is not None else min
+    hi = a_max if a_max is not None else max
+    if lo is not None:
+        x = apply_ufunc(np.maximum, x, lo)
+    if hi is not None:
+        x = apply_ufunc(np.minimum, x, hi)
+    return x
+
+
+@implements(np.round, np.around)
+def round_(x, decimals=0, out=None):
+    if decimals == 0:
+        return bind(lax.round_p, _operand(x)) if _dtype(x).kind in "fc" else _operand(x)
+    s = 10.0 ** decimals
+    return apply_ufunc(np.true_divide, bind(lax.round_p, apply_ufunc(np.multiply, x, s)), s)
+
+
+implements(np.real)(lambda x: bind(lax.real_p, _operand(x)) if _dtype(x).kind == "c" else _operand(x))
+implements(np.imag)(lambda x: bind(lax.imag_p, _operand(x)) if _dtype(x).kind == "c" else apply_ufunc(np.multiply, x, 0))
+implements(np.conj, np.conjugate)(lambda x: apply_ufunc(np.conjugate, x))
+implements(np.abs, np.absolute)(lambda x: apply_ufunc(np.absolute, x))
+implements(np.nan_to_num)(lambda x, copy=True, nan=0.0, posinf=None, neginf=None: _nan_to_num(x, nan, posinf, neginf))
+
+
+def _nan_to_num(x, nan, posinf, neginf):
+    x = _operand(x)
+    if _dtype(x).kind not in "fc":
+        return x
+    info = np.finfo(_dtype(x))
+    x = where(apply_ufunc(np.isnan, x), nan, x)
+    x = where(apply_ufunc(np.logical_and, apply_ufunc(np.isinf, x), apply_ufunc(np.greater, x, 0)),
+              info.max if posinf is None else posinf, x)
+    return where(apply_ufunc(np.isinf, x), info.min if neginf is None else neginf, x)
+
+
+@implements(np.isclose)
+def isclose(a, b, rtol=1e-05, atol=1e-08, equal_nan=False):
+    d = apply_ufunc(np.absolute, apply_ufunc(np.subtract, a, b))
+    tol = apply_ufunc(np.add, atol, apply_ufunc(np.multiply, rtol, apply_ufunc(np.absolute, b)))
+    out = apply_ufunc(np.less_equal, d, tol)
+    if equal_nan:
+        out = apply_ufunc(np.logical_or, out, apply_ufunc(np.logical_and, apply_ufunc(np.isnan, a),
+                                                          apply_ufunc(np.isnan, b)))
+    return out
+
+
+def logsumexp(x, axis=None, keepdims=False):
+    """``log(sum(exp(x)))``, computed stably."""
+    m = amax(x, axis, keepdims=True)
+    m = where(apply_ufunc(np.isfinite, m), m, 0)
+    s = sum(apply_ufunc(np.exp, apply_ufunc(np.subtract, x, m)), axis, keepdims=True)
+    out = apply_ufunc(np.add, apply_ufunc(np.log, s), m)
+    return out if keepdims else squeeze(out, _axes(axis, len(_shape(x))))
+
+
+def softmax(x, axis=-1):
+    """``exp(x) / sum(exp(x))`` along ``axis``, computed stably."""
+    e = apply_ufunc(np.exp, apply_ufunc(np.subtract, x, amax(x, axis, keepdims=True)))
+    return apply_ufunc(np.true_divide, e, sum(e, axis, keepdims=True))
+
+
+def layer_norm(x, axis=-1, eps=1e-5):
+    """``(x - mean) / sqrt(var + eps)`` along ``axis``."""
+    mu = mean(x, axis, keepdims=True)
+    return apply_ufunc(np.true_divide, apply_ufunc(np.subtract, x, mu),
+                       apply_ufunc(np.sqrt, apply_ufunc(np.add, var(x, axis, keepdims=True), eps)))
+
+
+def rsqrt(x):
+    return apply_ufunc(np.reciprocal, apply_ufunc(np.sqrt, x))
+
+
+# ---------------------------------------------------------------------------------------------
+# creation
+# ---------------------------------------------------------------------------------------------
+
+def full(shape, fill_value, dtype=None):
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    if isinstance(fill_value, Tracer):
+        return broadcast_to(astype(fill_value, dtype or fill_value.dtype), shape)
+    return np.full(shape, fill_value, dtype=dtype)
+
+
+@implements(np.zeros_like)
+def zeros_like(x, dtype=None, order="K", subok=True, shape=None):
+    return full_like(x, 0, dtype, shape=shape)
+
+
+@implements(np.ones_like)
+def ones_like(x, dtype=None, order="K", subok=True, shape=None):
+    return full_like(x, 1, dtype, shape=shape)
+
+
+@implements(np.empty_like)
+def empty_like(x, dtype=None, order="K", subok=True, shape=None):
+    return full_like(x, 0, dtype, shape=shape)
+
+
+@implements(np.full_like)
+def full_like(x, fill_value, dtype=None, order="K", subok=True, shape=None):
+    """Constant, but typed like ``x``: inside shard_map it has ``x``'s varying axes."""
+    dt = np.dtype(dtype) if dtype is not None else _dtype(x)
+    shape = tuple(_shape(x)) if shape is None else tuple(shape)
+    if isinstance(x, Tracer) and x.vma and current_builder() is not None:
+        from .collectives import pvary
+        c = broadcast_to(astype(bind(lax.iota_p, dtype=np.dtype(np.int8), shape=(1,), dimension=0), dt), ())
+        c = reshape(apply_ufunc(np.add, apply_ufunc(np.multiply, c, 0), np.asarray(fill_value, dt)), ())
+        return broadcast_to(pvary(c, tuple(a for a in current_builder().mesh.axis_names if a in x.vma)), shape)
+    return np.full(shape, fill_value, dtype=dt)
+
+
+def arange(start, stop=None, step=None, dtype=None):
+    """Like numpy.arange (the result is a constant)."""
+    return np.arange(start, stop, step, dtype=dtype) if stop is not None else np.arange(start, dtype=dtype)
+
+
+@implements(np.tril)
+def tril(x, k=0):
+    return _tri_mask(x, k, lower=True)
+
+
+@implements(np.triu)
+def triu(x, k=0):
+    return _tri_mask(x, k, lower=False)
+
+
+def _tri_mask(x, k, lower):
+    x = _operand(x)
+    shape = _shape(x)
+    n, m = shape[-2], shape[-1]
+    mask = np.tri(n, m, k, dtype=bool) if lower else ~np.tri(n, m, k - 1, dtype=bool)
+    return where(mask, x, np.zeros((), _dtype(x)))
+
+
+# ---------------------------------------------------------------------------------------------
+# contraction
+# ---------------------------------------------------------------------------------------------
+
+def _dot(x, y, contract, batch):
+    x, y = _same_dtype([x, y])
+    return bind(lax.dot_general_p, x, y, contract=contract, batch=batch)
+
+
+def matmul(a, b):
+    a, b = _operand(a), _operand(b)
+    sa, sb = tuple(_shape(a)), tuple(_shape(b))
+    if not sa or not sb:
+        raise ValueError("matmul: Input operand does not have enough dimensions")
+    a2 = reshape(a, (1,) + sa) if len(sa) == 1 else a
+    b2 = reshape(b, sb + (1,)) if len(sb) == 1 else b
+    sa2, sb2 = tuple(_shape(a2)), tuple(_shape(b2))
+    if sa2[-1] != sb2[-2]:
+        raise ValueError(f"matmul: Input operand 1 has a mismatch in its core dimension 0 "
+                         f"(size {sb2[-2]} is different from {sa2[-1]})")
+    batch = np.broadcast_shapes(sa2[:-2], sb2[:-2])
+    a2 = broadcast_to(a2, batch + sa2[-2:]) if sa2[:-2] != batch else a2
+    b2 = broadcast_to(b2, batch + sb2[-2:]) if sb2[:-2] != batch else b2
+    nb = len(batch)
+    out = _dot(a2, b2, ((nb + 1,), (nb,)), (tuple(range(nb)), tuple(range(nb))))
+    shape = batch + ((sa2[-2],) if len(sa) > 1 else ()) + ((sb2[-1],) if len(sb) > 1 else ())
+    return reshape(out, shape)
+
+
+@implements(np.dot)
+def dot(a, b, out=None):
+    a, b = _operand(a), _operand(b)
+    sa, sb = _shape(a), _shape(b)
+    if not sa or not sb:
+        return apply_ufunc(np.multiply, a, b)
+    if len(sb) <= 2:
+        return matmul(a, b)
+    return tensordot(a, b, axes=([len(sa) - 1], [len(sb) - 2]))
+
+
+@implements(np.tensordot)
+def tensordot(a, b, axes=2):
+    a, b = _operand(a), _operand(b)
+    sa, sb = _shape(a), _shape(b)
+    if isinstance(axes, (int, np.integer)):
+        ca, cb = tuple(range(len(sa) - axes, len(sa))), tuple(range(axes))
+    else:
+        ca, cb = axes
+        ca = tuple(_axis(i, len(sa)) for i in (ca if isinstance(ca, (list, tuple)) else [ca]))
+        cb = tuple(_axis(i, len(sb)) for i in (cb if isinstance(cb, (list, tuple)) else [cb]))
+    return _dot(a, b, (ca, cb), ((), ()))
+
+
+@implements(np.inner)
+def inner(a, b):
+    return tensordot(a, b, axes=([-1], [-1]))
+
+
+@implements(np.outer)
+def outer(a, b, out=None):
+    return apply_ufunc(np.multiply, reshape(ravel(a), (-1, 1)), ravel(b))
+
+
+@implements(np.vdot)
+def vdot(a, b):
+    return sum(apply_ufunc(np.multiply, apply_ufunc(np.conjugate, ravel(a)), ravel(b)))
+
+
+@implements(np.einsum)
+def einsum(subscripts, *operands, optimize=False, **kw):
+    """Two-operand contractions become ``dot_general``; more operands are contracted pairwise
+    left to right; single-operand forms are transposes and sums."""
+    if not isinstance(subscripts, str):
+        raise NotImplementedError("numpy.einsum in the interleaved (operand, sublist) form")
+    if "..." in subscripts:
+        raise NotImplementedError("numpy.einsum with '...' on traced values")
+    subscripts = subscripts.replace(" ", "")
+    ins, _, out = subscripts.partition("->")
+    terms = ins.split(",")
+    if len(terms) != len(operands):
+        raise ValueError(f"einsum: {len(terms)} operand subscripts but {len(operands)} operands")
+    if "->" not in subscripts:
+        counts = {c: ins.count(c) for c in ins if c != ","}
+        out = "".join(sorted(c for c, n in counts.items() if n == 1))
+    ops = [_operand(o) for o in operands]
+    for t, o in zip(terms, ops):
+        if len(t) != len(_shape(o)):
+            raise ValueError(f"einsum: subscripts {t!r} do not match an operand of rank {len(_shape(o))}")
+        if len(set(t)) != len(t):
+            raise NotImplementedError(f"einsum with a repeated index in one operand ({t!r}) on traced values")
+    cur_t, cur = terms[0], ops[0]
+    for i in range(1, len(terms)):
+        later = "".join(terms[i + 1:]) + out
+        cur_t, cur = _einsum_pair(cur_t, cur, terms[i], ops[i], later)
+    # single operand: sum indices not kept, then transpose
+    gone = tuple(i for i, c in enumerate(cur_t) if c not in out)
+    if gone:
+        cur = sum(cur, axis=gone)
+        cur_t = "".join(c for c in cur_t if c in out)
+    return transpose(cur, [cur_t.index(c) for c in out]) if cur_t != out else cur
+
+
+def _einsum_pair(ta, a, tb, b, later):
+    # indices only in one operand and not needed later are summed first
+    def presum(t, x, other):
+        gone = tuple(i for i, c in enumerate(t) if c not in other and c not in later)
+        if gone:
+            x = sum(x, axis=gone)
+            t = "".join(c for c in t if c not in [t[i] for i in gone])
+        return t, x
+    ta, a = presum(ta, a, tb)
+    tb, b = presum(tb, b, ta)
+    batch = [c for c in ta if c in tb and c in later]
+    contract = [c for c in ta if c in tb and c not in later]
+    out = _dot(a, b, (tuple(ta.index(c) for c in contract), tuple(tb.index(c) for c in contract)),
+               (tuple(ta.index(c) for c in batch), tuple(tb.index(c) for c in batch)))
+    t_out = "".join(batch) + "".join(c for c in ta if c not in batch and c not in contract) + \
+        "".join(c for c in tb if c not in batch and c not in contract)
+    return t_out, out
+
+
+# ---------------------------------------------------------------------------------------------
+# indexing
+# ---------------------------------------------------------------------------------------------
+
+@implements(np.take)
+def take(x, indices, axis=None, out=None, mode=None):
+    x = _operand(x)
+    if axis is None:
+        x, axis = ravel(x), 0
+    ax = _axis(axis, len(_shape(x)))
+    idx = _operand(indices)
+    if not np.issubdtype(_dtype(idx), np.integer):
+        raise IndexError(f"take: indices must be integers, got {_dtype(idx)}")
+    if not isinstance(idx, Tracer):
+        idx = np.asarray(idx)
+        n = _shape(x)[ax]
+        if idx.size and (idx.max() >= n or idx.min() < -n):
+            raise IndexError(f"index {int(idx.max() if idx.max() >= n else idx.min())} is out of "
+                             f"bounds for axis {ax} with size {n}")
+    return bind(lax.take_p, x, idx, axis=ax)
+
+
+@implements(np.take_along_axis)
+def take_along_axis(x, indices, axis):
+    raise NotImplementedError("numpy.take_along_axis on traced values")
+
+
+def getitem(x, key):
+    if not isinstance(key, tuple):
+        key = (key,)
+    if builtins.any(k is Ellipsis for k in key):
+        i = next(i for i, k in enumerate(key) if k is Ellipsis)
+        used = builtins.sum(1 for k in key if k is not None and k is not Ellipsis)
+        key = key[:i] + (slice(None),) * (x.ndim - used) + key[i + 1:]
+    used = builtins.sum(1 for k in key if k is not None)
+    if used > x.ndim:
+        raise IndexError(f"too many indices for a value of rank {x.ndim}: {key}")
+    key = key + (slice(None),) * (x.ndim - used)
+    index, squeeze_dims, new_axes, advanced = [], [], [], []
+    dim = 0
+    out_pos = 0
+    for k in key:
+        if k is None:
+            new_axes.append(out_pos)
+            out_pos += 1
+            continue
+        n = x.shape[dim]
+        if isinstance(k, slice):
+            index.append(k.indices(n))
+            out_pos += 1
+        elif isinstance(k, (int, np.integer)) and not isinstance(k, bool):
+            if not -n <= k < n:
+                raise IndexError(f"index {k} is out of bounds for axis {dim} with size {n}")
+            i = int(k) % n
+            index.append((i, i + 1, 1))
+            squeeze_dims.append(dim)
+        else:
+            kk = _operand(k)
+            if _dtype(kk) == np.bool_:
+                raise IndexError("boolean mask indexing has a data-dependent shape and is not "
+                                 "supported on traced values; use np.where(mask, x, 0) instead")
+            if not np.issubdtype(_dtype(kk), np.integer):
+                raise IndexError(f"only integers, slices, None, Ellipsis and integer arrays are "
+                                 f"valid indices, got {_dtype(kk)}")
+            index.append((0, n, 1))
+            advanced.append((dim, kk))
+            out_pos += 1
+        dim += 1
+    y = x
+    if builtins.any(s != (0, d, 1) for s, d in zip(index, x.shape)):
+        y = bind(lax.slice_p, x, index=tuple(index))
+    if len(advanced) > 1:
+        raise NotImplementedError("indexing with more than one integer array on traced values; "
+                                  "index one dim at a time")
+    if advanced:
+        d, idx = advanced[0]
+        y = take(y, idx, axis=d)
+        extra = len(_shape(idx)) - 1
+        squeeze_dims = [s if s < d else s + extra for s in squeeze_dims]
+        new_axes = [a if a <= d else a + extra for a in new_axes]
+    if squeeze_dims:
+        y = squeeze(y, tuple(squeeze_dims))
+    for a in new_axes:
+        y = expand_dims(y, a)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# misc
+# ---------------------------------------------------------------------------------------------
+
+implements(np.shape)(lambda x: tuple(_shape(x)))
+implements(np.ndim)(lambda x: len(_shape(x)))
+implements(np.size)(lambda x, axis=None: math.prod(_shape(x)) if axis is None else _shape(x)[axis])
+implements(np.result_type)(lambda *xs: np.result_type(*[_dummy(x) if isinstance(x, Tracer) else x for x in xs]))
+implements(np.astype)(lambda x, dtype, /, *, copy=True, device=None: astype(x, dtype)) if hasattr(np, "astype") else None
+implements(np.copy)(lambda x, order="K", subok=False: _operand(x))
+implements(np.diff)(lambda x, n=1, axis=-1: _diff(x, n, axis))
+implements(np.trace)(lambda x, offset=0, axis1=0, axis2=1, dtype=None, out=None: _trace(x, offset, axis1, axis2))
+implements(np.linalg.norm)(lambda x, ord=None, axis=None, keepdims=False: _norm(x, ord, axis, keepdims))
+implements(np.allclose)(lambda *a, **k: _concrete_needed("numpy.allclose"))
+implements(np.array_equal)(lambda *a, **k: _concrete_needed("numpy.array_equal"))
+
+
+def _concrete_needed(name):
+    from .errors import TracingError
+    raise TracingError(f"{name} returns a Python bool, which needs concrete values; inside a traced "
+                       f"function use np.isclose(...).all() or compare after the function returns.")
+
+
+def _diff(x, n, axis):
+    x = _operand(x)
+    ax = _axis(axis, len(_shape(x)))
+    for _ in range(n):
+        m = _shape(x)[ax]
+        x = apply_ufunc(np.subtract, _slice_axis(x, ax, 1, m), _slice_axis(x, ax, 0, m - 1))
+    return x
+
+
+def _trace(x, offset, axis1, axis2):
+    x = _operand(x)
+    shape = _shape(x)
+    mask = np.eye(shape[axis1], shape[axis2], offset, dtype=bool)
+    mshape = [1] * len(shape)
+    mshape[axis1], mshape[axis2] = shape[axis1], shape[axis2]
+    return sum(where(mask.reshape(mshape), x, 0), axis=(axis1, axis2))
+
+
+def _norm(x, ord, axis, keepdims):
+    if ord not in (None, 2, "fro") or (ord == 2 and axis is None and len(_shape(x)) > 1):
+        raise NotImplementedError(f"numpy.linalg.norm with ord={ord!r} on traced values")
+    a = apply_ufunc(np.absolute, x)
+    return apply_ufunc(np.sqrt, sum(apply_ufunc(np.multiply, a, a), axis, keepdims=keepdims))
+
+
+def _asarray(x, dtype=None, order=None, **kw):
+    x = _operand(x)
+    return astype(x, dtype) if dtype is not None else x
+
+
+HANDLED_FUNCTIONS[np.asarray] = _asarray
+HANDLED_FUNCTIONS[np.array] = _asarray
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracer methods
+# ---------------------------------------------------------------------------------------------
+
+def _install_methods():
+    T = Tracer
+    T.__getitem__ = getitem
+    T.__matmul__ = lambda s, o: matmul(s, o)
+    T.__rmatmul__ = lambda s, o: matmul(o, s)
+    T.sum = lambda s, axis=None, dtype=None, out=None, keepdims=False, **k: sum(s, axis, dtype, keepdims=keepdims, **k)
+    T.prod = lambda s, axis=None, dtype=None, out=None, keepdims=False, **k: prod(s, axis, dtype, keepdims=keepdims, **k)
+    T.mean = lambda s, axis=None, dtype=None, out=None, keepdims=False: mean(s, axis, dtype, keepdims=keepdims)
+    T.var = lambda s, axis=None, dtype=None, out=None, ddof=0, keepdims=False: var(s, axis, dtype, ddof=ddof, keepdims=keepdims)
+    T.std = lambda s, axis=None, dtype=None, out=None, ddof=0, keepdims=False: std(s, axis, dtype, ddof=ddof, keepdims=keepdims)
+    T.max = lambda s, axis=None, out=None, keepdims=False, **k: amax(s, axis, keepdims=keepdims, **k)
+    T.min = lambda s, axis=None, out=None, keepdims=False, **k: amin(s, axis, keepdims=keepdims, **k)
+    T.all = lambda s, axis=None, out=None, keepdims=False: all_(s, axis, keepdims=keepdims)
+    T.any = lambda s, axis=None, out=None, keepdims=False: any_(s, axis, keepdims=keepdims)
+    T.argmax = lambda s, axis=None, out=None, keepdims=False: _arg(lax.argmax_p, s, axis, keepdims)
+    T.argmin = lambda s, axis=None, out=None, keepdims=False: _arg(lax.argmin_p, s, axis, keepdims)
+    T.cumsum = lambda s, axis=None, dtype=None, out=None: _cum(lax.cumsum_p, s, axis, dtype)
+    T.cumprod = lambda s, axis=None, dtype=None, out=None: _cum(lax.cumprod_p, s, axis, dtype)
+    T.reshape = lambda s, *shape, order="C": reshape(s, shape[0] if len(shape) == 1 else shape, order)
+    T.transpose = lambda s, *axes: transpose(s, (axes[0] if len(axes) == 1 and not isinstance(axes[0], int) else axes) or None)
+    T.swapaxes = swapaxes
+    T.squeeze = lambda s, axis=None: squeeze(s, axis)
+    T.ravel = lambda s, order="C": ravel(s, order)
+    T.flatten = lambda s, order="C": ravel(s, order)
+    T.astype = lambda s, dtype, **k: astype(s, dtype)
+    T.clip = lambda s, min=None, max=None: clip(s, min, max)
+    T.round = lambda s, decimals=0: round_(s, decimals)
+    T.conj = T.conjugate = lambda s: apply_ufunc(np.conjugate, s)
+    T.dot = lambda s, o: dot(s, o)
+    T.take = lambda s, indices, axis=None: take(s, indices, axis)
+    T.argsort = lambda s, axis=-1, kind=None: argsort(s, axis)
+    T.repeat = lambda s, repeats, axis=None: repeat(s, repeats, axis)
+    T.copy = lambda s: s
+    T.T = property(lambda s: transpose(s))
+    T.mT = property(lambda s: swapaxes(s, -1, -2))
+    T.real = property(lambda s: HANDLED_FUNCTIONS[np.real](s))
+    T.imag = property(lambda s: HANDLED_FUNCTIONS[np.imag](s))
+    T.itemsize = property(lambda s: np.dtype(s.dtype).itemsize)
+    T.nbytes = property(lambda s: s.size * np.dtype(s.dtype).itemsize)
+
+    def setitem(s, key, value):
+        raise TypeError("traced values are immutable: `x[idx] = v` is not supported; build a new "
+                        "value with np.where(mask, v, x) or np.concatenate.")
+    T.__setitem__ = setitem
+
+
+_install_methods()

@@ -1,0 +1,187 @@
+"""``shard_map``: run a per-device function over a mesh, with specs for inputs and outputs.
+
+Inside the body every value has a vma (the mesh axes it varies over).  An ``in_specs`` entry
+naming axis ``a`` makes the argument varying over ``a``; closed-over values are invariant.
+``out_specs`` that omit a manual axis promise the output is invariant over it: checked.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import optree
+
+from .core import Aval, Primitive, Program, bind, current_builder, trace
+from .errors import ShardingError, VmaError
+from .mesh import AbstractMesh, get_mesh
+from .sharding import PartitionSpec, check_spec
+
+
+def _shard_map_abstract(*avals, body, mesh, in_specs, out_specs, manual_axes, check_vma, name):
+    outs = []
+    for aval, spec in zip(body.out_avals, out_specs):
+        shape = list(aval.shape)
+        for d, axes in enumerate(spec.axes):
+            shape[d] *= math.prod(mesh.axis_size(a) for a in axes)
+        outs.append(Aval(tuple(shape), aval.dtype))
+    return outs
+
+
+def _shard_map_vma(*avals, manual_axes, **_):
+    return frozenset().union(*[a.vma for a in avals]) - set(manual_axes) if avals else frozenset()
+
+
+shard_map_p = Primitive("shard_map", abstract=_shard_map_abstract, multiple_results=True,
+                        vma=_shard_map_vma)
+
+
+def _fn_name(f) -> str:
+    return getattr(f, "__qualname__", getattr(f, "__name__", repr(f)))
+
+
+def _path_str(path) -> str:
+    return "".join(f"[{p!r}]" for p in path)
+
+
+def shard_map(f=None, /, *, out_specs, in_specs=None, mesh=None, axis_names=None, check_vma=True,
+              check_rep=None):
+    """Map ``f`` over the devices of ``mesh``; ``f`` sees per-device blocks.
+
+    Usable as ``shard_map(f, mesh=..., in_specs=..., out_specs=...)`` and as a decorator with
+    keywords only.  ``mesh=None`` takes the mesh of ``with spmd.set_mesh(mesh):``;
+    ``in_specs=None`` takes the arguments' own shardings.  ``axis_names`` makes only those
+    axes manual (the others stay with the caller).
+
+    Gradients: ``grad`` of a function that calls a ``shard_map`` is the gradient of the
+    *global* function it computes.  For a parameter that enters with spec ``P()`` (or is
+    closed over) that is the sum of every device's contribution.  For per-device gradients,
+    pass the parameter in with a spec naming the axis (each device then owns its own copy) or
+    take ``grad`` inside the body.
+    """
+    if f is None:
+        return functools.partial(shard_map, out_specs=out_specs, in_specs=in_specs, mesh=mesh,
+                                 axis_names=axis_names, check_vma=check_vma, check_rep=check_rep)
+    if check_rep is not None:
+        check_vma = check_rep
+    name = _fn_name(f)
+
+    @functools.wraps(f)
+    def wrapped(*args):
+        m = mesh if mesh is not None else get_mesh()
+        if m is None:
+            raise ShardingError(f"shard_map({name}): no mesh; pass mesh=... or call inside "
+                                f"`with spmd.set_mesh(mesh):`.")
+        if current_builder() is None:
+            # Called eagerly: trace and run the one shard_map through jit (cached).
+            from .jit import jit
+            return jit(wrapped, _name=f"shard_map({name})")(*args)
+        return _bind_shard_map(f, name, m, args, in_specs, out_specs, axis_names, check_vma)
+
+    return wrapped
+
+
+def _bind_shard_map(f, name, mesh, args, in_specs, out_specs, axis_names, check_vma):
+    ctx = f"shard_map({name})"
+    outer = current_builder()
+    outer_manual = outer.manual_axes if outer is not None else ()
+    manual = tuple(a for a in mesh.axis_names
+                   if (axis_names is None or a in axis_names) and a not in outer_manual)
+    if axis_names is not None:
+        for a in axis_names:
+            if a not in mesh.axis_names:
+                raise ShardingError(f"{ctx}: axis_names names {a!r}, which is not in the mesh "
+                                    f"{mesh.axis_names}.")
+    leaves, tree = optree.tree_flatten(args, none_is_leaf=False)
+    paths = [f"args{_path_str(p)}" for p in optree.tree_paths(args, none_is_leaf=False)]
+    if in_specs is None:
+        from .array import Array
+        specs = []
+        for leaf, path in zip(leaves, paths):
+            if not isinstance(leaf, Array):
+                raise ShardingError(f"{ctx}: in_specs=None takes each argument's own sharding, but "
+                                    f"{path} is not an spmd.Array; pass in_specs.")
+            specs.append(leaf.sharding.spec)
+    else:
+        specs = _broadcast_specs(ctx, "in_specs", in_specs, args, tree, len(leaves))
+    from .core import aval_of
+    in_avals = []
+    for leaf, spec, path in zip(leaves, specs, paths):
+        aval = aval_of(leaf)
+        _check_spec_for(ctx, "in_specs", path, spec, mesh, aval.ndim, manual)
+        shape = list(aval.shape)
+        for d, axes in enumerate(spec.axes):
+            n = math.prod(mesh.axis_size(a) for a in axes)
+            if shape[d] % n:
+                raise ShardingError(
+                    f"{ctx}: argument {path} has shape {tuple(aval.shape)}; dim {d} (size "
+                    f"{shape[d]}) is split over mesh axis {axes if len(axes) > 1 else axes[0]!r} "
+                    f"({n} devices) by in_specs {spec}, but does not divide evenly. shard_map "
+                    f"needs divisible dims: pad the array, or use spmd.jit, which handles uneven "
+                    f"dims.")
+            shape[d] //= n
+        vma = set(aval.vma)
+        vma |= set(manual) if not check_vma else {a for axes in spec.axes for a in axes}
+        in_avals.append(Aval(tuple(shape), aval.dtype, frozenset(vma)))
+
+    out_tree_box = []
+
+    def body_flat(*tracers):
+        out = f(*optree.tree_unflatten(tree, list(tracers)))
+        out_leaves, out_tree = optree.tree_flatten(out, none_is_leaf=False)
+        out_tree_box.append((out, out_tree))
+        return out_leaves
+
+    all_manual = tuple(a for a in mesh.axis_names if a in set(outer_manual) | set(manual))
+    body, captured = trace(body_flat, in_avals, mesh=mesh, manual_axes=all_manual,
+                           check_vma=check_vma, context=ctx)
+    out_struct, out_tree = out_tree_box[0]
+    out_specs_flat = _broadcast_specs(ctx, "out_specs", out_specs, out_struct, out_tree,
+                                      out_tree.num_leaves)
+    out_paths = [f"output{_path_str(p)}" for p in optree.tree_paths(out_struct, none_is_leaf=False)]
+    for aval, spec, path in zip(body.out_avals, out_specs_flat, out_paths):
+        _check_spec_for(ctx, "out_specs", path, spec, mesh, aval.ndim, manual)
+        if check_vma:
+            named = {a for axes in spec.axes for a in axes}
+            for a in manual:
+                if a in aval.vma and a not in named:
+                    raise VmaError(
+                        f"{ctx}: out_specs {spec} for {path} omits mesh axis {a!r}, promising the "
+                        f"value is the same on every device along {a!r}, but it varies over "
+                        f"{a!r} ({aval}). Reduce it first (psum/pmean/all_gather(..., "
+                        f"to='invariant') over {a!r}) or name {a!r} in out_specs.")
+    specs = list(specs) + [PartitionSpec()] * len(captured)
+    outs = bind(shard_map_p, *leaves, *captured, body=body, mesh=mesh,
+                in_specs=tuple(specs), out_specs=tuple(out_specs_flat), manual_axes=manual,
+                check_vma=check_vma, name=name)
+    return optree.tree_unflatten(out_tree, outs)
+
+
+def _check_spec_for(ctx, which, path, spec, mesh, ndim, manual):
+    if not isinstance(spec, PartitionSpec):
+        raise ShardingError(f"{ctx}: {which} entry for {path} is {spec!r}, not a PartitionSpec.")
+    check_spec(spec, mesh, ndim, what=f"{ctx}: {which} {spec} for {path}")
+    for axes in spec.axes:
+        for a in axes:
+            if a not in manual:
+                raise ShardingError(f"{ctx}: {which} {spec} for {path} names mesh axis {a!r}, which "
+                                    f"is not manual here (manual axes: {manual}).")
+
+
+def _broadcast_specs(ctx, which, specs, struct, tree, n):
+    """Expand a spec pytree (a prefix of the value's structure) to one spec per leaf."""
+    if which == "in_specs" and isinstance(specs, list):
+        specs = tuple(specs)
+    if which == "in_specs" and not isinstance(specs, (tuple, PartitionSpec)):
+        specs = (specs,)
+    is_spec = lambda x: isinstance(x, PartitionSpec)
+    try:
+        full = optree.tree_broadcast_prefix(specs, struct, is_leaf=is_spec, none_is_leaf=False)
+    except ValueError as e:
+        what = "arguments" if which == "in_specs" else "outputs"
+        raise ShardingError(
+            f"{ctx}: {which} {specs!r} does not match the structure of the {what} ({tree}); "
+            f"give one spec per {what[:-1]}, or a single P for all. ({e})") from None
+    out = optree.tree_leaves(full, is_leaf=is_spec, none_is_leaf=False)
+    if len(out) != n:
+        raise ShardingError(f"{ctx}: {which} gives {len(out)} specs for {n} values.")
+    return out
