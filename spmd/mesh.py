@@ -95,7 +95,8 @@ class AbstractMesh:
 class Mesh(AbstractMesh):
     """An n-d array of devices with a name per axis.
 
-    >>> mesh = Mesh(np.array(devices()[:8]).reshape(2, 4), ("data", "model"))
+    >>> import spmd
+    >>> mesh = Mesh(np.array(spmd.devices()[:8]).reshape(2, 4), ("data", "model"))
     >>> dict(mesh.shape)
     {'data': 2, 'model': 4}
     """
@@ -193,8 +194,8 @@ def make_mesh(axis_shapes: Sequence[int], axis_names: Sequence[str], *,
               devices: Sequence[Device] | None = None) -> Mesh:
     """A mesh of the given shape over ``devices`` (default: all devices).
 
-    >>> make_mesh((2, 4), ("data", "model")).shape
-    OrderedDict({'data': 2, 'model': 4})
+    >>> dict(make_mesh((2, 4), ("data", "model")).shape)
+    {'data': 2, 'model': 4}
     """
     names = _check_axis_names(axis_names, "make_mesh")
     sizes = _check_axis_sizes(axis_shapes, "make_mesh")

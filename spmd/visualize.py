@@ -35,6 +35,7 @@ from .sharding import NamedSharding, block_size, shard_range
 _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
             "#7f7f7f", "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896",
             "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5")
+_EMPTY = -1  # the colour index of a block past the end of the data
 
 
 @dataclasses.dataclass
@@ -157,7 +158,7 @@ def _sharding_picture(x, shape) -> _Picture:
     def cell(pos):
         text = f"{prefix} " + ",".join(str(i) for i in sorted(holders[pos]))
         if not symbolic and any(ranges[d][i][0] == ranges[d][i][1] for d, i in enumerate(pos)):
-            text += " (empty)"
+            return text + " (empty)", _EMPTY
         return text, int(np.ravel_multi_index(pos, parts)) if parts else 0
 
     if symbolic:
@@ -219,7 +220,8 @@ def _mesh_picture(mesh: AbstractMesh) -> _Picture:
 # -- rendering -----------------------------------------------------------------------------------
 
 def _colours(index: int) -> tuple[str, str]:
-    bg = _PALETTE[index % len(_PALETTE)]
+    """(text, background) colours of block ``index``; empty blocks are grey."""
+    bg = "#e0e0e0" if index == _EMPTY else _PALETTE[index % len(_PALETTE)]
     r, g, b = (int(bg[i:i + 2], 16) for i in (1, 3, 5))
     return ("#000000" if 0.299 * r + 0.587 * g + 0.114 * b > 150 else "#ffffff"), bg
 
