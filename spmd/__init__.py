@@ -19,6 +19,7 @@ from .shard_map import shard_map
 from .collectives import (psum, pmean, pmax, pmin, all_gather, psum_scatter, all_to_all, ppermute,
                           pbroadcast, axis_index, axis_size, pvary)
 from . import numpy, lax, executors
+from .inspect import collectives, print_collectives
 from .visualize import visualize_sharding
 
 __version__ = "0.1.0"
