@@ -172,7 +172,7 @@ def _reduce_vma(x, *, axes, groups=None, **_):
 
 
 def _all_reduce_prim(name, op):
-    reduce = {"sum": lambda xp, y: y.sum(axis=1, keepdims=True),
+    reduce = {"sum": lambda xp, y: y.sum(axis=1, keepdims=True, dtype=y.dtype),  # no int promotion
               "max": lambda xp, y: y.max(axis=1, keepdims=True),
               "min": lambda xp, y: y.min(axis=1, keepdims=True)}[op]
     return Primitive(
@@ -300,7 +300,7 @@ def _psum_scatter_abstract(x, *, axes, scatter_dimension, tiled, groups, size):
 
 
 def _psum_scatter_body(xp, rm, y, *, scatter_dimension, tiled, size):
-    s = y.sum(axis=1)                                   # (G, others, local)
+    s = y.sum(axis=1, dtype=y.dtype)                    # (G, others, local)
     a = rm.local(scatter_dimension) - 1
     if tiled:
         s = s.reshape(s.shape[:a] + (size, s.shape[a] // size) + s.shape[a + 1:])
@@ -498,7 +498,7 @@ def _axis_index_stacked(xp, mesh, *, axes):
 axis_index_p = Primitive(
     "axis_index", abstract=lambda *, axes: Aval((), np.dtype(np.int32)),
     vma=lambda *, axes: frozenset(axes), stacked=_axis_index_stacked,
-    per_device=lambda comm, bufs, *, axes: comm.axis_index(axes), collective="none")
+    per_device=lambda comm, *, axes: comm.axis_index(axes), collective="none")  # no operands
 
 
 def axis_index(axis_name):
