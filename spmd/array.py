@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from . import layout
-from .devices import Device, devices as _devices
+from .devices import Device
 from .errors import ShardingError
 from .mesh import Mesh
 from .sharding import NamedSharding, PartitionSpec, as_sharding, block_size
@@ -55,11 +55,32 @@ class Array:
         self._storage = storage
         self.shape = tuple(shape)
         self.sharding = sharding
+        self._blocks = None          # multi-process: {flat mesh position: block} of this process
+
+    @classmethod
+    def from_blocks(cls, blocks: dict, shape, sharding: NamedSharding) -> "Array":
+        """The global array whose block at each flat mesh position in ``blocks`` is given.
+
+        On a mesh within this process ``blocks`` must cover every position; on a mesh that
+        spans processes it holds this process's positions only (the others are not stored)."""
+        shape = tuple(shape)
+        if sharding.is_fully_addressable:
+            mesh = sharding.mesh
+            any_block = next(iter(blocks.values()))
+            host = np.empty(shape, any_block.dtype)
+            for pos, block in blocks.items():
+                coords = dict(zip(mesh.axis_names, np.unravel_index(pos, mesh.axis_sizes)))
+                host[sharding.index_at(coords, shape)] = block
+            return _array_from_host(host, sharding)
+        a = cls(None, shape, sharding)
+        a._blocks = {p: np.asarray(b) for p, b in blocks.items()}
+        a._dtype = next(iter(a._blocks.values())).dtype
+        return a
 
     # -- basic properties ------------------------------------------------------------------------
     @property
     def dtype(self) -> np.dtype:
-        return self._storage.dtype
+        return self._storage.dtype if self._blocks is None else self._dtype
 
     @property
     def ndim(self) -> int:
@@ -98,6 +119,8 @@ class Array:
 
     # -- shards ------------------------------------------------------------------------------
     def _block_at(self, mesh_index: tuple[int, ...]) -> np.ndarray:
+        if self._blocks is not None:
+            return self._blocks[int(np.ravel_multi_index(mesh_index, self.sharding.mesh.axis_sizes))]
         m = len(mesh_index)
         idx = tuple(i if n > 1 else 0 for i, n in zip(mesh_index, self._storage.shape[:m]))
         return self._storage[idx + (Ellipsis,)]  # the Ellipsis keeps a rank-0 block an array view
@@ -123,6 +146,15 @@ class Array:
 
     # -- conversion ----------------------------------------------------------------------------
     def _gather(self) -> np.ndarray:
+        if self._blocks is not None:
+            if self.is_fully_replicated:
+                return self.addressable_shards[0].data
+            raise ShardingError(
+                f"this Array of shape {self.shape} is sharded as {self.sharding.spec} over a mesh "
+                f"that spans {len({d.process_index for d in self.sharding.mesh.devices.flat})} "
+                f"processes, so this process holds only its own shards; use "
+                f"spmd.distributed.process_allgather(x) to get the whole array on every process, "
+                f"or x.addressable_shards for the local blocks.")
         mesh = self.sharding.mesh
         dims = layout.mesh_positions(mesh.axis_names, self.sharding._dim_axes(self.ndim))
         merged = layout.merge_from_mesh(self._storage, mesh.axis_sizes, dims, np)
@@ -134,7 +166,7 @@ class Array:
     def __array__(self, dtype=None, copy=None):
         out = self._gather()
         if copy is False:
-            if not np.shares_memory(out, self._storage) or (dtype is not None and np.dtype(dtype) != out.dtype):
+            if self._storage is None or not np.shares_memory(out, self._storage) or (dtype is not None and np.dtype(dtype) != out.dtype):
                 raise ValueError("np.asarray(spmd.Array, copy=False): the global array is not one "
                                  "view of the shards with that dtype; a copy is needed.")
             return out
@@ -145,6 +177,9 @@ class Array:
         return spmd.numpy
 
     def __repr__(self):
+        if self._blocks is not None and not self.is_fully_replicated:
+            return (f"Array(shape={self.shape}, dtype={self.dtype}, sharding={self.sharding.spec}, "
+                    f"{len(self._blocks)} addressable shard(s) of a multi-process mesh)")
         body = np.array2string(self._gather(), separator=", ", prefix="Array(", threshold=64)
         return f"Array({body}, dtype={self.dtype}, sharding={self.sharding.spec})"
 
@@ -196,7 +231,8 @@ def device_put(x: Any, device_or_sharding: NamedSharding | PartitionSpec | Devic
 
 def _device_put_one(x, s) -> Array:
     if s is None or isinstance(s, Device):
-        dev = s if s is not None else _devices()[0]
+        from .devices import local_devices
+        dev = s if s is not None else local_devices()[0]
         arr = np.empty((1,), dtype=object)
         arr[0] = dev
         s = NamedSharding(Mesh(arr, ("_device",)), PartitionSpec())
@@ -209,6 +245,10 @@ def _device_put_one(x, s) -> Array:
     from .sharding import check_spec
     check_spec(sharding.spec, sharding.mesh, host.ndim, what=f"device_put with {sharding.spec}")
     _check_concrete(sharding, "device_put")
+    if not sharding.is_fully_addressable:
+        # Every process passes the same global value and keeps its own blocks of it.
+        from .distributed import make_array_from_callback
+        return make_array_from_callback(host.shape, sharding, lambda index: host[index])
     return _array_from_host(host, sharding)
 
 

@@ -1,7 +1,38 @@
-"""Multi-process state.  A single process is the default: process 0 of 1."""
+"""Multi-process runtime: which process this is, how processes find each other, and helpers
+to build and gather global arrays whose shards live in different processes.
+
+A single process is the default: process 0 of 1, with simulated devices.  After
+``initialize()`` (one call at the top of a script started by ``spmd-run``, ``torchrun``,
+``srun`` or ``mpiexec``) every process holds one device, ``spmd.devices()`` lists all of them,
+meshes span processes, and ``jit`` / ``shard_map`` run through the backend's communicator::
+
+    import spmd
+    spmd.distributed.initialize()              # reads the launcher's environment
+    mesh = spmd.make_mesh((spmd.process_count(),), ("i",))
+    x = spmd.distributed.make_array_from_process_local_data(
+        spmd.NamedSharding(mesh, spmd.P("i")), np.full(2, spmd.process_index()))
+    total = spmd.distributed.process_allgather(x)   # the global array, on every process
+
+Every collective has a deadline (``SPMD_COLLECTIVE_TIMEOUT`` seconds, default 300, or
+``with collective_timeout(s):``); on expiry it raises ``CollectiveTimeoutError`` and the
+flight recorder (``spmd.flight_recorder``) dumps the last collectives of the process.
+"""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import os
+import socket
+import threading
+import time
+
+import numpy as np
+
+from .errors import SpmdError
+
+BACKENDS = ("mpi", "nccl")
+DEFAULT_COLLECTIVE_TIMEOUT = 300.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -9,9 +40,13 @@ class _State:
     process_index: int = 0
     process_count: int = 1
     backend: str | None = None
+    coordinator: str | None = None
+    local_rank: int = 0
+    launcher: str | None = None
 
 
 _state = _State()
+_store = None          # the coordinator's key-value store, when one is used
 
 
 def state() -> _State:
@@ -19,8 +54,389 @@ def state() -> _State:
 
 
 def process_index() -> int:
+    """This process's index, 0 .. process_count() - 1."""
     return _state.process_index
 
 
 def process_count() -> int:
+    """The number of processes of the job (1 without ``initialize()``)."""
     return _state.process_count
+
+
+def is_initialized() -> bool:
+    return _state.process_count > 1 or _state.backend is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# the launcher's environment
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LaunchEnv:
+    """What a launcher told this process: who it is, how many there are, where to meet."""
+    launcher: str
+    process_id: int
+    num_processes: int
+    local_rank: int = 0
+    coordinator: str | None = None
+    backend: str | None = None
+
+
+def _int(env, name):
+    raw = env[name]
+    try:
+        return int(raw)
+    except ValueError:
+        raise SpmdError(f"environment variable {name}={raw!r} is not an integer; the launcher "
+                        f"that set it is misconfigured.") from None
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list such as ``node[03-05,9],gpu1``."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist
+    if "[" not in head:
+        return head
+    prefix, rest = nodelist.split("[", 1)
+    first = rest.split(",")[0].split("-")[0].rstrip("]")
+    return prefix + first
+
+
+def detect_environment(env=None) -> LaunchEnv | None:
+    """The launch environment found in ``env`` (default ``os.environ``), or None.
+
+    Checked in order: ``spmd-run`` (``SPMD_PROCESS_ID``), ``torchrun`` (``RANK``/``WORLD_SIZE``),
+    Open MPI (``OMPI_COMM_WORLD_RANK``), MPICH / Intel MPI (``PMI_RANK``), SLURM
+    (``SLURM_PROCID``).  MPI launchers imply the ``mpi`` backend.
+    """
+    env = os.environ if env is None else env
+    if "SPMD_PROCESS_ID" in env:
+        return LaunchEnv("spmd-run", _int(env, "SPMD_PROCESS_ID"), _int(env, "SPMD_NUM_PROCESSES"),
+                         int(env.get("SPMD_LOCAL_RANK", env["SPMD_PROCESS_ID"])),
+                         env.get("SPMD_COORDINATOR"), env.get("SPMD_BACKEND") or None)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        coord = None
+        if "MASTER_ADDR" in env:
+            coord = f"{env['MASTER_ADDR']}:{env.get('MASTER_PORT', '29500')}"
+        return LaunchEnv("torchrun", _int(env, "RANK"), _int(env, "WORLD_SIZE"),
+                         int(env.get("LOCAL_RANK", 0)), coord, None)
+    if "OMPI_COMM_WORLD_RANK" in env:
+        return LaunchEnv("openmpi", _int(env, "OMPI_COMM_WORLD_RANK"),
+                         _int(env, "OMPI_COMM_WORLD_SIZE"),
+                         int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)), None, "mpi")
+    if "PMI_RANK" in env and "PMI_SIZE" in env:
+        return LaunchEnv("mpich", _int(env, "PMI_RANK"), _int(env, "PMI_SIZE"),
+                         int(env.get("MPI_LOCALRANKID", env.get("PMI_LOCAL_RANK", 0))), None, "mpi")
+    if "SLURM_PROCID" in env and ("SLURM_NTASKS" in env or "SLURM_NPROCS" in env):
+        n = _int(env, "SLURM_NTASKS" if "SLURM_NTASKS" in env else "SLURM_NPROCS")
+        nodes = env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST")))
+        coord = None
+        if nodes:
+            port = 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+            coord = f"{_first_slurm_host(nodes)}:{port}"
+        return LaunchEnv("slurm", _int(env, "SLURM_PROCID"), n, int(env.get("SLURM_LOCALID", 0)),
+                         coord, None)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# initialize / shutdown
+# ---------------------------------------------------------------------------------------------
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, backend: str | None = None) -> _State:
+    """Join the job: learn this process's index, connect the backend, install the flight
+    recorder's dump-on-SIGUSR1.  Arguments left out are read from the launcher's environment
+    (see :func:`detect_environment`).
+
+    ``backend``: ``"mpi"`` (CPU processes through mpi4py; the processes must be started by
+    ``mpiexec``/``srun``/``spmd-run``) or ``"nccl"`` (one GPU per process; the NCCL unique id
+    goes through the coordinator, or MPI when that is how the job was started).
+    """
+    global _state, _store
+    if is_initialized():
+        raise SpmdError(f"spmd.distributed.initialize() was already called (process "
+                        f"{_state.process_index} of {_state.process_count}, backend "
+                        f"{_state.backend!r}); call it once per process.")
+    found = detect_environment()
+    launcher = found.launcher if found else "manual"
+    if found is not None:
+        coordinator = coordinator if coordinator is not None else found.coordinator
+        num_processes = num_processes if num_processes is not None else found.num_processes
+        process_id = process_id if process_id is not None else found.process_id
+        backend = backend if backend is not None else found.backend
+    local_rank = found.local_rank if found else 0
+    if backend is None:
+        backend = "mpi" if _mpi_available() else None
+    if backend is not None and backend not in BACKENDS:
+        raise SpmdError(f"initialize(backend={backend!r}): use one of {BACKENDS}.")
+    if backend == "mpi":
+        comm = _mpi_world()
+        if num_processes is not None and num_processes != comm.Get_size():
+            raise SpmdError(f"initialize: num_processes={num_processes} but MPI_COMM_WORLD has "
+                            f"{comm.Get_size()} processes; start the script with "
+                            f"`spmd-run -n {num_processes}` or `mpiexec -n {num_processes}`.")
+        num_processes, process_id = comm.Get_size(), comm.Get_rank()
+    if num_processes is None or process_id is None:
+        raise SpmdError("initialize: cannot tell how many processes there are or which one this "
+                        "is: no launcher environment was found (spmd-run, torchrun, SLURM, "
+                        "mpiexec). Start the script with `spmd-run -n N script.py`, or pass "
+                        "num_processes= and process_id= (and coordinator='host:port').")
+    if not 0 <= process_id < num_processes:
+        raise SpmdError(f"initialize: process_id={process_id} is outside 0..{num_processes - 1}.")
+    if backend == "nccl" and coordinator is None and num_processes > 1 and launcher != "mpich" \
+            and launcher != "openmpi":
+        raise SpmdError("initialize(backend='nccl'): the NCCL unique id needs a coordinator "
+                        "('host:port' of process 0, from MASTER_ADDR/MASTER_PORT or "
+                        "SPMD_COORDINATOR) or an MPI launch.")
+    _state = _State(process_id, num_processes, backend, coordinator, local_rank, launcher)
+    if coordinator is not None and backend != "mpi" and num_processes > 1:
+        _store = Store(coordinator, process_id == 0, num_processes)
+    from . import flight_recorder
+    flight_recorder.install_signal_handler()
+    return _state
+
+
+def shutdown():
+    """Leave the job (tests and restarts); afterwards this is a single process again."""
+    global _state, _store, _executor
+    if _store is not None:
+        _store.close()
+        _store = None
+    _state, _executor = _State(), None
+
+
+def _mpi_available() -> bool:
+    found = detect_environment()
+    return found is not None and found.backend == "mpi"
+
+
+def _mpi_world():
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise SpmdError("backend 'mpi' needs mpi4py: pip install 'spmd[mpi]' (mpi4py and "
+                        "mpich).") from None
+    return MPI.COMM_WORLD
+
+
+def store():
+    """The coordinator's key-value store (``set(key, bytes)``, ``get(key, timeout)``)."""
+    if _store is None:
+        raise SpmdError("no coordinator store: initialize() was called without a coordinator "
+                        "(or with the mpi backend, which does not need one).")
+    return _store
+
+
+class Store:
+    """A tiny key-value store over TCP: process 0 serves, every process sets and waits for keys.
+    Enough to hand out an NCCL unique id and to meet at a barrier."""
+
+    def __init__(self, address: str, serve: bool, num_processes: int, timeout: float | None = None):
+        host, port = address.rsplit(":", 1)
+        self.address = (host, int(port))
+        self.timeout = timeout if timeout is not None else collective_timeout_seconds()
+        self._data: dict[str, bytes] = {}
+        self._cond = threading.Condition()
+        self._server = None
+        if serve:
+            self._server = socket.create_server(("", int(port)), reuse_port=False)
+            threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn):
+        with conn, conn.makefile("rwb") as f:
+            for line in f:
+                cmd, key, *rest = line.decode().split()
+                if cmd == "SET":
+                    with self._cond:
+                        self._data[key] = bytes.fromhex(rest[0]) if rest else b""
+                        self._cond.notify_all()
+                    f.write(b"OK\n")
+                else:
+                    with self._cond:
+                        ok = self._cond.wait_for(lambda: key in self._data, float(rest[0]))
+                        value = self._data.get(key)
+                    f.write(b"V " + value.hex().encode() + b"\n" if ok else b"TIMEOUT\n")
+                f.flush()
+
+    def _request(self, line: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with socket.create_connection(self.address, timeout=max(timeout, 1.0)) as s:
+                    s.sendall(line.encode() + b"\n")
+                    with s.makefile("rb") as f:
+                        return f.readline().decode().strip()
+            except (ConnectionRefusedError, socket.timeout, OSError):
+                if time.monotonic() > deadline:
+                    raise SpmdError(f"the coordinator {self.address[0]}:{self.address[1]} did not "
+                                    f"answer within {timeout:g} s; is process 0 running and the "
+                                    f"address reachable?") from None
+                time.sleep(0.05)
+
+    def set(self, key: str, value: bytes):
+        self._request(f"SET {key} {value.hex()}", self.timeout)
+
+    def get(self, key: str, timeout: float | None = None) -> bytes:
+        timeout = self.timeout if timeout is None else timeout
+        reply = self._request(f"GET {key} {timeout}", timeout + 5)
+        if not reply.startswith("V "):
+            from .errors import CollectiveTimeoutError
+            raise CollectiveTimeoutError(f"store.get({key!r}): no process set it within {timeout:g} s.")
+        return bytes.fromhex(reply[2:])
+
+    def close(self):
+        if self._server is not None:
+            self._server.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# deadlines
+# ---------------------------------------------------------------------------------------------
+
+_timeout_override: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "spmd_collective_timeout", default=None)
+
+
+def collective_timeout_seconds() -> float:
+    """The deadline of a collective started now, in seconds."""
+    t = _timeout_override.get()
+    if t is not None:
+        return t
+    raw = os.environ.get("SPMD_COLLECTIVE_TIMEOUT")
+    if raw:
+        try:
+            return float(raw)
+        except ValueError:
+            raise SpmdError(f"SPMD_COLLECTIVE_TIMEOUT={raw!r} is not a number of seconds.") from None
+    return DEFAULT_COLLECTIVE_TIMEOUT
+
+
+@contextlib.contextmanager
+def collective_timeout(seconds: float):
+    """``with collective_timeout(10): f(x)`` gives every collective that ``f`` runs 10 s."""
+    if not seconds > 0:
+        raise ValueError(f"collective_timeout({seconds!r}): the timeout must be positive seconds.")
+    token = _timeout_override.set(float(seconds))
+    try:
+        yield
+    finally:
+        _timeout_override.reset(token)
+
+
+# ---------------------------------------------------------------------------------------------
+# global arrays from per-process data, and back
+# ---------------------------------------------------------------------------------------------
+
+def make_array_from_callback(shape, sharding, data_callback):
+    """The global array of ``shape`` whose block at index ``idx`` is ``data_callback(idx)``;
+    the callback is called only for this process's devices (as ``jax.make_array_from_callback``)."""
+    from .array import Array
+    from .sharding import as_sharding
+    sharding = as_sharding(sharding, what="make_array_from_callback")
+    shape = tuple(int(d) for d in shape)
+    mesh = sharding.mesh
+    local = {d.id for d in mesh.local_devices}
+    blocks = {}
+    for pos, dev in enumerate(mesh.devices.flat):
+        if dev.id in local:
+            coords = dict(zip(mesh.axis_names, np.unravel_index(pos, mesh.axis_sizes)))
+            blocks[pos] = np.asarray(data_callback(sharding.index_at(coords, shape)))
+    return Array.from_blocks(blocks, shape, sharding)
+
+
+def make_array_from_process_local_data(sharding, local_data, global_shape=None):
+    """The global array whose part on this process is ``local_data``.
+
+    With one device per process, ``local_data`` is this device's block; ``global_shape``
+    defaults to the block shape times the number of parts of each dim.  Dims that are not
+    split are replicated: every process must pass the same data there.
+    """
+    from .sharding import as_sharding
+    sharding = as_sharding(sharding, what="make_array_from_process_local_data")
+    local_data = np.asarray(local_data)
+    parts = sharding.num_parts(local_data.ndim)
+    if global_shape is None:
+        global_shape = tuple(d * n for d, n in zip(local_data.shape, parts))
+    global_shape = tuple(global_shape)
+    mesh = sharding.mesh
+    mine = [pos for pos, d in enumerate(mesh.devices.flat) if d in set(mesh.local_devices)]
+    if len(mine) > 1:
+        # Several local devices: local_data covers the union of their blocks, in order.
+        lo = [min(sharding.index_at(dict(zip(mesh.axis_names, np.unravel_index(p, mesh.axis_sizes))),
+                                    global_shape)[d].indices(global_shape[d])[0] for p in mine)
+              for d in range(len(global_shape))]
+        return make_array_from_callback(global_shape, sharding, lambda idx: local_data[tuple(
+            slice(s.indices(g)[0] - o, s.indices(g)[1] - o) for s, g, o in zip(idx, global_shape, lo))])
+
+    def block(idx):
+        want = tuple(len(range(*s.indices(g))) for s, g in zip(idx, global_shape))
+        if want != local_data.shape:
+            raise SpmdError(f"make_array_from_process_local_data: process {process_index()} passed "
+                            f"data of shape {local_data.shape}, but its block of the global shape "
+                            f"{global_shape} under {sharding.spec} has shape {want}.")
+        return local_data
+    return make_array_from_callback(global_shape, sharding, block)
+
+
+def process_allgather(x, tiled: bool = True):
+    """The whole of the global array ``x`` (or a pytree of them), on every process.
+
+    A non-Array leaf is this process's data: the result stacks (``tiled=False``) or
+    concatenates (``tiled=True``) every process's value in process order."""
+    import optree
+    from .array import Array
+    return optree.tree_map(lambda a: _gather_array(a) if isinstance(a, Array)
+                           else _gather_host(np.asarray(a), tiled), x)
+
+
+def _communicator(mesh):
+    return executor().comm(mesh)
+
+
+def _gather_array(a):
+    if a.is_fully_addressable or a.is_fully_replicated:
+        return np.asarray(a)
+    from .executors.per_device import _Blocks, gather_blocks
+    blocks = _Blocks.of(a)
+    return gather_blocks(_communicator(blocks.mesh), blocks.mesh, blocks.spec, blocks.shape, blocks.bufs)
+
+
+def _gather_host(x, tiled):
+    if process_count() == 1:
+        return x if tiled and x.ndim else x[None]
+    from .devices import devices
+    from .mesh import make_mesh
+    mesh = make_mesh((process_count(),), ("processes",), devices=devices())
+    comm = _communicator(mesh)
+    g = comm.all_gather({p: x for p in comm.local_positions}, ("processes",), None)
+    out = g[comm.local_positions[0]]
+    return np.concatenate(list(out)) if tiled and x.ndim else out
+
+
+_executor = None
+
+
+def executor():
+    """The per-device executor over this job's backend (what ``jit`` runs on after initialize)."""
+    global _executor
+    if _executor is None or _executor.backend != _state.backend:
+        from .executors import PerDeviceExecutor
+        if _state.backend == "mpi":
+            from .communicators.mpi import MPICommunicator as make
+        elif _state.backend == "nccl":
+            from .communicators.nccl import NcclProcessCommunicator as make
+        else:
+            raise SpmdError(f"process {_state.process_index} of {_state.process_count} has no "
+                            f"collective backend; pass backend='mpi' (CPU) or 'nccl' (GPU) to "
+                            f"spmd.distributed.initialize().")
+        _executor = PerDeviceExecutor(make)
+        _executor.backend = _state.backend
+    return _executor

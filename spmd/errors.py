@@ -23,3 +23,8 @@ class VmaError(SpmdError, ValueError):
 
 class CollectiveTimeoutError(SpmdError, TimeoutError):
     """A collective did not complete before its deadline."""
+
+
+class CollectiveMismatchError(SpmdError, RuntimeError):
+    """The processes of a group called different collectives (op, shape, dtype or axes) at the
+    same point of the program."""

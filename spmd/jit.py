@@ -12,6 +12,9 @@ from .core import Tracer, aval_of, current_builder, trace
 
 def _default_executor():
     from .executors import StackedExecutor, reference_executor
+    from . import distributed
+    if distributed.process_count() > 1:
+        return distributed.executor()
     name = os.environ.get("SPMD_EXECUTOR", "stacked")
     if name == "reference":
         return reference_executor()

@@ -24,27 +24,44 @@ class PerDeviceExecutor:
 
     def run(self, program: Program, args) -> list:
         from ..array import Array
-        args = [np.asarray(a) if isinstance(a, Array) else a for a in args]
-        return self._eval_global(program, args)
+        args = [(_Blocks.of(a) if not a.is_fully_addressable else np.asarray(a))
+                if isinstance(a, Array) else a for a in args]
+        outs = self._eval_global(program, args)
+        return [o.to_array() if isinstance(o, _Blocks) else o for o in outs]
 
     def _eval_global(self, program, args):
+        """Top-level values are whole arrays, except that across processes the outputs of a
+        shard_map stay as this process's blocks (``_Blocks``) until something needs them whole."""
         env = {id(v): a for v, a in zip(program.in_vars, args)}
         read = lambda a: a.val if isinstance(a, Literal) else env[id(a)]
         for e in program.eqns:
             vals = [read(a) for a in e.inputs]
             if e.prim.name == "shard_map":
                 comm = self.comm(e.params["mesh"])
-                bufs = [{p: v for p in comm.local_positions} for v in vals]
-                outs = self._shard_map(comm, bufs, outer_axes=(), **e.params)
-                any_pos = comm.local_positions[0]
-                outs = [o[any_pos] for o in outs]
+                split = getattr(comm, "multi_process", False)
+                bufs = [v.bufs if isinstance(v, _Blocks) and v.fits(e.params["mesh"], spec)
+                        else {p: self._whole(v) for p in comm.local_positions}
+                        for v, spec in zip(vals, e.params["in_specs"])]
+                outs = self._shard_map(comm, bufs, outer_axes=(), gather=not split, **e.params)
+                if split:
+                    outs = [_Blocks(o, comm, e.params["mesh"], spec, v.aval.shape)
+                            for o, spec, v in zip(outs, e.params["out_specs"], e.outputs)]
+                else:
+                    any_pos = comm.local_positions[0]
+                    outs = [o[any_pos] for o in outs]
             else:
-                outs = e.prim.rule("impl")(np, 0, *vals, **e.params)
+                outs = e.prim.rule("impl")(np, 0, *[self._whole(v) for v in vals], **e.params)
                 if not e.prim.multiple_results:
                     outs = [outs]
             for v, o in zip(e.outputs, outs):
                 env[id(v)] = o
         return [read(a) for a in program.out_vars]
+
+    def _whole(self, v):
+        if isinstance(v, _Blocks):
+            comm = v.comm or self.comm(v.mesh)
+            return gather_blocks(comm, v.mesh, v.spec, v.shape, v.bufs)
+        return v
 
     def _eval_local(self, comm, program, bufs_in, manual):
         """``bufs_in``: per program input, a dict position -> local array."""
@@ -74,10 +91,15 @@ class PerDeviceExecutor:
         return [read(a) for a in program.out_vars]
 
     def _shard_map(self, comm, bufs, *, outer_axes, body, mesh, in_specs, out_specs,
-                   manual_axes, check_vma, name):
+                   manual_axes, check_vma, name, gather=True):
+        """``bufs``: per input, {position: whole value}, or a ``_Blocks``' own blocks.  With
+        ``gather=False`` the outputs stay as blocks (the caller wraps them)."""
         positions = comm.local_positions
         local_in = []
         for b, spec in zip(bufs, in_specs):
+            if isinstance(b, _LocalBlocks):
+                local_in.append(b)
+                continue
             per = {}
             for p in positions:
                 v = np.asarray(b[p])
@@ -99,12 +121,73 @@ class PerDeviceExecutor:
             unnamed = tuple(a for a in mesh.axis_names if a in manual_axes and a not in named)
             if unnamed:
                 o = comm.broadcast(o, unnamed, None, 0)
+            if not gather:
+                results.append(o)
+                continue
             for d, axes in enumerate(spec.axes):
                 if axes:
                     gathered = comm.all_gather(o, axes, None)
                     o = {p: np.concatenate(list(g), axis=d) for p, g in gathered.items()}
             results.append(o)
         return results
+
+
+class _LocalBlocks(dict):
+    """{position: block}: the blocks of a sharded value, already split by its spec."""
+
+
+def _dim_axes(spec, ndim):
+    axes = tuple(spec.axes)
+    return axes + ((),) * (ndim - len(axes))
+
+
+class _Blocks:
+    """A global value held as this process's blocks (the mesh spans processes)."""
+
+    def __init__(self, bufs, comm, mesh, spec, shape):
+        self.bufs = _LocalBlocks(bufs)
+        self.comm, self.mesh, self.spec, self.shape = comm, mesh, spec, tuple(shape)
+
+    @classmethod
+    def of(cls, array):
+        mesh = array.sharding.mesh
+        ids = [d.id for d in mesh.devices.flat]
+        bufs = {ids.index(s.device.id): s.data for s in array.addressable_shards}
+        return cls(bufs, None, mesh, array.sharding.spec, array.shape)
+
+    def fits(self, mesh, spec) -> bool:
+        """Are the blocks those that a shard_map with ``spec`` over ``mesh`` takes as input?"""
+        n = len(self.shape)
+        if mesh != self.mesh or _dim_axes(spec, n) != _dim_axes(self.spec, n):
+            return False
+        return all(d % int(np.prod([mesh.axis_size(a) for a in axes] or [1])) == 0
+                   for d, axes in zip(self.shape, _dim_axes(spec, n)))
+
+    def to_array(self):
+        from ..array import Array
+        from ..sharding import NamedSharding
+        return Array.from_blocks(dict(self.bufs), self.shape, NamedSharding(self.mesh, self.spec))
+
+
+def gather_blocks(comm, mesh, spec, shape, bufs) -> np.ndarray:
+    """The whole global array from each process's blocks ``bufs`` (one all_gather over the mesh).
+    Blocks of unevenly split dims may be short; they are padded for the exchange."""
+    from ..sharding import NamedSharding
+    sharding = NamedSharding(mesh, spec)
+    block_shape = sharding.shard_shape(shape)
+    padded = {}
+    for p, b in bufs.items():
+        b = np.asarray(b)
+        padded[p] = np.zeros(block_shape, b.dtype)
+        padded[p][tuple(slice(0, s) for s in b.shape)] = b
+    blocks = comm.all_gather(padded, mesh.axis_names, None)[comm.local_positions[0]]
+    out = np.empty(shape, blocks.dtype)
+    for pos in range(mesh.size):
+        coords = dict(zip(mesh.axis_names, np.unravel_index(pos, mesh.axis_sizes)))
+        index = sharding.index_at(coords, shape)
+        true = tuple(slice(0, len(range(*s.indices(g)))) for s, g in zip(index, shape))
+        out[index] = blocks[pos][true]
+    return out
 
 
 def reference_executor():

@@ -1,0 +1,284 @@
+"""The MPI communicator: one device per process, collectives through mpi4py.
+
+Mesh position ``p`` lives in process ``mesh.devices.flat[p].process_index``.  A collective over
+mesh ``axes`` (and ``axis_index_groups``) runs on the sub-communicator of this process's group,
+made once with ``Create_group`` (collective over the group only) and cached.
+
+Every call is non-blocking and polled against a deadline (``SPMD_COLLECTIVE_TIMEOUT``), so no
+collective can hang silently.  Before the data moves, the members of the group exchange a
+small signature (op, axes, shape, dtype) point-to-point on a control communicator: this tells
+*which* ranks have not arrived when the deadline passes, and catches ranks that call different
+collectives at the same point (``CollectiveMismatchError`` on every rank, instead of a hang or
+silently wrong data).  ``SPMD_COLLECTIVE_CHECK=0`` skips the signature exchange (faster small
+collectives; a timeout then cannot name the missing ranks).
+
+Buffers move as raw bytes of contiguous NumPy arrays (no pickling, any dtype including
+bfloat16); reductions run in the array's dtype, except float16/bfloat16 (reduced in float32)
+and bool (logical or/and).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import ml_dtypes
+import numpy as np
+
+from ..errors import CollectiveMismatchError, CollectiveTimeoutError, SpmdError
+from ..flight_recorder import recorder
+from . import axis_groups, rank_in
+
+_SIGNATURE_BYTES = 512
+_SIGNATURE_TAG = 7071
+_PERMUTE_TAG = 7072
+_control = None
+
+
+def _mpi():
+    from mpi4py import MPI
+    return MPI
+
+
+def _control_comm():
+    """A duplicate of COMM_WORLD for the signature messages, so they never match user traffic."""
+    global _control
+    if _control is None:
+        _control = _mpi().COMM_WORLD.Dup()
+    return _control
+
+
+def _bytes(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x).reshape(-1).view(np.uint8)
+
+
+def _from_bytes(b: np.ndarray, dtype, shape) -> np.ndarray:
+    return b.view(dtype).reshape(shape)
+
+
+class MPICommunicator:
+    """The communicator protocol of ``spmd.communicators`` over MPI processes."""
+
+    multi_process = True
+
+    def __init__(self, mesh, *, check: bool | None = None):
+        MPI = _mpi()
+        self.world = MPI.COMM_WORLD
+        self.control = _control_comm()
+        self.me = self.world.Get_rank()
+        self.mesh = mesh
+        self.process_of = [d.process_index for d in mesh.devices.flat]
+        self.local_positions = [p for p, r in enumerate(self.process_of) if r == self.me]
+        if len(self.local_positions) > 1:
+            raise SpmdError(f"the MPI communicator holds one device per process, but {mesh!r} puts "
+                            f"{len(self.local_positions)} devices on process {self.me}; build the "
+                            f"mesh from spmd.devices() after spmd.distributed.initialize().")
+        if max(self.process_of, default=0) >= self.world.Get_size():
+            raise SpmdError(f"{mesh!r} names process {max(self.process_of)}, but MPI_COMM_WORLD "
+                            f"has {self.world.Get_size()} processes.")
+        self.check = (os.environ.get("SPMD_COLLECTIVE_CHECK", "1") != "0") if check is None else check
+        self._subcomms: dict[tuple[int, ...], object] = {}
+
+    # -- groups ----------------------------------------------------------------------------------
+    def _my_group(self, axes, groups) -> list[int]:
+        """The mesh positions of this process's group, in rank order."""
+        me = self.local_positions[0]
+        return next(g for g in axis_groups(self.mesh, axes, groups) if me in g)
+
+    def _subcomm(self, ranks: tuple[int, ...]):
+        comm = self._subcomms.get(ranks)
+        if comm is None:
+            group = self.world.Get_group().Incl(list(ranks))
+            comm = self._subcomms[ranks] = self.world.Create_group(group)
+            group.Free()
+        return comm
+
+    # -- the frame around every collective: record, check, wait with a deadline ------------------
+    def _run(self, op, axes, groups, x, start, *, timeout=None):
+        """Run one collective: ``start(comm, index)`` posts the non-blocking calls of this rank
+        (``index`` = its rank in the group) and returns (requests, finish) where ``finish()``
+        gives the result once the requests are done."""
+        from ..distributed import collective_timeout_seconds
+        timeout = collective_timeout_seconds() if timeout is None else timeout
+        positions = self._my_group(axes, groups)
+        ranks = tuple(self.process_of[p] for p in positions)
+        entry = recorder().start(op, axes, ranks, x.shape, x.dtype, x.nbytes)
+        deadline = time.monotonic() + timeout
+        try:
+            if self.check and len(ranks) > 1:
+                self._arrive(entry, ranks, deadline, timeout)
+            comm = self._subcomm(ranks)
+            requests, finish = start(comm, ranks.index(self.me))
+            self._wait(requests, entry, deadline, timeout, ranks, "exchange data")
+            result = finish()
+        except (CollectiveTimeoutError, CollectiveMismatchError):
+            raise
+        except BaseException as e:
+            recorder().finish(entry, "error")
+            _dump_quietly(f"{type(e).__name__} in {op}: {e}")
+            raise
+        recorder().finish(entry)
+        return result
+
+    def _arrive(self, entry, ranks, deadline, timeout):
+        mine = {k: entry[k] for k in ("seq", "op", "axes", "shape", "dtype")}
+        mine["ranks"] = list(ranks)
+        sig = np.zeros(_SIGNATURE_BYTES, np.uint8)
+        raw = json.dumps(mine).encode()[:_SIGNATURE_BYTES]
+        sig[:len(raw)] = np.frombuffer(raw, np.uint8)
+        peers = [r for r in ranks if r != self.me]
+        inbox = {r: np.zeros(_SIGNATURE_BYTES, np.uint8) for r in peers}
+        recvs = {r: self.control.Irecv(inbox[r], source=r, tag=_SIGNATURE_TAG) for r in peers}
+        sends = [self.control.Isend(sig, dest=r, tag=_SIGNATURE_TAG) for r in peers]
+        self._wait(list(recvs.values()) + sends, entry, deadline, timeout, ranks, "arrive",
+                   pending=recvs)
+        theirs = {self.me: mine}
+        for r in peers:
+            theirs[r] = json.loads(bytes(inbox[r]).rstrip(b"\0").decode())
+        key = lambda s: (s["op"], tuple(s["axes"]), tuple(s["shape"]), s["dtype"], tuple(s["ranks"]))
+        if len({key(s) for s in theirs.values()}) > 1:
+            recorder().finish(entry, "mismatch")
+            calls = "; ".join(f"rank {r}: #{s['seq']} {s['op']}(axes={tuple(s['axes'])}, "
+                              f"shape={tuple(s['shape'])}, dtype={s['dtype']}, group={s['ranks']})"
+                              for r, s in sorted(theirs.items()))
+            path = _dump_quietly(f"mismatch at collective #{entry['seq']}")
+            raise CollectiveMismatchError(
+                f"the ranks of group {list(ranks)} called different collectives at the same "
+                f"point: {calls}. Every process must run the same collectives in the same order "
+                f"(look for a branch on process_index() or on data). Flight recorder: {path}")
+
+    def _wait(self, requests, entry, deadline, timeout, ranks, phase, pending=None):
+        MPI = _mpi()
+        spins, nap = 0, 1e-5
+        while not MPI.Request.Testall(requests):
+            if time.monotonic() > deadline:
+                recorder().finish(entry, "timeout")
+                missing = ([r for r, q in pending.items() if not q.Test()] if pending is not None
+                           else None)
+                for q in requests:
+                    try:
+                        q.Cancel()
+                    except MPI.Exception:
+                        pass
+                path = _dump_quietly(f"timeout in {entry['op']} #{entry['seq']}")
+                who = (f"ranks {missing} did not arrive" if missing else
+                       f"every rank arrived but the data exchange did not finish (a peer may "
+                       f"have died)")
+                raise CollectiveTimeoutError(
+                    f"{entry['op']} over axes {tuple(entry['axes'])} (collective #{entry['seq']} "
+                    f"of rank {self.me}, shape {tuple(entry['shape'])}, group ranks "
+                    f"{list(ranks)}) did not complete within {timeout:g} s: {who}. "
+                    f"Flight recorder: {path}; run `python -m spmd.flight_recorder "
+                    f"{os.path.dirname(path) if path else 'DIR'}` over every rank's dump. "
+                    f"Raise the limit with SPMD_COLLECTIVE_TIMEOUT or "
+                    f"spmd.distributed.collective_timeout(seconds).")
+            spins += 1
+            if spins > 50:                 # don't starve peers that share our cores
+                time.sleep(nap)
+                nap = min(nap * 2, 2e-4)
+
+    # -- the protocol ----------------------------------------------------------------------------
+    def _one(self, bufs):
+        (p, x), = bufs.items()
+        return p, np.asarray(x)
+
+    def all_reduce(self, bufs, axes, groups, op, *, timeout=None):
+        p, x = self._one(bufs)
+        MPI = _mpi()
+        work, mpi_op = _reduction(x.dtype, op)
+        if work is None:              # no MPI reduction for this dtype: gather, reduce in order
+            g = self.all_gather(bufs, axes, groups, timeout=timeout)[p]
+            return {p: np.array(_NUMPY_REDUCE[op].reduce(g, axis=0), dtype=x.dtype)}
+        send = np.ascontiguousarray(x, dtype=work)
+        recv = np.empty_like(send)
+
+        def start(comm, index):
+            return [comm.Iallreduce(send, recv, mpi_op)], lambda: recv.astype(x.dtype, copy=False)
+        return {p: self._run(_REDUCE_NAMES[op], axes, groups, x, start, timeout=timeout)}
+
+    def all_gather(self, bufs, axes, groups, *, timeout=None):
+        p, x = self._one(bufs)
+        n = len(self._my_group(axes, groups))
+        send = _bytes(x)
+        recv = np.empty(n * send.size, np.uint8)
+
+        def start(comm, index):
+            return [comm.Iallgather(send, recv)], lambda: _from_bytes(recv, x.dtype, (n,) + x.shape)
+        return {p: self._run("all_gather", axes, groups, x, start, timeout=timeout)}
+
+    def reduce_scatter(self, bufs, axes, groups, op, *, timeout=None):
+        p, x = self._one(bufs)
+        work, mpi_op = _reduction(x.dtype, op)
+        if work is None:
+            g = self.all_to_all(bufs, axes, groups, timeout=timeout)[p]
+            return {p: np.array(_NUMPY_REDUCE[op].reduce(g, axis=0), dtype=x.dtype)}
+        send = np.ascontiguousarray(x, dtype=work)
+        recv = np.empty(x.shape[1:], work)
+
+        def start(comm, index):
+            return ([comm.Ireduce_scatter_block(send, recv, mpi_op)],
+                    lambda: recv.astype(x.dtype, copy=False))
+        name = "psum_scatter" if op == "sum" else f"reduce_scatter({op})"
+        return {p: self._run(name, axes, groups, x, start, timeout=timeout)}
+
+    def all_to_all(self, bufs, axes, groups, *, timeout=None):
+        p, x = self._one(bufs)
+        send = _bytes(x)
+        recv = np.empty_like(send)
+
+        def start(comm, index):
+            return [comm.Ialltoall(send, recv)], lambda: _from_bytes(recv, x.dtype, x.shape)
+        return {p: self._run("all_to_all", axes, groups, x, start, timeout=timeout)}
+
+    def permute(self, bufs, axes, perm, *, timeout=None):
+        p, x = self._one(bufs)
+        send = _bytes(x)
+        recv = np.zeros_like(send)
+
+        def start(comm, index):
+            reqs = [comm.Isend(send, dest=d, tag=_PERMUTE_TAG) for s, d in perm if s == index]
+            got = [comm.Irecv(recv, source=s, tag=_PERMUTE_TAG) for s, d in perm if d == index]
+            return reqs + got, lambda: _from_bytes(recv, x.dtype, x.shape)
+        return {p: self._run("ppermute", axes, None, x, start, timeout=timeout)}
+
+    def broadcast(self, bufs, axes, groups, source, *, timeout=None):
+        p, x = self._one(bufs)
+        buf = np.array(_bytes(x))
+
+        def start(comm, index):
+            return [comm.Ibcast(buf, root=source)], lambda: _from_bytes(buf, x.dtype, x.shape)
+        return {p: self._run("pbroadcast", axes, groups, x, start, timeout=timeout)}
+
+    def axis_index(self, axes):
+        return {p: np.int32(rank_in(self.mesh, axes, p)) for p in self.local_positions}
+
+    def barrier(self, *, timeout=None):
+        x = np.zeros(0, np.uint8)
+
+        def start(comm, index):
+            return [comm.Ibarrier()], lambda: None
+        self._run("barrier", self.mesh.axis_names, None, x, start, timeout=timeout)
+
+
+_REDUCE_NAMES = {"sum": "psum", "max": "pmax", "min": "pmin"}
+_NUMPY_REDUCE = {"sum": np.add, "max": np.maximum, "min": np.minimum}
+
+
+def _reduction(dtype, op):
+    """(dtype to reduce in, MPI op), or (None, None) when MPI cannot reduce this dtype."""
+    MPI = _mpi()
+    dtype = np.dtype(dtype)
+    if dtype == np.bool_:
+        return np.dtype(np.uint8), {"sum": MPI.LOR, "max": MPI.LOR, "min": MPI.LAND}[op]
+    if dtype in (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)):
+        return np.dtype(np.float32), {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op]
+    if dtype.kind == "c" and op != "sum":
+        return None, None
+    return dtype, {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op]
+
+
+def _dump_quietly(reason: str) -> str | None:
+    try:
+        return recorder().dump(reason)
+    except OSError:
+        return None
