@@ -106,7 +106,9 @@ def run_jax(body, mesh: spmd.Mesh, in_specs, out_specs, *args, check_vma=True, a
     f = jax.shard_map(lambda *xs: body(_jax(), *xs), mesh=jmesh,
                       in_specs=_tree_specs(in_specs, jax_spec),
                       out_specs=_tree_specs(out_specs, jax_spec), check_vma=check_vma, **kw)
-    out = jax.jit(f)(*args)
+    # the programs are tiny: XLA's optimisation passes cost more than they save
+    compiled = jax.jit(f).lower(*args).compile(compiler_options={"xla_backend_optimization_level": 0})
+    out = compiled(*args)
     return optree.tree_map(np.asarray, out)
 
 
