@@ -61,14 +61,17 @@ def aval_of(x) -> Aval:
     from .array import Array
     if isinstance(x, Array):
         return Aval(x.shape, x.dtype)
-    if isinstance(x, (bool, int, float, complex)):
+    if type(x) in _WEAK:        # Python scalars only: NumPy scalars (np.float64 too) are strong
         return Aval((), _weak_dtype(x))
     a = np.asarray(x)
     return Aval(a.shape, a.dtype)
 
 
+_WEAK = {bool: np.bool_, int: np.int64, float: np.float64, complex: np.complex128}
+
+
 def _weak_dtype(x) -> np.dtype:
-    return np.dtype({bool: np.bool_, int: np.int64, float: np.float64, complex: np.complex128}[type(x)])
+    return np.dtype(_WEAK[type(x)])
 
 
 # ---------------------------------------------------------------------------------------------

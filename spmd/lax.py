@@ -280,10 +280,10 @@ def reduction(name, fn, out_dtype=None, **rules):
                      category="reduction", **rules)
 
 
-reduce_sum_p = reduction("reduce_sum", lambda xp, x, a: xp.sum(x, axis=a), linear=True, monoid="sum")
+reduce_sum_p = reduction("reduce_sum", lambda xp, x, a: xp.sum(x, axis=a, dtype=x.dtype), linear=True, monoid="sum")
 reduce_max_p = reduction("reduce_max", lambda xp, x, a: xp.max(x, axis=a), monoid="max")
 reduce_min_p = reduction("reduce_min", lambda xp, x, a: xp.min(x, axis=a), monoid="min")
-reduce_prod_p = reduction("reduce_prod", lambda xp, x, a: xp.prod(x, axis=a), monoid="prod")
+reduce_prod_p = reduction("reduce_prod", lambda xp, x, a: xp.prod(x, axis=a, dtype=x.dtype), monoid="prod")
 reduce_and_p = reduction("reduce_and", lambda xp, x, a: xp.all(x, axis=a), out_dtype=_bool)
 reduce_or_p = reduction("reduce_or", lambda xp, x, a: xp.any(x, axis=a), out_dtype=_bool)
 
@@ -308,8 +308,8 @@ def _cum_impl(fn):
 
 
 _same = lambda x, **p: Aval(x.shape, x.dtype)
-cumsum_p = Primitive("cumsum", abstract=_same, impl=_cum_impl(lambda xp, x, a: xp.cumsum(x, axis=a)), linear=True)
-cumprod_p = Primitive("cumprod", abstract=_same, impl=_cum_impl(lambda xp, x, a: xp.cumprod(x, axis=a)))
+cumsum_p = Primitive("cumsum", abstract=_same, impl=_cum_impl(lambda xp, x, a: xp.cumsum(x, axis=a, dtype=x.dtype)), linear=True)
+cumprod_p = Primitive("cumprod", abstract=_same, impl=_cum_impl(lambda xp, x, a: xp.cumprod(x, axis=a, dtype=x.dtype)))
 cummax_p = Primitive("cummax", abstract=_same, impl=_cum_impl(lambda xp, x, a: xp.maximum.accumulate(x, axis=a)))
 cummin_p = Primitive("cummin", abstract=_same, impl=_cum_impl(lambda xp, x, a: xp.minimum.accumulate(x, axis=a)))
 

@@ -6,6 +6,7 @@ with no entry raises ``NotImplementedError`` naming it -- never a silent fallbac
 from __future__ import annotations
 
 import builtins
+import itertools
 import math
 import operator
 import string
@@ -31,7 +32,8 @@ def implements(*np_funcs):
 # ---------------------------------------------------------------------------------------------
 
 def _is_scalar(x):
-    return isinstance(x, (bool, int, float, complex))
+    """A Python scalar: weakly typed under NEP 50 (NumPy scalars such as np.float32(1) are not)."""
+    return type(x) in (bool, int, float, complex)
 
 
 def _dtype(x):
@@ -186,8 +188,7 @@ def handle_ufunc(ufunc, method, inputs, kwargs):
     if method == "accumulate" and ufunc in (np.add, np.multiply, np.maximum, np.minimum):
         p = {np.add: lax.cumsum_p, np.multiply: lax.cumprod_p, np.maximum: lax.cummax_p,
              np.minimum: lax.cummin_p}[ufunc]
-        x = _operand(inputs[0])
-        return bind(p, x, axis=_axis(kwargs.get("axis", 0), x.ndim), reverse=False)
+        return _cum(p, inputs[0], kwargs.get("axis", 0), kwargs.get("dtype"))
     raise NotImplementedError(f"numpy.{ufunc.__name__}.{method} on traced values")
 
 
@@ -329,6 +330,15 @@ def atleast_2d(*xs):
     return out[0] if len(out) == 1 else out
 
 
+@implements(np.atleast_3d)
+def atleast_3d(*xs):
+    def one(x):
+        s = tuple(_shape(x))
+        return reshape(x, {0: (1, 1, 1), 1: (1,) + s + (1,), 2: s + (1,)}.get(len(s), s))
+    out = [one(_operand(x)) for x in xs]
+    return out[0] if len(out) == 1 else out
+
+
 def _same_dtype(xs):
     dt = np.result_type(*[_dummy(_operand(x)) for x in xs])
     return [astype(_operand(x), dt) for x in xs]
@@ -365,16 +375,32 @@ implements(np.vstack)(lambda tup, dtype=None, casting="same_kind": concatenate(
     [atleast_2d(x) for x in tup], axis=0, dtype=dtype))
 
 
-@implements(np.split, np.array_split)
+implements(np.dstack)(lambda tup, dtype=None, casting="same_kind": concatenate(
+    [atleast_3d(x) for x in tup], axis=2, dtype=dtype))
+implements(np.column_stack)(lambda tup: concatenate(
+    [reshape(x, (-1, 1)) if len(_shape(x)) < 2 else x for x in tup], axis=1))
+
+
+@implements(np.split)
 def split(x, indices_or_sections, axis=0):
+    n = _shape(x)[_axis(axis, len(_shape(x)))]
+    if isinstance(indices_or_sections, (int, np.integer)) and n % int(indices_or_sections):
+        raise ValueError(f"array split does not result in an equal division: size {n} into "
+                         f"{indices_or_sections}")
+    return array_split(x, indices_or_sections, axis)
+
+
+@implements(np.array_split)
+def array_split(x, indices_or_sections, axis=0):
     x = _operand(x)
     ax = _axis(axis, len(_shape(x)))
     n = _shape(x)[ax]
     if isinstance(indices_or_sections, (int, np.integer)):
         k = int(indices_or_sections)
-        if n % k:
-            raise ValueError(f"array split does not result in an equal division: size {n} into {k}")
-        cuts = [i * (n // k) for i in range(1, k)]
+        if k <= 0:
+            raise ValueError("number sections must be larger than 0.")
+        # the first n % k sections are one longer
+        cuts = list(itertools.accumulate((n // k + (i < n % k) for i in range(k - 1))))
     else:
         cuts = [int(c) for c in indices_or_sections]
     bounds = [0] + cuts + [n]
@@ -397,10 +423,19 @@ def flip(x, axis=None):
     return x
 
 
+implements(np.fliplr)(lambda x: flip(x, 1))
+implements(np.flipud)(lambda x: flip(x, 0))
+
+
 @implements(np.roll)
 def roll(x, shift, axis=None):
     if axis is None:
         return reshape(roll(ravel(x), shift, 0), _shape(x))
+    if isinstance(shift, (tuple, list)) or isinstance(axis, (tuple, list)):
+        shifts, axes = np.broadcast_arrays(np.asarray(shift), np.asarray(axis))
+        for s_, a in zip(shifts.ravel(), axes.ravel()):
+            x = roll(x, int(s_), int(a))
+        return _operand(x)
     x = _operand(x)
     ax = _axis(axis, len(_shape(x)))
     n = _shape(x)[ax]
@@ -454,17 +489,21 @@ def repeat(x, repeats, axis=None):
 # reductions
 # ---------------------------------------------------------------------------------------------
 
+def _accumulator_dtype(dt):
+    """NumPy sums and products of bools and small integers in 64 bits."""
+    if dt.kind in "biu" and dt.itemsize < 8:
+        return np.dtype(np.uint64 if dt.kind == "u" else np.int64)
+    return dt
+
+
 def _reduce(prim, x, axis, keepdims, dtype=None, initial=None, where=None):
     if where is not None and where is not True:
         raise NotImplementedError(f"{prim.name} with where= on traced values")
     x = _operand(x)
     if dtype is not None:
         x = astype(x, dtype)
-    elif prim in (lax.reduce_sum_p, lax.reduce_prod_p) and _dtype(x).kind in "bui" and \
-            np.dtype(_dtype(x)).itemsize < 8:
-        x = astype(x, np.uint64 if _dtype(x).kind == "u" else np.int64)
-    elif prim in (lax.reduce_sum_p, lax.reduce_prod_p) and _dtype(x) == np.bool_:
-        x = astype(x, np.int64)
+    elif prim in (lax.reduce_sum_p, lax.reduce_prod_p):
+        x = astype(x, _accumulator_dtype(_dtype(x)))
     shape = _shape(x)
     axes = _axes(axis, len(shape))
     if prim in (lax.reduce_max_p, lax.reduce_min_p) and any(shape[a] == 0 for a in axes) and initial is None:
@@ -473,7 +512,7 @@ def _reduce(prim, x, axis, keepdims, dtype=None, initial=None, where=None):
     if initial is not None:
         op = {lax.reduce_sum_p: np.add, lax.reduce_prod_p: np.multiply, lax.reduce_max_p: np.maximum,
               lax.reduce_min_p: np.minimum}[prim]
-        out = apply_ufunc(op, out, initial)
+        out = apply_ufunc(op, out, np.asarray(initial, _dtype(out)))
     if keepdims:
         out = reshape(out, tuple(1 if i in axes else s for i, s in enumerate(shape)))
     return out
@@ -561,8 +600,8 @@ def _cum(prim, x, axis, dtype):
     x = _operand(x)
     if dtype is not None:
         x = astype(x, dtype)
-    elif prim in (lax.cumsum_p, lax.cumprod_p) and _dtype(x).kind in "bi" and np.dtype(_dtype(x)).itemsize < 8:
-        x = astype(x, np.int64)
+    elif prim in (lax.cumsum_p, lax.cumprod_p):
+        x = astype(x, _accumulator_dtype(_dtype(x)))
     if axis is None:
         x, axis = ravel(x), 0
     return bind(prim, x, axis=_axis(axis, len(_shape(x))), reverse=False)
@@ -616,6 +655,10 @@ def clip(x, a_min=None, a_max=None, out=None, *, min=None, max=None):
 
 @implements(np.round, np.around)
 def round_(x, decimals=0, out=None):
+    if _dtype(x).kind in "biu" and decimals >= 0:
+        return _operand(x)
+    if _dtype(x).kind in "biu":
+        return astype(round_(astype(x, np.float64), decimals), _dtype(x))
     if decimals == 0:
         return bind(lax.round_p, _operand(x)) if _dtype(x).kind in "fc" else _operand(x)
     s = 10.0 ** decimals
@@ -710,9 +753,8 @@ def full_like(x, fill_value, dtype=None, order="K", subok=True, shape=None):
     shape = tuple(_shape(x)) if shape is None else tuple(shape)
     if isinstance(x, Tracer) and x.vma and current_builder() is not None:
         from .collectives import pvary
-        c = broadcast_to(astype(bind(lax.iota_p, dtype=np.dtype(np.int8), shape=(1,), dimension=0), dt), ())
-        c = reshape(apply_ufunc(np.add, apply_ufunc(np.multiply, c, 0), np.asarray(fill_value, dt)), ())
-        return broadcast_to(pvary(c, tuple(a for a in current_builder().mesh.axis_names if a in x.vma)), shape)
+        c = pvary(np.full((), fill_value, dt), tuple(a for a in current_builder().mesh.axis_names if a in x.vma))
+        return broadcast_to(c, shape)
     return np.full(shape, fill_value, dtype=dt)
 
 
@@ -804,31 +846,49 @@ def outer(a, b, out=None):
 
 @implements(np.vdot)
 def vdot(a, b):
-    return sum(apply_ufunc(np.multiply, apply_ufunc(np.conjugate, ravel(a)), ravel(b)))
+    return dot(apply_ufunc(np.conjugate, ravel(a)), ravel(b))
 
 
 @implements(np.einsum)
-def einsum(subscripts, *operands, optimize=False, **kw):
+def einsum(subscripts, *operands, out=None, dtype=None, optimize=False, **kw):
     """Two-operand contractions become ``dot_general``; more operands are contracted pairwise
-    left to right; single-operand forms are transposes and sums."""
+    left to right; an index repeated within one operand takes a diagonal; ``...`` names the
+    broadcast leading dims."""
     if not isinstance(subscripts, str):
         raise NotImplementedError("numpy.einsum in the interleaved (operand, sublist) form")
-    if "..." in subscripts:
-        raise NotImplementedError("numpy.einsum with '...' on traced values")
-    subscripts = subscripts.replace(" ", "")
-    ins, _, out = subscripts.partition("->")
-    terms = ins.split(",")
-    if len(terms) != len(operands):
-        raise ValueError(f"einsum: {len(terms)} operand subscripts but {len(operands)} operands")
-    if "->" not in subscripts:
-        counts = {c: ins.count(c) for c in ins if c != ","}
-        out = "".join(sorted(c for c, n in counts.items() if n == 1))
+    if out is not None:
+        raise TypeError("np.einsum(..., out=...): traced values are immutable; use the returned value.")
     ops = [_operand(o) for o in operands]
+    ops = _same_dtype([astype(o, dtype) for o in ops] if dtype is not None else ops)
+    subscripts = subscripts.replace(" ", "")
+    ins, arrow, out = subscripts.partition("->")
+    terms = ins.split(",")
+    if len(terms) != len(ops):
+        raise ValueError(f"einsum: {len(terms)} operand subscripts but {len(ops)} operands")
+    n_ell = builtins.max([len(_shape(o)) - len(t) + 3 for t, o in zip(terms, ops) if "..." in t], default=0)
+    ell = "".join(c for c in string.ascii_letters if c not in subscripts)[:n_ell]
+    terms = [t.replace("...", ell[n_ell - (len(_shape(o)) - len(t) + 3):]) for t, o in zip(terms, ops)]
+    if arrow:
+        out = out.replace("...", ell)
+    else:
+        joined = "".join(terms)
+        out = ell + "".join(sorted(c for c in set(joined) if joined.count(c) == 1 and c not in ell))
+    sizes = {}
     for t, o in zip(terms, ops):
         if len(t) != len(_shape(o)):
             raise ValueError(f"einsum: subscripts {t!r} do not match an operand of rank {len(_shape(o))}")
-        if len(set(t)) != len(t):
-            raise NotImplementedError(f"einsum with a repeated index in one operand ({t!r}) on traced values")
+        for c, n in zip(t, _shape(o)):
+            sizes[c] = n if sizes.get(c, 1) == 1 else sizes[c]
+    # the ``...`` dims broadcast; a repeated index within one operand takes its diagonal
+    ops = [broadcast_to(o, tuple(sizes[c] if c in ell else n for c, n in zip(t, _shape(o))))
+           for t, o in zip(terms, ops)]
+    for i, t in enumerate(terms):
+        while len(set(t)) != len(t):
+            c = next(c for c in t if t.count(c) > 1)
+            a, b = t.index(c), t.index(c, t.index(c) + 1)
+            ops[i] = diagonal(ops[i], 0, a, b)
+            t = "".join(ch for j, ch in enumerate(t) if j not in (a, b)) + c
+        terms[i] = t
     cur_t, cur = terms[0], ops[0]
     for i in range(1, len(terms)):
         later = "".join(terms[i + 1:]) + out
@@ -836,7 +896,7 @@ def einsum(subscripts, *operands, optimize=False, **kw):
     # single operand: sum indices not kept, then transpose
     gone = tuple(i for i, c in enumerate(cur_t) if c not in out)
     if gone:
-        cur = sum(cur, axis=gone)
+        cur = sum(cur, axis=gone, dtype=_dtype(cur))
         cur_t = "".join(c for c in cur_t if c in out)
     return transpose(cur, [cur_t.index(c) for c in out]) if cur_t != out else cur
 
@@ -846,7 +906,7 @@ def _einsum_pair(ta, a, tb, b, later):
     def presum(t, x, other):
         gone = tuple(i for i, c in enumerate(t) if c not in other and c not in later)
         if gone:
-            x = sum(x, axis=gone)
+            x = sum(x, axis=gone, dtype=_dtype(x))
             t = "".join(c for c in t if c not in [t[i] for i in gone])
         return t, x
     ta, a = presum(ta, a, tb)
@@ -883,68 +943,120 @@ def take(x, indices, axis=None, out=None, mode=None):
 
 
 @implements(np.take_along_axis)
-def take_along_axis(x, indices, axis):
-    raise NotImplementedError("numpy.take_along_axis on traced values")
+def take_along_axis(x, indices, axis=-1):
+    """One ``take`` from the flattened ``x`` at the flat positions the indices name."""
+    x, idx = _operand(x), _operand(indices)
+    if axis is None:
+        x, axis = ravel(x), 0
+    shape, ishape = tuple(_shape(x)), tuple(_shape(idx))
+    if len(ishape) != len(shape):
+        raise ValueError("`indices` and `arr` must have the same number of dimensions")
+    ax = _axis(axis, len(shape))
+    others = lambda s, v: tuple(v if i == ax else d for i, d in enumerate(s))
+    out_shape = np.broadcast_shapes(others(shape, 1), others(ishape, 1))
+    x = broadcast_to(x, others(out_shape, shape[ax]))
+    out_shape = others(out_shape, ishape[ax])
+    idx = _index_in_range(broadcast_to(idx, out_shape), shape[ax], ax)
+    strides = [math.prod(_shape(x)[d + 1:]) for d in range(len(shape))]
+    base = builtins.sum(np.arange(n).reshape((-1,) + (1,) * (len(shape) - d - 1)) * strides[d]
+                        for d, n in enumerate(out_shape) if d != ax)
+    flat = _ew(np.add, _ew(np.multiply, idx, strides[ax]), np.broadcast_to(base, out_shape))
+    return take(ravel(x), flat, axis=0)
+
+
+def _is_int(k):
+    return isinstance(k, (int, np.integer)) and not isinstance(k, (bool, np.bool_))
 
 
 def getitem(x, key):
+    """NumPy indexing: basic (ints, slices, None, Ellipsis) and integer-array (advanced)
+    indices, with NumPy's rule for where the index dims go."""
     if not isinstance(key, tuple):
         key = (key,)
-    if builtins.any(k is Ellipsis for k in key):
-        i = next(i for i, k in enumerate(key) if k is Ellipsis)
-        used = builtins.sum(1 for k in key if k is not None and k is not Ellipsis)
-        key = key[:i] + (slice(None),) * (x.ndim - used) + key[i + 1:]
-    used = builtins.sum(1 for k in key if k is not None)
+    key = tuple(np.asarray(k) if isinstance(k, list) else k for k in key)
+    n_ellipsis = builtins.sum(1 for k in key if k is Ellipsis)
+    if n_ellipsis > 1:
+        raise IndexError("an index can only have a single ellipsis ('...')")
+    used = builtins.sum(1 for k in key if k is not None and k is not Ellipsis)
     if used > x.ndim:
         raise IndexError(f"too many indices for a value of rank {x.ndim}: {key}")
+    if n_ellipsis:
+        i = next(i for i, k in enumerate(key) if k is Ellipsis)
+        key = key[:i] + (slice(None),) * (x.ndim - used) + key[i + 1:]
     key = key + (slice(None),) * (x.ndim - used)
-    index, squeeze_dims, new_axes, advanced = [], [], [], []
-    dim = 0
-    out_pos = 0
-    for k in key:
-        if k is None:
-            new_axes.append(out_pos)
-            out_pos += 1
-            continue
-        n = x.shape[dim]
+    if builtins.any(k is None for k in key):      # None: a new dim of size 1, sliced whole
+        dims = iter(x.shape)
+        x = reshape(x, tuple(1 if k is None else next(dims) for k in key))
+        key = tuple(slice(None) if k is None else k for k in key)
+    # With any array in the key, integers count as (0-d) array indices too, as in NumPy.
+    advanced = not builtins.all(isinstance(k, slice) or _is_int(k) for k in key)
+    index, squeeze_dims, arrays = [], [], []
+    for d, (k, n) in enumerate(zip(key, x.shape)):
         if isinstance(k, slice):
             index.append(k.indices(n))
-            out_pos += 1
-        elif isinstance(k, (int, np.integer)) and not isinstance(k, bool):
+            continue
+        if _is_int(k):
             if not -n <= k < n:
-                raise IndexError(f"index {k} is out of bounds for axis {dim} with size {n}")
-            i = int(k) % n
-            index.append((i, i + 1, 1))
-            squeeze_dims.append(dim)
-        else:
-            kk = _operand(k)
-            if _dtype(kk) == np.bool_:
-                raise IndexError("boolean mask indexing has a data-dependent shape and is not "
-                                 "supported on traced values; use np.where(mask, x, 0) instead")
-            if not np.issubdtype(_dtype(kk), np.integer):
-                raise IndexError(f"only integers, slices, None, Ellipsis and integer arrays are "
-                                 f"valid indices, got {_dtype(kk)}")
-            index.append((0, n, 1))
-            advanced.append((dim, kk))
-            out_pos += 1
-        dim += 1
+                raise IndexError(f"index {k} is out of bounds for axis {d} with size {n}")
+            if not advanced:
+                index.append((int(k) % n, int(k) % n + 1, 1))
+                squeeze_dims.append(d)
+                continue
+        k = _operand(k)
+        if _dtype(k) == np.bool_:
+            raise IndexError("boolean mask indexing has a data-dependent shape and is not "
+                             "supported on traced values; use np.where(mask, x, 0) instead")
+        if not np.issubdtype(_dtype(k), np.integer):
+            raise IndexError(f"only integers, slices, None, Ellipsis and integer arrays are "
+                             f"valid indices, got {_dtype(k)}")
+        index.append((0, n, 1))
+        arrays.append((d, k))
     y = x
     if builtins.any(s != (0, d, 1) for s, d in zip(index, x.shape)):
         y = bind(lax.slice_p, x, index=tuple(index))
-    if len(advanced) > 1:
-        raise NotImplementedError("indexing with more than one integer array on traced values; "
-                                  "index one dim at a time")
-    if advanced:
-        d, idx = advanced[0]
-        y = take(y, idx, axis=d)
-        extra = len(_shape(idx)) - 1
-        squeeze_dims = [s if s < d else s + extra for s in squeeze_dims]
-        new_axes = [a if a <= d else a + extra for a in new_axes]
     if squeeze_dims:
-        y = squeeze(y, tuple(squeeze_dims))
-    for a in new_axes:
-        y = expand_dims(y, a)
-    return y
+        y = reshape(y, tuple(s for i, s in enumerate(_shape(y)) if i not in squeeze_dims))
+    return _gather(y, arrays) if arrays else y
+
+
+def _ew(ufunc, *xs):
+    """An elementwise op on traced values, or on the host for constants."""
+    if builtins.any(isinstance(x, Tracer) for x in xs):
+        return apply_ufunc(ufunc, *xs)
+    return ufunc(*xs)
+
+
+def _index_in_range(idx, n, axis):
+    """``idx`` as int64 in ``[0, n)``: negative indices wrap; constant ones are bounds-checked."""
+    if not isinstance(idx, Tracer):
+        idx = np.asarray(idx, np.int64)
+        if idx.size and (idx.max() >= n or idx.min() < -n):
+            bad = int(idx.max() if idx.max() >= n else idx.min())
+            raise IndexError(f"index {bad} is out of bounds for axis {axis} with size {n}")
+        return np.where(idx < 0, idx + n, idx)
+    idx = astype(idx, np.int64)
+    return where(apply_ufunc(np.less, idx, 0), apply_ufunc(np.add, idx, n), idx)
+
+
+def _gather(x, arrays):
+    """``x`` indexed by integer arrays ``[(dim, idx), ...]``: the indexed dims are merged into
+    one and read with a single ``take``.  The index dims replace the indexed dims where those
+    are adjacent, else they go first (NumPy's rule)."""
+    shape = _shape(x)
+    if len(arrays) == 1:
+        (d, idx), = arrays
+        return take(x, _index_in_range(idx, shape[d], d), axis=d)
+    dims = [d for d, _ in arrays]
+    pos = dims[0] if dims == list(range(dims[0], dims[0] + len(dims))) else 0
+    rest = [d for d in range(len(shape)) if d not in dims]
+    x = transpose(x, rest[:pos] + dims + rest[pos:])
+    x = reshape(x, tuple(shape[d] for d in rest[:pos]) + (math.prod(shape[d] for d in dims),)
+                + tuple(shape[d] for d in rest[pos:]))
+    flat = 0
+    for j, (d, idx) in enumerate(arrays):
+        stride = math.prod(shape[e] for e in dims[j + 1:])
+        flat = _ew(np.add, flat, _ew(np.multiply, _index_in_range(idx, shape[d], d), stride))
+    return take(x, flat, axis=pos)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -977,6 +1089,32 @@ def _diff(x, n, axis):
         m = _shape(x)[ax]
         x = apply_ufunc(np.subtract, _slice_axis(x, ax, 1, m), _slice_axis(x, ax, 0, m - 1))
     return x
+
+
+@implements(np.diagonal)
+def diagonal(x, offset=0, axis1=0, axis2=1):
+    """The diagonal of dims ``axis1, axis2`` as the last dim: a ``take`` from their merger."""
+    x = _operand(x)
+    nd = len(_shape(x))
+    a1, a2 = _axis(axis1, nd), _axis(axis2, nd)
+    if a1 == a2:
+        raise ValueError("axis1 and axis2 cannot be the same")
+    x = moveaxis(x, (a1, a2), (-2, -1))
+    *lead, n1, n2 = _shape(x)
+    rows = np.arange(builtins.max(0, -offset), builtins.max(builtins.min(n1, n2 - offset), 0))
+    return take(reshape(x, tuple(lead) + (n1 * n2,)), rows * n2 + rows + offset, axis=-1)
+
+
+@implements(np.diag)
+def diag(v, k=0):
+    v = _operand(v)
+    if len(_shape(v)) == 2:
+        return diagonal(v, k)
+    if len(_shape(v)) != 1:
+        raise ValueError("Input must be 1- or 2-d.")
+    n = _shape(v)[0] + abs(k)
+    vp = reshape(pad(v, (0, abs(k))), (n, 1) if k >= 0 else (1, n))
+    return where(np.eye(n, k=k, dtype=bool), vp, np.zeros((), _dtype(v)))
 
 
 def _trace(x, offset, axis1, axis2):
