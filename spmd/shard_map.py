@@ -65,19 +65,53 @@ def shard_map(f=None, /, *, out_specs, in_specs=None, mesh=None, axis_names=None
         check_vma = check_rep
     name = _fn_name(f)
 
+    eager = {}                 # (mesh, specs taken from the arguments) -> the jit that runs it
+
     @functools.wraps(f)
     def wrapped(*args):
+        b = current_builder()
         m = mesh if mesh is not None else get_mesh()
+        if m is None and b is not None:                  # nested: the enclosing mesh
+            m = b.mesh
+        if m is None and in_specs is None:               # the arguments' own mesh
+            m = next((s.mesh for s in _arg_specs(f"shard_map({name})", args, sharding=True)), None)
         if m is None:
             raise ShardingError(f"shard_map({name}): no mesh; pass mesh=... or call inside "
                                 f"`with spmd.set_mesh(mesh):`.")
-        if current_builder() is None:
-            # Called eagerly: trace and run the one shard_map through jit (cached).
-            from .jit import jit
-            return jit(wrapped, _name=f"shard_map({name})")(*args)
+        if b is None:
+            # Called eagerly: trace and run the one shard_map through jit (cached per layout).
+            specs = in_specs
+            if specs is None:
+                specs = optree.tree_unflatten(optree.tree_structure(args, none_is_leaf=False),
+                                              _arg_specs(f"shard_map({name})", args))
+            key = (m, None if in_specs is not None else
+                   (optree.tree_structure(args, none_is_leaf=False), tuple(optree.tree_leaves(
+                       specs, is_leaf=lambda x: isinstance(x, PartitionSpec), none_is_leaf=False))))
+            if key not in eager:
+                from .jit import jit
+                eager[key] = jit(lambda *a: _bind_shard_map(f, name, m, a, specs, out_specs,
+                                                           axis_names, check_vma),
+                                 _name=f"shard_map({name})")
+            return eager[key](*args)
         return _bind_shard_map(f, name, m, args, in_specs, out_specs, axis_names, check_vma)
 
     return wrapped
+
+
+def _arg_specs(ctx, args, sharding=False):
+    """``in_specs=None``: each argument's own PartitionSpec (or NamedSharding)."""
+    from .array import Array
+    leaves = optree.tree_leaves(args, none_is_leaf=False)
+    paths = [f"args{_path_str(p)}" for p in optree.tree_paths(args, none_is_leaf=False)]
+    out = []
+    for leaf, path in zip(leaves, paths):
+        if not isinstance(leaf, Array):
+            inside = " (inside a traced function arguments carry no sharding)" \
+                if current_builder() is not None else ""
+            raise ShardingError(f"{ctx}: in_specs=None takes each argument's own sharding, but "
+                                f"{path} is not an spmd.Array{inside}; pass in_specs.")
+        out.append(leaf.sharding if sharding else leaf.sharding.spec)
+    return out
 
 
 def _bind_shard_map(f, name, mesh, args, in_specs, out_specs, axis_names, check_vma):
@@ -94,13 +128,7 @@ def _bind_shard_map(f, name, mesh, args, in_specs, out_specs, axis_names, check_
     leaves, tree = optree.tree_flatten(args, none_is_leaf=False)
     paths = [f"args{_path_str(p)}" for p in optree.tree_paths(args, none_is_leaf=False)]
     if in_specs is None:
-        from .array import Array
-        specs = []
-        for leaf, path in zip(leaves, paths):
-            if not isinstance(leaf, Array):
-                raise ShardingError(f"{ctx}: in_specs=None takes each argument's own sharding, but "
-                                    f"{path} is not an spmd.Array; pass in_specs.")
-            specs.append(leaf.sharding.spec)
+        specs = _arg_specs(ctx, args)
     else:
         specs = _broadcast_specs(ctx, "in_specs", in_specs, args, tree, len(leaves))
     from .core import aval_of

@@ -26,6 +26,7 @@ def _spmd_namespace():
              "axis_index axis_size pvary").split()
     ns = {n: getattr(spmd, n) for n in names}
     ns["np"] = np
+    ns["shard_map"] = spmd.shard_map
     ns["name"] = "spmd"
     return types.SimpleNamespace(**ns)
 
@@ -66,8 +67,14 @@ def _jax():
         mine = lax.axis_index(axis_name) == source
         return lax.psum(jnp.where(mine, x, jnp.zeros_like(x)), axis_name)
 
+    def shard_map(f, *, in_specs, out_specs, axis_names=None, check_vma=True):
+        # nested: JAX takes the mesh from the enclosing shard_map's context
+        kw = {} if axis_names is None else {"axis_names": frozenset(axis_names)}
+        return jax.shard_map(f, in_specs=_tree_specs(in_specs, jax_spec),
+                             out_specs=_tree_specs(out_specs, jax_spec), check_vma=check_vma, **kw)
+
     return types.SimpleNamespace(
-        psum=lax.psum, pmean=lax.pmean, pmax=lax.pmax, pmin=lax.pmin, all_gather=all_gather,
+        shard_map=shard_map, psum=lax.psum, pmean=lax.pmean, pmax=lax.pmax, pmin=lax.pmin, all_gather=all_gather,
         psum_scatter=lax.psum_scatter, all_to_all=lax.all_to_all, ppermute=ppermute,
         pbroadcast=pbroadcast, axis_index=lax.axis_index, axis_size=lax.axis_size, pvary=pvary,
         np=jnp, name="jax")
