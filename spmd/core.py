@@ -97,9 +97,20 @@ class Literal:
         self.aval = aval_of(val)
 
     def __repr__(self):
-        if isinstance(self.val, (bool, int, float, complex)) or np.ndim(self.val) == 0:
-            return repr(self.val.item() if hasattr(self.val, "item") else self.val)
+        """Python scalars bare (weakly typed), NumPy scalars with their dtype (``2.0:f32``),
+        small arrays by value, longer ones by type only."""
+        if type(self.val) in _WEAK:
+            return repr(self.val)
+        t = _SHORT.get(self.aval.dtype.name, self.aval.dtype.name)
+        if self.aval.ndim == 0:
+            return f"{np.asarray(self.val).item()!r}:{t}"
+        if self.aval.size <= _SHOWN_CONSTANT_SIZE:
+            vals = np.array2string(np.asarray(self.val), separator=",", threshold=_SHOWN_CONSTANT_SIZE)
+            return f"{vals.replace(' ', '').replace(chr(10), '')}:{t}"
         return f"const:{self.aval}"
+
+
+_SHOWN_CONSTANT_SIZE = 6
 
 
 Atom = "Var | Literal"
@@ -158,6 +169,12 @@ class Program:
         for i, e in enumerate(self.eqns):
             for a in e.inputs:
                 use(a, f"equation {i} ({e.prim.name})")
+            for sub in e.prim.subprograms(e.params):       # inner programs first: errors point inside
+                try:
+                    sub.check()
+                except TypeError as err:
+                    where = next((k for k, v in e.params.items() if v is sub), "inner program")
+                    raise TypeError(f"equation {i} ({e.prim.name}), {where}: {err}") from None
             want = e.prim.abstract_eval(*[a.aval for a in e.inputs], **e.params)
             want = list(want) if e.prim.multiple_results else [want]
             got = [v.aval for v in e.outputs]
@@ -170,8 +187,6 @@ class Program:
                 if id(v) in defined:
                     raise TypeError(f"equation {i} ({e.prim.name}) redefines {v!r}")
                 defined.add(id(v))
-            for sub in e.prim.subprograms(e.params):
-                sub.check()
         for a in self.out_vars:
             use(a, "program output")
         return self
@@ -202,10 +217,10 @@ class _ProgramPrinter:
     def program(self, p: Program, indent: int) -> str:
         pad = " " * indent
         ins = " ".join(self.decl(v) for v in p.in_vars)
-        lines = [f"{{ lambda {ins} ; "]
+        lines = [f"{{ lambda {ins} ;"]
         for e in p.eqns:
             outs = " ".join(self.decl(v) for v in e.outputs)
-            shown = {k: v for k, v in e.params.items() if not isinstance(v, Program)}
+            shown = {k: v for k, v in e.params.items() if not isinstance(v, Program) and v is not None}
             params = ("[" + " ".join(f"{k}={_fmt_param(v)}" for k, v in shown.items()) + "]") if shown else ""
             args = " ".join(self.name(a) for a in e.inputs)
             lines.append(f"{pad}    {outs} = {e.prim.name}{params} {args}")
@@ -218,10 +233,11 @@ class _ProgramPrinter:
 
 
 def _fmt_param(v) -> str:
+    """Short forms: ``P(data,None)``, ``{data:2,model:4}``, ``f32``, strings unquoted."""
     from .mesh import AbstractMesh
     from .sharding import PartitionSpec
     if isinstance(v, PartitionSpec):
-        return repr(v)
+        return "P(" + ",".join(_fmt_param(e) for e in v) + ")"
     if isinstance(v, AbstractMesh):
         return "{" + ",".join(f"{n}:{s}" for n, s in zip(v.axis_names, v.axis_sizes)) + "}"
     if isinstance(v, np.dtype):
@@ -230,7 +246,11 @@ def _fmt_param(v) -> str:
         return f"({_fmt_param(v[0])},)"
     if isinstance(v, tuple):
         return "(" + ",".join(_fmt_param(x) for x in v) + ")"
-    return repr(v) if isinstance(v, str) else str(v)
+    if isinstance(v, np.ndarray):
+        return repr(Literal(v))
+    if callable(v) and hasattr(v, "__name__"):
+        return v.__name__
+    return str(v)
 
 
 # ---------------------------------------------------------------------------------------------

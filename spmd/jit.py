@@ -90,6 +90,7 @@ class Jitted:
             return self.f(*args, **kwargs)
         (program, in_tree, out_tree), leaves = self._program(args, kwargs)
         executor = self.executor or _default_executor()
+        leaves = [np.asarray(x) if type(x) in (bool, int, float, complex) else x for x in leaves]
         outs = executor.run(program, leaves)
         return optree.tree_unflatten(out_tree, [_as_array(o) for o in outs])
 

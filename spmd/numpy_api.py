@@ -195,11 +195,18 @@ def handle_ufunc(ufunc, method, inputs, kwargs):
 def handle_function(func, args, kwargs):
     impl = HANDLED_FUNCTIONS.get(func)
     if impl is None:
-        mod = getattr(func, "__module__", "numpy") or "numpy"
-        mod = "numpy" if mod.startswith("numpy") else mod
-        raise NotImplementedError(f"spmd has no rule for {mod}.{func.__name__} on traced values; "
-                                  f"express it with supported NumPy functions or file an issue.")
+        mod = getattr(func, "__module__", None) or "numpy"      # numpy.linalg, not numpy.linalg._linalg
+        mod = ".".join(itertools.takewhile(lambda part: not part.startswith("_"), mod.split(".")))
+        why = ("its output shape depends on the values, which a traced program cannot have; "
+               "use np.where(cond, x, y) or a fixed-size mask instead."
+               if func in _DATA_DEPENDENT_SHAPE else
+               "express it with supported NumPy functions or file an issue.")
+        raise NotImplementedError(f"spmd has no rule for {mod}.{func.__name__} on traced values: {why}")
     return impl(*args, **kwargs)
+
+
+_DATA_DEPENDENT_SHAPE = {np.nonzero, np.argwhere, np.flatnonzero, np.unique, np.extract,
+                         np.compress}
 
 
 # ---------------------------------------------------------------------------------------------
