@@ -19,6 +19,7 @@ flight recorder (``spmd.flight_recorder``) dumps the last collectives of the pro
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import dataclasses
@@ -171,6 +172,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         raise SpmdError(f"initialize(backend={backend!r}): use one of {BACKENDS}.")
     if backend == "mpi":
         comm = _mpi_world()
+        from .communicators.mpi import announce_exit
+        atexit.register(announce_exit)     # runs before mpi4py's MPI_Finalize
         if num_processes is not None and num_processes != comm.Get_size():
             raise SpmdError(f"initialize: num_processes={num_processes} but MPI_COMM_WORLD has "
                             f"{comm.Get_size()} processes; start the script with "

@@ -28,3 +28,7 @@ class CollectiveTimeoutError(SpmdError, TimeoutError):
 class CollectiveMismatchError(SpmdError, RuntimeError):
     """The processes of a group called different collectives (op, shape, dtype or axes) at the
     same point of the program."""
+
+
+class ProcessExitedError(SpmdError, RuntimeError):
+    """A process of the group exited while the others waited for it in a collective."""

@@ -86,7 +86,11 @@ _installed = False
 
 
 def install_signal_handler():
-    """Dump on SIGUSR1 and on an uncaught exception (called by ``distributed.initialize``)."""
+    """Dump on SIGUSR1 and on an uncaught exception (called by ``distributed.initialize``).
+
+    After an uncaught exception in a multi-process job the process exits at once: a normal exit
+    would wait in ``MPI_Finalize`` for peers that are themselves waiting for this process, and
+    the job would only end when their collectives time out."""
     global _installed
     if _installed:
         return
@@ -104,6 +108,11 @@ def install_signal_handler():
             except OSError:
                 pass
         previous(kind, value, tb)
+        from . import distributed
+        if distributed.process_count() > 1:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
     sys.excepthook = excepthook
 
 

@@ -20,18 +20,20 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import ml_dtypes
 import numpy as np
 
-from ..errors import CollectiveMismatchError, CollectiveTimeoutError, SpmdError
+from ..errors import CollectiveMismatchError, CollectiveTimeoutError, ProcessExitedError, SpmdError
 from ..flight_recorder import recorder
 from . import axis_groups, rank_in
 
 _SIGNATURE_BYTES = 512
 _SIGNATURE_TAG = 7071
 _PERMUTE_TAG = 7072
+_EXIT_TAG = 7073
 _control = None
 
 
@@ -111,7 +113,7 @@ class MPICommunicator:
             requests, finish = start(comm, ranks.index(self.me))
             self._wait(requests, entry, deadline, timeout, ranks, "exchange data")
             result = finish()
-        except (CollectiveTimeoutError, CollectiveMismatchError):
+        except (CollectiveTimeoutError, CollectiveMismatchError, ProcessExitedError):
             raise
         except BaseException as e:
             recorder().finish(entry, "error")
@@ -151,6 +153,16 @@ class MPICommunicator:
         MPI = _mpi()
         spins, nap = 0, 1e-5
         while not MPI.Request.Testall(requests):
+            if pending is not None and spins % 64 == 63:
+                gone = [r for r, q in pending.items()
+                        if self.control.Iprobe(source=r, tag=_EXIT_TAG) and not q.Test()]
+                if gone:
+                    recorder().finish(entry, "error")
+                    path = _dump_quietly(f"rank(s) {gone} exited during {entry['op']} #{entry['seq']}")
+                    raise ProcessExitedError(
+                        f"{entry['op']} over axes {tuple(entry['axes'])} (collective #{entry['seq']} "
+                        f"of rank {self.me}, group ranks {list(ranks)}) cannot complete: rank(s) "
+                        f"{gone} exited before arriving. Flight recorder: {path}")
             if time.monotonic() > deadline:
                 recorder().finish(entry, "timeout")
                 missing = ([r for r, q in pending.items() if not q.Test()] if pending is not None
@@ -275,6 +287,30 @@ def _reduction(dtype, op):
     if dtype.kind == "c" and op != "sum":
         return None, None
     return dtype, {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op]
+
+
+def announce_exit():
+    """At exit: tell every process this one is leaving (so a peer that waits for it in a
+    collective fails at once), then meet the others at a barrier with a deadline, so that
+    ``MPI_Finalize`` does not wait forever for a peer that is stuck."""
+    from ..distributed import collective_timeout_seconds
+    MPI = _mpi()
+    if MPI.Is_finalized():
+        return
+    control = _control_comm()
+    note = np.zeros(1, np.uint8)
+    for r in range(control.Get_size()):
+        if r != control.Get_rank():
+            control.Isend(note, dest=r, tag=_EXIT_TAG).Free()
+    barrier = control.Ibarrier()
+    deadline = time.monotonic() + collective_timeout_seconds()
+    while not barrier.Test():
+        if time.monotonic() > deadline:
+            sys.stderr.write(f"spmd: rank {control.Get_rank()} gave up waiting for the other "
+                             f"processes to exit\n")
+            sys.stderr.flush()
+            os._exit(1)
+        time.sleep(1e-3)
 
 
 def _dump_quietly(reason: str) -> str | None:

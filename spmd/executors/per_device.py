@@ -49,6 +49,8 @@ class PerDeviceExecutor:
                 else:
                     any_pos = comm.local_positions[0]
                     outs = [o[any_pos] for o in outs]
+            elif e.prim.rules.get("call"):              # checkpoint: run the body inline
+                outs = self._eval_global(e.params["body"], vals)
             else:
                 outs = e.prim.rule("impl")(np, 0, *[self._whole(v) for v in vals], **e.params)
                 if not e.prim.multiple_results:
@@ -77,6 +79,8 @@ class PerDeviceExecutor:
             vals = [read(a) for a in e.inputs]
             if e.prim.name == "shard_map":
                 outs = self._shard_map(comm, vals, outer_axes=manual, **e.params)
+            elif e.prim.rules.get("call"):
+                outs = self._eval_local(comm, e.params["body"], vals, manual)
             elif "per_device" in e.prim.rules:
                 outs = e.prim.rules["per_device"](comm, *vals, **e.params)
                 if e.prim.multiple_results is False:
@@ -114,12 +118,13 @@ class PerDeviceExecutor:
         all_manual = tuple(outer_axes) + tuple(manual_axes)
         outs = self._eval_local(comm, body, local_in, all_manual)
         results = []
-        for o, spec in zip(outs, out_specs):
+        for o, spec, var in zip(outs, out_specs, body.out_vars):
             named = {a for axes in spec.axes for a in axes}
             # Devices along manual axes the spec omits hold the same value (checked by the vma
             # types); take the one at index 0, as the stacked executor does.
             unnamed = tuple(a for a in mesh.axis_names if a in manual_axes and a not in named)
-            if unnamed:
+            vma = getattr(getattr(var, "aval", None), "vma", None)
+            if unnamed and not (check_vma and vma is not None and not set(unnamed) & set(vma)):
                 o = comm.broadcast(o, unnamed, None, 0)
             if not gather:
                 results.append(o)
