@@ -18,6 +18,9 @@ from .jit import jit, make_program
 from .shard_map import shard_map
 from .collectives import (psum, pmean, pmax, pmin, all_gather, psum_scatter, all_to_all, ppermute,
                           pbroadcast, axis_index, axis_size, pvary)
+from .transforms.api import grad, value_and_grad, vjp, jvp, linearize, jacfwd, jacrev
+from .transforms.vmap import vmap
+from .transforms.checkpoint import checkpoint, checkpoint_policies, remat
 from . import numpy, lax, executors
 from .inspect import collectives, print_collectives
 from .visualize import visualize_sharding

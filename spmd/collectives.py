@@ -19,6 +19,7 @@ import optree
 
 from .core import Aval, Primitive, bind, current_builder
 from .errors import VmaError
+from .transforms import ad
 
 # ---------------------------------------------------------------------------------------------
 # argument checking (at trace time, before anything runs)
@@ -94,7 +95,8 @@ def _as_traced(b, x):
 
 
 _identity_p = Primitive("copy", abstract=lambda x: Aval(x.shape, x.dtype),
-                        impl=lambda xp, k, x: x, linear=True)
+                        impl=lambda xp, k, x: x, linear=True, transpose=lambda ct, x: [ct])
+_identity_p.jvp = ad.linear_jvp(_identity_p)
 
 
 def _vary(b, x, axes):
@@ -187,6 +189,29 @@ pmax_p = _all_reduce_prim("pmax", "max")
 pmin_p = _all_reduce_prim("pmin", "min")
 
 
+def _vary_like(x, aval):
+    """``pvary`` ``x`` over the axes that ``aval`` varies over and ``x`` does not."""
+    b = current_builder()
+    missing = tuple(a for a in b.mesh.axis_names if a in aval.vma and a not in x.aval.vma)
+    return bind(pvary_p, x, axes=missing) if missing else x
+
+
+def _psum_transpose(ct, x, *, axes, groups):
+    # A sum over a sub-group is its own transpose; over the whole axis the cotangent is
+    # invariant and flows back to every device unchanged: a pvary, no communication.
+    if groups is not None:
+        return [bind(psum_p, ct, axes=axes, groups=groups)]
+    return [_vary_like(ct, x.aval)]
+
+
+psum_p.jvp, psum_p.transpose = ad.linear_jvp(psum_p), _psum_transpose
+for _p in (pmax_p, pmin_p):
+    _p.jvp = ad.no_jvp(_p, f"{_p.name} has no gradient (which device's value wins is not a smooth "
+                           f"function); take the gradient of a psum-based formulation, or compute "
+                           f"the {_p.name} outside the differentiated function.")
+del _p
+
+
 def _all_reduce(prim, op_name, x, axis_name, axis_index_groups):
     b, axes = _context(op_name, axis_name)
     groups = _check_groups(op_name, b, axes, axis_index_groups)
@@ -254,7 +279,35 @@ all_gather_p = Primitive(
     per_device=lambda comm, bufs, *, axes, axis, tiled, groups, to, size: {
         d: (np.concatenate(list(g), axis=axis) if tiled else np.stack(list(g), axis=axis))
         for d, g in comm.all_gather(bufs, axes, groups).items()},
-    collective="all_gather")
+    collective="all_gather", linear=True)
+
+
+def _all_gather_transpose(ct, x, *, axes, axis, tiled, groups, to, size):
+    if to == "invariant" and groups is None:
+        # One invariant copy of the gathered value: device i's block is its own slice of it.
+        blk = x.aval.shape[axis] if tiled else 1
+        starts = [0] * ct.ndim
+        starts[axis] = bind(axis_index_p, axes=axes) * blk
+        sizes = tuple(blk if d == axis else n for d, n in enumerate(ct.shape))
+        out = bind(_dynamic_slice_p(), ct, *starts, sizes=sizes)
+        if not tiled:
+            out = bind(_reshape_p(), out, shape=x.aval.shape)
+        return [_vary_like(out, x.aval)]
+    return [bind(psum_scatter_p, ct, axes=axes, scatter_dimension=axis, tiled=tiled, groups=groups,
+                 size=size)]
+
+
+def _dynamic_slice_p():
+    from .lax import dynamic_slice_p
+    return dynamic_slice_p
+
+
+def _reshape_p():
+    from .lax import reshape_p
+    return reshape_p
+
+
+all_gather_p.jvp, all_gather_p.transpose = ad.linear_jvp(all_gather_p), _all_gather_transpose
 
 
 def all_gather(x, axis_name, *, axis_index_groups=None, axis=0, tiled=False, to="varying"):
@@ -313,7 +366,11 @@ psum_scatter_p = Primitive(
     stacked=_rank_major_rule(_psum_scatter_body, out_varying=True),
     per_device=lambda comm, bufs, *, axes, scatter_dimension, tiled, groups, size: comm.reduce_scatter(
         {d: _to_front(v, scatter_dimension, size, tiled) for d, v in bufs.items()}, axes, groups, "sum"),
-    collective="reduce_scatter", linear=True)
+    collective="reduce_scatter", linear=True,
+    transpose=lambda ct, x, *, axes, scatter_dimension, tiled, groups, size: [
+        bind(all_gather_p, ct, axes=axes, axis=scatter_dimension, tiled=tiled, groups=groups,
+             to="varying", size=size)])
+psum_scatter_p.jvp = ad.linear_jvp(psum_scatter_p)
 
 
 def _to_front(v, dim, size, tiled):
@@ -384,7 +441,11 @@ def _all_to_all_per_device(comm, bufs, *, axes, split_axis, concat_axis, tiled, 
 all_to_all_p = Primitive(
     "all_to_all", abstract=_all_to_all_abstract, vma=lambda x, *, axes, **_: x.vma | set(axes),
     stacked=_rank_major_rule(_all_to_all_body, out_varying=True),
-    per_device=_all_to_all_per_device, collective="all_to_all", linear=True)
+    per_device=_all_to_all_per_device, collective="all_to_all", linear=True,
+    transpose=lambda ct, x, *, axes, split_axis, concat_axis, tiled, groups, size: [
+        bind(all_to_all_p, ct, axes=axes, split_axis=concat_axis, concat_axis=split_axis,
+             tiled=tiled, groups=groups, size=size)])
+all_to_all_p.jvp = ad.linear_jvp(all_to_all_p)
 
 
 def all_to_all(x, axis_name, split_axis, concat_axis, *, axis_index_groups=None, tiled=False):
@@ -429,7 +490,10 @@ ppermute_p = Primitive(
     vma=lambda x, *, axes, **_: x.vma | set(axes),
     stacked=_rank_major_rule(_ppermute_body, out_varying=True),
     per_device=lambda comm, bufs, *, axes, perm, groups=None: comm.permute(bufs, axes, perm),
-    collective="permute", linear=True)
+    collective="permute", linear=True,
+    transpose=lambda ct, x, *, axes, perm, **p: [
+        bind(ppermute_p, ct, axes=axes, perm=tuple((d, s) for s, d in perm), **p)])
+ppermute_p.jvp = ad.linear_jvp(ppermute_p)
 
 
 def ppermute(x, axis_name, perm):
@@ -465,6 +529,16 @@ pbroadcast_p = Primitive(
     stacked=_rank_major_rule(_pbroadcast_body, out_varying=True),
     per_device=lambda comm, bufs, *, axes, source, groups=None: comm.broadcast(bufs, axes, groups, source),
     collective="broadcast", linear=True)
+
+
+def _pbroadcast_transpose(ct, x, *, axes, source, **_):
+    # Every device received the source's value: the source gets the sum of all cotangents.
+    total = bind(psum_p, ct, axes=axes, groups=None)
+    at_source = bind(axis_index_p, axes=axes) == source
+    return [_vary_like(np.where(at_source, total, np.zeros((), ct.dtype)), x.aval)]
+
+
+pbroadcast_p.jvp, pbroadcast_p.transpose = ad.linear_jvp(pbroadcast_p), _pbroadcast_transpose
 
 
 def pbroadcast(x, axis_name, source):
@@ -523,7 +597,9 @@ def _pvary_stacked(xp, mesh, x, *, axes):
 pvary_p = Primitive(
     "pvary", abstract=lambda x, **p: Aval(x.shape, x.dtype),
     vma=lambda x, *, axes: x.vma | set(axes), stacked=_pvary_stacked,
-    per_device=lambda comm, bufs, *, axes: bufs, collective="none", linear=True)
+    per_device=lambda comm, bufs, *, axes: bufs, collective="none", linear=True, free=True,
+    transpose=lambda ct, x, *, axes: [bind(psum_p, ct, axes=axes, groups=None)])
+pvary_p.jvp = ad.linear_jvp(pvary_p)
 
 
 def pvary(x, axis_name):

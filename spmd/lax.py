@@ -16,6 +16,7 @@ import math
 import numpy as np
 
 from .core import Aval, Primitive, bind
+from .transforms import ad
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -58,104 +59,175 @@ UNARY = {}
 BINARY = {}
 
 
-def unary(name, fn, *, out_dtype=None, jvp=None, **rules):
+def unary(name, fn, *, out_dtype=None, deriv=None, nondiff=False, transpose=None, **rules):
+    """An elementwise unary primitive.  Autodiff: ``deriv(x, y)`` is dy/dx (y the output);
+    ``nondiff`` marks a piecewise-constant op (zero tangent); linear ones give ``transpose``."""
     p = Primitive(name, abstract=_ew_abstract(out_dtype), impl=lambda xp, k, x: fn(xp, x),
-                  jvp=jvp, category="elementwise", **rules)
+                  transpose=transpose, category="elementwise", **rules)
+    p.jvp = (ad.deriv_jvp(p, deriv) if deriv else ad.zero_jvp(p) if nondiff else
+             ad.linear_jvp(p) if p.linear else None)
     UNARY[name] = p
     return p
 
 
-def binary(name, fn, *, out_dtype=None, jvp=None, **rules):
+def binary(name, fn, *, out_dtype=None, partials=None, nondiff=False, transpose=None, **rules):
+    """An elementwise binary primitive.  Autodiff: ``partials(x, y, out)`` gives the pair
+    (d out/dx, d out/dy); ``nondiff`` marks a piecewise-constant op (zero tangent)."""
     p = Primitive(name, abstract=_ew_abstract(out_dtype), impl=lambda xp, k, x, y: fn(xp, x, y),
-                  jvp=jvp, category="elementwise", **rules)
+                  transpose=transpose, category="elementwise", **rules)
+    p.jvp = (_partials_jvp(p, partials) if partials else ad.zero_jvp(p) if nondiff else
+             _add_sub_jvp(p) if p.linear else None)
     BINARY[name] = p
     return p
 
 
+def _partials_jvp(p, partials):
+    def jvp(primals, tangents):
+        (x, y), (tx, ty) = primals, tangents
+        out = bind(p, x, y)
+        dx, dy = partials(x, y, out)
+        return out, ad.add_tangents(tx if ad.is_zero(tx) else tx * dx, ty if ad.is_zero(ty) else ty * dy)
+    return jvp
+
+
+def _add_sub_jvp(p):
+    def jvp(primals, tangents):
+        (x, y), (tx, ty) = primals, tangents
+        out = bind(p, x, y)
+        if ad.is_zero(ty):
+            return out, tx
+        if p is sub_p:
+            ty = -ty
+        return out, ty if ad.is_zero(tx) else bind(add_p, tx, ty)
+    return jvp
+
+
+def _mul_transpose(ct, x, y):
+    if ad.is_undefined(x) and ad.is_undefined(y):
+        raise TypeError("transpose rule for mul: both operands are linear (a product of tangents)")
+    return [ct * y, None] if ad.is_undefined(x) else [None, ct * x]
+
+
 _bool = lambda dt: np.bool_
+
+
+def _pow_dx(x, y):
+    if isinstance(y, (int, float, np.ndarray, np.generic)) and np.ndim(y) == 0 and float(y) in (1, 2):
+        return 2 * x if float(y) == 2 else 1            # x ** 2: no pow in the derivative
+    return y * x ** (y - 1)
+
+
+def _chooser(first, tie):
+    """Partials of max/min: the chosen operand gets the tangent, ties split it evenly."""
+    dx = np.where(first, 1.0, np.where(tie, 0.5, 0.0))
+    return dx, 1 - dx
 
 # ---------------------------------------------------------------------------------------------
 # elementwise
 # ---------------------------------------------------------------------------------------------
 
-neg_p = unary("neg", lambda xp, x: xp.negative(x), linear=True)
-exp_p = unary("exp", lambda xp, x: xp.exp(x))
-exp2_p = unary("exp2", lambda xp, x: xp.exp2(x))
-log_p = unary("log", lambda xp, x: xp.log(x))
-log2_p = unary("log2", lambda xp, x: xp.log2(x))
-log10_p = unary("log10", lambda xp, x: xp.log10(x))
-log1p_p = unary("log1p", lambda xp, x: xp.log1p(x))
-expm1_p = unary("expm1", lambda xp, x: xp.expm1(x))
-tanh_p = unary("tanh", lambda xp, x: xp.tanh(x))
-sinh_p = unary("sinh", lambda xp, x: xp.sinh(x))
-cosh_p = unary("cosh", lambda xp, x: xp.cosh(x))
-sin_p = unary("sin", lambda xp, x: xp.sin(x))
-cos_p = unary("cos", lambda xp, x: xp.cos(x))
-tan_p = unary("tan", lambda xp, x: xp.tan(x))
-asin_p = unary("asin", lambda xp, x: xp.arcsin(x))
-acos_p = unary("acos", lambda xp, x: xp.arccos(x))
-atan_p = unary("atan", lambda xp, x: xp.arctan(x))
-asinh_p = unary("asinh", lambda xp, x: xp.arcsinh(x))
-acosh_p = unary("acosh", lambda xp, x: xp.arccosh(x))
-atanh_p = unary("atanh", lambda xp, x: xp.arctanh(x))
-sqrt_p = unary("sqrt", lambda xp, x: xp.sqrt(x))
-cbrt_p = unary("cbrt", lambda xp, x: xp.cbrt(x))
-rsqrt_p = unary("rsqrt", lambda xp, x: 1 / xp.sqrt(x))
-square_p = unary("square", lambda xp, x: xp.square(x))
-reciprocal_p = unary("reciprocal", lambda xp, x: xp.reciprocal(x))
-abs_p = unary("abs", lambda xp, x: xp.abs(x), out_dtype=_real_dtype)
-sign_p = unary("sign", lambda xp, x: xp.sign(x))
-floor_p = unary("floor", lambda xp, x: xp.floor(x))
-ceil_p = unary("ceil", lambda xp, x: xp.ceil(x))
-trunc_p = unary("trunc", lambda xp, x: xp.trunc(x))
-round_p = unary("round", lambda xp, x: xp.round(x))
-rint_p = unary("rint", lambda xp, x: xp.rint(x))
-conj_p = unary("conj", lambda xp, x: xp.conj(x), linear=True)
-real_p = unary("real", lambda xp, x: xp.real(x), out_dtype=_real_dtype, linear=True)
-imag_p = unary("imag", lambda xp, x: xp.imag(x), out_dtype=_real_dtype, linear=True)
-logistic_p = unary("logistic", lambda xp, x: 1 / (1 + xp.exp(-x)))
-not_p = unary("not", lambda xp, x: xp.logical_not(x), out_dtype=_bool)
-invert_p = unary("invert", lambda xp, x: xp.invert(x))
-isnan_p = unary("isnan", lambda xp, x: xp.isnan(x), out_dtype=_bool)
-isinf_p = unary("isinf", lambda xp, x: xp.isinf(x), out_dtype=_bool)
-isfinite_p = unary("isfinite", lambda xp, x: xp.isfinite(x), out_dtype=_bool)
-signbit_p = unary("signbit", lambda xp, x: xp.signbit(x), out_dtype=_bool)
+neg_p = unary("neg", lambda xp, x: xp.negative(x), linear=True, transpose=lambda ct, x: [-ct])
+exp_p = unary("exp", lambda xp, x: xp.exp(x), deriv=lambda x, y: y)
+exp2_p = unary("exp2", lambda xp, x: xp.exp2(x), deriv=lambda x, y: y * math.log(2))
+log_p = unary("log", lambda xp, x: xp.log(x), deriv=lambda x, y: 1 / x)
+log2_p = unary("log2", lambda xp, x: xp.log2(x), deriv=lambda x, y: 1 / (x * math.log(2)))
+log10_p = unary("log10", lambda xp, x: xp.log10(x), deriv=lambda x, y: 1 / (x * math.log(10)))
+log1p_p = unary("log1p", lambda xp, x: xp.log1p(x), deriv=lambda x, y: 1 / (1 + x))
+expm1_p = unary("expm1", lambda xp, x: xp.expm1(x), deriv=lambda x, y: y + 1)
+tanh_p = unary("tanh", lambda xp, x: xp.tanh(x), deriv=lambda x, y: 1 - y * y)
+sinh_p = unary("sinh", lambda xp, x: xp.sinh(x), deriv=lambda x, y: np.cosh(x))
+cosh_p = unary("cosh", lambda xp, x: xp.cosh(x), deriv=lambda x, y: np.sinh(x))
+sin_p = unary("sin", lambda xp, x: xp.sin(x), deriv=lambda x, y: np.cos(x))
+cos_p = unary("cos", lambda xp, x: xp.cos(x), deriv=lambda x, y: -np.sin(x))
+tan_p = unary("tan", lambda xp, x: xp.tan(x), deriv=lambda x, y: 1 + y * y)
+asin_p = unary("asin", lambda xp, x: xp.arcsin(x), deriv=lambda x, y: 1 / np.sqrt(1 - x * x))
+acos_p = unary("acos", lambda xp, x: xp.arccos(x), deriv=lambda x, y: -1 / np.sqrt(1 - x * x))
+atan_p = unary("atan", lambda xp, x: xp.arctan(x), deriv=lambda x, y: 1 / (1 + x * x))
+asinh_p = unary("asinh", lambda xp, x: xp.arcsinh(x), deriv=lambda x, y: 1 / np.sqrt(x * x + 1))
+acosh_p = unary("acosh", lambda xp, x: xp.arccosh(x), deriv=lambda x, y: 1 / np.sqrt(x * x - 1))
+atanh_p = unary("atanh", lambda xp, x: xp.arctanh(x), deriv=lambda x, y: 1 / (1 - x * x))
+sqrt_p = unary("sqrt", lambda xp, x: xp.sqrt(x), deriv=lambda x, y: 0.5 / y)
+cbrt_p = unary("cbrt", lambda xp, x: xp.cbrt(x), deriv=lambda x, y: 1 / (3 * y * y))
+rsqrt_p = unary("rsqrt", lambda xp, x: 1 / xp.sqrt(x), deriv=lambda x, y: -0.5 * y / x)
+square_p = unary("square", lambda xp, x: xp.square(x), deriv=lambda x, y: 2 * x)
+reciprocal_p = unary("reciprocal", lambda xp, x: xp.reciprocal(x), deriv=lambda x, y: -y * y)
+abs_p = unary("abs", lambda xp, x: xp.abs(x), out_dtype=_real_dtype, deriv=lambda x, y: np.sign(x))
+sign_p = unary("sign", lambda xp, x: xp.sign(x), nondiff=True)
+floor_p = unary("floor", lambda xp, x: xp.floor(x), nondiff=True)
+ceil_p = unary("ceil", lambda xp, x: xp.ceil(x), nondiff=True)
+trunc_p = unary("trunc", lambda xp, x: xp.trunc(x), nondiff=True)
+round_p = unary("round", lambda xp, x: xp.round(x), nondiff=True)
+rint_p = unary("rint", lambda xp, x: xp.rint(x), nondiff=True)
+conj_p = unary("conj", lambda xp, x: xp.conj(x), linear=True, transpose=lambda ct, x: [np.conj(ct)])
+real_p = unary("real", lambda xp, x: xp.real(x), out_dtype=_real_dtype, linear=True,
+               transpose=lambda ct, x: [ct.astype(x.aval.dtype)])
+imag_p = unary("imag", lambda xp, x: xp.imag(x), out_dtype=_real_dtype, linear=True,
+               transpose=lambda ct, x: [ct.astype(x.aval.dtype) * -1j])
+logistic_p = unary("logistic", lambda xp, x: 1 / (1 + xp.exp(-x)), deriv=lambda x, y: y * (1 - y))
+not_p = unary("not", lambda xp, x: xp.logical_not(x), out_dtype=_bool, nondiff=True)
+invert_p = unary("invert", lambda xp, x: xp.invert(x), nondiff=True)
+isnan_p = unary("isnan", lambda xp, x: xp.isnan(x), out_dtype=_bool, nondiff=True)
+isinf_p = unary("isinf", lambda xp, x: xp.isinf(x), out_dtype=_bool, nondiff=True)
+isfinite_p = unary("isfinite", lambda xp, x: xp.isfinite(x), out_dtype=_bool, nondiff=True)
+signbit_p = unary("signbit", lambda xp, x: xp.signbit(x), out_dtype=_bool, nondiff=True)
 
-add_p = binary("add", lambda xp, x, y: xp.add(x, y), linear=True)
-sub_p = binary("sub", lambda xp, x, y: xp.subtract(x, y), linear=True)
-mul_p = binary("mul", lambda xp, x, y: xp.multiply(x, y))
-div_p = binary("div", lambda xp, x, y: xp.true_divide(x, y))
-floordiv_p = binary("floordiv", lambda xp, x, y: xp.floor_divide(x, y))
-rem_p = binary("rem", lambda xp, x, y: xp.remainder(x, y))
-fmod_p = binary("fmod", lambda xp, x, y: xp.fmod(x, y))
-pow_p = binary("pow", lambda xp, x, y: xp.power(x, y))
-max_p = binary("max", lambda xp, x, y: xp.maximum(x, y))
-min_p = binary("min", lambda xp, x, y: xp.minimum(x, y))
-fmax_p = binary("fmax", lambda xp, x, y: xp.fmax(x, y))
-fmin_p = binary("fmin", lambda xp, x, y: xp.fmin(x, y))
-atan2_p = binary("atan2", lambda xp, x, y: xp.arctan2(x, y))
-hypot_p = binary("hypot", lambda xp, x, y: xp.hypot(x, y))
-copysign_p = binary("copysign", lambda xp, x, y: xp.copysign(x, y))
-logaddexp_p = binary("logaddexp", lambda xp, x, y: xp.logaddexp(x, y))
-and_p = binary("and", lambda xp, x, y: xp.bitwise_and(x, y))
-or_p = binary("or", lambda xp, x, y: xp.bitwise_or(x, y))
-xor_p = binary("xor", lambda xp, x, y: xp.bitwise_xor(x, y))
-shift_left_p = binary("shift_left", lambda xp, x, y: xp.left_shift(x, y))
-shift_right_p = binary("shift_right", lambda xp, x, y: xp.right_shift(x, y))
-eq_p = binary("eq", lambda xp, x, y: xp.equal(x, y), out_dtype=_bool)
-ne_p = binary("ne", lambda xp, x, y: xp.not_equal(x, y), out_dtype=_bool)
-lt_p = binary("lt", lambda xp, x, y: xp.less(x, y), out_dtype=_bool)
-le_p = binary("le", lambda xp, x, y: xp.less_equal(x, y), out_dtype=_bool)
-gt_p = binary("gt", lambda xp, x, y: xp.greater(x, y), out_dtype=_bool)
-ge_p = binary("ge", lambda xp, x, y: xp.greater_equal(x, y), out_dtype=_bool)
+add_p = binary("add", lambda xp, x, y: xp.add(x, y), linear=True,
+               transpose=lambda ct, x, y: [ct if ad.is_undefined(x) else None, ct if ad.is_undefined(y) else None])
+sub_p = binary("sub", lambda xp, x, y: xp.subtract(x, y), linear=True,
+               transpose=lambda ct, x, y: [ct if ad.is_undefined(x) else None, -ct if ad.is_undefined(y) else None])
+mul_p = binary("mul", lambda xp, x, y: xp.multiply(x, y), partials=lambda x, y, o: (y, x),
+               transpose=_mul_transpose)
+div_p = binary("div", lambda xp, x, y: xp.true_divide(x, y), partials=lambda x, y, o: (1 / y, -o / y),
+               transpose=lambda ct, x, y: [ct / y, None])
+floordiv_p = binary("floordiv", lambda xp, x, y: xp.floor_divide(x, y), nondiff=True)
+rem_p = binary("rem", lambda xp, x, y: xp.remainder(x, y), partials=lambda x, y, o: (1, -np.floor(x / y)))
+fmod_p = binary("fmod", lambda xp, x, y: xp.fmod(x, y), partials=lambda x, y, o: (1, -np.trunc(x / y)))
+pow_p = binary("pow", lambda xp, x, y: xp.power(x, y),
+               partials=lambda x, y, o: (_pow_dx(x, y), np.log(np.where(x > 0, x, 1)) * o))
+max_p = binary("max", lambda xp, x, y: xp.maximum(x, y), partials=lambda x, y, o: _chooser(x > y, x == y))
+min_p = binary("min", lambda xp, x, y: xp.minimum(x, y), partials=lambda x, y, o: _chooser(x < y, x == y))
+fmax_p = binary("fmax", lambda xp, x, y: xp.fmax(x, y), partials=lambda x, y, o: _chooser(x > y, x == y))
+fmin_p = binary("fmin", lambda xp, x, y: xp.fmin(x, y), partials=lambda x, y, o: _chooser(x < y, x == y))
+atan2_p = binary("atan2", lambda xp, x, y: xp.arctan2(x, y),
+                 partials=lambda x, y, o: (y / (x * x + y * y), -x / (x * x + y * y)))
+hypot_p = binary("hypot", lambda xp, x, y: xp.hypot(x, y), partials=lambda x, y, o: (x / o, y / o))
+copysign_p = binary("copysign", lambda xp, x, y: xp.copysign(x, y),
+                    partials=lambda x, y, o: (np.sign(x) * np.sign(o), 0))
+logaddexp_p = binary("logaddexp", lambda xp, x, y: xp.logaddexp(x, y),
+                     partials=lambda x, y, o: (np.exp(x - o), np.exp(y - o)))
+and_p = binary("and", lambda xp, x, y: xp.bitwise_and(x, y), nondiff=True)
+or_p = binary("or", lambda xp, x, y: xp.bitwise_or(x, y), nondiff=True)
+xor_p = binary("xor", lambda xp, x, y: xp.bitwise_xor(x, y), nondiff=True)
+shift_left_p = binary("shift_left", lambda xp, x, y: xp.left_shift(x, y), nondiff=True)
+shift_right_p = binary("shift_right", lambda xp, x, y: xp.right_shift(x, y), nondiff=True)
+eq_p = binary("eq", lambda xp, x, y: xp.equal(x, y), out_dtype=_bool, nondiff=True)
+ne_p = binary("ne", lambda xp, x, y: xp.not_equal(x, y), out_dtype=_bool, nondiff=True)
+lt_p = binary("lt", lambda xp, x, y: xp.less(x, y), out_dtype=_bool, nondiff=True)
+le_p = binary("le", lambda xp, x, y: xp.less_equal(x, y), out_dtype=_bool, nondiff=True)
+gt_p = binary("gt", lambda xp, x, y: xp.greater(x, y), out_dtype=_bool, nondiff=True)
+ge_p = binary("ge", lambda xp, x, y: xp.greater_equal(x, y), out_dtype=_bool, nondiff=True)
 
 
 def _select_abstract(pred, on_true, on_false):
     return Aval(_ew_shape(pred, on_true, on_false), on_true.dtype)
 
 
+def _select_jvp(primals, tangents):
+    (c, x, y), (_, tx, ty) = primals, tangents
+    out = bind(select_p, c, x, y)
+    return out, bind(select_p, c, ad.instantiate(tx, ad.aval_of_value(out)),
+                     ad.instantiate(ty, ad.aval_of_value(out)))
+
+
+def _select_transpose(ct, c, x, y):
+    zero = np.zeros((), ct.dtype)
+    return [None, bind(select_p, c, ct, zero) if ad.is_undefined(x) else None,
+            bind(select_p, c, zero, ct) if ad.is_undefined(y) else None]
+
+
 select_p = Primitive("select", abstract=_select_abstract,
-                     impl=lambda xp, k, c, x, y: xp.where(c, x, y), category="elementwise")
+                     impl=lambda xp, k, c, x, y: xp.where(c, x, y), category="elementwise",
+                     jvp=_select_jvp, transpose=_select_transpose)
 
 
 def _convert_abstract(x, *, dtype):
@@ -166,8 +238,18 @@ def _convert_impl(xp, k, x, *, dtype):
     return x.astype(dtype) if hasattr(x, "astype") else xp.asarray(x, dtype=dtype)
 
 
-convert_element_type_p = Primitive("convert_element_type", abstract=_convert_abstract,
-                                   impl=_convert_impl, category="elementwise")
+def _convert_jvp(primals, tangents, *, dtype):
+    (x,), (t,) = primals, tangents
+    out = bind(convert_element_type_p, x, dtype=dtype)
+    if not (ad.differentiable(dtype) and ad.differentiable(ad.aval_of_value(x).dtype)):
+        return out, ad.Zero(ad.aval_of_value(out))
+    return out, bind(convert_element_type_p, t, dtype=dtype)
+
+
+convert_element_type_p = Primitive(
+    "convert_element_type", abstract=_convert_abstract, impl=_convert_impl, category="elementwise",
+    jvp=_convert_jvp,
+    transpose=lambda ct, x, *, dtype: [bind(convert_element_type_p, ct, dtype=x.aval.dtype)])
 
 # ---------------------------------------------------------------------------------------------
 # shape and layout
@@ -188,8 +270,15 @@ def _bid_impl(xp, k, x, *, shape, dims):
     return xp.broadcast_to(x.reshape(lead + tuple(expanded)), lead + tuple(shape))
 
 
+def _bid_transpose(ct, x, *, shape, dims):
+    summed = tuple(sorted([d for d in range(len(shape)) if d not in dims] +
+                          [d for i, d in enumerate(dims) if x.aval.shape[i] == 1 and shape[d] != 1]))
+    out = bind(reduce_sum_p, ct, axes=summed) if summed else ct
+    return [bind(reshape_p, out, shape=x.aval.shape) if out.shape != x.aval.shape else out]
+
+
 broadcast_in_dim_p = Primitive("broadcast_in_dim", abstract=_bid_abstract, impl=_bid_impl,
-                               category="broadcast")
+                               category="broadcast", linear=True, transpose=_bid_transpose)
 
 
 def _reshape_abstract(x, *, shape):
@@ -200,7 +289,8 @@ def _reshape_abstract(x, *, shape):
 
 reshape_p = Primitive("reshape", abstract=_reshape_abstract,
                       impl=lambda xp, k, x, *, shape: xp.reshape(x, x.shape[:k] + tuple(shape)),
-                      linear=True, category="reshape")
+                      linear=True, category="reshape",
+                      transpose=lambda ct, x, *, shape: [bind(reshape_p, ct, shape=x.aval.shape)])
 
 
 def _transpose_abstract(x, *, perm):
@@ -211,7 +301,8 @@ def _transpose_abstract(x, *, perm):
 
 transpose_p = Primitive("transpose", abstract=_transpose_abstract,
                         impl=lambda xp, k, x, *, perm: xp.transpose(x, tuple(range(k)) + _shift(perm, k)),
-                        linear=True, category="transpose")
+                        linear=True, category="transpose",
+                        transpose=lambda ct, x, *, perm: [bind(transpose_p, ct, perm=tuple(np.argsort(perm).tolist()))])
 
 
 def _slice_abstract(x, *, index):
@@ -221,7 +312,20 @@ def _slice_abstract(x, *, index):
 slice_p = Primitive("slice", abstract=_slice_abstract,
                     impl=lambda xp, k, x, *, index: x[(slice(None),) * k + tuple(
                         slice(a, None if (c < 0 and b < 0) else b, c) for a, b, c in index)],
-                    linear=True, category="slice")
+                    linear=True, category="slice", transpose=lambda ct, x, *, index: [_unslice(ct, x.aval, index)])
+
+
+def _unslice(ct, aval, index):
+    """The transpose of ``slice``: put ``ct`` back where it came from, zeros elsewhere."""
+    for d, (n, s) in enumerate(zip(aval.shape, index)):
+        picked = list(range(*s))
+        if picked == list(range(picked[0], picked[0] + len(picked))) if picked else False:
+            cfg = tuple((picked[0], n - picked[-1] - 1) if i == d else (0, 0) for i in range(ct.ndim))
+            ct = bind(pad_p, ct, np.zeros((), ct.dtype), config=cfg)
+        else:
+            zeros = ad.full(ad.aval_of_value(ct).update(shape=ct.shape[:d] + (n,) + ct.shape[d + 1:]), 0)
+            ct = bind(scatter_add_p, zeros, np.asarray(picked, np.int64), ct, axis=d)
+    return ct
 
 
 def _pad_abstract(x, value, *, config):
@@ -233,7 +337,18 @@ def _pad_impl(xp, k, x, value, *, config):
     return xp.pad(x, ((0, 0),) * k + tuple(config), constant_values=v)
 
 
-pad_p = Primitive("pad", abstract=_pad_abstract, impl=_pad_impl, category="pad")
+def _pad_transpose(ct, x, value, *, config):
+    inner = bind(slice_p, ct, index=tuple((lo, lo + n, 1) for n, (lo, hi) in zip(x.aval.shape, config)))
+    cv = None
+    if ad.is_undefined(value):
+        total = bind(reduce_sum_p, ct, axes=tuple(range(ct.ndim)))
+        cv = total - bind(reduce_sum_p, inner, axes=tuple(range(ct.ndim)))
+    return [inner if ad.is_undefined(x) else None, cv]
+
+
+pad_p = Primitive("pad", abstract=_pad_abstract, impl=_pad_impl, category="pad", linear=True,
+                  transpose=_pad_transpose)
+pad_p.jvp = ad.linear_jvp(pad_p)
 
 
 def _concat_abstract(*xs, axis):
@@ -247,7 +362,18 @@ def _concat_abstract(*xs, axis):
 
 concatenate_p = Primitive("concatenate", abstract=_concat_abstract,
                           impl=lambda xp, k, *xs, axis: xp.concatenate(_common_batch(xp, k, list(xs)), axis=axis + k),
-                          linear=True, category="concatenate")
+                          linear=True, category="concatenate", transpose=lambda ct, *xs, axis: _concat_transpose(ct, xs, axis))
+
+
+def _concat_transpose(ct, xs, axis):
+    out, start = [], 0
+    for x in xs:
+        n = ad.aval_of_value(x).shape[axis]
+        out.append(bind(slice_p, ct, index=tuple((start, start + n, 1) if d == axis else (0, s, 1)
+                                                 for d, s in enumerate(ct.shape)))
+                   if ad.is_undefined(x) else None)
+        start += n
+    return out
 
 
 def _iota_abstract(*, dtype, shape, dimension):
@@ -280,12 +406,41 @@ def reduction(name, fn, out_dtype=None, **rules):
                      category="reduction", **rules)
 
 
-reduce_sum_p = reduction("reduce_sum", lambda xp, x, a: xp.sum(x, axis=a, dtype=x.dtype), linear=True, monoid="sum")
-reduce_max_p = reduction("reduce_max", lambda xp, x, a: xp.max(x, axis=a), monoid="max")
-reduce_min_p = reduction("reduce_min", lambda xp, x, a: xp.min(x, axis=a), monoid="min")
-reduce_prod_p = reduction("reduce_prod", lambda xp, x, a: xp.prod(x, axis=a, dtype=x.dtype), monoid="prod")
+def _kept(ndim, axes):
+    return tuple(i for i in range(ndim) if i not in axes)
+
+
+def _reduce_sum_transpose(ct, x, *, axes):
+    return [bind(broadcast_in_dim_p, ct, shape=x.aval.shape, dims=_kept(x.aval.ndim, axes))]
+
+
+def _reduce_chooser_jvp(primals, tangents, *, axes, prim):
+    """max/min: the tangent of the chosen elements (averaged over ties)."""
+    (x,), (t,) = primals, tangents
+    y = bind(prim, x, axes=axes)
+    chosen = (x == bind(broadcast_in_dim_p, y, shape=x.shape, dims=_kept(x.ndim, axes))).astype(x.dtype)
+    return y, bind(reduce_sum_p, t * chosen, axes=axes) / bind(reduce_sum_p, chosen, axes=axes)
+
+
+def _reduce_prod_jvp(primals, tangents, *, axes):
+    (x,), (t,) = primals, tangents
+    y = bind(reduce_prod_p, x, axes=axes)
+    return y, bind(reduce_sum_p, t * bind(broadcast_in_dim_p, y, shape=x.shape, dims=_kept(x.ndim, axes)) / x,
+                   axes=axes)
+
+
+reduce_sum_p = reduction("reduce_sum", lambda xp, x, a: xp.sum(x, axis=a, dtype=x.dtype), linear=True, monoid="sum",
+                         transpose=_reduce_sum_transpose)
+reduce_sum_p.jvp = ad.linear_jvp(reduce_sum_p)
+reduce_max_p = reduction("reduce_max", lambda xp, x, a: xp.max(x, axis=a), monoid="max",
+                         jvp=lambda p, t, *, axes: _reduce_chooser_jvp(p, t, axes=axes, prim=reduce_max_p))
+reduce_min_p = reduction("reduce_min", lambda xp, x, a: xp.min(x, axis=a), monoid="min",
+                         jvp=lambda p, t, *, axes: _reduce_chooser_jvp(p, t, axes=axes, prim=reduce_min_p))
+reduce_prod_p = reduction("reduce_prod", lambda xp, x, a: xp.prod(x, axis=a, dtype=x.dtype), monoid="prod",
+                          jvp=_reduce_prod_jvp)
 reduce_and_p = reduction("reduce_and", lambda xp, x, a: xp.all(x, axis=a), out_dtype=_bool)
 reduce_or_p = reduction("reduce_or", lambda xp, x, a: xp.any(x, axis=a), out_dtype=_bool)
+reduce_and_p.jvp, reduce_or_p.jvp = ad.zero_jvp(reduce_and_p), ad.zero_jvp(reduce_or_p)
 
 
 def _arg_abstract(x, *, axis, index_dtype):
@@ -296,6 +451,7 @@ argmax_p = Primitive("argmax", abstract=_arg_abstract,
                      impl=lambda xp, k, x, *, axis, index_dtype: xp.argmax(x, axis=axis + k).astype(index_dtype))
 argmin_p = Primitive("argmin", abstract=_arg_abstract,
                      impl=lambda xp, k, x, *, axis, index_dtype: xp.argmin(x, axis=axis + k).astype(index_dtype))
+argmax_p.jvp, argmin_p.jvp = ad.zero_jvp(argmax_p), ad.zero_jvp(argmin_p)
 
 
 def _cum_impl(fn):
@@ -308,14 +464,57 @@ def _cum_impl(fn):
 
 
 _same = lambda x, **p: Aval(x.shape, x.dtype)
-cumsum_p = Primitive("cumsum", abstract=_same, impl=_cum_impl(lambda xp, x, a: xp.cumsum(x, axis=a, dtype=x.dtype)), linear=True)
-cumprod_p = Primitive("cumprod", abstract=_same, impl=_cum_impl(lambda xp, x, a: xp.cumprod(x, axis=a, dtype=x.dtype)))
+def _take_along(x, idx, axis):
+    """``np.take_along_axis`` from ``take`` on the flattened value (so its transpose is a
+    ``scatter_add``)."""
+    shape = x.shape
+    flat = idx.astype(np.int64) * math.prod(shape[axis + 1:])
+    for d, n in enumerate(shape):
+        if d != axis:
+            flat = flat + bind(iota_p, dtype=np.int64, shape=shape, dimension=d) * math.prod(shape[d + 1:])
+    return bind(take_p, bind(reshape_p, x, shape=(math.prod(shape),)), flat, axis=0)
+
+
+def _cum_record_jvp(prim):
+    """cummax/cummin: each output is the element of the latest running record (earliest,
+    when reversed), so its tangent is that element's."""
+    def jvp(primals, tangents, *, axis, reverse):
+        (x,), (t,) = primals, tangents
+        y = bind(prim, x, axis=axis, reverse=reverse)
+        pos = bind(iota_p, dtype=np.int64, shape=x.shape, dimension=axis)
+        if reverse:
+            rec = bind(cummin_p, np.where(x == y, pos, x.shape[axis]), axis=axis, reverse=True)
+        else:
+            rec = bind(cummax_p, np.where(x == y, pos, 0), axis=axis, reverse=False)
+        return y, _take_along(t, rec, axis)
+    return jvp
+
+
+def _cumprod_jvp(primals, tangents, *, axis, reverse):
+    (x,), (t,) = primals, tangents
+    y = bind(cumprod_p, x, axis=axis, reverse=reverse)
+    return y, y * bind(cumsum_p, t / x, axis=axis, reverse=reverse)
+
+
+def _sort_jvp(primals, tangents, *, axis):
+    (x,), (t,) = primals, tangents
+    perm = bind(argsort_p, x, axis=axis, index_dtype=np.dtype(np.int64))
+    return _take_along(x, perm, axis), _take_along(t, perm, axis)
+
+
+cumsum_p = Primitive("cumsum", abstract=_same, impl=_cum_impl(lambda xp, x, a: xp.cumsum(x, axis=a, dtype=x.dtype)), linear=True,
+                     transpose=lambda ct, x, *, axis, reverse: [bind(cumsum_p, ct, axis=axis, reverse=not reverse)])
+cumsum_p.jvp = ad.linear_jvp(cumsum_p)
+cumprod_p = Primitive("cumprod", abstract=_same, impl=_cum_impl(lambda xp, x, a: xp.cumprod(x, axis=a, dtype=x.dtype)),
+                      jvp=_cumprod_jvp)
 cummax_p = Primitive("cummax", abstract=_same, impl=_cum_impl(lambda xp, x, a: xp.maximum.accumulate(x, axis=a)))
 cummin_p = Primitive("cummin", abstract=_same, impl=_cum_impl(lambda xp, x, a: xp.minimum.accumulate(x, axis=a)))
+cummax_p.jvp, cummin_p.jvp = _cum_record_jvp(cummax_p), _cum_record_jvp(cummin_p)
 
-sort_p = Primitive("sort", abstract=_same, impl=lambda xp, k, x, *, axis: xp.sort(x, axis=axis + k))
+sort_p = Primitive("sort", abstract=_same, impl=lambda xp, k, x, *, axis: xp.sort(x, axis=axis + k), jvp=_sort_jvp)
 argsort_p = Primitive("argsort", abstract=lambda x, *, axis, index_dtype: Aval(x.shape, np.dtype(index_dtype)),
                       impl=lambda xp, k, x, *, axis, index_dtype: xp.argsort(x, axis=axis + k, kind="stable").astype(index_dtype))
+argsort_p.jvp = ad.zero_jvp(argsort_p)
 
 # ---------------------------------------------------------------------------------------------
 # contraction
@@ -354,7 +553,46 @@ def _dot_impl(xp, k, x, y, *, contract, batch):
     return out.reshape(out.shape[:k] + B + M + N)
 
 
-dot_general_p = Primitive("dot_general", abstract=_dot_abstract, impl=_dot_impl, category="contraction")
+def _dot_jvp(primals, tangents, *, contract, batch):
+    (x, y), (tx, ty) = primals, tangents
+    out = bind(dot_general_p, x, y, contract=contract, batch=batch)
+    return out, ad.add_tangents(
+        tx if ad.is_zero(tx) else bind(dot_general_p, tx, y, contract=contract, batch=batch),
+        ty if ad.is_zero(ty) else bind(dot_general_p, x, ty, contract=contract, batch=batch))
+
+
+def _dot_transpose(ct, x, y, *, contract, batch):
+    """The cotangent of one operand is a dot_general of ``ct`` with the other operand,
+    transposed back to the operand's dim order."""
+    if ad.is_undefined(x) and ad.is_undefined(y):
+        raise TypeError("transpose rule for dot_general: both operands are linear")
+    if ad.is_undefined(x):
+        return [_dot_transpose_lhs(ct, x.aval.ndim, y, contract, batch, swap=False), None]
+    (xc, yc), (xb, yb) = contract, batch
+    return [None, _dot_transpose_lhs(ct, y.aval.ndim, x, (yc, xc), (yb, xb), swap=True)]
+
+
+def _dot_transpose_lhs(ct, x_ndim, y, contract, batch, swap):
+    (xc, yc), (xb, yb) = contract, batch
+    y_ndim = ad.aval_of_value(y).ndim
+    x_free = [i for i in range(x_ndim) if i not in xc + xb]
+    y_free = [j for j in range(y_ndim) if j not in yc + yb]
+    nb = len(xb)
+    ct_batch = tuple(range(nb))
+    # in ct the free dims of the operand being transposed come first unless swapped
+    first, second = (y_free, x_free) if swap else (x_free, y_free)
+    ct_y_free = tuple(range(nb + len(first), nb + len(first) + len(second))) if not swap else \
+        tuple(range(nb, nb + len(first)))
+    out = bind(dot_general_p, ct, y, contract=(ct_y_free, tuple(y_free)), batch=(ct_batch, tuple(yb)))
+    # out dims: batch, x free, then x contract dims in the order of y's contract dims
+    xc_by_y = [xc[i] for i in np.argsort(yc)]
+    order = list(xb) + x_free + xc_by_y
+    perm = tuple(np.argsort(order).tolist())
+    return out if perm == tuple(range(x_ndim)) else bind(transpose_p, out, perm=perm)
+
+
+dot_general_p = Primitive("dot_general", abstract=_dot_abstract, impl=_dot_impl, category="contraction",
+                          jvp=_dot_jvp, transpose=_dot_transpose)
 
 # ---------------------------------------------------------------------------------------------
 # indexing
@@ -384,7 +622,17 @@ def _take_impl(xp, k, x, idx, *, axis):
     return xp.transpose(out, perm)
 
 
-take_p = Primitive("take", abstract=_take_abstract, impl=_take_impl, category="gather")
+def _take_jvp(primals, tangents, *, axis):
+    (x, idx), (t, _) = primals, tangents
+    return bind(take_p, x, idx, axis=axis), bind(take_p, t, idx, axis=axis)
+
+
+def _take_transpose(ct, x, idx, *, axis):
+    return [bind(scatter_add_p, ad.full(x.aval, 0), idx, ct, axis=axis), None]
+
+
+take_p = Primitive("take", abstract=_take_abstract, impl=_take_impl, category="gather",
+                   jvp=_take_jvp, transpose=_take_transpose)
 
 
 def _dynamic_slice_abstract(x, *starts, sizes):
@@ -401,8 +649,17 @@ def _dynamic_slice_impl(xp, k, x, *starts, sizes):
     return x
 
 
-dynamic_slice_p = Primitive("dynamic_slice", abstract=_dynamic_slice_abstract,
-                            impl=_dynamic_slice_impl, category="gather")
+def _dynamic_slice_jvp(primals, tangents, *, sizes):
+    x, *starts = primals
+    return (bind(dynamic_slice_p, x, *starts, sizes=sizes),
+            bind(dynamic_slice_p, tangents[0], *starts, sizes=sizes))
+
+
+dynamic_slice_p = Primitive(
+    "dynamic_slice", abstract=_dynamic_slice_abstract, impl=_dynamic_slice_impl, category="gather",
+    jvp=_dynamic_slice_jvp,
+    transpose=lambda ct, x, *starts, sizes: [bind(dynamic_update_slice_p, ad.full(x.aval, 0), ct, *starts)]
+    + [None] * len(starts))
 
 
 def _scatter_add_abstract(x, idx, upd, *, axis):
@@ -424,8 +681,19 @@ def _scatter_add_impl(xp, k, x, idx, upd, *, axis):
     return out
 
 
-scatter_add_p = Primitive("scatter_add", abstract=_scatter_add_abstract, impl=_scatter_add_impl,
-                          category="scatter")
+def _scatter_add_jvp(primals, tangents, *, axis):
+    (x, idx, upd), (tx, _, tu) = primals, tangents
+    out = bind(scatter_add_p, x, idx, upd, axis=axis)
+    if ad.is_zero(tu):
+        return out, tx
+    return out, bind(scatter_add_p, ad.instantiate(tx, ad.aval_of_value(x)), idx, tu, axis=axis)
+
+
+scatter_add_p = Primitive(
+    "scatter_add", abstract=_scatter_add_abstract, impl=_scatter_add_impl, category="scatter",
+    jvp=_scatter_add_jvp,
+    transpose=lambda ct, x, idx, upd, *, axis: [ct if ad.is_undefined(x) else None, None,
+                                                bind(take_p, ct, idx, axis=axis) if ad.is_undefined(upd) else None])
 
 
 def _dus_abstract(x, upd, *starts):
@@ -449,8 +717,27 @@ def _dus_impl(xp, k, x, upd, *starts):
     return out
 
 
+def _dus_jvp(primals, tangents):
+    x, upd, *starts = primals
+    tx, tu = tangents[:2]
+    out = bind(dynamic_update_slice_p, x, upd, *starts)
+    return out, bind(dynamic_update_slice_p, ad.instantiate(tx, ad.aval_of_value(x)),
+                     ad.instantiate(tu, ad.aval_of_value(upd)), *starts)
+
+
+def _dus_transpose(ct, x, upd, *starts):
+    u = ad.aval_of_value(upd)
+    return [bind(dynamic_update_slice_p, ct, ad.full(u, 0), *starts) if ad.is_undefined(x) else None,
+            bind(dynamic_slice_p, ct, *starts, sizes=u.shape) if ad.is_undefined(upd) else None] + [None] * len(starts)
+
+
 dynamic_update_slice_p = Primitive("dynamic_update_slice", abstract=_dus_abstract,
-                                   impl=_dus_impl, category="scatter")
+                                   impl=_dus_impl, category="scatter", jvp=_dus_jvp, transpose=_dus_transpose)
+
+
+for _p in (broadcast_in_dim_p, reshape_p, transpose_p, slice_p, concatenate_p):
+    _p.jvp = ad.linear_jvp(_p)
+del _p
 
 
 def dtype_of(x):
@@ -458,4 +745,4 @@ def dtype_of(x):
 
 
 __all__ = [n for n in dir() if n.endswith("_p")]
-del bind
+

@@ -15,6 +15,7 @@ from .core import Aval, Primitive, Program, bind, current_builder, trace
 from .errors import ShardingError, VmaError
 from .mesh import AbstractMesh, get_mesh
 from .sharding import PartitionSpec, check_spec
+from .transforms import ad
 
 
 def _shard_map_abstract(*avals, body, mesh, in_specs, out_specs, manual_axes, check_vma, name):
@@ -33,6 +34,122 @@ def _shard_map_vma(*avals, manual_axes, **_):
 
 shard_map_p = Primitive("shard_map", abstract=_shard_map_abstract, multiple_results=True,
                         vma=_shard_map_vma)
+
+
+# Autodiff: the JVP, the partial evaluation and the transpose of a shard_map are shard_maps of
+# the JVP, the partial evaluation and the transpose of its body.
+
+def _body_ctx(mesh, manual_axes, check_vma, outer_manual=None):
+    if outer_manual is None:
+        b = current_builder()
+        outer_manual = b.manual_axes if b is not None else ()
+    manual = set(outer_manual) | set(manual_axes)
+    return dict(mesh=mesh, manual_axes=tuple(a for a in mesh.axis_names if a in manual),
+                check_vma=check_vma)
+
+
+def _shard_map_jvp(primals, tangents, *, body, mesh, in_specs, out_specs, manual_axes, check_vma, name):
+    nonzero = [not ad.is_zero(t) for t in tangents]
+    jbody = ad.jvp_program(body, nonzero, _body_ctx(mesh, manual_axes, check_vma))
+    outs = bind(shard_map_p, *primals, *[t for t in tangents if not ad.is_zero(t)], body=jbody,
+                mesh=mesh, in_specs=tuple(in_specs) + tuple(s for s, nz in zip(in_specs, nonzero) if nz),
+                out_specs=tuple(out_specs) * 2, manual_axes=manual_axes, check_vma=check_vma, name=name)
+    return outs[:len(out_specs)], outs[len(out_specs):]
+
+
+def _residual_spec(aval, mesh, manual_axes):
+    """Out/in spec of a residual crossing from the known to the unknown shard_map: stacked
+    along dim 0 over the manual axes it varies over.  Scalars get a leading dim of 1."""
+    axes = tuple(a for a in mesh.axis_names if a in aval.vma and a in manual_axes)
+    lift = bool(axes) and aval.ndim == 0
+    return PartitionSpec(axes) if axes else PartitionSpec(), lift
+
+
+def _shard_map_partial_eval(eqn, unknown_ins, ctx):
+    from . import lax
+    p = eqn.params
+    body, mesh, manual = p["body"], p["mesh"], p["manual_axes"]
+    bctx = _body_ctx(mesh, manual, p["check_vma"], ctx.get("manual_axes", ()))
+    known, unknown, out_unknown, n_res = ad.partial_eval_program(body, unknown_ins, bctx)
+    residuals = unknown.in_vars[:n_res]
+    n_known_out = len(known.out_vars) - n_res
+    position = {id(v): i for i, v in enumerate(body.in_vars)}
+    computed = [i for i, r in enumerate(residuals) if id(r) not in position]
+    specs = {i: _residual_spec(residuals[i].aval, mesh, manual) for i in computed}
+
+    def known_body(*args):
+        outs = ad.eval_program(known, args)
+        res = outs[n_known_out:]
+        return outs[:n_known_out] + [bind(lax.reshape_p, res[i], shape=(1,)) if specs[i][1] else res[i]
+                                     for i in computed]
+    kbody, _ = trace(known_body, known.in_avals, **bctx)
+    kin = [a for a, u in zip(eqn.inputs, unknown_ins) if not u]
+    kparams = dict(p, body=kbody, in_specs=tuple(s for s, u in zip(p["in_specs"], unknown_ins) if not u),
+                   out_specs=tuple(s for s, u in zip(p["out_specs"], out_unknown) if not u)
+                   + tuple(specs[i][0] for i in computed))
+    keqn = ad.new_eqn(shard_map_p, kin, kparams)
+    keqn.outputs[:n_known_out] = [v for v, u in zip(eqn.outputs, out_unknown) if not u]
+    res_outer = iter(keqn.outputs[n_known_out:])
+
+    res_in, res_specs, res_avals = [], [], []
+    for i, r in enumerate(residuals):
+        if id(r) in position:               # a body input: pass the outer value straight in
+            j = position[id(r)]
+            res_in.append(eqn.inputs[j])
+            res_specs.append(p["in_specs"][j])
+            res_avals.append(r.aval)
+        else:
+            res_in.append(next(res_outer))
+            res_specs.append(specs[i][0])
+            res_avals.append(r.aval.update(shape=(1,)) if specs[i][1] else r.aval)
+
+    def unknown_body(*args):
+        res = [bind(lax.reshape_p, a, shape=()) if i in specs and specs[i][1] else a
+               for i, a in enumerate(args[:n_res])]
+        return ad.eval_program(unknown, res + list(args[n_res:]))
+    uin_avals = [v.aval for v, u in zip(body.in_vars, unknown_ins) if u]
+    ubody, _ = trace(unknown_body, res_avals + uin_avals, **bctx)
+    uparams = dict(p, body=ubody,
+                   in_specs=tuple(res_specs) + tuple(s for s, u in zip(p["in_specs"], unknown_ins) if u),
+                   out_specs=tuple(s for s, u in zip(p["out_specs"], out_unknown) if u))
+    ueqn = ad.new_eqn(shard_map_p, res_in + [a for a, u in zip(eqn.inputs, unknown_ins) if u], uparams,
+                      outputs=[v for v, u in zip(eqn.outputs, out_unknown) if u])
+    return [keqn], ueqn, out_unknown
+
+
+def _shard_map_transpose(cts, *invals, body, mesh, in_specs, out_specs, manual_axes, check_vma, name):
+    from .collectives import psum_p
+    ctx = _body_ctx(mesh, manual_axes, check_vma)
+    linear = [ad.is_undefined(x) for x in invals]
+    consts = [x for x in invals if not ad.is_undefined(x)]
+    cts = [ad.instantiate(ct) for ct in cts]
+    ct_avals = []
+    for ct, spec, o in zip(cts, out_specs, body.out_avals):
+        named = {a for axes in spec.axes for a in axes} if check_vma else set(manual_axes)
+        ct_avals.append(o.update(vma=frozenset(ad.aval_of_value(ct).vma) | named))
+    live = ad.linear_vars(body, linear)
+    n = len(consts)
+
+    def transposed_body(*args):
+        cts_in = []
+        for ct, v in zip(args[n:], body.out_vars):
+            # an output typed invariant over an axis that out_specs tiles it over: every copy's
+            # cotangent flows back into the one value
+            extra = tuple(a for a in mesh.axis_names if a in ct.aval.vma - v.aval.vma and a in manual_axes)
+            cts_in.append(bind(psum_p, ct, axes=extra, groups=None) if extra and id(v) in live else ct)
+        out = ad.backward_pass(body, linear, args[:n], cts_in)
+        return [ad.instantiate(c, v.aval) for c, v in zip(out, [v for v, l in zip(body.in_vars, linear) if l])]
+    tbody, _ = trace(transposed_body, [v.aval for v, l in zip(body.in_vars, linear) if not l] + ct_avals, **ctx)
+    outs = iter(bind(shard_map_p, *consts, *cts, body=tbody, mesh=mesh,
+                     in_specs=tuple(s for s, l in zip(in_specs, linear) if not l) + tuple(out_specs),
+                     out_specs=tuple(s for s, l in zip(in_specs, linear) if l), manual_axes=manual_axes,
+                     check_vma=check_vma, name=f"transpose({name})"))
+    return [next(outs) if l else None for l in linear]
+
+
+shard_map_p.jvp = _shard_map_jvp
+shard_map_p.transpose = _shard_map_transpose
+shard_map_p.rules["partial_eval"] = _shard_map_partial_eval
 
 
 def _fn_name(f) -> str:
