@@ -95,8 +95,16 @@ def install_signal_handler():
     if _installed:
         return
     _installed = True
+    def on_sigterm(signum, frame):
+        # Stopped by the launcher because another rank failed: leave a dump, then die as asked.
+        if _recorder.entries:
+            dump("SIGTERM")
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
     try:
         signal.signal(signal.SIGUSR1, lambda signum, frame: dump("SIGUSR1"))
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, on_sigterm)
     except ValueError:          # not the main thread: no signal handler, the rest still works
         pass
     previous = sys.excepthook
@@ -165,9 +173,9 @@ class Report:
             out.append("behind: no rank (all reached the same collective)")
         if self.disagreement:
             d = self.disagreement
-            out.append(f"first disagreement at collective #{d['seq']}: rank"
-                       f"{'s' if len(d['odd']) > 1 else ''} {', '.join(map(str, d['odd']))} "
-                       f"differ from the rest")
+            many = len(d["odd"]) > 1
+            out.append(f"first disagreement at collective #{d['seq']}: rank{'s' if many else ''} "
+                       f"{', '.join(map(str, d['odd']))} differ{'' if many else 's'} from the rest")
             for r, call in sorted(d["calls"].items()):
                 out.append(f"  rank {r}: {call}")
         else:

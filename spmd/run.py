@@ -20,6 +20,7 @@ import collections
 import ctypes
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -47,6 +48,9 @@ _HYDRA_NOISE = (b"=====", b"=   ", b"YOUR APPLICATION TERMINATED", b"This typica
                 b"Please see the FAQ")
 
 
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Warning)(:|$)")
+
+
 def _pump(stream, sink, prefix: bytes, tail=None):
     for line in iter(stream.readline, b""):
         if not prefix and (line.startswith(_HYDRA_NOISE) or not line.strip()):
@@ -67,7 +71,7 @@ class _Rank:
         self.start = time.time()
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      preexec_fn=_die_with_parent, pass_fds=pass_fds)
-        self.tail = collections.deque(maxlen=20)
+        self.tail = collections.deque(maxlen=200)
         prefix = f"[{rank}] ".encode()
         self.pumps = [threading.Thread(target=_pump, args=(self.proc.stdout, sys.stdout.buffer, prefix),
                                        daemon=True),
@@ -90,7 +94,8 @@ class _Rank:
         else:
             reason = f"exited with code {code}"
             if code and self.tail:
-                last = self.tail[-1]
+                raised = [t for t in self.tail if _EXCEPTION_LINE.match(t)]
+                last = raised[-1] if raised else self.tail[-1]
                 reason += f": {last[:240]}{'...' if len(last) > 240 else ''}"
         status = {"rank": self.rank, "returncode": code, "reason": reason, "pid": self.proc.pid,
                   "start": self.start, "end": time.time()}
