@@ -39,7 +39,8 @@ def _context(op: str, axis_name):
     axes = _axes_tuple(axis_name)
     b = current_builder()
     if b is None or not b.manual_axes:
-        raise NameError(f"{op}: unbound axis name {axes[0]!r}: collectives can only be used inside "
+        where = f" in {b.context}" if b is not None else ""
+        raise NameError(f"{op}{where}: unbound axis name {axes[0]!r}: collectives can only be used inside "
                         f"a shard_map body whose mesh has that axis; wrap the function with "
                         f"spmd.shard_map(f, mesh=..., in_specs=..., out_specs=...).")
     for a in axes:
@@ -514,7 +515,8 @@ def ppermute(x, axis_name, perm):
         dup = sorted({i for i in idx if idx.count(i) > 1})
         if dup:
             raise ValueError(f"ppermute in {b.context}: {what} {dup[0]} appears more than once in "
-                             f"perm {list(perm)}; each device sends and receives at most once.")
+                             f"perm {list(perm)} over axis {axes if len(axes) > 1 else axes[0]!r}; "
+                             f"each device sends and receives at most once.")
     return _tree_map(lambda leaf: bind(ppermute_p, _vary(b, _as_traced(b, leaf), axes),
                                        axes=axes, perm=perm), x)
 

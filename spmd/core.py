@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
+import re
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -426,11 +428,34 @@ def trace(fn: Callable, in_avals: Sequence[Aval], *, mesh=None, manual_axes=(), 
     b = Builder(parent, mesh=mesh, manual_axes=manual_axes, check_vma=check_vma, context=context)
     ins = [b.new_input(a) for a in in_avals]
     with _Scope(b):
-        outs = fn(*ins)
+        try:
+            outs = fn(*ins)
+        except (TypeError, ValueError, NotImplementedError) as e:
+            _name_traced_function(e, context)
+            raise
         out_atoms = [b.atom(o) for o in outs]
     captured = list(b.captured.values())
     program = Program([t.node for t in ins] + [v for _, v in captured], b.eqns, out_atoms)
     return program, [t for t, _ in captured]
+
+
+_NAMES_A_FUNCTION = re.compile(r"\b(shard_map|jit)\(")
+
+
+def _name_traced_function(e: BaseException, context: str):
+    """An error spmd raises while tracing names the function being traced (errors raised by
+    the user's own code pass through untouched)."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    here = os.path.dirname(os.path.abspath(__file__))
+    if (getattr(e, "_spmd_named", False) or tb is None
+            or not os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(here + os.sep)
+            or not e.args or not isinstance(e.args[0], str)):
+        return
+    if not _NAMES_A_FUNCTION.search(e.args[0]):   # the innermost traced function is the one to name
+        e.args = (f"{e.args[0]} (while tracing {context})",) + e.args[1:]
+    e._spmd_named = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,6 +546,20 @@ class Tracer:
         return spmd.numpy
 
 
+def _inplace(ufunc, x, y):
+    """``x op= y`` rebinds ``x`` (traced values are immutable) under NumPy's rule: the result
+    must cast back to ``x``'s dtype with casting='same_kind', and keeps that dtype."""
+    r = ufunc(x, y)
+    if r.dtype != x.dtype:
+        if not np.can_cast(r.dtype, x.dtype, "same_kind"):
+            raise TypeError(f"in-place np.{ufunc.__name__} in {x.builder.context}: NumPy refuses "
+                            f"to cast the result ({r.dtype}) back to the dtype of the left "
+                            f"operand ({x.dtype}) with casting='same_kind'; write `x = x op y` for "
+                            f"a new {r.dtype} value, or cast the right operand first.")
+        r = r.astype(x.dtype)
+    return r
+
+
 def _install_tracer_methods():
     """Operators and ndarray methods, all through the NumPy table."""
     import operator
@@ -531,6 +570,7 @@ def _install_tracer_methods():
     for name, uf in ops.items():
         setattr(Tracer, f"__{name}__", (lambda uf: lambda s, o: uf(s, o))(uf))
         setattr(Tracer, f"__r{name}__", (lambda uf: lambda s, o: uf(o, s))(uf))
+        setattr(Tracer, f"__i{name}__", (lambda uf: lambda s, o: _inplace(uf, s, o))(uf))
     for name, uf in {"lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal,
                      "eq": np.equal, "ne": np.not_equal}.items():
         setattr(Tracer, f"__{name}__", (lambda uf: lambda s, o: uf(s, o))(uf))
