@@ -16,19 +16,20 @@ constexpr int MAX_BLOCKS = 64;
 constexpr int MAX_RANKS = 8;
 constexpr int BARRIER_PHASES = 3;
 
-// A strided dim split into n chunks of c elements, viewed as (outer, n, c, inner) with element
-// strides (s_outer, s_dim, s_inner).  The packed buffer is contiguous (n, outer, c, inner), so
-// chunk j (what rank j sends or receives) is one contiguous run of outer * c * inner elements.
-// Returns the strided offset of packed element t.
+// The packed buffer of a collective is contiguous (n, d0, d1, d2): chunk j is what rank j sends
+// or receives, one contiguous run NCCL or a peer copy moves as is.  The array it comes from (or
+// goes to) is any strided view with the rank dim first (a dim split into n chunks and moved to
+// the front, as all_gather, psum_scatter and all_to_all do) whose other dims collapse into at
+// most three strided runs.  Returns the strided offset of packed element t.
 template <typename I>
-SPMD_HD I chunk_offset(I t, I outer, I c, I inner, I s_outer, I s_dim, I s_inner) {
-  const I i = t % inner;
-  t /= inner;
-  const I e = t % c;
-  t /= c;
-  const I o = t % outer;
-  const I j = t / outer;
-  return o * s_outer + (j * c + e) * s_dim + i * s_inner;
+SPMD_HD I strided_offset(I t, I d0, I d1, I d2, I s_rank, I s0, I s1, I s2) {
+  const I c = t % d2;
+  t /= d2;
+  const I b = t % d1;
+  t /= d1;
+  const I a = t % d0;
+  const I j = t / d0;
+  return j * s_rank + a * s0 + b * s1 + c * s2;
 }
 
 // Elements [lo, hi) of a count-element buffer that rank r owns in the two-shot all-reduce:

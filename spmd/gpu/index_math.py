@@ -1,6 +1,6 @@
 """The communication kernels' index math, in NumPy, runnable without a GPU.
 
-``kernels/index_math.cuh`` holds the device twins of :func:`chunk_offset`,
+``kernels/index_math.cuh`` holds the device twins of :func:`strided_offset`,
 :func:`owned_slice` and :func:`flag_slot` (same formulas, same names); ``tests/test_kernels.py``
 compiles that header as plain C++ on the CPU and checks it against these, and checks these
 against NumPy's own reshapes and transposes.  The rest (layout collapsing, vector widths,
@@ -24,100 +24,97 @@ INT32_MAX = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
-class ChunkLayout:
-    """A dim of ``n * c`` elements split into ``n`` chunks, the array viewed as
-    ``(outer, n, c, inner)`` with element strides ``(s_outer, s_dim, s_inner)``."""
-    outer: int
+class PackLayout:
+    """A view with the rank dim first, its other dims collapsed into three strided runs:
+    shape ``(n, d0, d1, d2)``, element strides ``(s_rank, s0, s1, s2)``."""
     n: int
-    c: int
-    inner: int
-    s_outer: int
-    s_dim: int
-    s_inner: int
+    d0: int
+    d1: int
+    d2: int
+    s_rank: int
+    s0: int
+    s1: int
+    s2: int
 
     @property
     def total(self) -> int:
-        return self.outer * self.n * self.c * self.inner
+        return self.n * self.d0 * self.d1 * self.d2
 
     @property
     def chunk(self) -> int:
         """Elements per rank in the packed buffer."""
-        return self.outer * self.c * self.inner
+        return self.d0 * self.d1 * self.d2
 
     def max_offset(self) -> int:
-        """Largest strided offset the kernel computes (strides are non-negative here)."""
         if self.total == 0:
             return 0
-        return ((self.outer - 1) * self.s_outer + (self.n * self.c - 1) * self.s_dim
-                + (self.inner - 1) * self.s_inner)
+        return ((self.n - 1) * self.s_rank + (self.d0 - 1) * self.s0 + (self.d1 - 1) * self.s1
+                + (self.d2 - 1) * self.s2)
 
 
-def _collapse(shape, strides):
-    """(size, stride) of dims that can be walked as one, or None."""
-    dims = [(n, s) for n, s in zip(shape, strides) if n != 1]
-    if not dims:
-        return 1, 1
-    for (n0, s0), (n1, s1) in zip(dims, dims[1:]):
-        if s0 != s1 * n1:
-            return None
-    return math.prod(n for n, _ in dims), dims[-1][1]
+def runs(shape, strides) -> list[tuple[int, int]]:
+    """Maximal runs ``(size, stride)`` of dims that can be walked as one (size-1 dims dropped).
 
-
-def chunk_layout(shape, strides, dim: int, n: int) -> ChunkLayout | None:
-    """The kernel view of splitting ``dim`` into ``n`` chunks; ``strides`` in elements.
-
-    None when the dims before (or after) ``dim`` cannot be walked with one stride (the caller
-    makes the array contiguous first) or when a stride is negative.
-
-    >>> chunk_layout((4, 6, 5), (30, 5, 1), 1, 3)
-    ChunkLayout(outer=4, n=3, c=2, inner=5, s_outer=30, s_dim=5, s_inner=1)
+    >>> runs((4, 3, 5), (15, 5, 1)), runs((4, 3, 5), (5, 20, 1))
+    ([(60, 1)], [(4, 5), (3, 20), (5, 1)])
     """
-    if shape[dim] % n:
-        raise ValueError(f"dim {dim} of shape {tuple(shape)} does not split into {n} chunks")
+    out: list[tuple[int, int]] = []
+    for n, s in zip(shape, strides):
+        if n == 1:
+            continue
+        if out and out[-1][1] == s * n:
+            out[-1] = (out[-1][0] * n, s)
+        else:
+            out.append((n, s))
+    return out
+
+
+def pack_layout(shape, strides) -> PackLayout | None:
+    """The kernel view of a rank-major view (``shape[0]`` ranks), strides in elements; None when
+    the other dims need more than three runs or a stride is negative (then the caller copies).
+
+    >>> pack_layout((3, 4, 2, 5), (10, 30, 5, 1))     # dim 1 of a (4, 6, 5) array, 3 chunks
+    PackLayout(n=3, d0=1, d1=4, d2=10, s_rank=10, s0=0, s1=30, s2=1)
+    """
     if any(s < 0 for s in strides):
         return None
-    outer, inner = _collapse(shape[:dim], strides[:dim]), _collapse(shape[dim + 1:], strides[dim + 1:])
-    if outer is None or inner is None:
+    rest = runs(shape[1:], strides[1:])
+    if len(rest) > 3:
         return None
-    lay = ChunkLayout(outer[0], n, shape[dim] // n, inner[0], outer[1], strides[dim], inner[1])
-    if lay.inner == 1 and lay.s_dim == 1:
-        # chunks along the innermost dim: the same offsets with c moved into inner, which lets
-        # the element be widened below.
-        lay = dataclasses.replace(lay, inner=lay.c, c=1, s_dim=lay.c, s_inner=1)
-    return lay
+    rest = [(1, 0)] * (3 - len(rest)) + rest
+    (d0, s0), (d1, s1), (d2, s2) = rest
+    return PackLayout(shape[0], d0, d1, d2, strides[0] if shape[0] > 1 else 0, s0, s1, s2)
 
 
-def chunk_offset(t, outer, c, inner, s_outer, s_dim, s_inner):
+def strided_offset(t, d0, d1, d2, s_rank, s0, s1, s2):
     """Strided offset of packed element ``t`` (array or scalar): the twin of the device one."""
-    i = t % inner
-    t = t // inner
-    e = t % c
-    t = t // c
-    o = t % outer
-    j = t // outer
-    return o * s_outer + (j * c + e) * s_dim + i * s_inner
+    c = t % d2
+    t = t // d2
+    b = t % d1
+    t = t // d1
+    a = t % d0
+    j = t // d0
+    return j * s_rank + a * s0 + b * s1 + c * s2
 
 
-def pack_offsets(lay: ChunkLayout) -> np.ndarray:
-    """For each element of the packed buffer, its offset in the strided source."""
+def pack_offsets(lay: PackLayout) -> np.ndarray:
+    """For each element of the packed buffer, its offset in the strided view."""
     t = np.arange(lay.total, dtype=np.int64)
-    return chunk_offset(t, lay.outer, lay.c, lay.inner, lay.s_outer, lay.s_dim, lay.s_inner)
+    return strided_offset(t, lay.d0, lay.d1, lay.d2, lay.s_rank, lay.s0, lay.s1, lay.s2)
 
 
-def widen(lay: ChunkLayout, itemsize: int, addresses=()) -> tuple[ChunkLayout, int]:
-    """Move ``unit`` bytes per element instead of ``itemsize`` (the widest of 16, 8, 4, 2, 1
-    that the contiguous inner run, every stride and every address divide): fewer, wider
-    loads.  Returns the layout in units and the unit."""
+def widen(lay: PackLayout, itemsize: int, addresses=()) -> tuple[PackLayout, int]:
+    """Move ``unit`` bytes per element instead of ``itemsize``: the widest of 16, 8, 4, 2, 1
+    that the contiguous innermost run, every other stride and every address allow.  Fewer,
+    wider loads.  Returns the layout in units and the unit."""
     for unit in (16, 8, 4, 2, 1):
-        if unit < itemsize:
-            break
-        if unit == itemsize:
-            return lay, unit
+        if unit <= itemsize:
+            return lay, itemsize
         k = unit // itemsize
-        if (lay.s_inner == 1 and lay.inner % k == 0 and lay.s_outer % k == 0 and lay.s_dim % k == 0
-                and all(a % unit == 0 for a in addresses)):
-            return dataclasses.replace(lay, inner=lay.inner // k, s_outer=lay.s_outer // k,
-                                       s_dim=lay.s_dim // k), unit
+        if (lay.s2 == 1 and lay.d2 % k == 0 and lay.s_rank % k == 0 and lay.s0 % k == 0
+                and lay.s1 % k == 0 and all(a % unit == 0 for a in addresses)):
+            return dataclasses.replace(lay, d2=lay.d2 // k, s_rank=lay.s_rank // k,
+                                       s0=lay.s0 // k, s1=lay.s1 // k), unit
     return lay, itemsize
 
 

@@ -1,0 +1,385 @@
+"""CPU-side checks of the GPU layer: no GPU, no driver, no CuPy needed.
+
+- every kernel of ``kernels/`` compiles with NVRTC for sm_80, sm_90 and sm_100, for every
+  instantiation the loader uses, without register spills;
+- NVRTC and the CUDA headers it is checked with come from the same CUDA minor;
+- the kernels' index math: the NumPy twins in ``spmd.gpu.index_math`` against NumPy's own
+  reshapes and transposes, and the C++ in ``kernels/index_math.cuh`` (compiled here as host
+  code) against the NumPy twins;
+- GPU discovery says why there is no GPU.
+"""
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+from spmd.gpu import index_math as im
+from spmd.gpu import kernels
+
+FAST = settings(max_examples=60, deadline=None)
+
+# ---------------------------------------------------------------------------------------------
+# NVRTC: every kernel, every instantiation, every target arch
+# ---------------------------------------------------------------------------------------------
+
+
+def _nvrtc():
+    from spmd.gpu import nvrtc_check
+    try:
+        nvrtc_check.nvrtc_version()
+        nvrtc_check.include_dir()
+    except nvrtc_check.NvrtcUnavailable as e:
+        pytest.skip(f"NVRTC is not installed: {e}")
+    return nvrtc_check
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return _nvrtc().compile_all(kernels.TARGET_ARCHS)
+
+
+@pytest.mark.parametrize("arch", kernels.TARGET_ARCHS)
+def test_every_kernel_compiles_without_spills(compiled, arch):
+    reports = {r.expression: r for r in compiled[arch]}
+    expected = {f"{name}: {e}" for name in kernels.SOURCES for e in kernels.INSTANTIATIONS[name]}
+    assert set(reports) == expected
+    spilled = [f"{r.expression}: {r.spill_stores} B stored, {r.spill_loads} B loaded"
+               for r in reports.values() if r.spills]
+    assert not spilled, f"register spills on {arch}:\n" + "\n".join(spilled)
+    stack = [f"{r.expression}: {r.stack_bytes} B" for r in reports.values() if r.stack_bytes]
+    assert not stack, f"local-memory stack frames on {arch}:\n" + "\n".join(stack)
+    assert all(0 < r.registers <= 64 for r in reports.values())
+
+
+def test_nvrtc_and_headers_are_one_cuda_minor():
+    nc = _nvrtc()
+    assert nc.nvrtc_version() == nc.headers_version(), (
+        "pin nvidia-cuda-nvrtc-cu12 and nvidia-cuda-runtime-cu12 to the same CUDA minor in the "
+        "kernels-check extra")
+    # the headers that break first when the two drift apart
+    probe = ("#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n#include <cuda_fp8.h>\n"
+             "__global__ void probe(__half* h, __nv_bfloat16* b, __nv_fp8_e4m3* f) {"
+             " h[0] = __float2half(1.f); b[0] = __float2bfloat16(2.f); f[0] = __nv_fp8_e4m3(3.f); }")
+    nc.compile_source(probe, "sm_90", options=(f"-I{nc.include_dir()}", "-std=c++17"))
+
+
+def test_ptxas_log_parsing():
+    from spmd.gpu.nvrtc_check import parse_ptxas_log
+    log = ("ptxas info    : Compiling entry function '_Z1fv' for 'sm_90'\n"
+           "ptxas info    : Function properties for _Z1fv\n"
+           "ptxas         .     8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
+           "ptxas info    : Used 40 registers, used 1 barriers, 8 bytes cumulative stack size\n")
+    (r,) = parse_ptxas_log(log, {"f": "_Z1fv"})
+    assert (r.expression, r.arch, r.registers, r.stack_bytes, r.spill_stores, r.spill_loads) == \
+        ("f", "sm_90", 40, 8, 4, 12)
+    assert r.spills
+
+
+def test_sources_are_self_contained_and_every_template_is_instantiated():
+    for name in kernels.SOURCES:
+        text = kernels.source(name)
+        assert '#include "' not in text and "#include <" not in text   # no CUDA header needed
+        templates = set(re.findall(r"__global__ void (\w+)\(", text))
+        used = {re.match(r"spmd::(\w+)<", e).group(1) for e in kernels.INSTANTIATIONS[name]}
+        assert templates == used, name
+
+
+def test_kernel_sources_ship_with_the_package():
+    root = kernels.kernels_dir()
+    for name in kernels.SOURCES + kernels.HEADERS:
+        assert (root / name).is_file()
+    setup = (root.parent / "setup.py").read_text() if (root.parent / "setup.py").exists() else ""
+    if setup:          # a source checkout: the wheel maps spmd._kernels onto kernels/
+        assert '"spmd._kernels": "kernels"' in setup
+
+
+# ---------------------------------------------------------------------------------------------
+# index math: NumPy twins against NumPy
+# ---------------------------------------------------------------------------------------------
+
+@st.composite
+def rank_major_views(draw):
+    """(base buffer, view): a dim of a strided array split into n chunks and moved to the front,
+    as psum_scatter and all_to_all do; the array itself is a transposed / strided view of a
+    flat buffer."""
+    rank = draw(st.integers(1, 4))
+    shape = [draw(st.integers(1, 4)) for _ in range(rank)]
+    dim = draw(st.integers(0, rank - 1))
+    n = draw(st.sampled_from([1, 2, 3, 4]))
+    shape[dim] *= n
+    step = draw(st.integers(1, 2))
+    itemsize = draw(st.sampled_from([1, 2, 4, 8]))
+    dtype = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[itemsize]
+    perm = draw(st.permutations(range(rank)))
+    base_shape = [shape[p] for p in np.argsort(perm)]
+    buf = np.arange(int(np.prod(base_shape)) * step + 3, dtype=dtype)
+    start = draw(st.integers(0, 3))
+    x = buf[start:start + int(np.prod(base_shape)) * step:step].reshape(base_shape).transpose(perm)
+    assert x.shape == tuple(shape)
+    view = np.moveaxis(x.reshape(x.shape[:dim] + (n, x.shape[dim] // n) + x.shape[dim + 1:]), dim, 0)
+    return buf, view
+
+
+def _elem_strides(a):
+    return tuple(s // a.itemsize for s in a.strides)
+
+
+def _offset_in(buf, a):
+    return (a.__array_interface__["data"][0] - buf.__array_interface__["data"][0]) // a.itemsize
+
+
+@FAST
+@given(rank_major_views())
+def test_pack_offsets_match_numpy(case):
+    buf, view = case
+    lay = im.pack_layout(view.shape, _elem_strides(view))
+    if lay is None:                                       # more than three runs: caller copies
+        assert len(im.runs(view.shape[1:], _elem_strides(view)[1:])) > 3
+        return
+    assert lay.total == view.size and lay.chunk * lay.n == view.size
+    packed = buf[_offset_in(buf, view) + im.pack_offsets(lay)]
+    np.testing.assert_array_equal(packed, np.ascontiguousarray(view).ravel())
+    # unpack is the inverse scatter
+    out = np.zeros_like(buf)
+    out[_offset_in(buf, view) + im.pack_offsets(lay)] = packed
+    np.testing.assert_array_equal(np.lib.stride_tricks.as_strided(
+        out[_offset_in(buf, view):], view.shape, view.strides), view)
+    assert im.pack_offsets(lay).max(initial=0) == lay.max_offset()
+
+
+@FAST
+@given(rank_major_views())
+def test_widened_pack_moves_the_same_bytes(case):
+    buf, view = case
+    lay = im.pack_layout(view.shape, _elem_strides(view))
+    if lay is None:
+        return
+    first = _offset_in(buf, view) * view.itemsize        # byte address relative to the buffer
+    wide, unit = im.widen(lay, view.itemsize, [first])
+    assert first % unit == 0 and unit >= view.itemsize
+    shifted = first + view.itemsize
+    assert shifted % im.widen(lay, view.itemsize, [shifted])[1] == 0
+    raw = buf.view(np.uint8)
+    units = first // unit + im.pack_offsets(wide)
+    got = np.concatenate([raw[u * unit:(u + 1) * unit] for u in units]) if units.size else raw[:0]
+    np.testing.assert_array_equal(got, np.ascontiguousarray(view).view(np.uint8).ravel())
+
+
+@FAST
+@given(st.integers(0, 10**6), st.integers(1, 8), st.sampled_from([1, 2, 4, 8, 16]))
+def test_owned_slices_partition_the_buffer(count, n, align):
+    slices = [im.owned_slice(count, n, r, align) for r in range(n)]
+    assert slices[0][0] == 0 and slices[-1][1] == count
+    for (lo, hi), (lo2, _) in zip(slices, slices[1:]):
+        assert lo <= hi == lo2
+    assert all(lo % align == 0 or lo == count for lo, _ in slices)
+    units = -(-count // align)
+    assert max(hi - lo for lo, hi in slices) <= -(-units // n) * align    # balanced
+
+
+@FAST
+@given(st.integers(0, 5000), st.integers(1, 8), st.integers(1, 6), st.sampled_from([32, 64, 128]))
+def test_grid_stride_blocks_partition_each_slice(count, n, blocks, threads):
+    """Every phase of the peer all-reduce walks a slice with the same slice-relative loop, so
+    block b reads exactly what block b of each peer wrote: the blocks partition the slice."""
+    for r in range(n):
+        lo, hi = im.owned_slice(count, n, r)
+        parts = [im.block_elements(lo, hi, b, blocks, threads) for b in range(blocks)]
+        joined = np.sort(np.concatenate(parts))
+        np.testing.assert_array_equal(joined, np.arange(lo, hi))
+
+
+def test_flag_slots_are_distinct_and_fit_the_flag_array():
+    slots = [im.flag_slot(p, b, r) for p in range(im.BARRIER_PHASES) for b in range(im.MAX_BLOCKS)
+             for r in range(im.MAX_RANKS)]
+    assert sorted(slots) == list(range(im.FLAG_WORDS))
+
+
+@pytest.mark.parametrize("nbytes, n, peer_ok, aligned, expected", [
+    (8 * 2**10, 8, True, True, "one_shot"),
+    (256 * 2**10, 8, True, True, "one_shot"),
+    (1 * 2**20, 8, True, True, "two_shot"),
+    (1 * 2**20, 2, True, True, "one_shot"),
+    (64 * 2**20, 8, True, True, "nccl"),
+    (8 * 2**10, 8, False, True, "nccl"),        # no peer memory (other node, no P2P)
+    (8 * 2**10, 8, True, False, "nccl"),        # unaligned buffer
+    (8 * 2**10 + 4, 8, True, True, "nccl"),     # not whole 16-byte packs
+    (8 * 2**10, 16, True, True, "nccl"),        # more ranks than the flag layout holds
+    (8 * 2**10, 1, True, True, "nccl"),
+])
+def test_all_reduce_algorithm_by_size(nbytes, n, peer_ok, aligned, expected):
+    assert im.choose_all_reduce(nbytes, n, 4, peer_ok=peer_ok, aligned=aligned) == expected
+
+
+def test_bus_bandwidth_uses_the_nccl_tests_factors():
+    assert im.bandwidth("all_reduce", 8 * 10**9, 2.0, 4) == (4.0, 6.0)
+    for op in ("all_gather", "reduce_scatter", "all_to_all"):
+        assert im.bandwidth(op, 8 * 10**9, 2.0, 4) == (4.0, 3.0)
+
+
+def test_index_type_and_copy_unit():
+    assert im.index_type(2**31 - 1, 5) == "int" and im.index_type(2**31) == "long long"
+    assert im.copy_unit([256, 512], [64]) == 16
+    assert im.copy_unit([256, 520], [64]) == 8
+    assert im.copy_unit([256], [6]) == 2
+    assert im.copy_unit([257], [64]) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# index math: the C++ of kernels/index_math.cuh against the NumPy twins
+# ---------------------------------------------------------------------------------------------
+
+_SHIM = r'''
+#define SPMD_HD inline
+#include "index_math.cuh"
+extern "C" {
+long long strided_offset64(long long t, long long d0, long long d1, long long d2, long long sr,
+                           long long s0, long long s1, long long s2) {
+  return spmd::strided_offset<long long>(t, d0, d1, d2, sr, s0, s1, s2);
+}
+int strided_offset32(int t, int d0, int d1, int d2, int sr, int s0, int s1, int s2) {
+  return spmd::strided_offset<int>(t, d0, d1, d2, sr, s0, s1, s2);
+}
+void owned_slice(long long count, int n, int r, long long align, long long* lo, long long* hi) {
+  spmd::owned_slice(count, n, r, align, lo, hi);
+}
+int flag_slot(int phase, int block, int from) { return spmd::flag_slot(phase, block, from); }
+int max_blocks() { return spmd::MAX_BLOCKS; }
+int max_ranks() { return spmd::MAX_RANKS; }
+int barrier_phases() { return spmd::BARRIER_PHASES; }
+}
+'''
+
+
+@pytest.fixture(scope="module")
+def cxx(tmp_path_factory):
+    compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        pytest.skip("no C++ compiler on this machine to build kernels/index_math.cuh as host code")
+    d = tmp_path_factory.mktemp("index_math")
+    (d / "shim.cpp").write_text(_SHIM)
+    lib = d / "libindex_math.so"
+    subprocess.run([compiler, "-std=c++17", "-O1", "-shared", "-fPIC", f"-I{kernels.kernels_dir()}",
+                    str(d / "shim.cpp"), "-o", str(lib)], check=True, capture_output=True)
+    so = ctypes.CDLL(str(lib))
+    ll = ctypes.c_longlong
+    so.strided_offset64.restype = ll
+    so.strided_offset64.argtypes = [ll] * 8
+    so.owned_slice.argtypes = [ll, ctypes.c_int, ctypes.c_int, ll, ctypes.POINTER(ll), ctypes.POINTER(ll)]
+    return so
+
+
+def test_cxx_constants_match(cxx):
+    assert (cxx.max_blocks(), cxx.max_ranks(), cxx.barrier_phases()) == \
+        (im.MAX_BLOCKS, im.MAX_RANKS, im.BARRIER_PHASES)
+
+
+@FAST
+@given(rank_major_views())
+def test_cxx_strided_offset_matches(cxx, case):
+    _, view = case
+    lay = im.pack_layout(view.shape, _elem_strides(view))
+    if lay is None or lay.total == 0:
+        return
+    args = (lay.d0, lay.d1, lay.d2, lay.s_rank, lay.s0, lay.s1, lay.s2)
+    want = im.pack_offsets(lay)
+    for t in {0, lay.total - 1, lay.total // 2, lay.total // 3}:
+        assert cxx.strided_offset64(t, *args) == want[t]
+        assert cxx.strided_offset32(t, *args) == want[t]
+
+
+@FAST
+@given(st.integers(0, 10**12), st.integers(1, 8), st.sampled_from([1, 8, 16]))
+def test_cxx_owned_slice_matches(cxx, count, n, align):
+    lo, hi = ctypes.c_longlong(), ctypes.c_longlong()
+    for r in range(n):
+        cxx.owned_slice(count, n, r, align, ctypes.byref(lo), ctypes.byref(hi))
+        assert (lo.value, hi.value) == im.owned_slice(count, n, r, align)
+
+
+def test_cxx_flag_slot_matches(cxx):
+    for p in range(im.BARRIER_PHASES):
+        for b in (0, 1, im.MAX_BLOCKS - 1):
+            for r in range(im.MAX_RANKS):
+                assert cxx.flag_slot(p, b, r) == im.flag_slot(p, b, r)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU discovery without a GPU
+# ---------------------------------------------------------------------------------------------
+
+def test_import_spmd_does_not_import_cupy():
+    code = "import sys, spmd, spmd.gpu, spmd.gpu.kernels; assert 'cupy' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
+
+
+class _FakeRuntime:
+    class CUDARuntimeError(RuntimeError):
+        pass
+
+    def __init__(self, runtime=12090, devices=0):
+        self._runtime, self._devices = runtime, devices
+
+    def runtimeGetVersion(self):
+        return self._runtime
+
+    def getDeviceCount(self):
+        return self._devices
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    import types
+
+    import spmd.gpu as gpu
+
+    def install(driver, runtime=12090, devices=0):
+        cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=_FakeRuntime(runtime, devices)))
+        monkeypatch.setattr(gpu, "_cupy", lambda: cupy)
+        monkeypatch.setattr(gpu, "_driver_cuda_version", lambda: driver)
+        gpu.gpu_count.cache_clear()
+    yield install
+    gpu.gpu_count.cache_clear()
+
+
+@pytest.mark.parametrize("driver, runtime, devices, message", [
+    (None, 12090, 0, "no NVIDIA driver"),
+    (11080, 12090, 1, "wrong CUDA major: the NVIDIA driver supports CUDA 11.8, but CuPy was built for CUDA 12.9"),
+    (12040, 12090, 0, "no GPU"),
+])
+def test_gpu_devices_say_why_there_are_none(fake_cupy, driver, runtime, devices, message):
+    import spmd
+    fake_cupy(driver, runtime, devices)
+    with pytest.raises(spmd.gpu.GpuUnavailableError, match=re.escape(message)):
+        spmd.devices("gpu")
+    assert len(spmd.devices()) >= 1                     # the CPU default is unaffected
+
+
+def test_gpu_devices_and_virtual_devices(fake_cupy, monkeypatch):
+    import spmd
+    fake_cupy(12040, 12090, 4)
+    assert [d.id for d in spmd.devices("gpu")] == [0, 1, 2, 3]
+    assert all(d.platform == "gpu" for d in spmd.devices("gpu"))
+    monkeypatch.setenv("SPMD_VIRTUAL_DEVICES", "8")
+    assert len(spmd.devices("gpu")) == 8
+    assert {spmd.gpu.cuda_ordinal(d) for d in spmd.devices("gpu")} == {0}
+    monkeypatch.setenv("SPMD_VIRTUAL_DEVICES", "eight")
+    with pytest.raises(spmd.MeshError, match="SPMD_VIRTUAL_DEVICES"):
+        spmd.devices("gpu")
+
+
+def test_no_cupy_says_how_to_install(monkeypatch):
+    import spmd
+    import spmd.gpu as gpu
+    monkeypatch.setitem(sys.modules, "cupy", None)       # import cupy -> ImportError
+    gpu.gpu_count.cache_clear()
+    with pytest.raises(gpu.GpuUnavailableError, match=r"spmd\[cuda12\]"):
+        spmd.devices("gpu")
+    gpu.gpu_count.cache_clear()
