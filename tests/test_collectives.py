@@ -22,7 +22,7 @@ import math
 import hypothesis.strategies as st
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 
 import spmd
 from spmd import P
@@ -176,6 +176,11 @@ ROWS = [
         lambda n: (2,), "V", lambda g: len(g) * g),
 ]
 
+GROUP_ROWS = [r for r in ROWS if r.id in (
+    "psum", "psum-int32", "pmean", "pmax", "pmin", "all_gather", "all_gather-tiled-axis1",
+    "all_gather-invariant", "psum_scatter", "psum_scatter-tiled", "all_to_all-0-1",
+    "all_to_all-tiled-1-0")]
+
 MESHES = [((1,), ("i",)), ((2,), ("i",)), ((4,), ("i",)), ((8,), ("i",)),
           ((2, 4), ("a", "b")), ((4, 2), ("a", "b"))]
 
@@ -213,13 +218,12 @@ def _body_vma(f, x):
     return eqn.params["body"].out_avals[0].vma
 
 
-def check_row(row, shape, names, ax, groups=None, jax=True, check_vma=True):
+def check_row(row, shape, names, ax, groups=None):
+    """The row on one mesh: stacked == NumPy == reference == JAX, and the output's vma type."""
     axes = _axes(ax)
-    n = math.prod(shape[names.index(a)] for a in axes)
-    k = n if groups is None else len(groups[0])
+    k = math.prod(shape[names.index(a)] for a in axes) if groups is None else len(groups[0])
     mesh = _mesh(shape, names)
-    local = row.local(k)
-    blocks, x = _input(shape, names, local, row.dtype)
+    blocks, x = _input(shape, names, row.local(k), row.dtype)
     every = P(tuple(names))
     gkw = {} if groups is None else {"axis_index_groups": groups}
 
@@ -227,34 +231,38 @@ def check_row(row, shape, names, ax, groups=None, jax=True, check_vma=True):
         return _call_with_groups(row, C, xb, ax, k, gkw)[None]
 
     want = per_group(blocks, shape, names, axes, groups, row.expect)
-    stacked = run_spmd(body, mesh, every, every, x, check_vma=check_vma)
+    stacked = run_spmd(body, mesh, every, every, x)
     assert isinstance(stacked, spmd.Array) and stacked.sharding.spec == every
     got = np.asarray(stacked)
     np.testing.assert_array_equal(got, want.astype(got.dtype), err_msg="stacked vs NumPy")
-    ref = run_spmd(body, mesh, every, every, x, executor=REFERENCE, check_vma=check_vma)
-    np.testing.assert_array_equal(np.asarray(ref), got, err_msg="reference vs stacked")
-    assert got.dtype == np.asarray(ref).dtype
-    if jax:
-        theirs = (_jax_table(shape, names, ax)[row.id] if groups is None and check_vma else
-                  run_jax(body, mesh, every, every, x, check_vma=check_vma))
+    ref = np.asarray(run_spmd(body, mesh, every, every, x, executor=REFERENCE))
+    np.testing.assert_array_equal(ref, got, err_msg="reference vs stacked")
+    assert got.dtype == ref.dtype
+    theirs = _jax_table(shape, names, ax, groups).get(row.id)
+    if theirs is not None:
         np.testing.assert_array_equal(theirs, got, err_msg="JAX vs spmd")
-    if check_vma:
-        f = spmd.shard_map(lambda xb: body(SPMD, xb), mesh=mesh, in_specs=every, out_specs=every)
-        expected = {"V": set(names), "I": set(names) - set(axes), "A": set(axes)}[row.vma]
-        if groups is not None and row.vma == "I":
-            expected = set(names)                # a sub-group reduction still varies over the axis
-        assert _body_vma(f, x) == expected
+    f = spmd.shard_map(lambda xb: body(SPMD, xb), mesh=mesh, in_specs=every, out_specs=every)
+    expected = {"V": set(names), "I": set(names) - set(axes), "A": set(axes)}[row.vma]
+    if groups is not None and row.vma == "I":
+        expected = set(names)                    # a sub-group reduction still varies over the axis
+    assert _body_vma(f, x) == expected
 
 
 @functools.cache
-def _jax_table(shape, names, ax):
-    """Every row of the table on one mesh, as one JAX program (one compilation, not one per row)."""
-    n = math.prod(shape[names.index(a)] for a in _axes(ax))
-    xs = [_input(shape, names, r.local(n), r.dtype)[1] for r in ROWS]
+def _jax_table(shape, names, ax, groups=None):
+    """Every row of the table on one mesh, as one JAX program (one compilation, not one per row).
+    With ``groups`` the rows run without JAX's vma checker, which rejects sub-groups."""
+    # JAX has no all_gather(to="invarying") with sub-groups: that row is checked without JAX
+    rows = ROWS if groups is None else [r for r in GROUP_ROWS if r.id != "all_gather-invariant"]
+    gkw = {} if groups is None else {"axis_index_groups": groups}
+    k = math.prod(shape[names.index(a)] for a in _axes(ax)) if groups is None else len(groups[0])
+    xs = [_input(shape, names, r.local(k), r.dtype)[1] for r in rows]
     every = P(tuple(names))
-    outs = run_jax(lambda C, *xbs: [r.body(C, xb, ax, n)[None] for r, xb in zip(ROWS, xbs)],
-                   _mesh(shape, names), (every,) * len(ROWS), [every] * len(ROWS), *xs)
-    return {r.id: o for r, o in zip(ROWS, outs)}
+    outs = run_jax(lambda C, *xbs: [_call_with_groups(r, C, xb, ax, k, gkw)[None]
+                                    for r, xb in zip(rows, xbs)],
+                   _mesh(shape, names), (every,) * len(rows), [every] * len(rows), *xs,
+                   check_vma=groups is None)
+    return {r.id: o for r, o in zip(rows, outs)}
 
 
 def _call_with_groups(row, C, xb, ax, k, gkw):
@@ -282,17 +290,9 @@ def test_collective(row, shape, names, ax):
 
 
 # ---------------------------------------------------------------------------------------------
-# axis_index_groups: compared with NumPy and the reference executor, and with JAX where JAX runs
-# them (only without its vma checker, jax #19709)
+# axis_index_groups: spmd runs them under the vma checker; JAX only without it (jax #19709), so
+# the JAX side of the comparison runs with check_vma=False
 # ---------------------------------------------------------------------------------------------
-
-GROUP_ROWS = [r for r in ROWS if r.id in (
-    "psum", "psum-int32", "pmean", "pmax", "pmin", "all_gather", "all_gather-tiled-axis1",
-    "psum_scatter", "psum_scatter-tiled", "all_to_all-0-1", "all_to_all-tiled-1-0")]
-
-# rows JAX's CPU backend lowers with axis_index_groups (under check_vma=False)
-JAX_GROUPS_OK = {"psum", "psum-int32", "pmean", "pmax", "pmin", "all_gather",
-                 "all_gather-tiled-axis1"}
 
 GROUP_CASES = [
     ((4,), ("i",), "i", ((0, 2), (1, 3))),
@@ -309,9 +309,7 @@ GROUP_CASES = [
                          ids=[f"{'x'.join(map(str, c[0]))}-{c[3]}" for c in GROUP_CASES])
 @pytest.mark.parametrize("row", GROUP_ROWS, ids=repr)
 def test_collective_with_groups(row, shape, names, ax, groups):
-    check_row(row, shape, names, ax, groups=groups, jax=False)
-    if row.id in JAX_GROUPS_OK and shape == (8,):
-        check_row(row, shape, names, ax, groups=groups, jax=True, check_vma=False)
+    check_row(row, shape, names, ax, groups=groups)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,7 +390,7 @@ def test_check_vma_false_matches_jax_unchecked():
 
 
 # ---------------------------------------------------------------------------------------------
-# Property test: random mesh, axes, row -> stacked == reference
+# Property test: random mesh, axes, row, sub-groups -> stacked == reference
 # ---------------------------------------------------------------------------------------------
 
 @settings(max_examples=50, deadline=None)
@@ -403,8 +401,13 @@ def test_property_stacked_matches_reference(data):
     axes = tuple(data.draw(st.permutations(names))[:data.draw(st.integers(1, len(names)))])
     row = data.draw(st.sampled_from(ROWS))
     n = math.prod(mesh.axis_size(a) for a in axes)
+    k, gkw = n, {}
+    if row in GROUP_ROWS and data.draw(st.booleans()):          # random equal-size sub-groups
+        k = data.draw(st.sampled_from([d for d in range(1, n + 1) if n % d == 0]))
+        order = data.draw(st.permutations(range(n)))
+        gkw = {"axis_index_groups": tuple(tuple(order[i:i + k]) for i in range(0, n, k))}
     spec = P(*[data.draw(st.sampled_from([a, None])) for a in names])   # some axes left invariant
-    local = row.local(n)
+    local = row.local(k)
     parts = [mesh.axis_size(a) if a else 1 for a in spec]
     glob = tuple((parts[d] if d < len(parts) else 1) * s for d, s in enumerate(local))
     if len(spec) > len(local):
@@ -412,13 +415,15 @@ def test_property_stacked_matches_reference(data):
     rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
     x = rng.integers(-8, 9, size=glob).astype(row.dtype)
     every = P(tuple(names))
-    f = spmd.shard_map(lambda xb: row.body(SPMD, xb, axes, n)[None], mesh=mesh, in_specs=spec,
-                       out_specs=every)
+    f = spmd.shard_map(lambda xb: _call_with_groups(row, SPMD, xb, axes, k, gkw)[None], mesh=mesh,
+                       in_specs=spec, out_specs=every)
     try:
         ours = np.asarray(spmd.jit(f)(x))
     except spmd.VmaError:
         # a reduction of a value the spec left invariant: the checker refuses (covered elsewhere)
         assert any(a not in {s for s in spec if s} for a in axes)
+        event("refused: reduction of an invariant value")
         return
+    event("compared")
     ref = spmd.jit(f, executor=REFERENCE)(x)
     np.testing.assert_array_equal(ours, np.asarray(ref))
