@@ -172,8 +172,8 @@ def shard_map(f=None, /, *, out_specs, in_specs=None, mesh=None, axis_names=None
     Gradients: ``grad`` of a function that calls a ``shard_map`` is the gradient of the
     *global* function it computes.  For a parameter that enters with spec ``P()`` (or is
     closed over) that is the sum of every device's contribution.  For per-device gradients,
-    pass the parameter in with a spec naming the axis (each device then owns its own copy) or
-    take ``grad`` inside the body.
+    take ``grad`` inside the body with respect to ``spmd.pvary(w, axis)`` (each device then
+    differentiates its own copy; see ``spmd.transforms.api``).
     """
     if f is None:
         return functools.partial(shard_map, out_specs=out_specs, in_specs=in_specs, mesh=mesh,

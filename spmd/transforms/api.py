@@ -10,19 +10,21 @@ Gradients and ``shard_map``: ``grad`` of a function that calls a ``shard_map`` i
 of the *global* function it computes.  A parameter that enters the body with spec ``P()`` or
 is closed over is invariant (one value seen by every device), so its gradient is the sum of
 every device's contribution -- the ``pvary`` that mixed it with varying values transposes to a
-``psum``.  To get per-device gradients instead, take ``grad`` *inside* the body, where the
-parameter is a local value of each device:
+``psum``.  (The same holds for ``grad`` taken inside the body: an invariant parameter has an
+invariant gradient.)  To get per-device gradients instead, take ``grad`` inside the body with
+respect to a *varying* copy of the parameter, ``spmd.pvary(w, axis)``: each device then
+differentiates its own copy, and no psum is inserted:
 
 >>> import numpy as np, spmd
 >>> from spmd import P
->>> mesh = spmd.make_mesh((4,), ("data",))
+>>> mesh = spmd.make_mesh((4,), ("data",), devices=spmd.devices()[:4])
 >>> x, w = np.arange(8.), np.float64(2.0)
 >>> loss = lambda w, xb: np.sum((w * xb) ** 2)
 >>> glob = spmd.grad(lambda w, x: spmd.shard_map(
 ...     lambda w, xb: spmd.psum(loss(w, xb), "data"), mesh=mesh,
 ...     in_specs=(P(), P("data")), out_specs=P())(w, x))(w, x)
->>> per_device = spmd.shard_map(lambda w, xb: spmd.grad(loss)(w, xb)[None], mesh=mesh,
-...     in_specs=(P(), P("data")), out_specs=P("data"))(w, x)
+>>> per_device = spmd.shard_map(lambda w, xb: spmd.grad(loss)(spmd.pvary(w, "data"), xb)[None],
+...     mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data"))(w, x)
 >>> float(np.asarray(glob)), np.asarray(per_device).tolist()
 (560.0, [4.0, 52.0, 164.0, 340.0])
 """
