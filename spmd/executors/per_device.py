@@ -12,9 +12,25 @@ from ..communicators import rank_in
 from ..core import Literal, Program
 
 
+class HostPlacement:
+    """Where local arrays live: host NumPy arrays (the default).  The GPU executor uses CuPy and
+    selects each position's GPU around its work (``spmd.gpu.nccl.GpuPlacement``)."""
+    xp = np
+
+    def call(self, position, fn, *args, **kwargs):
+        return fn(np, *args, **kwargs)
+
+    def to_local(self, position, value):
+        return np.asarray(value)
+
+    def to_host(self, value):
+        return value
+
+
 class PerDeviceExecutor:
-    def __init__(self, make_communicator):
+    def __init__(self, make_communicator, placement=None):
         self.make_communicator = make_communicator
+        self.place = placement or HostPlacement()
         self._comms = {}
 
     def comm(self, mesh):
@@ -48,7 +64,7 @@ class PerDeviceExecutor:
                             for o, spec, v in zip(outs, e.params["out_specs"], e.outputs)]
                 else:
                     any_pos = comm.local_positions[0]
-                    outs = [o[any_pos] for o in outs]
+                    outs = [self.place.to_host(o[any_pos]) for o in outs]
             elif e.prim.rules.get("call"):              # checkpoint: run the body inline
                 outs = self._eval_global(e.params["body"], vals)
             else:
@@ -87,7 +103,7 @@ class PerDeviceExecutor:
                     outs = [outs]
             else:
                 impl = e.prim.rule("impl")
-                per = {p: impl(np, 0, *[v[p] for v in vals], **e.params) for p in positions}
+                per = {p: self.place.call(p, impl, 0, *[v[p] for v in vals], **e.params) for p in positions}
                 outs = ([{p: per[p][i] for p in positions} for i in range(len(e.outputs))]
                         if e.prim.multiple_results else [per])
             for v, o in zip(e.outputs, outs):
@@ -106,7 +122,7 @@ class PerDeviceExecutor:
                 continue
             per = {}
             for p in positions:
-                v = np.asarray(b[p])
+                v = self.place.to_local(p, b[p])
                 index = []
                 for d, axes in enumerate(spec.axes):
                     n = int(np.prod([mesh.axis_size(a) for a in axes]))
@@ -132,7 +148,8 @@ class PerDeviceExecutor:
             for d, axes in enumerate(spec.axes):
                 if axes:
                     gathered = comm.all_gather(o, axes, None)
-                    o = {p: np.concatenate(list(g), axis=d) for p, g in gathered.items()}
+                    o = {p: self.place.call(p, lambda xp, g: xp.concatenate(g, axis=d), list(g))
+                         for p, g in gathered.items()}
             results.append(o)
         return results
 
