@@ -13,8 +13,8 @@ from ..core import Literal, Program
 
 
 class HostPlacement:
-    """Where local arrays live: host NumPy arrays (the default).  The GPU executor uses CuPy and
-    selects each position's GPU around its work (``spmd.gpu.nccl.GpuPlacement``)."""
+    """Where local arrays live: host NumPy arrays, unless the communicator has a ``placement``
+    of its own (NCCL: CuPy arrays, each position's GPU selected around its work)."""
     xp = np
 
     def call(self, position, fn, *args, **kwargs):
@@ -27,10 +27,16 @@ class HostPlacement:
         return value
 
 
+_HOST = HostPlacement()
+
+
+def _placement(comm):
+    return getattr(comm, "placement", _HOST)
+
+
 class PerDeviceExecutor:
-    def __init__(self, make_communicator, placement=None):
+    def __init__(self, make_communicator):
         self.make_communicator = make_communicator
-        self.place = placement or HostPlacement()
         self._comms = {}
 
     def comm(self, mesh):
@@ -64,7 +70,7 @@ class PerDeviceExecutor:
                             for o, spec, v in zip(outs, e.params["out_specs"], e.outputs)]
                 else:
                     any_pos = comm.local_positions[0]
-                    outs = [self.place.to_host(o[any_pos]) for o in outs]
+                    outs = [_placement(comm).to_host(o[any_pos]) for o in outs]
             elif e.prim.rules.get("call"):              # checkpoint: run the body inline
                 outs = self._eval_global(e.params["body"], vals)
             else:
@@ -103,7 +109,8 @@ class PerDeviceExecutor:
                     outs = [outs]
             else:
                 impl = e.prim.rule("impl")
-                per = {p: self.place.call(p, impl, 0, *[v[p] for v in vals], **e.params) for p in positions}
+                per = {p: _placement(comm).call(p, impl, 0, *[v[p] for v in vals], **e.params)
+                       for p in positions}
                 outs = ([{p: per[p][i] for p in positions} for i in range(len(e.outputs))]
                         if e.prim.multiple_results else [per])
             for v, o in zip(e.outputs, outs):
@@ -122,7 +129,7 @@ class PerDeviceExecutor:
                 continue
             per = {}
             for p in positions:
-                v = self.place.to_local(p, b[p])
+                v = _placement(comm).to_local(p, b[p])
                 index = []
                 for d, axes in enumerate(spec.axes):
                     n = int(np.prod([mesh.axis_size(a) for a in axes]))
@@ -148,7 +155,7 @@ class PerDeviceExecutor:
             for d, axes in enumerate(spec.axes):
                 if axes:
                     gathered = comm.all_gather(o, axes, None)
-                    o = {p: self.place.call(p, lambda xp, g: xp.concatenate(g, axis=d), list(g))
+                    o = {p: _placement(comm).call(p, lambda xp, g: xp.concatenate(g, axis=d), list(g))
                          for p, g in gathered.items()}
             results.append(o)
         return results

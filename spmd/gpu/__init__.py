@@ -133,4 +133,5 @@ def nccl_executor():
     """One process, one array per GPU, NCCL collectives: see :mod:`spmd.gpu.nccl`."""
     from ..executors.per_device import PerDeviceExecutor
     from .nccl import NcclCommunicator
-    return PerDeviceExecutor(NcclCommunicator.for_mesh, xp=_cupy())
+    _cupy()
+    return PerDeviceExecutor(NcclCommunicator.for_mesh)

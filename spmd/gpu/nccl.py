@@ -83,6 +83,33 @@ def _nccl_dtype(nccl, dtype, op):
 _OPS = {"sum": "NCCL_SUM", "max": "NCCL_MAX", "min": "NCCL_MIN"}
 
 
+class GpuPlacement:
+    """Local arrays of the per-device executor as CuPy arrays, position ``p`` on GPU
+    ``ordinals[p]``, which is made current around each position's work."""
+
+    def __init__(self, ordinals: dict):
+        import cupy
+        self.xp, self._ordinal = cupy, ordinals
+
+    def call(self, position, fn, *args, **kwargs):
+        with self.xp.cuda.Device(self._ordinal[position]):
+            return fn(self.xp, *args, **kwargs)
+
+    def to_local(self, position, value):
+        cupy = self.xp
+        with cupy.cuda.Device(self._ordinal[position]):
+            if isinstance(value, cupy.ndarray) and value.device.id != self._ordinal[position]:
+                with value.device:
+                    src = cupy.ascontiguousarray(value)
+                out = cupy.empty(value.shape, value.dtype)
+                out.data.copy_from_device(src.data, src.nbytes)     # cudaMemcpy across GPUs (UVA)
+                return out
+            return cupy.asarray(value)
+
+    def to_host(self, value):
+        return value.get() if isinstance(value, self.xp.ndarray) else value
+
+
 class NcclCommunicator:
     """The Communicator protocol of ``spmd.communicators`` over NCCL."""
 
@@ -95,6 +122,7 @@ class NcclCommunicator:
         self._groups: dict = {}               # (axes, groups) -> {position: communicator}
         self._peer: dict = {}                 # group -> {position: PeerAllReduce}
         self._closed = False
+        self.placement = GpuPlacement(ordinals)
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -207,10 +235,10 @@ class NcclCommunicator:
         return out
 
     def _local(self, p, x):
-        """``x`` on position ``p``'s GPU, contiguous."""
+        """``x`` on position ``p``'s GPU, contiguous (a strided view is packed by the kernel)."""
         import cupy
+        x = self.placement.to_local(p, x)
         with cupy.cuda.Device(self._ordinal[p]):
-            x = cupy.asarray(x)
             return x if x.flags.c_contiguous else ops.pack(x) if x.ndim else cupy.ascontiguousarray(x)
 
     # -- the protocol --------------------------------------------------------------------------
