@@ -217,14 +217,23 @@ def _all_reduce(prim, op_name, x, axis_name, axis_index_groups):
     b, axes = _context(op_name, axis_name)
     groups = _check_groups(op_name, b, axes, axis_index_groups)
 
+    spelled = repr(axes[0]) if len(axes) == 1 else repr(axes)
+
     def one(leaf):
         leaf = _as_traced(b, leaf)
         _require_varying(op_name, b, leaf, axes,
-                         f"If you mean n·x, write {op_name}(spmd.pvary(x, {axes[0]!r}), "
-                         f"{axes[0]!r}); if the value is already the same everywhere, drop the "
+                         f"If you mean n·x, write {op_name}(spmd.pvary(x, {spelled}), "
+                         f"{spelled}); if the value is already the same everywhere, drop the "
                          f"{op_name}.")
+        if prim is psum_p:
+            leaf = _count_bools(leaf)
         return bind(prim, leaf, axes=axes, groups=groups)
     return _tree_map(one, x)
+
+
+def _count_bools(x):
+    """A sum of booleans counts them (as ``np.sum`` and ``jax.lax.psum`` do)."""
+    return x.astype(np.int_) if x.dtype == np.bool_ else x
 
 
 def psum(x, axis_name, *, axis_index_groups=None):
@@ -391,6 +400,7 @@ def psum_scatter(x, axis_name, *, scatter_dimension=0, axis_index_groups=None, t
         leaf = _as_traced(b, leaf)
         _require_varying("psum_scatter", b, leaf, axes,
                          f"pvary the value first if you mean to scatter n·x.")
+        leaf = _count_bools(leaf)
         d = _norm_axis("psum_scatter", b, scatter_dimension, leaf.ndim)
         n = leaf.shape[d]
         if (tiled and n % size) or (not tiled and n != size):

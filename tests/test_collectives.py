@@ -83,11 +83,12 @@ def _permute(g, perm):
 
 class Row:
     """``body(C, x, ax, n)``; ``local(n)`` the block shape; ``vma``: 'V' varying over every
-    mesh axis, 'I' invariant over ``ax``, 'A' varying over ``ax`` only; ``expect(g)`` per group."""
+    mesh axis, 'I' invariant over ``ax``, 'A' varying over ``ax`` only; ``expect(g)`` per group;
+    ``jax=False`` where JAX cannot run the row (negative dims: its lowering rejects them)."""
 
-    def __init__(self, id, body, local, vma, expect, dtype=np.float32, groups=None):
+    def __init__(self, id, body, local, vma, expect, dtype=np.float32, jax=True):
         self.id, self.body, self.local, self.vma, self.expect = id, body, local, vma, expect
-        self.dtype, self.groups = dtype, groups
+        self.dtype, self.jax = dtype, jax
 
     def __repr__(self):
         return self.id
@@ -104,6 +105,8 @@ ROWS = [
         lambda g: _bcast(g.sum(0), len(g)), dtype=np.int32),
     Row("psum-scalar", lambda C, x, ax, n: C.psum(x.sum(), ax), lambda n: (2,), "I",
         lambda g: _bcast(g.sum(), len(g))),
+    Row("psum-bool-counts", lambda C, x, ax, n: C.psum(x, ax), lambda n: (3,), "I",
+        lambda g: _bcast(g.sum(0), len(g)), dtype=np.bool_),
     Row("psum-pytree", lambda C, x, ax, n: (lambda d: d["u"] - 3 * d["v"][0])(
         C.psum({"u": x, "v": [x * x]}, ax)), lambda n: (2, 2), "I",
         lambda g: _bcast(g.sum(0) - 3 * (g * g).sum(0), len(g))),
@@ -115,6 +118,12 @@ ROWS = [
         lambda g: _bcast(g.min(0), len(g))),
     Row("pmax-int32", lambda C, x, ax, n: C.pmax(x, ax), lambda n: (3,), "I",
         lambda g: _bcast(g.max(0), len(g)), dtype=np.int32),
+    Row("pmax-bool", lambda C, x, ax, n: C.pmax(x, ax), lambda n: (3,), "I",
+        lambda g: _bcast(g.max(0), len(g)), dtype=np.bool_),
+    Row("all_gather-scalar", lambda C, x, ax, n: C.all_gather(x.sum(), ax), lambda n: (2,), "V",
+        lambda g: _bcast(g.sum(1), len(g))),
+    Row("all_gather-axis-neg", lambda C, x, ax, n: C.all_gather(x, ax, axis=-1), lambda n: (2, 3),
+        "V", lambda g: _bcast(np.stack(list(g), axis=-1), len(g))),
     Row("all_gather", lambda C, x, ax, n: C.all_gather(x, ax), lambda n: (2, 3), "V",
         lambda g: _bcast(g, len(g))),
     Row("all_gather-axis1", lambda C, x, ax, n: C.all_gather(x, ax, axis=1), lambda n: (2, 3), "V",
@@ -139,6 +148,11 @@ ROWS = [
     Row("psum_scatter-tiled-dim1",
         lambda C, x, ax, n: C.psum_scatter(x, ax, scatter_dimension=1, tiled=True),
         lambda n: (3, 2 * n), "V", lambda g: _scatter(g.sum(0), len(g), 1, True)),
+    Row("psum_scatter-to-scalar", lambda C, x, ax, n: C.psum_scatter(x, ax), lambda n: (n,), "V",
+        lambda g: _scatter(g.sum(0), len(g), 0, False)),
+    Row("psum_scatter-dim-neg", lambda C, x, ax, n: C.psum_scatter(x, ax, scatter_dimension=-1,
+                                                                    tiled=True),
+        lambda n: (3, 2 * n), "V", lambda g: _scatter(g.sum(0), len(g), 1, True), jax=False),
     Row("all_to_all-0-0", lambda C, x, ax, n: C.all_to_all(x, ax, 0, 0), lambda n: (n, 3), "V",
         lambda g: _a2a(g, 0, 0, False)),
     Row("all_to_all-1-0", lambda C, x, ax, n: C.all_to_all(x, ax, 1, 0), lambda n: (3, n), "V",
@@ -153,12 +167,18 @@ ROWS = [
         lambda n: (2 * n, 3), "V", lambda g: _a2a(g, 0, 0, True)),
     Row("all_to_all-tiled-2-1", lambda C, x, ax, n: C.all_to_all(x, ax, 2, 1, tiled=True),
         lambda n: (2, 3, n), "V", lambda g: _a2a(g, 2, 1, True)),
+    Row("all_to_all-neg", lambda C, x, ax, n: C.all_to_all(x, ax, -1, -2, tiled=True),
+        lambda n: (2, 3, n), "V", lambda g: _a2a(g, 2, 1, True), jax=False),
     Row("ppermute-shift", lambda C, x, ax, n: C.ppermute(x, ax, _shift(n)), lambda n: (2, 3), "V",
         lambda g: _permute(g, _shift(len(g)))),
     Row("ppermute-reverse", lambda C, x, ax, n: C.ppermute(x, ax, [(i, n - 1 - i) for i in range(n)]),
         lambda n: (3,), "V", lambda g: g[::-1]),
     Row("ppermute-partial", lambda C, x, ax, n: C.ppermute(x, ax, [(0, n - 1)]), lambda n: (3,), "V",
         lambda g: _permute(g, [(0, len(g) - 1)])),
+    Row("ppermute-empty", lambda C, x, ax, n: C.ppermute(x, ax, []), lambda n: (3,), "V",
+        lambda g: np.zeros_like(g)),
+    Row("ppermute-partial-bool", lambda C, x, ax, n: C.ppermute(x, ax, [(n - 1, 0)]), lambda n: (3,),
+        "V", lambda g: _permute(g, [(len(g) - 1, 0)]), dtype=np.bool_),
     Row("pbroadcast-last", lambda C, x, ax, n: C.pbroadcast(x, ax, n - 1), lambda n: (2, 3), "V",
         lambda g: _bcast(g[-1], len(g))),
     Row("pbroadcast-first", lambda C, x, ax, n: C.pbroadcast(x, ax, 0), lambda n: (3,), "V",
@@ -253,7 +273,8 @@ def _jax_table(shape, names, ax, groups=None):
     """Every row of the table on one mesh, as one JAX program (one compilation, not one per row).
     With ``groups`` the rows run without JAX's vma checker, which rejects sub-groups."""
     # JAX has no all_gather(to="invarying") with sub-groups: that row is checked without JAX
-    rows = ROWS if groups is None else [r for r in GROUP_ROWS if r.id != "all_gather-invariant"]
+    rows = [r for r in (ROWS if groups is None else GROUP_ROWS)
+            if r.jax and not (groups and r.id == "all_gather-invariant")]
     gkw = {} if groups is None else {"axis_index_groups": groups}
     k = math.prod(shape[names.index(a)] for a in _axes(ax)) if groups is None else len(groups[0])
     xs = [_input(shape, names, r.local(k), r.dtype)[1] for r in rows]
