@@ -1,0 +1,227 @@
+"""Lowering: a global Program with chosen strategies -> a manual Program.
+
+The result is ``{ lambda globals ; outs = shard_map[body, all mesh axes] globals }`` whose body
+works on per-device blocks with explicit collectives from ``spmd.collectives`` -- the form
+the existing executors run.  Every redistribution the body needs is planned by
+``redistribute.plan`` and recorded (for ``explain``).
+
+Uneven dims: blocks are padded to ``ceil(d / n)``; where padding could leak into a result
+(a reduction or contraction over the dim) the block is masked first with
+``iota + axis_index * block < d``.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .. import lax
+from ..core import Aval, Literal, Params, Program, Var, trace, _ProgramPrinter
+from ..shard_map import shard_map_p
+from .cost import CostModel
+from .placements import Sharding
+from .redistribute import Step, apply, axis_index, plan
+from .rules import category
+
+_FILL = {"sum": 0, "max": -np.inf, "min": np.inf, "prod": 1}
+
+
+@dataclasses.dataclass
+class Inserted:
+    """A collective the compiler inserted: where, why, how much."""
+    eqn_index: int | None      # None: program output
+    where: str                 # the equation, printed
+    why: str
+    step: Step
+
+    @property
+    def nbytes(self):
+        return self.step.nbytes
+
+    @property
+    def time(self):
+        return self.step.time
+
+
+def _fill(dtype, op):
+    v = _FILL[op]
+    if np.dtype(dtype).kind in "iub" and np.isinf(v):
+        info = np.iinfo(dtype) if np.dtype(dtype).kind != "b" else None
+        v = (info.min if v < 0 else info.max) if info else (op == "min")
+    return np.asarray(v, dtype)
+
+
+def mask_padding(x, sh: Sharding, shape, dims, sizes, op):
+    """Set the padding of uneven sharded ``dims`` of block ``x`` to the identity of ``op``."""
+    for d in dims:
+        axes = sh.dims[d]
+        n = int(np.prod([sizes[a] for a in axes])) if axes else 1
+        if not axes or shape[d] % n == 0:
+            continue
+        blk = x.shape[d]
+        glob = axis_index(axes) * np.int32(blk) + _iota(blk)
+        valid = glob < np.int32(shape[d])
+        valid = valid.reshape(tuple(blk if i == d else 1 for i in range(x.ndim)))
+        x = np.where(valid, x, _fill(x.dtype, op))
+    return x
+
+
+def _iota(n):
+    from ..core import bind
+    return bind(lax.iota_p, dtype=np.dtype(np.int32), shape=(n,), dimension=0)
+
+
+def lower_equation(e, s, args, sizes):
+    """Emit the per-device form of global equation ``e`` under strategy ``s``."""
+    from ..core import bind
+    cat = category(e.prim)
+    p = dict(e.params)
+    ins = [a.aval for a in e.inputs]
+    out = e.outputs[0].aval if e.outputs else None
+    local_out = s.outs[0].local_shape(out.shape, sizes) if out is not None else None
+    local_in = [r.local_shape(a.shape, sizes) for r, a in zip(s.ins, ins)]
+    if cat == "constraint":
+        return [args[0]]
+    if cat in ("reshape", "broadcast"):
+        p["shape"] = local_out
+    elif cat == "slice":
+        p["index"] = tuple((0, li, 1) if sl == (0, n, 1) else sl
+                           for sl, n, li in zip(p["index"], ins[0].shape, local_in[0]))
+    elif e.prim.name == "dynamic_slice":
+        p["sizes"] = tuple(li if sz == n else sz for sz, n, li in zip(p["sizes"], ins[0].shape, local_in[0]))
+    elif cat == "reduction":
+        op = e.prim.rules.get("monoid") or {"reduce_and": "prod", "reduce_or": "sum"}.get(e.prim.name, "sum")
+        if e.prim.name in ("reduce_and", "reduce_or"):
+            op = "max" if e.prim.name == "reduce_or" else "min"
+        args[0] = mask_padding(args[0], s.ins[0], ins[0].shape, p["axes"], sizes, op)
+    elif cat == "contraction":
+        (xc, yc), _ = p["contract"], p["batch"]
+        args[0] = mask_padding(args[0], s.ins[0], ins[0].shape, xc, sizes, "sum")
+        args[1] = mask_padding(args[1], s.ins[1], ins[1].shape, yc, sizes, "sum")
+    if s.variant == "masked" and e.prim.name == "take":
+        return [_masked_take(args, s, ins, sizes, p["axis"])]
+    if s.variant == "masked" and e.prim.name == "scatter_add":
+        return [_masked_scatter_add(args, s, ins, sizes, p["axis"])]
+    out_vals = bind(e.prim, *args, **p)
+    return out_vals if e.prim.multiple_results else [out_vals]
+
+
+def _local_indices(idx, axes, blk, n_global, sizes):
+    idx = np.where(idx < 0, idx + n_global, idx)
+    local = idx - (axis_index(axes) * np.int32(blk)).astype(idx.dtype)
+    inside = (local >= 0) & (local < blk)
+    return np.where(inside, local, np.zeros((), local.dtype)), inside
+
+
+def _masked_take(args, s, ins, sizes, axis):
+    """Lookup in a table whose ``axis`` is sharded: each device answers the indices it owns
+    and zeros elsewhere -- a pending sum over the table's axes (vocab-parallel embedding)."""
+    from ..core import bind
+    x, idx = args
+    axes = s.ins[0].dims[axis]
+    blk = x.shape[axis]
+    local, inside = _local_indices(idx, axes, blk, ins[0].shape[axis], sizes)
+    y = bind(lax.take_p, x, local, axis=axis)
+    ni = idx.ndim
+    shape = tuple(idx.shape[d - axis] if axis <= d < axis + ni else 1 for d in range(y.ndim))
+    return np.where(inside.reshape(shape), y, np.zeros((), y.dtype))
+
+
+def _masked_scatter_add(args, s, ins, sizes, axis):
+    """Scatter-add into a target whose ``axis`` is sharded: updates for other rows are dropped."""
+    from ..core import bind
+    x, idx, upd = args
+    axes = s.ins[0].dims[axis]
+    blk = x.shape[axis]
+    local, inside = _local_indices(idx, axes, blk, ins[0].shape[axis], sizes)
+    ni = idx.ndim
+    shape = tuple(idx.shape[d - axis] if axis <= d < axis + ni else 1 for d in range(upd.ndim))
+    upd = np.where(inside.reshape(shape), upd, np.zeros((), upd.dtype))
+    return bind(lax.scatter_add_p, x, local, upd, axis=axis)
+
+
+def _spec_aval(aval: Aval, sh: Sharding, sizes) -> Aval:
+    return Aval(sh.local_shape(aval.shape, sizes), aval.dtype, frozenset(sh.used_axes))
+
+
+def lower(program: Program, prop, mesh, cm: CostModel, name: str):
+    """The manual Program and the list of inserted collectives."""
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    mesh_sizes = tuple(sizes.items())
+    inserted: list[Inserted] = []
+    printer = _ProgramPrinter()
+    for v in program.in_vars:
+        printer.name(v)
+
+    def reshard(x, a, src, dst, eqn_index, where, why):
+        if src == dst:
+            return x
+        pl = plan(tuple(a.aval.shape), a.aval.dtype.itemsize, src, dst, mesh_sizes, cm)
+        for st in pl.collectives:
+            inserted.append(Inserted(eqn_index, where, why(st), st))
+        return apply(x, pl, a.aval.shape, sizes)
+
+    def body(*blocks):
+        env = {id(v): (b, sh) for v, b, sh in zip(program.in_vars, blocks, prop.in_shardings)}
+
+        def read(a):
+            if isinstance(a, Literal):
+                return a.val, Sharding.replicated(len(a.aval.shape))
+            return env[id(a)]
+
+        for i, (e, s) in enumerate(zip(program.eqns, prop.strategies)):
+            where = _eqn_text(printer, e)
+            args = []
+            for j, (a, req) in enumerate(zip(e.inputs, s.ins)):
+                x, cur = read(a)
+                why = _why(e, j, cur, req)
+                args.append(reshard(x, a, cur, req, i, where, why))
+            outs = lower_equation(e, s, args, sizes)
+            for v, o, sh in zip(e.outputs, outs, s.outs):
+                env[id(v)] = (o, sh)
+        results = []
+        for k, (a, want) in enumerate(zip(program.out_vars, prop.out_shardings)):
+            x, cur = read(a)
+            why = (lambda cur, want, k: lambda st: (
+                f"output {k} is {cur} but must be {want}" + (" (out_shardings)" if cur.partial == () else
+                                                              f"; its pending {_pending(cur)} is reduced")))(cur, want, k)
+            results.append(reshard(x, a, cur, want, None, f"output {k}", why))
+        return results
+
+    in_avals = [_spec_aval(v.aval, sh, sizes) for v, sh in zip(program.in_vars, prop.in_shardings)]
+    body_prog, captured = trace(body, in_avals, mesh=mesh, manual_axes=mesh.axis_names,
+                                check_vma=True, context=f"jit({name}) per-device body")
+    assert not captured
+    in_specs = tuple(sh.spec for sh in prop.in_shardings)
+    out_specs = tuple(sh.spec for sh in prop.out_shardings)
+    params = Params(body=body_prog, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                    manual_axes=tuple(mesh.axis_names), check_vma=True, name=name)
+    glob_in = [Var(Aval(tuple(b.shape[d] * n for d, n in enumerate(sh.parts(sizes))), b.dtype))
+               for b, sh in zip(in_avals, prop.in_shardings)]
+    out_avals = shard_map_p.abstract_eval(*[v.aval for v in glob_in], **params)
+    glob_out = [Var(a) for a in out_avals]
+    from ..core import Eqn
+    manual = Program(glob_in, [Eqn(shard_map_p, list(glob_in), params, glob_out)], glob_out)
+    return manual, inserted
+
+
+def _pending(sh):
+    return ", ".join(f"{op} over {a!r}" for a, op in sh.partial)
+
+
+def _why(e, j, cur, req):
+    def why(st):
+        if cur.partial and st.kind in ("psum", "pmax", "pmin", "psum_scatter"):
+            lin = "is not linear" if not e.prim.linear else "needs its operands reduced"
+            return (f"operand {j} of {e.prim.name} is pending a {_pending(cur)}; "
+                    f"{e.prim.name} {lin}, so it is reduced first")
+        return f"operand {j} of {e.prim.name} is {cur}; the cheapest strategy needs {req}"
+    return why
+
+
+def _eqn_text(printer, e):
+    outs = " ".join(printer.decl(v) for v in e.outputs)
+    shown = {k: v for k, v in e.params.items() if not isinstance(v, Program)}
+    from ..core import _fmt_param
+    params = ("[" + " ".join(f"{k}={_fmt_param(v)}" for k, v in shown.items()) + "]") if shown else ""
+    return f"{outs} = {e.prim.name}{params} {' '.join(printer.name(a) for a in e.inputs)}"

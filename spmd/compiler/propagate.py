@@ -1,0 +1,110 @@
+"""Sharding propagation over a global Program.
+
+1. **Backward**: preferred shardings flow upstream from ``out_shardings`` and
+   ``with_sharding_constraint`` through each rule's dim map.  Each preference carries a
+   priority: user constraints (3) > output shardings (2) > inferred (1).
+2. **Forward**: equation by equation, each candidate strategy of the rule is priced with the
+   cost model: the redistributions it needs on its inputs, plus moving its output to the
+   preferred sharding (if any).  The cheapest wins; ties go to the strategy that splits the
+   work over more devices.
+
+Inputs without a given sharding take their preferred sharding, else replicated.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..core import Literal, Program, Var
+from ..errors import ShardingError
+from .cost import CostModel
+from .placements import Sharding
+from .redistribute import plan
+from .rules import Strategy, backward_hints, category, strategies
+
+CONSTRAINT, OUTPUT, INFERRED = 3, 2, 1
+
+
+@dataclasses.dataclass
+class Propagation:
+    in_shardings: list          # Sharding per program input
+    strategies: list            # Strategy per equation
+    out_shardings: list         # Sharding per program output (no pending reductions)
+    hints: dict                 # id(var) -> (priority, Sharding)
+
+
+def _sharding_of(env, a):
+    if isinstance(a, Literal):
+        return Sharding.replicated(len(a.aval.shape))
+    return env[id(a)]
+
+
+def propagate(program: Program, in_shardings: list, out_shardings: list, sizes: dict,
+              cm: CostModel) -> Propagation:
+    mesh_sizes = tuple(sizes.items())
+    hints: dict[int, tuple[int, Sharding]] = {}
+
+    def hint(v, prio, sh):
+        if isinstance(v, Var) and sh is not None and prio > hints.get(id(v), (0, None))[0]:
+            hints[id(v)] = (prio, sh)
+
+    for v, sh in zip(program.out_vars, out_shardings):
+        hint(v, OUTPUT, sh)
+    for e in reversed(program.eqns):
+        if category(e.prim) == "constraint":
+            hint(e.inputs[0], CONSTRAINT, e.params["sharding"])
+            continue
+        outs = [hints.get(id(v)) for v in e.outputs]
+        if not any(outs):
+            continue
+        prio = max(h[0] for h in outs if h)
+        for a, h in zip(e.inputs, backward_hints(e, [h[1] if h else None for h in outs])):
+            hint(a, prio, h)
+
+    env: dict[int, Sharding] = {}
+    ins = []
+    for v, sh in zip(program.in_vars, in_shardings):
+        if sh is None:
+            sh = hints[id(v)][1] if id(v) in hints else Sharding.replicated(v.aval.ndim)
+        env[id(v)] = sh
+        ins.append(sh)
+
+    def cost(a, src, dst):
+        if src == dst:
+            return 0.0
+        shape = a.aval.shape
+        return plan(tuple(shape), a.aval.dtype.itemsize, src, dst, mesh_sizes, cm).time
+
+    chosen = []
+    for e in program.eqns:
+        cur = [_sharding_of(env, a) for a in e.inputs]
+        out_hints = [hints.get(id(v), (0, None))[1] for v in e.outputs]
+        cands = strategies(e, cur, out_hints, sizes)
+        best, best_key = None, None
+        for idx, s in enumerate(cands):
+            c = sum(cost(a, src, req) for a, src, req in zip(e.inputs, cur, s.ins))
+            c += sum(cost(v, o, h) for v, o, h in zip(e.outputs, s.outs, out_hints) if h is not None)
+            key = (round(c, 15), -s.parallelism(sizes), idx)
+            if best_key is None or key < best_key:
+                best, best_key = s, key
+        chosen.append(best)
+        for v, o in zip(e.outputs, best.outs):
+            env[id(v)] = o
+    outs = []
+    for a, want in zip(program.out_vars, out_shardings):
+        outs.append(want if want is not None else _sharding_of(env, a).without_partial())
+    return Propagation(ins, chosen, outs, hints)
+
+
+def check_constraints(program: Program, name: str):
+    """Two constraints on one value that disagree are an error (before anything runs)."""
+    seen: dict[int, Sharding] = {}
+    for e in program.eqns:
+        if category(e.prim) != "constraint" or not isinstance(e.inputs[0], Var):
+            continue
+        sh = e.params["sharding"]
+        prev = seen.setdefault(id(e.inputs[0]), sh)
+        if prev != sh:
+            raise ShardingError(
+                f"jit({name}): with_sharding_constraint is applied twice to the same value "
+                f"({e.inputs[0].aval}) with contradicting shardings {prev.spec} and {sh.spec}; "
+                f"keep one of them.")

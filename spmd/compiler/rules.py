@@ -1,0 +1,380 @@
+"""Sharding rules, derived from each primitive's category (``prim.rules["category"]``).
+
+A rule proposes *strategies*: the sharding each input must have and the sharding of each
+output.  Most categories are described by a **dim map** (which output dim each input dim
+becomes; unmapped dims must be replicated), from which forward images and backward
+requirements follow mechanically.  Pending reductions follow the algebra:
+
+- linear in all operands jointly (add, sub, neg, reshape, transpose, slice, concatenate,
+  reduce_sum, ...): all operands pending the same sum -> the result pends that sum;
+- multilinear (mul, div by a replicated value, dot_general, take, ...): one operand pending ->
+  the result pends;
+- anything else forces the reduction first (the planner inserts the psum).
+
+Reductions over a sharded dim, contractions over a dim sharded on both sides, and lookups in
+a row-sharded table (a masked local ``take``) produce pending reductions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import numpy as np
+
+from ..core import Literal
+from .placements import Sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    ins: tuple        # required Sharding per input
+    outs: tuple       # Sharding per output
+    variant: str = ""   # lowering variant: "masked" for a lookup in a sharded table
+
+    def parallelism(self, sizes) -> int:
+        return max(math.prod(sizes[a] for a in o.used_axes | o.partial_axes) for o in self.outs) if self.outs else 1
+
+
+_BY_NAME = {"copy": "elementwise", "cumsum": "scan", "cumprod": "scan", "cummax": "scan",
+            "cummin": "scan", "sort": "scan", "argsort": "scan", "argmax": "arg", "argmin": "arg",
+            "iota": "iota", "sharding_constraint": "constraint"}
+
+# how pending reductions flow through each primitive (see the module docstring)
+_JOINT_LINEAR = {"add", "sub", "neg", "conj", "real", "imag", "copy", "transpose", "reshape",
+                 "broadcast_in_dim", "slice", "concatenate", "reduce_sum", "cumsum",
+                 "convert_element_type", "select"}
+_ONE_LINEAR = {"mul": (0, 1), "div": (0,), "dot_general": (0, 1), "take": (0,),
+               "dynamic_slice": (0,), "pad": (0,)}
+_MONOTONE = {"max": "max", "min": "min", "reduce_max": "max", "reduce_min": "min"}
+
+
+def category(prim) -> str:
+    return prim.rules.get("category") or _BY_NAME.get(prim.name, "opaque")
+
+
+def _rank(a):
+    return len(a.aval.shape)
+
+
+def _is_scalar_lit(a):
+    return isinstance(a, Literal) and np.ndim(a.val) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# dim maps: input dim -> output dim (None: must be replicated)
+# ---------------------------------------------------------------------------------------------
+
+def _reshape_groups(src, dst):
+    """Pairs (src_dim, dst_dim) that head a group of dims with equal products."""
+    pairs = []
+    i = j = 0
+    while i < len(src) and j < len(dst):
+        if src[i] == 1:
+            i += 1
+            continue
+        if dst[j] == 1:
+            j += 1
+            continue
+        gi, gj = [i], [j]
+        pi, pj = src[i], dst[j]
+        while pi != pj:
+            if pi < pj:
+                i += 1
+                pi *= src[i]
+                gi.append(i)
+            else:
+                j += 1
+                pj *= dst[j]
+                gj.append(j)
+        pairs.append((gi[0], gj[0], src[gi[0]], dst[gj[0]]))
+        i, j = i + 1, j + 1
+    return pairs
+
+
+def dim_maps(e) -> list[tuple]:
+    """For each input, a tuple mapping each of its dims to an output dim or None."""
+    cat = category(e.prim)
+    p = e.params
+    ins = e.inputs
+    out = e.outputs[0].aval if e.outputs else None
+    none = lambda a: (None,) * _rank(a)
+    if cat == "elementwise":
+        r = out.ndim
+        return [tuple((i + r - _rank(a)) if a.aval.shape[i] == out.shape[i + r - _rank(a)] else None
+                      for i in range(_rank(a))) for a in ins]
+    if cat == "broadcast":
+        x = ins[0].aval
+        return [tuple(d if x.shape[i] == out.shape[d] else None for i, d in enumerate(p["dims"]))]
+    if cat == "transpose":
+        perm = p["perm"]
+        return [tuple(perm.index(i) for i in range(len(perm)))]
+    if cat == "reshape":
+        m = [None] * _rank(ins[0])
+        for i, j, _, _ in _reshape_groups(ins[0].aval.shape, out.shape):
+            m[i] = j
+        return [tuple(m)]
+    if cat == "slice":
+        x = ins[0].aval
+        return [tuple(d if s == (0, n, 1) else None for d, (s, n) in enumerate(zip(p["index"], x.shape)))]
+    if cat == "pad":
+        return [tuple(d if c == (0, 0) else None for d, c in enumerate(p["config"])), ()]
+    if cat == "concatenate":
+        return [tuple(None if d == p["axis"] else d for d in range(_rank(a))) for a in ins]
+    if cat == "reduction":
+        axes = p["axes"]
+        kept = [d for d in range(_rank(ins[0])) if d not in axes]
+        return [tuple(kept.index(d) if d in kept else None for d in range(_rank(ins[0])))]
+    if cat in ("scan",):
+        return [tuple(None if d == p["axis"] else d for d in range(_rank(ins[0])))]
+    if cat == "arg":
+        ax = p["axis"]
+        return [tuple(None if d == ax else d - (d > ax) for d in range(_rank(ins[0])))]
+    if cat == "gather" and e.prim.name == "take":
+        ax, ni = p["axis"], _rank(ins[1])
+        xm = tuple(None if d == ax else d if d < ax else d + ni - 1 for d in range(_rank(ins[0])))
+        return [xm, tuple(ax + j for j in range(ni))]
+    if cat == "gather":            # dynamic_slice
+        x = ins[0].aval
+        return [tuple(d if s == n else None for d, (s, n) in enumerate(zip(p["sizes"], x.shape)))] + \
+            [()] * (len(ins) - 1)
+    if cat == "scatter" and e.prim.name == "scatter_add":
+        ax, ni = p["axis"], _rank(ins[1])
+        xm = tuple(None if d == ax else d for d in range(_rank(ins[0])))
+        um = tuple(d if d < ax else None if d < ax + ni else d - ni + 1 for d in range(_rank(ins[2])))
+        return [xm, none(ins[1]), um]
+    if cat == "scatter":           # dynamic_update_slice
+        x, u = ins[0].aval, ins[1].aval
+        m = tuple(d if u.shape[d] == x.shape[d] else None for d in range(x.ndim))
+        return [m, m] + [()] * (len(ins) - 2)
+    if cat == "constraint":
+        return [tuple(range(_rank(ins[0])))]
+    return [none(a) for a in ins]
+
+
+def _image(sh: Sharding, m, out_rank) -> tuple:
+    dims = [()] * out_rank
+    for i, d in enumerate(m):
+        if d is not None:
+            dims[d] = sh.dims[i]
+    return tuple(dims)
+
+
+def _preimage(out_dims, m, keep=None) -> tuple:
+    return tuple(out_dims[d] if d is not None else (keep[i] if keep else ()) for i, d in enumerate(m))
+
+
+def backward_hints(e, out_hints) -> list:
+    """Preferred input shardings given preferred output shardings (None where unknown)."""
+    h = out_hints[0] if out_hints else None
+    if h is None:
+        return [None] * len(e.inputs)
+    if category(e.prim) == "contraction":
+        xm, ym = _dot_maps(e)
+        return [Sharding(_preimage(h.dims, xm)), Sharding(_preimage(h.dims, ym))]
+    if category(e.prim) in ("opaque", "iota"):
+        return [None] * len(e.inputs)
+    return [Sharding(_preimage(h.dims, m)) if len(m) else None for m in dim_maps(e)]
+
+
+# ---------------------------------------------------------------------------------------------
+# strategies
+# ---------------------------------------------------------------------------------------------
+
+def _valid(sh: Sharding, shape, sizes, even=False) -> bool:
+    used = [a for axes in sh.dims for a in axes]
+    if len(set(used)) != len(used) or set(used) & sh.partial_axes:
+        return False
+    return not even or sh.is_even(shape, sizes)
+
+
+def _partial_choices(e, cur) -> list[tuple]:
+    """(required partial per input, output partial) pairs this primitive allows, given the
+    inputs' current pending reductions; the first is always 'reduce everything first'."""
+    n = len(e.inputs)
+    choices = [((),) * n + ((),)]
+    name = e.prim.name
+    parts = [c.partial if c is not None else () for c in cur]
+    traced = [i for i, a in enumerate(e.inputs) if not _is_scalar_lit(a)]
+    if name == "select":
+        traced = [1, 2]
+    if name in _JOINT_LINEAR:
+        if name == "convert_element_type" and np.dtype(e.params["dtype"]).kind not in "fc":
+            return choices
+        literals = [a for a in e.inputs if isinstance(a, Literal)] if name != "select" else []
+        ps = {parts[i] for i in traced}
+        if len(ps) == 1 and ps != {()} and not literals and all(op == "sum" for _, op in next(iter(ps))):
+            p = next(iter(ps))
+            choices.append(tuple(p if i in traced else () for i in range(n)) + (p,))
+    elif name in _ONE_LINEAR:
+        for i in _ONE_LINEAR[name]:
+            if i < n and parts[i] and all(op == "sum" for _, op in parts[i]) and \
+                    not any(parts[j] for j in range(n) if j != i):
+                choices.append(tuple(parts[i] if j == i else () for j in range(n)) + (parts[i],))
+    elif name in _MONOTONE:
+        ps = {parts[i] for i in traced}
+        op = _MONOTONE[name]
+        if len(ps) == 1 and ps != {()} and all(o == op for _, o in next(iter(ps))) and \
+                len(traced) == n:
+            p = next(iter(ps))
+            choices.append((p,) * n + (p,))
+    return choices
+
+
+def strategies(e, cur: list, hints: list, sizes: dict) -> list[Strategy]:
+    """Candidate strategies for equation ``e`` whose inputs currently have shardings ``cur``."""
+    cat = category(e.prim)
+    if cat == "contraction":
+        return _dot_strategies(e, cur, hints, sizes)
+    outs = [v.aval for v in e.outputs]
+    ins = [a.aval for a in e.inputs]
+    if cat in ("opaque", "iota"):
+        return [Strategy(tuple(Sharding.replicated(a.ndim) for a in ins),
+                         tuple(Sharding.replicated(o.ndim) for o in outs))]
+    if cat == "constraint":
+        want = e.params["sharding"]
+        return [Strategy((want,), (want,))]
+    maps = dim_maps(e)
+    out = outs[0]
+    even = cat == "reshape"
+    cands = [((),) * out.ndim]
+    for c, m in zip(cur, maps):
+        if c is not None and len(m):
+            cands.append(_image(c, m, out.ndim))
+    for h in hints:
+        if h is not None:
+            cands.append(h.dims)
+    reduce_op = e.prim.rules.get("monoid") if cat == "reduction" else None
+    masked_take = e.prim.name == "take"
+    scatter_add = e.prim.name == "scatter_add"
+    pchoices = _partial_choices(e, cur)
+    result = []
+    seen = set()
+    for dims in dict.fromkeys(cands):
+        # variants for dims that vanish: keep their sharding (-> pending reduction) or gather
+        keep_variants = [None]
+        if reduce_op in ("sum", "max", "min") and cur[0] is not None:
+            keep_variants.append("keep")
+        if (masked_take or scatter_add) and cur[0] is not None and cur[0].dims[e.params["axis"]]:
+            keep_variants.append("keep")
+        for keep in keep_variants:
+            for pin in pchoices:
+                odims = dims
+                req = []
+                for i, (a, m) in enumerate(zip(ins, maps)):
+                    if not len(m) and a.ndim:
+                        req.append(Sharding.replicated(a.ndim))
+                        continue
+                    keepd = None
+                    if keep and i == 0:
+                        keepd = tuple(cur[0].dims[d] if m[d] is None else () for d in range(a.ndim))
+                    req.append(Sharding(_preimage(odims, m, keepd), pin[i]))
+                opart = set(pin[-1])
+                variant = ""
+                if keep:
+                    vanished = {ax for d, mm in enumerate(maps[0]) if mm is None for ax in req[0].dims[d]}
+                    if reduce_op:
+                        opart |= {(ax, reduce_op) for ax in vanished}
+                    elif masked_take:
+                        if e.inputs[1].aval.ndim and any(req[1].dims):
+                            if set(a for ax in req[1].dims for a in ax) & vanished:
+                                continue
+                        opart |= {(ax, "sum") for ax in vanished}
+                        variant = "masked"
+                    else:
+                        variant = "masked"
+                        dims_o = list(odims)
+                        dims_o[e.params["axis"]] = req[0].dims[e.params["axis"]]
+                        odims = tuple(dims_o)
+                if cat != "broadcast":
+                    covered = {d for m in maps for d in m if d is not None}
+                    odims = tuple(ax if d in covered or (variant and d == e.params.get("axis")) else ()
+                                  for d, ax in enumerate(odims))
+                osh = Sharding(tuple(odims), tuple(sorted(opart)))
+                if not _valid(osh, out.shape, sizes, even) or not all(
+                        _valid(r, a.shape, sizes, even) for r, a in zip(req, ins)):
+                    continue
+                s = Strategy(tuple(req), (osh,) * len(outs), variant)
+                if s not in seen:
+                    seen.add(s)
+                    result.append(s)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# contraction: from the dot_general subscripts
+# ---------------------------------------------------------------------------------------------
+
+def _dot_maps(e):
+    """Output dim of each x dim and y dim (None for contracting dims)."""
+    (xc, yc), (xb, yb) = e.params["contract"], e.params["batch"]
+    x, y = e.inputs[0].aval, e.inputs[1].aval
+    xf = [i for i in range(x.ndim) if i not in xc + xb]
+    yf = [j for j in range(y.ndim) if j not in yc + yb]
+    xm = [None] * x.ndim
+    ym = [None] * y.ndim
+    for k, (i, j) in enumerate(zip(xb, yb)):
+        xm[i] = ym[j] = k
+    for k, i in enumerate(xf):
+        xm[i] = len(xb) + k
+    for k, j in enumerate(yf):
+        ym[j] = len(xb) + len(xf) + k
+    return tuple(xm), tuple(ym)
+
+
+def _dot_strategies(e, cur, hints, sizes):
+    (xc, yc), _ = e.params["contract"], e.params["batch"]
+    xa, ya, oa = e.inputs[0].aval, e.inputs[1].aval, e.outputs[0].aval
+    xm, ym = _dot_maps(e)
+    # labels: ("o", out dim) for batch/free dims, ("c", k) for the k-th contracting pair
+    xl = [("o", m) if m is not None else ("c", xc.index(i)) for i, m in enumerate(xm)]
+    yl = [("o", m) if m is not None else ("c", yc.index(j)) for j, m in enumerate(ym)]
+    cx, cy = cur
+    cx = cx or Sharding.replicated(xa.ndim)
+    cy = cy or Sharding.replicated(ya.ndim)
+    h = hints[0] if hints else None
+    options = {}
+    order = {}
+    for a in sizes:
+        opts = [None]
+        for sh, labels in ((cx, xl), (cy, yl)):
+            for d, axes in enumerate(sh.dims):
+                if a in axes:
+                    opts.append(labels[d])
+                    order.setdefault(labels[d], []).append((axes.index(a), a))
+        if h is not None:
+            for d, axes in enumerate(h.dims):
+                if a in axes:
+                    opts.append(("o", d))
+        if cx.partial_op(a) == "sum":
+            opts.append(("px",))
+        if cy.partial_op(a) == "sum":
+            opts.append(("py",))
+        options[a] = list(dict.fromkeys(opts))
+    axes_names = list(sizes)
+    result = []
+    for combo in itertools.product(*[options[a] for a in axes_names]):
+        by_label: dict = {}
+        px, py, pout = [], [], []
+        for a, lab in zip(axes_names, combo):
+            if lab is None:
+                continue
+            if lab == ("px",):
+                px.append((a, "sum"))
+                pout.append((a, "sum"))
+            elif lab == ("py",):
+                py.append((a, "sum"))
+                pout.append((a, "sum"))
+            else:
+                by_label.setdefault(lab, []).append(a)
+                if lab[0] == "c":
+                    pout.append((a, "sum"))
+        mesh_order = {a: i for i, a in enumerate(axes_names)}
+        for lab, axs in by_label.items():
+            pos = dict((a, p) for p, a in order.get(lab, []))
+            axs.sort(key=lambda a: (pos.get(a, 99), mesh_order[a]))
+        xs = Sharding(tuple(tuple(by_label.get(l, ())) for l in xl), tuple(sorted(px)))
+        ys = Sharding(tuple(tuple(by_label.get(l, ())) for l in yl), tuple(sorted(py)))
+        os_ = Sharding(tuple(tuple(by_label.get(("o", d), ())) for d in range(oa.ndim)), tuple(sorted(pout)))
+        result.append(Strategy((xs, ys), (os_,)))
+    return result
