@@ -117,6 +117,13 @@ class Array:
     def block_until_ready(self):
         return self
 
+    def delete(self):
+        """Free the buffers (``jit(..., donate_argnums=...)`` does this to donated arguments)."""
+        self._storage, self._deleted = None, True
+
+    def is_deleted(self) -> bool:
+        return getattr(self, "_deleted", False)
+
     # -- shards ------------------------------------------------------------------------------
     def _block_at(self, mesh_index: tuple[int, ...]) -> np.ndarray:
         if self._blocks is not None:
@@ -146,6 +153,9 @@ class Array:
 
     # -- conversion ----------------------------------------------------------------------------
     def _gather(self) -> np.ndarray:
+        if self.is_deleted():
+            raise RuntimeError("this spmd.Array was donated (jit donate_argnums) and its buffer "
+                               "is gone; use the jitted function's result instead.")
         if self._blocks is not None:
             if self.is_fully_replicated:
                 return self.addressable_shards[0].data
@@ -279,4 +289,7 @@ def reshard(x: Array, sharding: NamedSharding | PartitionSpec) -> Array:
     from .sharding import check_spec
     check_spec(sharding.spec, sharding.mesh, x.ndim, what=f"reshard to {sharding.spec}")
     _check_concrete(sharding, "reshard")
+    if x.sharding.mesh == sharding.mesh and x._blocks is None and not x.is_deleted():
+        from .compiler.jit import reshard as planned      # the redistribution planner
+        return planned(x, sharding)
     return _array_from_host(x._gather(), sharding)

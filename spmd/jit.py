@@ -109,22 +109,27 @@ def _as_array(x):
     return device_put(np.asarray(x))
 
 
-def jit(f=None, *, static_argnums=(), static_argnames=(), _name=None, executor=None, **kwargs):
+def jit(f=None, *, in_shardings=None, out_shardings=None, donate_argnums=(), static_argnums=(),
+        static_argnames=(), _name=None, executor=None):
     """Trace ``f`` once per argument types (and static arguments), cache the program, run it.
+
+    With ``in_shardings`` / ``out_shardings`` / ``donate_argnums`` the sharding compiler
+    (``spmd.compiler``) propagates shardings and inserts the collectives.
 
     >>> import numpy as np, spmd
     >>> double = spmd.jit(lambda x: 2 * x)
     >>> np.asarray(double(np.arange(3.)))
     array([0., 2., 4.])
     """
-    if kwargs:
-        from .errors import SpmdError
-        raise NotImplementedError(f"jit options {sorted(kwargs)} (in_shardings, out_shardings, "
-                                  f"donate_argnums) belong to the sharding compiler")
     if f is None:
-        return functools.partial(jit, static_argnums=static_argnums, static_argnames=static_argnames,
-                                 _name=_name, executor=executor)
-    return Jitted(f, static_argnums, static_argnames, _name, executor)
+        return functools.partial(jit, in_shardings=in_shardings, out_shardings=out_shardings,
+                                 donate_argnums=donate_argnums, static_argnums=static_argnums,
+                                 static_argnames=static_argnames, _name=_name, executor=executor)
+    plain = Jitted(f, static_argnums, static_argnames, _name, executor)
+    if in_shardings is None and out_shardings is None and not donate_argnums:
+        return plain
+    from .compiler.jit import ShardedJitted
+    return ShardedJitted(plain, in_shardings, out_shardings, donate_argnums)
 
 
 def make_program(f, *, static_argnums=()):
