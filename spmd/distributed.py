@@ -194,6 +194,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     _state = _State(process_id, num_processes, backend, coordinator, local_rank, launcher)
     if coordinator is not None and backend != "mpi" and num_processes > 1:
         _store = Store(coordinator, process_id == 0, num_processes)
+        atexit.register(_store.leave)
     from . import flight_recorder
     flight_recorder.install_signal_handler()
     return _state
@@ -203,6 +204,7 @@ def shutdown():
     """Leave the job (tests and restarts); afterwards this is a single process again."""
     global _state, _store, _executor
     if _store is not None:
+        atexit.unregister(_store.leave)
         _store.close()
         _store = None
     _state, _executor = _State(), None
@@ -290,10 +292,28 @@ class Store:
     def get(self, key: str, timeout: float | None = None) -> bytes:
         timeout = self.timeout if timeout is None else timeout
         reply = self._request(f"GET {key} {timeout}", timeout + 5)
-        if not reply.startswith("V "):
+        kind, _, value = reply.partition(" ")
+        if kind != "V":
             from .errors import CollectiveTimeoutError
             raise CollectiveTimeoutError(f"store.get({key!r}): no process set it within {timeout:g} s.")
-        return bytes.fromhex(reply[2:])
+        return bytes.fromhex(value)
+
+    def barrier(self, name: str, timeout: float | None = None):
+        """Wait until every process reached ``barrier(name)``."""
+        self.set(f"{name}/{process_index()}", b"")
+        for r in range(process_count()):
+            self.get(f"{name}/{r}", timeout)
+
+    def leave(self):
+        """At exit: say so, and on process 0 (which serves the store) wait for everyone to say
+        so, so that no process is left talking to a store that is gone."""
+        try:
+            self.set(f"_exit/{process_index()}", b"")
+            if self._server is not None:
+                for r in range(process_count()):
+                    self.get(f"_exit/{r}")
+        except SpmdError:
+            pass
 
     def close(self):
         if self._server is not None:

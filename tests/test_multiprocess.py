@@ -1,0 +1,158 @@
+"""Real multi-process jobs through ``spmd-run``: the collective table on 2 and 4 MPI processes
+against the simulated mesh, and the ways a job goes wrong (mismatched collectives, a rank that
+never arrives, a rank killed with SIGKILL, a transient failure with --max-restarts, SIGUSR1).
+
+Every job has a subprocess timeout and every test a pytest timeout: nothing here can hang.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from spmd import flight_recorder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(ROOT, "tests", "mp_scripts")
+MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+
+pytestmark = [
+    pytest.mark.multiprocess,
+    pytest.mark.skipif(not (os.path.exists(MPIEXEC) or shutil.which("mpiexec")),
+                       reason="needs mpiexec (pip install 'spmd[mpi]')"),
+]
+mpi4py = pytest.importorskip("mpi4py")
+
+
+def spmd_run(*args, timeout=60, env=None, **popen):
+    """Run ``python -m spmd.run *args``; returns (returncode, stdout, stderr, seconds)."""
+    full_env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "spmd.run", *args], cwd=ROOT, env=full_env,
+                       capture_output=True, text=True, timeout=timeout, **popen)
+    return p.returncode, p.stdout, p.stderr, time.monotonic() - t0
+
+
+def script(name):
+    return os.path.join(SCRIPTS, name)
+
+
+def ranks_saying(text, pattern):
+    return sorted({int(m.group(1)) for m in re.finditer(rf"^\[(\d+)\] .*{pattern}", text, re.M)})
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("n", [2, 4])
+def test_collective_table_matches_simulated_mesh(n):
+    """Every row of the collective table (1-D meshes, 2x2 with every axis choice and
+    axis_index_groups), float rows, a shard_map program and a jit program."""
+    code, out, err, _ = spmd_run("-n", str(n), script("collective_table.py"), timeout=50)
+    assert code == 0, err[-3000:]
+    assert ranks_saying(out, rf"OK \d+ on {n} processes") == list(range(n)), out
+
+
+@pytest.mark.timeout(40)
+def test_mismatched_collectives_fail_every_rank_and_analyzer_names_them(tmp_path):
+    dumps = str(tmp_path / "fr")
+    code, out, err, seconds = spmd_run("-n", "4", script("faults.py"), "mismatch", timeout=30,
+                                       env={"SPMD_COLLECTIVE_TIMEOUT": "10",
+                                            "SPMD_FLIGHT_RECORDER_DIR": dumps})
+    assert code != 0 and seconds < 30
+    assert ranks_saying(err, "CollectiveMismatchError") == [0, 1, 2, 3], err[-3000:]
+    assert "spmd-run: rank" in err and "CollectiveMismatchError" in err.splitlines()[-1]
+    report = flight_recorder.analyze(flight_recorder.load(dumps))
+    d = report.disagreement
+    assert d is not None and d["odd"] == [1]
+    assert d["calls"][1].startswith("all_gather(")
+    assert all(d["calls"][r].startswith("psum(") for r in (0, 2, 3))
+    cli = subprocess.run([sys.executable, "-m", "spmd.flight_recorder", dumps, "--trace",
+                          str(tmp_path / "trace.json")], capture_output=True, text=True,
+                         timeout=30, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert cli.returncode == 0
+    assert "rank 1 differs from the rest" in cli.stdout
+    assert "rank 1: all_gather(" in cli.stdout and "rank 0: psum(" in cli.stdout
+    assert (tmp_path / "trace.json").stat().st_size > 0
+
+
+@pytest.mark.timeout(40)
+def test_rank_that_never_arrives_times_out_on_the_others(tmp_path):
+    dumps = str(tmp_path / "fr")
+    code, out, err, seconds = spmd_run("-n", "4", script("faults.py"), "hang", timeout=30,
+                                       env={"SPMD_COLLECTIVE_TIMEOUT": "2",
+                                            "SPMD_FLIGHT_RECORDER_DIR": dumps})
+    assert code != 0 and seconds < 20
+    waiting = ranks_saying(err, r"CollectiveTimeoutError: psum over axes \('i',\) \(collective #3 "
+                                r".*ranks \[1\] did not arrive")
+    assert waiting == [0, 2, 3], err[-3000:]
+    report = flight_recorder.analyze(flight_recorder.load(dumps))
+    assert report.behind == [1]
+    assert report.disagreement is None
+
+
+@pytest.mark.timeout(40)
+def test_sigkilled_rank_stops_the_job_and_is_reported():
+    code, out, err, seconds = spmd_run("-n", "4", script("faults.py"), "kill", timeout=30,
+                                       env={"SPMD_COLLECTIVE_TIMEOUT": "10"})
+    assert code != 0 and seconds < 25
+    assert "spmd-run: rank 2 failed first: killed by signal SIGKILL" in err, err[-2000:]
+    assert "done" not in out
+
+
+@pytest.mark.timeout(60)
+def test_max_restarts_reruns_a_job_that_fails_once():
+    code, out, err, _ = spmd_run("-n", "2", "--max-restarts", "1", script("faults.py"), "flaky",
+                                 timeout=50, env={"SPMD_COLLECTIVE_TIMEOUT": "10"})
+    assert code == 0, err[-2000:]
+    assert "restarting the job (1 of 1 restarts)" in err
+    assert ranks_saying(out, "done") == [0, 1]
+    code, out, err, _ = spmd_run("-n", "2", script("faults.py"), "flaky", timeout=30,
+                                 env={"SPMD_COLLECTIVE_TIMEOUT": "10"})
+    assert code != 0
+    summary = err.strip().splitlines()[-1]
+    assert re.match(r"spmd-run: rank \d failed first: exited with code 1: ", summary), summary
+    assert "rank 0" in summary and "transient failure" in summary or "rank(s) [0] exited" in summary
+
+
+@pytest.mark.timeout(40)
+def test_sigusr1_is_forwarded_and_every_rank_dumps(tmp_path):
+    dumps = tmp_path / "fr"
+    env = dict(os.environ, PYTHONPATH=ROOT, SPMD_FLIGHT_RECORDER_DIR=str(dumps))
+    p = subprocess.Popen([sys.executable, "-m", "spmd.run", "-n", "2", script("usr1.py")],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = set()
+        deadline = time.monotonic() + 25
+        while len(ready) < 2 and time.monotonic() < deadline:
+            line = p.stdout.readline()
+            m = re.match(r"\[(\d)\] ready", line)
+            if m:
+                ready.add(m.group(1))
+        assert len(ready) == 2
+        p.send_signal(signal.SIGUSR1)
+        while time.monotonic() < deadline and len(list(dumps.glob("rank*.json"))) < 2:
+            time.sleep(0.05)
+        dumped = flight_recorder.load(str(dumps))
+        assert sorted(dumped) == [0, 1]
+        assert all(d["reason"] == "SIGUSR1" and len(d["entries"]) >= 3 for d in dumped.values())
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=15) != 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.timeout(40)
+def test_direct_launch_sets_the_environment_and_the_coordinator_store():
+    """--backend nccl starts the processes itself (no mpiexec) with a coordinator; the store
+    carries values between them.  No GPU is touched."""
+    code, out, err, _ = spmd_run("-n", "3", "--backend", "nccl", script("store.py"), timeout=30)
+    assert code == 0, err[-2000:]
+    for r in range(3):
+        assert f"[{r}] rank {r} of 3 backend nccl launcher spmd-run sees [0, 10, 20]" in out, out
