@@ -46,6 +46,7 @@ def _fmt_time(s: float | None) -> str:
 
 def _print_table(rows: list[Row]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
     table = Table(title="spmd vs peer (time per call; ratio < 1: spmd is faster)")
     for col, justify in (("benchmark", "left"), ("case", "left"), ("spmd", "right"), ("peer", "left"),
@@ -54,7 +55,8 @@ def _print_table(rows: list[Row]) -> None:
     for r in rows:
         ratio = "-" if r.ratio is None else f"{r.ratio:.3g}"
         extra = ", ".join(f"{k}={v}" for k, v in r.extra.items())
-        table.add_row(r.benchmark, r.case, _fmt_time(r.spmd_s), r.peer, _fmt_time(r.peer_s), ratio, extra)
+        table.add_row(*map(escape, (r.benchmark, r.case, _fmt_time(r.spmd_s), r.peer,
+                                    _fmt_time(r.peer_s), ratio, extra)))  # "[cuda12]" is not markup
     console = Console()
     if not console.is_terminal:  # logs and pipes: do not squeeze the table into 80 columns
         console = Console(width=180)

@@ -23,6 +23,8 @@ from spmd.executors import reference_executor
 import spmd.gpu as gpu
 
 _OK, _WHY = gpu.available()
+if not _OK and os.environ.get("SPMD_REQUIRE_GPU") == "1":      # GPU CI: a missing GPU is a failure
+    raise RuntimeError(f"SPMD_REQUIRE_GPU=1 but there is no usable GPU: {_WHY}")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _OK, reason=f"no usable GPU: {_WHY}")]
 
 REFERENCE = reference_executor()
