@@ -24,12 +24,15 @@ def _shard_map_abstract(*avals, body, mesh, in_specs, out_specs, manual_axes, ch
         shape = list(aval.shape)
         for d, axes in enumerate(spec.axes):
             shape[d] *= math.prod(mesh.axis_size(a) for a in axes)
-        outs.append(Aval(tuple(shape), aval.dtype))
+        # Inside an enclosing shard_map, an output varies over the outer axes its body value
+        # varies over (the body's types cover the outer manual axes too), not over every axis
+        # some input varies over.
+        outs.append(Aval(tuple(shape), aval.dtype, aval.vma - set(manual_axes)))
     return outs
 
 
-def _shard_map_vma(*avals, manual_axes, **_):
-    return frozenset().union(*[a.vma for a in avals]) - set(manual_axes) if avals else frozenset()
+def _shard_map_vma(*avals, **_):
+    return frozenset()                     # per output, from the body: see _shard_map_abstract
 
 
 shard_map_p = Primitive("shard_map", abstract=_shard_map_abstract, multiple_results=True,

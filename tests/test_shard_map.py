@@ -149,6 +149,36 @@ def test_pytree_outputs_and_none_leaves():
 
 
 # ---------------------------------------------------------------------------------------------
+# layouts: spec tuples in either order, outputs on other dims, constants and closures as outputs
+# ---------------------------------------------------------------------------------------------
+
+W = np.float32(3)
+
+LAYOUTS = [
+    ("tuple-spec-minor-first", lambda C, x: x + C.axis_index(("b", "a")).astype(np.float32),
+     P(("b", "a")), P(("b", "a")), (X,)),
+    ("tuple-spec-reordered-out", lambda C, x: x, P(("b", "a")), P(("a", "b")), (X,)),
+    ("scalar-out", lambda C, x: C.psum(x.sum(), ("a", "b")), P("a", "b"), P(), (X,)),
+    ("constant-out", lambda C, x: (C.np.float32(1.0) * C.np.ones(()), x), P("a", "b"),
+     (P(), P("a", "b")), (X,)),
+    ("same-value-twice", lambda C, x: (x, x), P("a", "b"), (P("a", "b"), P("b", "a")), (X,)),
+    ("closure-out", lambda C, x: (x, W * C.np.ones((2,), np.float32)), P("a", "b"),
+     (P("a", "b"), P()), (X,)),
+    ("python-scalar-arg", lambda C, x, s: x * s, (P("a", "b"), P()), P("a", "b"), (X, 2.0)),
+    ("out-on-another-dim", lambda C, x: C.psum(x, "b"), P("a", "b"), P(None, "a"), (X,)),
+    ("block-moves-dims", lambda C, x: x, P("a"), P(None, "a"), (X,)),
+    ("invariant-out-repeated", lambda C, x: x * 2, P(), P("a"), (X,)),
+    ("spec-entry-as-1-tuple", lambda C, x: C.psum(x, "a"), P(("b",), "a"), P("b"), (X,)),
+]
+
+
+@pytest.mark.parametrize("body, in_specs, out_specs, args", [c[1:] for c in LAYOUTS],
+                         ids=[c[0] for c in LAYOUTS])
+def test_layouts_match_jax(body, in_specs, out_specs, args):
+    check_three_ways(body, _mesh(), in_specs, out_specs, *args)
+
+
+# ---------------------------------------------------------------------------------------------
 # vma: the out_specs check, implicit pvary, check_vma=False
 # ---------------------------------------------------------------------------------------------
 
@@ -221,6 +251,24 @@ def test_nested_shard_map_matches_jax():
     out = check_three_ways(body, mesh, P("a"), P("a"), X, axis_names={"a"})
     want = X.reshape(8, 4, 2).sum(1) + np.repeat([0, 1], 4)[:, None]
     np.testing.assert_array_equal(out, want)
+
+
+def test_nested_inner_collectives_over_outer_axes_match_jax():
+    """The inner body may reduce over the outer manual axis too; its result is then invariant
+    over that axis in the outer body as well."""
+    mesh = _mesh()
+
+    def body(C, x):
+        inner = C.shard_map(lambda y: (C.psum(y, ("a", "b")),
+                                       C.all_gather(y, "a", tiled=True, to="invariant")),
+                            in_specs=P(None, "b"), out_specs=(P(), P(None, "b")), axis_names={"b"})
+        total, gathered = inner(x)
+        if C is SPMD:
+            assert total.vma == frozenset() and gathered.vma == frozenset()
+        return total, gathered
+    total, gathered = check_three_ways(body, mesh, P("a"), (P(), P()), X, axis_names={"a"})
+    np.testing.assert_array_equal(total, X.reshape(2, 4, 4, 2).sum((0, 2)))
+    np.testing.assert_array_equal(gathered, X)
 
 
 def test_nested_inner_sees_outer_vma_and_closure():
