@@ -1,0 +1,101 @@
+"""The flight recorder's ring buffer, its dumps, the analyzer and the Chrome trace export, on
+dumps written by hand (the multi-process tests check them on real jobs)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from spmd import flight_recorder as fr
+
+
+def entry(seq, op="psum", axes=("i",), shape=(4,), dtype="float32", state="completed",
+          start=100.0, ranks=(0, 1, 2)):
+    return {"seq": seq, "op": op, "axes": list(axes), "ranks": list(ranks), "shape": list(shape),
+            "dtype": dtype, "nbytes": 16, "state": state, "start": start + seq,
+            "end": None if state == "started" else start + seq + 0.5}
+
+
+def write_dumps(tmp_path, per_rank, world=None):
+    for r, entries in per_rank.items():
+        (tmp_path / f"rank{r}.json").write_text(json.dumps({
+            "rank": r, "world_size": world or len(per_rank), "pid": 1000 + r, "backend": "mpi",
+            "reason": "test", "time": 200.0, "entries": entries}))
+    return str(tmp_path)
+
+
+def test_ring_buffer_keeps_the_last_n_and_dumps(tmp_path):
+    rec = fr.FlightRecorder(size=3)
+    for i in range(5):
+        e = rec.start("psum", ("i",), (0, 1), (2, 3), "float32", 24)
+        rec.finish(e, "completed" if i < 4 else "timeout")
+    assert [e["seq"] for e in rec.entries] == [2, 3, 4]
+    assert rec.entries[-1]["state"] == "timeout" and rec.entries[-1]["end"] is not None
+    path = rec.dump("because", str(tmp_path))
+    d = json.loads(open(path).read())
+    assert d["reason"] == "because" and [e["seq"] for e in d["entries"]] == [2, 3, 4]
+    assert fr.load(str(tmp_path))[0]["entries"][0]["shape"] == [2, 3]
+
+
+def test_analyzer_names_the_rank_that_is_behind(tmp_path):
+    d = write_dumps(tmp_path, {0: [entry(0), entry(1), entry(2, state="timeout")],
+                               1: [entry(0), entry(1)],
+                               2: [entry(0), entry(1), entry(2, state="timeout")]})
+    report = fr.analyze(fr.load(d))
+    assert report.behind == [1] and report.disagreement is None and report.missing == []
+    text = str(report)
+    assert "behind: rank 1 (at #1; others reached #2)" in text
+    assert "no disagreement" in text
+
+
+def test_analyzer_finds_the_first_disagreement(tmp_path):
+    d = write_dumps(tmp_path, {
+        0: [entry(0), entry(1, op="all_gather", shape=(2,)), entry(2)],
+        1: [entry(0), entry(1, op="psum", shape=(2,)), entry(2, op="ppermute")],
+        2: [entry(0), entry(1, op="all_gather", shape=(2,)), entry(2)]})
+    report = fr.analyze(fr.load(d))
+    assert report.disagreement["seq"] == 1 and report.disagreement["odd"] == [1]
+    text = str(report)
+    assert "first disagreement at collective #1: rank 1 differs from the rest" in text
+    assert "rank 1: psum(axes=('i',), shape=2, dtype=float32)" in text
+    assert "rank 0: all_gather(axes=('i',), shape=2, dtype=float32)" in text
+
+
+@pytest.mark.parametrize("field, value", [("shape", [5]), ("dtype", "float64"), ("axes", ["j"])])
+def test_disagreement_in_shape_dtype_or_axes(tmp_path, field, value):
+    odd = entry(0)
+    odd[field] = value
+    d = write_dumps(tmp_path, {0: [entry(0)], 1: [entry(0)], 2: [odd], 3: [entry(0)]})
+    assert fr.analyze(fr.load(d)).disagreement["odd"] == [2]
+
+
+def test_missing_ranks_and_two_way_ties(tmp_path):
+    d = write_dumps(tmp_path, {0: [entry(0, op="psum")], 1: [entry(0, op="pmax")]}, world=3)
+    report = fr.analyze(fr.load(d))
+    assert report.missing == [2]
+    assert report.disagreement["odd"] == [0, 1]          # no majority: both named
+    assert "ranks [2] wrote no dump" in str(report)
+
+
+def test_chrome_trace(tmp_path):
+    d = write_dumps(tmp_path, {0: [entry(0), entry(1, state="started")], 1: [entry(0)]})
+    trace = fr.chrome_trace(fr.load(d))
+    events = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert len(events) == 3
+    assert {e["pid"] for e in events} == {0, 1} and events[0]["tid"] == "i"
+    assert events[0]["ts"] == 100.0 * 1e6 and events[0]["dur"] == pytest.approx(0.5e6)
+    started = next(e for e in events if e["args"]["state"] == "started")
+    assert started["dur"] == pytest.approx((200.0 - 101.0) * 1e6)   # open until the dump
+    names = [e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"]
+    assert names == ["rank 0", "rank 1"]
+
+
+def test_cli(tmp_path, capsys):
+    d = write_dumps(tmp_path / "dumps" if (tmp_path / "dumps").mkdir() is None else None,
+                    {0: [entry(0)], 1: [entry(0, op="all_to_all")], 2: [entry(0)]})
+    out = tmp_path / "trace.json"
+    assert fr.main([d, "--trace", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "rank 1 differs" in text and f"trace: {out}" in text
+    assert json.loads(out.read_text())["traceEvents"]
+    assert fr.main([str(tmp_path / "nowhere")]) == 2
