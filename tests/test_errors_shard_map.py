@@ -129,6 +129,14 @@ def to_float(x):
     return float(x.sum())
 
 
+def to_host_array(x):
+    return np.asarray(x) + 1
+
+
+def take_item(x):
+    return x.sum().item()
+
+
 def branch_on_value(x):
     if x.sum() > 0:
         return x
@@ -229,6 +237,8 @@ CASES = [
     ("all_gather-axis-out-of-range", run(gather_bad_axis), ValueError, ["gather_bad_axis", "axis 3"]),
     ("numpy-function-without-rule", run(uses_fft), NotImplementedError, ["uses_fft", "numpy.fft.fft"]),
     ("tracer-to-float", run(to_float, out_specs=P()), spmd.TracingError, ["to_float", "float()"]),
+    ("tracer-to-np-asarray", run(to_host_array), spmd.TracingError, ["to_host_array", "np.asarray"]),
+    ("tracer-item", run(take_item, out_specs=P()), spmd.TracingError, ["take_item", ".item()"]),
     ("python-if-on-traced-value", run(branch_on_value), spmd.TracingError,
      ["branch_on_value", "Python `if`", "np.where"]),
     ("dtype-float-shift", run(shift_float_bits), TypeError, ["shift_float_bits", "left_shift", "float64"]),
