@@ -1,18 +1,20 @@
 """The alpha-beta cost model of collectives.
 
 A collective over a group of ``n`` devices moving a buffer of ``S`` bytes per device takes
-``steps * alpha + S * factor / bandwidth`` seconds, where ``factor`` is NCCL's bus-bandwidth
-factor (nccl-tests ``PERFORMANCE.md``): the bytes each device really sends per byte of ``S``.
+``alpha + S * factor / bandwidth`` seconds, where ``factor`` is NCCL's bus-bandwidth factor
+(nccl-tests ``PERFORMANCE.md``): the bytes each device really sends per byte of ``S``, and
+``alpha`` is the latency of one collective call (launch and synchronization, which dominate
+small messages whatever the algorithm).
 
-====================  ======================  =============  ============
-collective            S (bytes per device)    factor         ring steps
-====================  ======================  =============  ============
-all_reduce (psum)     buffer                  2(n-1)/n       2(n-1)
-all_gather            gathered output         (n-1)/n        n-1
-reduce_scatter        input                   (n-1)/n        n-1
-all_to_all            buffer                  (n-1)/n        n-1
-permute / broadcast   buffer                  1              1
-====================  ======================  =============  ============
+====================  ======================  =============
+collective            S (bytes per device)    factor
+====================  ======================  =============
+all_reduce (psum)     buffer                  2(n-1)/n
+all_gather            gathered output         (n-1)/n
+reduce_scatter        input                   (n-1)/n
+all_to_all            buffer                  (n-1)/n
+permute / broadcast   buffer                  1
+====================  ======================  =============
 
 Latency and bandwidth are per mesh axis (``CostModel(axes={"model": (alpha, bw)})``); a
 collective over several axes runs at the slowest of them.
@@ -29,20 +31,11 @@ FACTORS = {
     "all_to_all": lambda n: (n - 1) / n,
     "permute": lambda n: 1.0,
 }
-STEPS = {
-    "all_reduce": lambda n: 2 * (n - 1),
-    "all_gather": lambda n: n - 1,
-    "reduce_scatter": lambda n: n - 1,
-    "all_to_all": lambda n: n - 1,
-    "permute": lambda n: 1,
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class CostModel:
     """``alpha`` seconds per message step, ``bandwidth`` bytes/s; ``axes`` overrides per axis."""
-    alpha: float
-    bandwidth: float
+    alpha: float             # seconds per collective call
+    bandwidth: float         # bytes per second (bus bandwidth)
     axes: tuple = ()         # ((axis_name, alpha, bandwidth), ...)
 
     def axis(self, name: str) -> tuple[float, float]:
@@ -64,13 +57,13 @@ class CostModel:
             return 0.0
         alpha = max(self.axis(a)[0] for a in axes)
         bw = min(self.axis(a)[1] for a in axes)
-        return STEPS[kind](n) * alpha + nbytes * FACTORS[kind](n) / bw
+        return alpha + nbytes * FACTORS[kind](n) / bw
 
 
 # Simulated CPU mesh: memory copies between "devices" of one process.
-CPU = CostModel(alpha=2e-6, bandwidth=10e9)
+CPU = CostModel(alpha=5e-6, bandwidth=10e9)
 # One node of GPUs over NVLink (NCCL ring, bus bandwidth as measured by nccl-tests).
-GPU = CostModel(alpha=10e-6, bandwidth=150e9)
+GPU = CostModel(alpha=15e-6, bandwidth=150e9)
 
 
 def default_cost_model() -> CostModel:

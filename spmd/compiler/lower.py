@@ -153,13 +153,20 @@ def lower(program: Program, prop, mesh, cm: CostModel, name: str):
     for v in program.in_vars:
         printer.name(v)
 
+    made: dict[tuple, object] = {}       # (id(var), sharding) -> block: redistribute once
+
     def reshard(x, a, src, dst, eqn_index, where, why):
         if src == dst:
             return x
+        if isinstance(a, Var) and (id(a), dst) in made:
+            return made[(id(a), dst)]
         pl = plan(tuple(a.aval.shape), a.aval.dtype.itemsize, src, dst, mesh_sizes, cm)
         for st in pl.collectives:
             inserted.append(Inserted(eqn_index, where, why(st), st))
-        return apply(x, pl, a.aval.shape, sizes)
+        y = apply(x, pl, a.aval.shape, sizes)
+        if isinstance(a, Var):
+            made[(id(a), dst)] = y
+        return y
 
     def body(*blocks):
         env = {id(v): (b, sh) for v, b, sh in zip(program.in_vars, blocks, prop.in_shardings)}

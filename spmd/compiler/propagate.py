@@ -19,7 +19,7 @@ from ..errors import ShardingError
 from .cost import CostModel
 from .placements import Sharding
 from .redistribute import plan
-from .rules import Strategy, backward_hints, category, strategies
+from .rules import Strategy, backward_hints, category, known_dims, resolve_hint, strategies
 
 CONSTRAINT, OUTPUT, INFERRED = 3, 2, 1
 
@@ -64,12 +64,14 @@ def propagate(program: Program, in_shardings: list, out_shardings: list, sizes: 
     ins = []
     for v, sh in zip(program.in_vars, in_shardings):
         if sh is None:
-            sh = hints[id(v)][1] if id(v) in hints else Sharding.replicated(v.aval.ndim)
+            sh = Sharding(known_dims(hints[id(v)][1])) if id(v) in hints else Sharding.replicated(v.aval.ndim)
         env[id(v)] = sh
         ins.append(sh)
 
+    avail: dict[tuple, bool] = {}      # (id(var), sharding): a redistribution already made
+
     def cost(a, src, dst):
-        if src == dst:
+        if src == dst or (id(a), dst) in avail:
             return 0.0
         shape = a.aval.shape
         return plan(tuple(shape), a.aval.dtype.itemsize, src, dst, mesh_sizes, cm).time
@@ -82,11 +84,15 @@ def propagate(program: Program, in_shardings: list, out_shardings: list, sizes: 
         best, best_key = None, None
         for idx, s in enumerate(cands):
             c = sum(cost(a, src, req) for a, src, req in zip(e.inputs, cur, s.ins))
-            c += sum(cost(v, o, h) for v, o, h in zip(e.outputs, s.outs, out_hints) if h is not None)
+            c += sum(cost(v, o, resolve_hint(h, o)) for v, o, h in zip(e.outputs, s.outs, out_hints)
+                     if h is not None)
             key = (round(c, 15), -s.parallelism(sizes), idx)
             if best_key is None or key < best_key:
                 best, best_key = s, key
         chosen.append(best)
+        for a, req in zip(e.inputs, best.ins):
+            if isinstance(a, Var):
+                avail[(id(a), req)] = True
         for v, o in zip(e.outputs, best.outs):
             env[id(v)] = o
     outs = []

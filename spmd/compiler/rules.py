@@ -160,8 +160,26 @@ def _image(sh: Sharding, m, out_rank) -> tuple:
     return tuple(dims)
 
 
-def _preimage(out_dims, m, keep=None) -> tuple:
-    return tuple(out_dims[d] if d is not None else (keep[i] if keep else ()) for i, d in enumerate(m))
+def _preimage(out_dims, m, keep=None, fill=()) -> tuple:
+    return tuple(out_dims[d] if d is not None else (keep[i] if keep else fill) for i, d in enumerate(m))
+
+
+# A preferred sharding may leave dims open: they take whatever the producer gives them.
+UNKNOWN = ("?",)
+
+
+def resolve_hint(hint: Sharding, given: Sharding) -> Sharding:
+    """``hint`` with its open dims taken from ``given`` (where that does not reuse an axis)."""
+    if UNKNOWN not in hint.dims:
+        return hint
+    fixed = {a for axes in hint.dims if axes != UNKNOWN for a in axes}
+    dims = tuple((g if not (set(g) & fixed) else ()) if h == UNKNOWN else h
+                 for h, g in zip(hint.dims, given.dims))
+    return Sharding(dims)
+
+
+def known_dims(hint: Sharding) -> tuple:
+    return tuple(() if d == UNKNOWN else d for d in hint.dims)
 
 
 def backward_hints(e, out_hints) -> list:
@@ -171,10 +189,10 @@ def backward_hints(e, out_hints) -> list:
         return [None] * len(e.inputs)
     if category(e.prim) == "contraction":
         xm, ym = _dot_maps(e)
-        return [Sharding(_preimage(h.dims, xm)), Sharding(_preimage(h.dims, ym))]
+        return [Sharding(_preimage(h.dims, xm, fill=UNKNOWN)), Sharding(_preimage(h.dims, ym, fill=UNKNOWN))]
     if category(e.prim) in ("opaque", "iota"):
         return [None] * len(e.inputs)
-    return [Sharding(_preimage(h.dims, m)) if len(m) else None for m in dim_maps(e)]
+    return [Sharding(_preimage(h.dims, m, fill=UNKNOWN)) if len(m) else None for m in dim_maps(e)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,7 +261,10 @@ def strategies(e, cur: list, hints: list, sizes: dict) -> list[Strategy]:
             cands.append(_image(c, m, out.ndim))
     for h in hints:
         if h is not None:
-            cands.append(h.dims)
+            cands.append(known_dims(h))
+            for c, m in zip(cur, maps):
+                if c is not None and len(m):
+                    cands.append(resolve_hint(h, Sharding(_image(c, m, out.ndim))).dims)
     reduce_op = e.prim.rules.get("monoid") if cat == "reduction" else None
     masked_take = e.prim.name == "take"
     scatter_add = e.prim.name == "scatter_add"
