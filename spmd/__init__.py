@@ -15,6 +15,7 @@ from .sharding import PartitionSpec, P, NamedSharding
 from .array import Array, Shard, device_put, reshard
 from .core import Program, Primitive, Tracer, bind
 from .jit import jit, make_program
+from .compiler.jit import with_sharding_constraint
 from .shard_map import shard_map
 from .collectives import (psum, pmean, pmax, pmin, all_gather, psum_scatter, all_to_all, ppermute,
                           pbroadcast, axis_index, axis_size, pvary)
