@@ -36,8 +36,16 @@ class StackedExecutor:
                 return val
             return env[id(a)]
 
-        for e in program.eqns:
+        # Drop each value after its last use, so peak memory is what is live, not everything
+        # the program ever computed (this is what makes rematerialisation pay off).
+        last_use = {id(a): i for i, e in enumerate(program.eqns) for a in e.inputs}
+        for a in program.out_vars:
+            last_use[id(a)] = len(program.eqns)
+        for i, e in enumerate(program.eqns):
             vals = [read(a) for a in e.inputs]
+            for a in e.inputs:
+                if last_use.get(id(a)) == i:
+                    env.pop(id(a), None)
             if e.prim.name == "shard_map":
                 outs = self._shard_map(vals, mesh, **e.params)
             elif e.prim.rules.get("call"):              # checkpoint: run the body inline

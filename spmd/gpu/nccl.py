@@ -220,7 +220,7 @@ class NcclCommunicator:
         try:
             yield
         finally:
-            nccl.groupEnd()
+            _call(nccl.groupEnd, "ncclGroupEnd (the grouped calls above)")
 
     def _each(self, bufs, what, fn):
         """``fn(position, array, stream_ptr)`` for every local position, on its GPU, grouped."""
