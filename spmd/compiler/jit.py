@@ -39,6 +39,21 @@ sharding_constraint_p = Primitive(
     impl=lambda xp, k, x, **p: x, linear=True, category="constraint")
 
 
+def _constraint_jvp(primals, tangents, **params):
+    from ..transforms.ad import is_zero
+    (x,), (t,) = primals, tangents
+    return bind(sharding_constraint_p, x, **params), t if is_zero(t) else bind(sharding_constraint_p, t, **params)
+
+
+def _constraint_transpose(ct, x, **params):
+    from ..transforms.ad import is_zero
+    return [ct if is_zero(ct) else bind(sharding_constraint_p, ct, **params)]
+
+
+sharding_constraint_p.jvp = _constraint_jvp
+sharding_constraint_p.transpose = _constraint_transpose
+
+
 def with_sharding_constraint(x, sharding):
     """Ask for ``x`` (a pytree) to have ``sharding`` at this point of a ``jit`` program.
     Outside ``jit`` it reshards an ``Array`` (or places a host array)."""
@@ -172,7 +187,11 @@ class ShardedJitted:
                 start = sum(optree.tree_structure(x, none_is_leaf=False).num_leaves for x in dyn_args[:i])
                 for k, sh in enumerate(sub):
                     if sh is not None:
-                        given[start + k] = as_sharding(sh, what=f"jit({self.name}): in_shardings for {paths[start + k]}")
+                        what = f"jit({self.name}): in_shardings for {paths[start + k]}"
+                        try:
+                            given[start + k] = as_sharding(sh, what=what)
+                        except ShardingError as e:
+                            raise ShardingError(f"{what}: {e}") from None
         mesh, mesh_from = None, None
         candidates = [(g, p) for g, p in zip(given, paths) if g is not None]
         candidates += [(x.sharding, p) for x, p, g in zip(leaves, paths, given)
@@ -219,7 +238,10 @@ class ShardedJitted:
             if s is None:
                 out.append(None)
                 continue
-            ns = s if isinstance(s, NamedSharding) else NamedSharding(mesh, s)
+            try:
+                ns = s if isinstance(s, NamedSharding) else NamedSharding(mesh, s)
+            except ShardingError as e:
+                raise ShardingError(f"jit({self.name}): out_shardings for output {k}: {e}") from None
             check_spec(ns.spec, mesh, a.ndim, what=f"jit({self.name}): out_shardings for output {k}")
             out.append(Sharding.from_spec(ns.spec, a.ndim))
         return out
@@ -239,6 +261,8 @@ class ShardedJitted:
             ins = [None if s is None else Sharding.from_spec(s.spec, v.aval.ndim)
                    for s, v in zip(shardings, program.in_vars)]
             outs = self._out_specs(out_tree, program.out_avals, mesh)
+            if self.out_shardings is None:
+                outs = _gradients_like_parameters(args, self.jitted, out_tree, program, ins, outs)
             comp = compile_program(program, ins, outs, mesh, name=self.name,
                                    cost_model=self.cost_model, out_tree=out_tree)
             self._cache[key] = comp
@@ -250,6 +274,13 @@ class ShardedJitted:
     def __call__(self, *args, **kwargs):
         if current_builder() is not None:
             return self.jitted.f(*args, **kwargs)
+        from ..array import Array
+        for i, x in enumerate(args):
+            for leaf in optree.tree_leaves(x, none_is_leaf=False):
+                if isinstance(leaf, Array) and leaf.is_deleted():
+                    raise RuntimeError(f"jit({self.name}): args[{i}] was donated to an earlier call and "
+                                       f"its buffer is gone; pass a fresh array (donated arrays cannot "
+                                       f"be reused).")
         comp, leaves, paths = self._compile(args, kwargs)
         donated = self._donated_leaves(args, kwargs)
         outs = run_compiled(comp, leaves, paths, self.jitted.executor)
@@ -270,6 +301,32 @@ class ShardedJitted:
                 idx.extend(range(start, start + n))
             start += n
         return idx
+
+
+def _gradients_like_parameters(args, jitted, out_tree, program, ins, outs):
+    """Without out_shardings, outputs shaped like the first argument (``grad(loss)(params,
+    ...)``, or the gradient half of ``value_and_grad``) take the first argument's shardings,
+    so parameters and their gradients match."""
+    dyn = [a for i, a in enumerate(args) if i not in jitted.static_argnums]
+    if not dyn:
+        return outs
+    ptree = optree.tree_structure(dyn[0], none_is_leaf=False)
+    n = ptree.num_leaves
+    pavals = [v.aval for v in program.in_vars[:n]]
+    out_avals = program.out_avals
+    start = None
+    if out_tree == ptree:
+        start = 0
+    elif out_tree.num_children == 2 and out_tree.children()[1] == ptree:
+        start = out_tree.children()[0].num_leaves
+    if start is None or [(a.shape, a.dtype) for a in out_avals[start:start + n]] != \
+            [(a.shape, a.dtype) for a in pavals]:
+        return outs
+    outs = list(outs)
+    for k in range(n):
+        if outs[start + k] is None and ins[k] is not None:
+            outs[start + k] = ins[k]
+    return outs
 
 
 def run_compiled(comp: Compiled, leaves, paths, executor=None):

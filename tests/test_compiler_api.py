@@ -1,0 +1,228 @@
+"""spmd.jit with shardings: the API (NamedShardings, bare P under set_mesh, Array shardings,
+with_sharding_constraint, donation), gradients, explain / as_text, and the error table."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import spmd
+from spmd import NamedSharding, P
+from spmd.errors import ShardingError
+
+MESH = spmd.make_mesh((2, 4), ("data", "model"))
+MESH1 = spmd.make_mesh((8,), ("x",))
+NS = lambda *spec: NamedSharding(MESH, P(*spec))
+rng = np.random.default_rng(0)
+X = rng.normal(size=(8, 16)).astype(np.float32)
+W1 = rng.normal(size=(16, 32)).astype(np.float32)
+W2 = rng.normal(size=(32, 16)).astype(np.float32)
+
+
+def kinds(f, *args):
+    return sorted(f"{k}({','.join(a)})" for k, a in f.lower(*args).collectives())
+
+
+def test_bare_specs_under_set_mesh():
+    with spmd.set_mesh(MESH):
+        f = spmd.jit(lambda x, w: x @ w, in_shardings=(P("data"), P(None, "model")), out_shardings=P("data"))
+        y = f(X, W1)
+        assert kinds(f, X, W1) == ["all_gather(model)"]
+    assert y.sharding.spec == P("data") and y.sharding.mesh == MESH
+    np.testing.assert_allclose(np.asarray(y), X @ W1, rtol=1e-5)
+
+
+def test_shardings_from_array_arguments():
+    x = spmd.device_put(X, NS("data"))
+    w = spmd.device_put(W1, NS(None, "model"))
+    f = spmd.jit(lambda x, w: np.tanh(x @ w), out_shardings=NS("data", "model"))
+    y = f(x, w)
+    assert y.sharding.spec == P("data", "model")
+    np.testing.assert_allclose(np.asarray(y), np.tanh(X @ W1), rtol=1e-5)
+    assert kinds(f, x, w) == []
+
+
+def test_propagated_output_sharding():
+    f = spmd.jit(lambda x, w: np.tanh(x @ w), in_shardings=(NS("data"), NS(None, "model")))
+    y = f(X, W1)
+    assert y.sharding.spec == P("data", "model")
+
+
+def test_with_sharding_constraint_inside():
+    def f(x, w1, w2):
+        h = spmd.with_sharding_constraint(x @ w1, NS("data", "model"))
+        return h @ w2
+    jf = spmd.jit(f, in_shardings=(NS("data"), NS(), NS()), out_shardings=NS("data"))
+    np.testing.assert_allclose(np.asarray(jf(X, W1, W2)), X @ W1 @ W2, rtol=1e-4)
+    # the constraint wins over replicated weights: w2 is sliced locally, then one psum
+    assert kinds(jf, X, W1, W2) == ["psum(model)"]
+
+
+def test_constraint_flows_backward_to_free_inputs():
+    def f(x, w):
+        return spmd.with_sharding_constraint(x @ w, NS(None, "model"))
+    jf = spmd.jit(f, in_shardings=(NS(), None), out_shardings=NS(None, "model"))
+    assert jf.lower(X, W1).compiled.prop.in_shardings[1].spec == P(None, "model")
+    np.testing.assert_allclose(np.asarray(jf(X, W1)), X @ W1, rtol=1e-5)
+
+
+def test_with_sharding_constraint_eager_reshards():
+    x = spmd.device_put(X, NS("data"))
+    y = spmd.with_sharding_constraint(x, NS(None, "model"))
+    assert y.sharding.spec == P(None, "model")
+    np.testing.assert_array_equal(np.asarray(y), X)
+
+
+def test_donation_and_reuse_error():
+    x = spmd.device_put(X, NS("data"))
+    f = spmd.jit(lambda x: x * 2, in_shardings=NS("data"), out_shardings=NS("data"), donate_argnums=0)
+    y = f(x)
+    np.testing.assert_array_equal(np.asarray(y), 2 * X)
+    assert x.is_deleted()
+    with pytest.raises(RuntimeError, match=r"args\[0\] was donated"):
+        f(x)
+
+
+def test_pytree_arguments_and_outputs():
+    f = spmd.jit(lambda p, x: {"y": x @ p["w"], "s": (x @ p["w"]).sum()},
+                 in_shardings=({"w": NS(None, "model")}, NS("data")),
+                 out_shardings={"y": NS("data", "model"), "s": NS()})
+    out = f({"w": W1}, X)
+    np.testing.assert_allclose(np.asarray(out["y"]), X @ W1, rtol=1e-5)
+    np.testing.assert_allclose(float(np.asarray(out["s"])), (X @ W1).sum(), rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients
+# ---------------------------------------------------------------------------------------------
+
+def mlp_loss(params, x, y):
+    w1, w2 = params
+    return np.sum((np.tanh(x @ w1) @ w2 - y) ** 2)
+
+
+Y = rng.normal(size=(8, 16)).astype(np.float32)
+
+
+def _check_grads(f, params):
+    got = f(params, X, Y)
+    want = spmd.grad(mlp_loss)(params, X, Y)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-3, atol=1e-3)
+    return got
+
+
+def test_grad_data_parallel_one_psum_per_parameter():
+    f = spmd.jit(spmd.grad(mlp_loss), in_shardings=((NS(), NS()), NS(("data", "model")), NS(("data", "model"))))
+    got = _check_grads(f, (W1, W2))
+    assert [g.sharding.spec for g in got] == [P(), P()]      # like the parameters
+    assert kinds(f, (W1, W2), X, Y) == ["psum(data,model)"] * 2
+
+
+def test_grad_zero_sharded_gradients_psum_scatter():
+    dp = MESH1
+    f = spmd.jit(spmd.grad(mlp_loss), in_shardings=((NamedSharding(dp, P()),) * 2, NamedSharding(dp, P("x")),
+                                                    NamedSharding(dp, P("x"))),
+                 out_shardings=(NamedSharding(dp, P("x")),) * 2)
+    _check_grads(f, (W1, W2))
+    assert kinds(f, (W1, W2), X, Y) == ["psum_scatter(x)"] * 2
+
+
+def test_grad_megatron_dp_tp():
+    params = (NS(None, "model"), NS("model"))
+    f = spmd.jit(spmd.grad(mlp_loss), in_shardings=(params, NS("data"), NS("data")))
+    got = _check_grads(f, (W1, W2))
+    assert [g.sharding.spec for g in got] == [P(None, "model"), P("model")]
+    # forward: one psum over model; backward: one psum over data per parameter
+    assert kinds(f, (W1, W2), X, Y) == ["psum(data)", "psum(data)", "psum(model)"]
+
+
+def test_value_and_grad_shardings():
+    params = (NS(None, "model"), NS("model"))
+    f = spmd.jit(spmd.value_and_grad(mlp_loss), in_shardings=(params, NS("data"), NS("data")))
+    v, g = f((W1, W2), X, Y)
+    np.testing.assert_allclose(float(np.asarray(v)), mlp_loss((W1, W2), X, Y), rtol=1e-4)
+    assert [x.sharding.spec for x in g] == [P(None, "model"), P("model")]
+
+
+# ---------------------------------------------------------------------------------------------
+# explain / as_text
+# ---------------------------------------------------------------------------------------------
+
+def megatron(x, w1, w2):
+    return np.tanh(x @ w1) @ w2
+
+
+MEGATRON = dict(in_shardings=(NS("data"), NS(None, "model"), NS("model")), out_shardings=NS("data"))
+
+
+def test_as_text_shows_global_and_per_device_programs():
+    text = spmd.jit(megatron, **MEGATRON).lower(X, W1, W2).as_text()
+    assert "f32[8,16][data,-]" in text and "+P(sum:model)" in text
+    assert "shard_map" in text and "psum[axes=(model,)" in text
+    assert "f32[4,16]{data}" in text            # a per-device block
+
+
+def test_explain_lists_each_collective():
+    text = spmd.jit(megatron, **MEGATRON).lower(X, W1, W2).explain()
+    assert "1 collective inserted" in text
+    assert "psum(model)" in text and "pending sum over 'model'" in text
+    assert "B per device" in text and "est." in text
+
+
+def test_spmd_explain_env_prints():
+    code = ("import numpy as np, spmd; from spmd import P, NamedSharding as NS;"
+            "m = spmd.make_mesh((8,), ('x',));"
+            "f = spmd.jit(lambda x: x.sum(), in_shardings=NS(m, P('x')), out_shardings=NS(m, P()));"
+            "f(np.ones(8))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "SPMD_EXPLAIN": "1"},
+                         capture_output=True, text=True, timeout=120)
+    assert "psum(x)" in out.stdout, out.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# errors: each names the argument
+# ---------------------------------------------------------------------------------------------
+
+OTHER = spmd.make_mesh((4, 2), ("data", "model"))
+
+ERRORS = [
+    ("axis not in mesh", lambda: spmd.jit(lambda x: x, in_shardings=P("nope")), (X,),
+     ShardingError, r"in_shardings for args\[0\].*'nope'", MESH),
+    ("spec longer than rank", lambda: spmd.jit(lambda x: x, in_shardings=NS("data", None, "model")), (X,),
+     ShardingError, r"args\[0\].*rank 2", None),
+    ("argument that does not exist", lambda: spmd.jit(lambda x: x, in_shardings=(NS(), NS("data"))), (X,),
+     ShardingError, r"in_shardings\[1\] is for an argument that does not exist", None),
+    ("out_shardings structure", lambda: spmd.jit(lambda x: x, out_shardings=(NS(), NS()), in_shardings=NS()),
+     (X,), ShardingError, r"out_shardings .* does not match the structure of the outputs", None),
+    ("out_shardings axis", lambda: spmd.jit(lambda x: x, in_shardings=NS(), out_shardings=P("nope")),
+     (X,), ShardingError, r"out_shardings for output 0.*'nope'", MESH),
+    ("mesh mismatch", lambda: spmd.jit(lambda x, y: x + y, in_shardings=(NS("data"), NamedSharding(OTHER, P("data")))),
+     (X, X), ShardingError, r"args\[1\] is on mesh .* but args\[0\]", None),
+    ("contradicting constraints", lambda: spmd.jit(
+        lambda x: spmd.with_sharding_constraint(x, NS("data")) + spmd.with_sharding_constraint(x, NS("model")),
+        in_shardings=NS()), (X,), ShardingError, r"contradicting shardings P\('data'\) and P\('model'\)", None),
+    ("no mesh", lambda: spmd.jit(lambda x: x, in_shardings=P("data")), (X,), ShardingError,
+     r"needs a mesh", None),
+]
+
+
+@pytest.mark.parametrize("row", ERRORS, ids=[r[0] for r in ERRORS])
+def test_errors(row):
+    _, make, args, exc, pattern, mesh = row
+    if mesh is not None:
+        with spmd.set_mesh(mesh):
+            with pytest.raises(exc, match=pattern):
+                make()(*args)
+    else:
+        with pytest.raises(exc, match=pattern):
+            make()(*args)
+
+
+def test_mesh_mismatch_between_array_arguments():
+    a = spmd.device_put(X, NS("data"))
+    b = spmd.device_put(X, NamedSharding(OTHER, P("data")))
+    f = spmd.jit(lambda x, y: x + y, out_shardings=NS())
+    with pytest.raises(ShardingError, match=r"args\[1\] is on mesh"):
+        f(a, b)
