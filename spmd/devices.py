@@ -57,8 +57,9 @@ def _cpu_devices() -> tuple[Device, ...]:
         if state.process_count == 1:
             devs = tuple(Device(i, "cpu", 0, i) for i in range(n))
         else:
-            # One CPU device per process: the mesh spans processes.
-            devs = tuple(Device(p, "cpu", p, 0) for p in range(state.process_count))
+            # One device per process (a CPU under MPI, a GPU under NCCL): meshes span processes.
+            platform = "gpu" if state.backend == "nccl" else "cpu"
+            devs = tuple(Device(p, platform, p, 0) for p in range(state.process_count))
         _cpu_cache[key] = devs
     return _cpu_cache[key]
 

@@ -82,6 +82,14 @@ def dump(reason: str) -> str:
     return _recorder.dump(reason)
 
 
+def dump_quietly(reason: str) -> str | None:
+    """Dump, or None when the dump cannot be written (the error being reported matters more)."""
+    try:
+        return dump(reason)
+    except OSError:
+        return None
+
+
 _installed = False
 
 

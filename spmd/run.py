@@ -3,6 +3,7 @@
     spmd-run -n 4 train.py --lr 0.1                 # 4 MPI processes (CPU)
     spmd-run -n 2 --backend nccl train.py           # 2 processes, one GPU each
     spmd-run -n 4 --max-restarts 2 train.py         # restart the whole job up to twice
+    spmd-run -n 4 -m mypackage.train                # a module, as with python -m
     python -m spmd.run -n 4 train.py                # the same without the console script
 
 Each process gets the environment that ``spmd.distributed.initialize()`` reads
@@ -147,7 +148,7 @@ class _Job:
                    PYTHONUNBUFFERED="1")
         env.setdefault("SPMD_FLIGHT_RECORDER_DIR", os.path.join(self.run_dir, "flight-recorder"))
         self.recorder_dir = env["SPMD_FLIGHT_RECORDER_DIR"]
-        script = [sys.executable, args.script, *args.script_args]
+        script = [sys.executable, *(["-m"] if args.module else []), args.script, *args.script_args]
         self.ranks: list[_Rank] = []
         self.launcher = None
         if args.backend == "mpi":
@@ -246,6 +247,8 @@ def _parse(argv):
                    help="mpi: CPU processes under mpiexec (default); nccl: one GPU per process")
     p.add_argument("--max-restarts", type=int, default=0,
                    help="restart the whole job up to this many times after a failure")
+    p.add_argument("-m", "--module", action="store_true",
+                   help="run the library module SCRIPT as a script (like python -m)")
     p.add_argument("script", help="the Python script every process runs")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
     args = p.parse_args(argv)

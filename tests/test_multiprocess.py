@@ -156,3 +156,19 @@ def test_direct_launch_sets_the_environment_and_the_coordinator_store():
     assert code == 0, err[-2000:]
     for r in range(3):
         assert f"[{r}] rank {r} of 3 backend nccl launcher spmd-run sees [0, 10, 20]" in out, out
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(180)
+def test_nccl_collective_table_on_two_gpus():
+    """The same table over NCCL, one GPU per process, the unique id through the coordinator."""
+    import spmd.gpu
+    ok, why = spmd.gpu.available()
+    if not ok:
+        pytest.skip(why)
+    if spmd.gpu.gpu_count() < 2:
+        pytest.skip(f"needs 2 GPUs, this machine has {spmd.gpu.gpu_count()}")
+    code, out, err, _ = spmd_run("-n", "2", "--backend", "nccl", script("collective_table.py"),
+                                 timeout=170)
+    assert code == 0, err[-3000:]
+    assert ranks_saying(out, r"OK \d+ on 2 processes") == [0, 1], out

@@ -15,6 +15,8 @@ indices along those axes); it returns a dict of the same positions.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 
@@ -42,3 +44,10 @@ def rank_in(mesh, axes, position) -> int:
         p = mesh.axis_names.index(a)
         r = r * mesh.axis_sizes[p] + int(coords[p])
     return r
+
+
+@functools.lru_cache(maxsize=None)
+def group_of(mesh, axes, groups, position) -> tuple[int, ...]:
+    """The positions of ``position``'s group in a collective over ``axes``, in rank order (for
+    communicators that hold one position per process)."""
+    return tuple(next(g for g in axis_groups(mesh, axes, groups) if position in g))

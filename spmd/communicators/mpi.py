@@ -27,8 +27,8 @@ import ml_dtypes
 import numpy as np
 
 from ..errors import CollectiveMismatchError, CollectiveTimeoutError, ProcessExitedError, SpmdError
-from ..flight_recorder import recorder
-from . import axis_groups, rank_in
+from ..flight_recorder import dump_quietly, recorder
+from . import group_of, rank_in
 
 _SIGNATURE_BYTES = 512
 _SIGNATURE_TAG = 7071
@@ -82,10 +82,9 @@ class MPICommunicator:
         self._subcomms: dict[tuple[int, ...], object] = {}
 
     # -- groups ----------------------------------------------------------------------------------
-    def _my_group(self, axes, groups) -> list[int]:
+    def _my_group(self, axes, groups):
         """The mesh positions of this process's group, in rank order."""
-        me = self.local_positions[0]
-        return next(g for g in axis_groups(self.mesh, axes, groups) if me in g)
+        return group_of(self.mesh, tuple(axes), groups, self.local_positions[0])
 
     def _subcomm(self, ranks: tuple[int, ...]):
         comm = self._subcomms.get(ranks)
@@ -117,7 +116,7 @@ class MPICommunicator:
             raise
         except BaseException as e:
             recorder().finish(entry, "error")
-            _dump_quietly(f"{type(e).__name__} in {op}: {e}")
+            dump_quietly(f"{type(e).__name__} in {op}: {e}")
             raise
         recorder().finish(entry)
         return result
@@ -143,7 +142,7 @@ class MPICommunicator:
             calls = "; ".join(f"rank {r}: #{s['seq']} {s['op']}(axes={tuple(s['axes'])}, "
                               f"shape={tuple(s['shape'])}, dtype={s['dtype']}, group={s['ranks']})"
                               for r, s in sorted(theirs.items()))
-            path = _dump_quietly(f"mismatch at collective #{entry['seq']}")
+            path = dump_quietly(f"mismatch at collective #{entry['seq']}")
             raise CollectiveMismatchError(
                 f"the ranks of group {list(ranks)} called different collectives at the same "
                 f"point: {calls}. Every process must run the same collectives in the same order "
@@ -151,14 +150,14 @@ class MPICommunicator:
 
     def _wait(self, requests, entry, deadline, timeout, ranks, phase, pending=None):
         MPI = _mpi()
-        spins, nap = 0, 1e-5
+        spins, nap = 0, 1e-4
         while not MPI.Request.Testall(requests):
             if pending is not None and spins % 64 == 63:
                 gone = [r for r, q in pending.items()
                         if self.control.Iprobe(source=r, tag=_EXIT_TAG) and not q.Test()]
                 if gone:
                     recorder().finish(entry, "error")
-                    path = _dump_quietly(f"rank(s) {gone} exited during {entry['op']} #{entry['seq']}")
+                    path = dump_quietly(f"rank(s) {gone} exited during {entry['op']} #{entry['seq']}")
                     raise ProcessExitedError(
                         f"{entry['op']} over axes {tuple(entry['axes'])} (collective #{entry['seq']} "
                         f"of rank {self.me}, group ranks {list(ranks)}) cannot complete: rank(s) "
@@ -172,7 +171,7 @@ class MPICommunicator:
                         q.Cancel()
                     except MPI.Exception:
                         pass
-                path = _dump_quietly(f"timeout in {entry['op']} #{entry['seq']}")
+                path = dump_quietly(f"timeout in {entry['op']} #{entry['seq']}")
                 who = (f"ranks {missing} did not arrive" if missing else
                        f"every rank arrived but the data exchange did not finish (a peer may "
                        f"have died)")
@@ -185,9 +184,14 @@ class MPICommunicator:
                     f"Raise the limit with SPMD_COLLECTIVE_TIMEOUT or "
                     f"spmd.distributed.collective_timeout(seconds).")
             spins += 1
-            if spins > 50:                 # don't starve peers that share our cores
-                time.sleep(nap)
-                nap = min(nap * 2, 2e-4)
+            # Spin first (a peer on its own core answers in microseconds), then give the core
+            # away (ranks that share cores need it to make progress), then nap on long waits.
+            if spins > 64:
+                if spins < 20000:
+                    time.sleep(0)
+                else:
+                    time.sleep(nap)
+                    nap = min(nap * 2, 1e-3)
 
     # -- the protocol ----------------------------------------------------------------------------
     def _one(self, bufs):
@@ -311,10 +315,3 @@ def announce_exit():
             sys.stderr.flush()
             os._exit(1)
         time.sleep(1e-3)
-
-
-def _dump_quietly(reason: str) -> str | None:
-    try:
-        return recorder().dump(reason)
-    except OSError:
-        return None
