@@ -22,7 +22,7 @@ from .collectives import (psum, pmean, pmax, pmin, all_gather, psum_scatter, all
 from .transforms.api import grad, value_and_grad, vjp, jvp, linearize, jacfwd, jacrev
 from .transforms.vmap import vmap
 from .transforms.checkpoint import checkpoint, checkpoint_policies, remat
-from . import numpy, lax, executors
+from . import numpy, lax, executors, distributed
 from .inspect import collectives, print_collectives
 from .visualize import visualize_sharding
 
