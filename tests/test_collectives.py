@@ -16,6 +16,7 @@ in mesh order, so the comparison sees each device, not just the assembled result
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -251,7 +252,8 @@ def check_row(row, shape, names, ax, groups=None):
         return _call_with_groups(row, C, xb, ax, k, gkw)[None]
 
     want = per_group(blocks, shape, names, axes, groups, row.expect)
-    stacked = run_spmd(body, mesh, every, every, x)
+    with _recording_body_outputs() as body_outs:
+        stacked = run_spmd(body, mesh, every, every, x)
     assert isinstance(stacked, spmd.Array) and stacked.sharding.spec == every
     got = np.asarray(stacked)
     np.testing.assert_array_equal(got, want.astype(got.dtype), err_msg="stacked vs NumPy")
@@ -266,6 +268,32 @@ def check_row(row, shape, names, ax, groups=None):
     if groups is not None and row.vma == "I":
         expected = set(names)                    # a sub-group reduction still varies over the axis
     assert _body_vma(f, x) == expected
+    # the vma type is the stacked layout: a mesh dim is full where the value varies, else 1
+    (z,) = body_outs
+    assert z.shape[:len(shape)] == tuple(n if a in expected else 1 for a, n in zip(names, shape))
+
+
+@contextlib.contextmanager
+def _recording_body_outputs():
+    """The stacked arrays that shard_map bodies return, while the block runs."""
+    from spmd.executors.stacked import StackedExecutor
+    real_compile, seen = StackedExecutor._compile, []
+
+    def compile_and_record(self, program, mesh):
+        run = real_compile(self, program, mesh)
+        if mesh is None:
+            return run
+
+        def run_and_record(args):
+            outs = run(args)
+            seen.extend(outs)
+            return outs
+        return run_and_record
+    StackedExecutor._compile = compile_and_record
+    try:
+        yield seen
+    finally:
+        StackedExecutor._compile = real_compile
 
 
 @functools.cache
