@@ -431,3 +431,37 @@ def test_property_random_layouts(data):
         np.testing.assert_array_equal(ours[1], split.sum(tuple(range(0, 2 * rank, 2))))
     if lead:
         np.testing.assert_array_equal(ours[-1], x)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stacked executor: the vma type is the layout, for local ops on mixed operands too
+# ---------------------------------------------------------------------------------------------
+
+def test_stacked_layout_follows_vma_for_local_ops():
+    from test_collectives import _recording_body_outputs
+    mesh = _mesh()
+    w = np.arange(8, dtype=np.float32).reshape(2, 4)
+
+    def body(x):
+        row_sums = spmd.psum(x.sum(1), "b")                  # {a}
+        outs = [
+            np.zeros(3, np.float32) + 1,                      # constant: {}
+            np.arange(4) * 2,                                 # {}
+            x.sum(0),                                         # {a, b}
+            np.where(row_sums > 10, row_sums, 0.0),           # {a}
+            row_sums[:, None] * w[:1],                        # {a}, closure is invariant
+            np.concatenate([row_sums, np.ones(2, np.float32)]),   # {a}
+            x[0, 0] + spmd.axis_index("b"),                   # {a, b}
+            np.maximum(spmd.pmax(x, ("a", "b")), 0).T,        # {}
+            spmd.all_gather(row_sums, "a", tiled=True, to="invariant").reshape(2, 4),  # {}
+        ]
+        return [o[None] for o in outs]
+    every = P(("a", "b"))
+    f = spmd.shard_map(body, mesh=mesh, in_specs=P("a", "b"), out_specs=every)
+    program = spmd.make_program(f)(X)
+    vmas = [a.vma for a in program.eqns[0].params["body"].out_avals]
+    assert vmas[:4] == [frozenset(), frozenset(), {"a", "b"}, {"a"}]
+    with _recording_body_outputs() as outs:
+        f(X)
+    for z, vma in zip(outs, vmas):
+        assert z.shape[:2] == tuple(n if a in vma else 1 for a, n in (("a", 2), ("b", 4))), vma
