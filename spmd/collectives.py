@@ -199,8 +199,9 @@ def _vary_like(x, aval):
 
 def _psum_transpose(ct, x, *, axes, groups):
     # A sum over a sub-group is its own transpose; over the whole axis the cotangent is
-    # invariant and flows back to every device unchanged: a pvary, no communication.
-    if groups is not None:
+    # invariant and flows back to every device unchanged: a pvary, no communication.  Without
+    # vma types (check_vma=False) nothing says the cotangent is the same everywhere: psum it.
+    if groups is not None or not current_builder().check_vma:
         return [bind(psum_p, ct, axes=axes, groups=groups)]
     return [_vary_like(ct, x.aval)]
 

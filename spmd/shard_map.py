@@ -135,13 +135,28 @@ def _shard_map_transpose(cts, *invals, body, mesh, in_specs, out_specs, manual_a
 
     def transposed_body(*args):
         cts_in = []
-        for ct, v in zip(args[n:], body.out_vars):
+        for ct, v, spec in zip(args[n:], body.out_vars, out_specs):
+            if not check_vma:
+                # Untyped: an output that out_specs does not split over an axis is taken from
+                # one device but may be computed on all of them; like JAX, each device gets its
+                # share of the cotangent, and psum (below, and its transpose) adds them back.
+                named = {a for axes in spec.axes for a in axes}
+                share = math.prod(mesh.axis_size(a) for a in manual_axes if a not in named)
+                cts_in.append(ct / share if share > 1 else ct)
+                continue
             # an output typed invariant over an axis that out_specs tiles it over: every copy's
             # cotangent flows back into the one value
             extra = tuple(a for a in mesh.axis_names if a in ct.aval.vma - v.aval.vma and a in manual_axes)
             cts_in.append(bind(psum_p, ct, axes=extra, groups=None) if extra and id(v) in live else ct)
         out = ad.backward_pass(body, linear, args[:n], cts_in)
-        return [ad.instantiate(c, v.aval) for c, v in zip(out, [v for v, l in zip(body.in_vars, linear) if l])]
+        out = [ad.instantiate(c, v.aval) for c, v in zip(out, [v for v, l in zip(body.in_vars, linear) if l])]
+        if check_vma:
+            return out
+        # Untyped (check_vma=False): every value counts as varying, so an input replicated over
+        # an axis its spec omits collects its cotangent from every device here.
+        specs = [s for s, l in zip(in_specs, linear) if l]
+        unnamed = [tuple(a for a in manual_axes if a not in {x for axes in s.axes for x in axes}) for s in specs]
+        return [bind(psum_p, c, axes=u, groups=None) if u else c for c, u in zip(out, unnamed)]
     tbody, _ = trace(transposed_body, [v.aval for v, l in zip(body.in_vars, linear) if not l] + ct_avals, **ctx)
     outs = iter(bind(shard_map_p, *consts, *cts, body=tbody, mesh=mesh,
                      in_specs=tuple(s for s, l in zip(in_specs, linear) if not l) + tuple(out_specs),

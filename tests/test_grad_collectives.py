@@ -272,3 +272,29 @@ def test_transpose_of_shard_map_is_a_shard_map():
     names = [e.prim.name for e in prog.eqns]
     assert names.count("shard_map") == 2
     assert "psum_scatter" in str(prog)
+
+
+@pytest.mark.parametrize("row", ["psum", "pmean", "all_gather", "all_gather_tiled", "psum_scatter_tiled",
+                                 "all_to_all_tiled", "ppermute_cycle", "axis_index", "psum_of_invariant_param"])
+def test_grad_without_vma_checking_matches_jax(row):
+    """check_vma=False: no types say what is replicated; like JAX, outputs' cotangents are shared
+    out and inputs' cotangents summed over the axes their specs omit."""
+    import jax
+    import jax.numpy as jnp
+    mesh_shape, names, ax = (2, 4), ("i", "j"), "j"
+    mesh = spmd.make_mesh(mesh_shape, names)
+    n, x, w = _setup(row, mesh_shape, names, ax)
+    body = ROWS[row]
+    # the output is reduced over every axis, so it is replicated as out_specs P() promises
+    summed = row in ("psum", "pmean", "psum_of_invariant_param")
+    reduce = lambda C, y: C.psum(C.np.sum(y), "i" if summed else ("i", "j"))
+    f = spmd.shard_map(lambda x, w: reduce(SPMD, body(SPMD, ax, n)(x, w)), mesh=mesh,
+                       in_specs=(P(names), P()), out_specs=P(), check_vma=False)
+    gx, gw = spmd.grad(lambda x, w: np.sin(f(x, w)), argnums=(0, 1))(x, w)
+    J = jax_namespace()
+    jf = jax.shard_map(lambda x, w: reduce(J, body(J, ax, n)(x, w)), mesh=jax_mesh(mesh_shape, names),
+                       in_specs=(jax_spec(P(names)), jax_spec(P())), out_specs=jax_spec(P()), check_vma=False)
+    with jax.enable_x64(True):
+        jgx, jgw = jax.jit(jax.grad(lambda x, w: jnp.sin(jf(x, w)), argnums=(0, 1)))(x, w)
+    np.testing.assert_allclose(np.asarray(gx), np.asarray(jgx), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(gw), np.asarray(jgw), rtol=1e-10, atol=1e-12)
