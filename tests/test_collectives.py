@@ -464,13 +464,14 @@ def test_property_stacked_matches_reference(data):
     rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
     x = rng.integers(-8, 9, size=glob).astype(row.dtype)
     every = P(tuple(names))
+    check_vma = data.draw(st.booleans())      # without the checker: JAX's n·x semantics
     f = spmd.shard_map(lambda xb: _call_with_groups(row, SPMD, xb, axes, k, gkw)[None], mesh=mesh,
-                       in_specs=spec, out_specs=every)
+                       in_specs=spec, out_specs=every, check_vma=check_vma)
     try:
         ours = np.asarray(spmd.jit(f)(x))
     except spmd.VmaError:
         # a reduction of a value the spec left invariant: the checker refuses (covered elsewhere)
-        assert any(a not in {s for s in spec if s} for a in axes)
+        assert check_vma and any(a not in {s for s in spec if s} for a in axes)
         event("refused: reduction of an invariant value")
         return
     event("compared")
