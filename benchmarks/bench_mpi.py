@@ -7,6 +7,8 @@ communicator alone (no executor, no signature check): the transport's own speed.
 bandwidth uses the nccl-tests formulas (all-reduce x 2(n-1)/n, the others x (n-1)/n) with the
 per-rank input size.  On the simulated mesh the "bus" is one process's memory, so its busbw
 is a memory-copy rate, not a network one: the comparison says what leaving one process costs.
+(The simulated ``all_gather(to="invariant", tiled=True)`` is a view of the stacked input, so
+its time does not grow with the size.)
 """
 from __future__ import annotations
 
