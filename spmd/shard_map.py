@@ -203,7 +203,11 @@ def shard_map(f=None, /, *, out_specs, in_specs=None, mesh=None, axis_names=None
     eager = {}                 # (mesh, specs taken from the arguments) -> the jit that runs it
 
     @functools.wraps(f)
-    def wrapped(*args):
+    def wrapped(*args, **kwargs):
+        if kwargs:
+            raise TypeError(f"shard_map({name}) was called with keyword arguments "
+                            f"{sorted(kwargs)}; in_specs match positional arguments only, so pass "
+                            f"them positionally (or close over them).")
         b = current_builder()
         m = mesh if mesh is not None else get_mesh()
         if m is None and b is not None:                  # nested: the enclosing mesh

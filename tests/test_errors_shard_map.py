@@ -246,6 +246,8 @@ CASES = [
     ("dtype-inplace-float-into-int", run(accumulate_float_into_int), TypeError,
      ["accumulate_float_into_int", "float64", "int32", "same_kind"]),
     ("write-into-out", run(write_into_out), TypeError, ["write_into_out", "out="]),
+    ("keyword-arguments", lambda: spmd.shard_map(pair_sum, mesh=_mesh(), in_specs=P(), out_specs=P())(X, y=X),
+     TypeError, ["pair_sum", "['y']", "positional"]),
     ("no-mesh", lambda: spmd.shard_map(twice, in_specs=P(), out_specs=P())(X), spmd.ShardingError,
      ["twice", "no mesh", "set_mesh"]),
 ]
