@@ -114,3 +114,15 @@ def test_grad_of_vmap_and_vmap_of_grad(row, mesh_shape, names, ax):
     vx, vw = spmd.vmap(spmd.grad(loss, argnums=(0, 1)), in_axes=(0, None))(xs, w)
     np.testing.assert_allclose(np.asarray(vw), np.stack([np.asarray(b) for _, b in per_b]), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(np.asarray(vx), np.stack([np.asarray(a) for a, _ in per_b]), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("op", ["pmax", "pmin"])
+def test_vmap_of_pmax_pmin(op):
+    mesh = spmd.make_mesh((2, 4), ("i", "j"))
+    f = spmd.shard_map(lambda x: getattr(spmd, op)(x, "j"), mesh=mesh, in_specs=P("i", "j"), out_specs=P("i"))
+    xs = rng.standard_normal((B, 4, 8))
+    want = np.stack([np.asarray(f(x)) for x in xs])
+    np.testing.assert_allclose(np.asarray(spmd.vmap(f)(xs)), want)
+    g = spmd.shard_map(lambda x: spmd.vmap(lambda r: getattr(spmd, op)(r, "j"))(x), mesh=mesh,
+                       in_specs=P(None, "i", "j"), out_specs=P(None, "i"))
+    np.testing.assert_allclose(np.asarray(g(xs)), want)
