@@ -6,6 +6,10 @@ collectives are array operations along the mesh dims.  No Python loop over devic
 """
 from __future__ import annotations
 
+import functools
+import math
+import weakref
+
 import numpy as np
 
 from .. import layout
@@ -14,99 +18,168 @@ from ..sharding import NamedSharding
 
 
 class StackedExecutor:
+    """Runs a Program on the stacked layout.
+
+    Each Program is compiled once into a plan: its equations become a list of
+    ``(rule with its params bound, input slots, output slots)`` over a flat list of values, so
+    a cached call does no dict lookups by variable and re-derives no layout.
+    """
+
     def __init__(self, xp=np):
         self.xp = xp
+        self._plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def run(self, program: Program, args) -> list:
-        return self._eval(program, list(args), mesh=None)
+        plan = self._plans.get(program)
+        if plan is None:
+            plan = self._plans[program] = self._compile(program, mesh=None)
+        return plan(args)
 
     # values at top level are global arrays (np.ndarray or spmd.Array, kept sharded as long
     # as possible); inside shard_map they are stacked arrays.
-    def _eval(self, program: Program, args, mesh):
+    def _compile(self, program: Program, mesh):
         xp = self.xp
         k = len(mesh.axis_sizes) if mesh is not None else 0
-        env = {id(v): a for v, a in zip(program.in_vars, args)}
+        slots: dict[int, int] = {}
+        template: list = [None] * len(program.in_vars)
+        for i, v in enumerate(program.in_vars):
+            slots[id(v)] = i
 
-        def read(a):
+        def slot(a):
             if isinstance(a, Literal):
                 val = a.val
                 if k and not isinstance(val, (bool, int, float, complex)):
                     val = xp.asarray(val)
                     val = val.reshape((1,) * k + val.shape)
-                return val
-            return env[id(a)]
+                template.append(val)
+                return len(template) - 1
+            return slots[id(a)]
 
+        steps = []
+        for e in program.eqns:
+            ins = tuple(slot(a) for a in e.inputs)
+            if e.prim.name == "shard_map":
+                fn = self._compile_shard_map(mesh, **e.params)
+            elif e.prim.rules.get("call"):              # checkpoint: run the body inline
+                fn = (lambda run_body: lambda *vals: run_body(list(vals)))(self._compile(e.params["body"], mesh))
+            elif "stacked" in e.prim.rules:
+                fn = functools.partial(e.prim.rules["stacked"], xp, mesh, **e.params)
+            elif k == 0:
+                fn = functools.partial(_on_global, e.prim.rule("impl"), xp, e.params)
+            else:
+                fn = functools.partial(e.prim.rule("impl"), xp, k, **e.params)
+            outs = []
+            for v in e.outputs:
+                template.append(None)
+                slots[id(v)] = len(template) - 1
+                outs.append(len(template) - 1)
+            steps.append((fn, ins, outs[0] if not e.prim.multiple_results else tuple(outs)))
+        out_slots = [slot(a) for a in program.out_vars]
+        n_in = len(program.in_vars)
         # Drop each value after its last use, so peak memory is what is live, not everything
         # the program ever computed (this is what makes rematerialisation pay off).
-        last_use = {id(a): i for i, e in enumerate(program.eqns) for a in e.inputs}
-        for a in program.out_vars:
-            last_use[id(a)] = len(program.eqns)
-        for i, e in enumerate(program.eqns):
-            vals = [read(a) for a in e.inputs]
-            for a in e.inputs:
-                if last_use.get(id(a)) == i:
-                    env.pop(id(a), None)
-            if e.prim.name == "shard_map":
-                outs = self._shard_map(vals, mesh, **e.params)
-            elif e.prim.rules.get("call"):              # checkpoint: run the body inline
-                outs = self._eval(e.params["body"], vals, mesh)
-            elif "stacked" in e.prim.rules:
-                outs = e.prim.rules["stacked"](xp, mesh, *vals, **e.params)
-            else:
-                if k == 0:
-                    vals = [_global(v) for v in vals]
-                outs = e.prim.rule("impl")(xp, k, *vals, **e.params)
-            if not e.prim.multiple_results:
-                outs = [outs]
-            for v, o in zip(e.outputs, outs):
-                env[id(v)] = o
-        return [read(a) for a in program.out_vars]
+        last_use = {}
+        for j, (_, ins, _) in enumerate(steps):
+            for i in ins:
+                last_use[i] = j
+        keep = set(out_slots)
+        frees = [[] for _ in steps]
+        for i, j in last_use.items():
+            if i not in keep:
+                frees[j].append(i)
+        steps = [(fn, ins, out, tuple(f)) for (fn, ins, out), f in zip(steps, frees)]
 
-    def _shard_map(self, vals, outer_mesh, *, body, mesh, in_specs, out_specs, manual_axes,
-                   check_vma, name):
+        def run(args):
+            env = template.copy()
+            env[:n_in] = args
+            for fn, ins, out, free in steps:
+                r = fn(*[env[i] for i in ins])
+                for i in free:
+                    env[i] = None
+                if type(out) is int:
+                    env[out] = r
+                else:
+                    for o, val in zip(out, r):
+                        env[o] = val
+            return [env[i] for i in out_slots]
+        return run
+
+    def _compile_shard_map(self, outer_mesh, *, body, mesh, in_specs, out_specs, manual_axes,
+                           check_vma, name):
         from ..array import Array
         xp = self.xp
         sizes, names = mesh.axis_sizes, mesh.axis_names
         m = len(sizes)
-        stacked_in = []
-        for v, spec, aval in zip(vals, in_specs, body.in_avals):
+        run_body = self._compile(body, mesh)
+        full = tuple(sizes[j] if names[j] in manual_axes else None for j in range(m))
+
+        def take_input(spec, aval):
             dims = layout.mesh_positions(names, spec.axes + ((),) * (aval.ndim - len(spec)))
-            if outer_mesh is None:
-                if (isinstance(v, Array) and v.sharding.mesh == mesh and v._storage.ndim == m + aval.ndim
-                        and v.sharding.is_equivalent_to(NamedSharding(mesh, spec), aval.ndim)):
+            target = NamedSharding(mesh, spec) if outer_mesh is None else None
+            known = {}                                  # id -> sharding already found equivalent
+
+            def stack(v):
+                if outer_mesh is not None:
+                    s = layout.split_into_mesh(v, sizes, dims, xp)
+                elif type(v) is Array and (v.sharding is target or known.get(id(v.sharding)) is v.sharding):
                     s = v._storage                      # already in this layout: no copy
+                elif (isinstance(v, Array) and v.sharding.mesh == mesh and v._storage is not None
+                        and v._storage.ndim == m + aval.ndim
+                        and v.sharding.is_equivalent_to(target, aval.ndim)):
+                    if len(known) > 64:
+                        known.clear()
+                    known[id(v.sharding)] = v.sharding
+                    s = v._storage
                 else:
                     g = xp.asarray(_global(v))
                     s = layout.split_into_mesh(g.reshape((1,) * m + g.shape), sizes, dims, xp)
-            else:
-                s = layout.split_into_mesh(v, sizes, dims, xp)
-            if not check_vma:                           # every value varies over every manual axis
-                want = tuple(sizes[j] if names[j] in manual_axes else s.shape[j] for j in range(m))
-                s = xp.broadcast_to(s, want + s.shape[m:])
-            stacked_in.append(s)
-        outs = self._eval(body, stacked_in, mesh)
-        results = []
-        for z, spec, aval in zip(outs, out_specs, body.out_avals):
-            z = xp.asarray(z) if not hasattr(z, "shape") else z
-            if z.ndim < m + aval.ndim:
-                z = z.reshape((1,) * (m + aval.ndim - z.ndim) + z.shape)
+                if not check_vma:                       # every value varies over every manual axis
+                    want = tuple(f if f is not None else n for f, n in zip(full, s.shape))
+                    s = xp.broadcast_to(s, want + s.shape[m:])
+                return s
+            return stack
+
+        def give_output(spec, aval):
             named = {a for axes in spec.axes for a in axes}
             # axes the output does not vary over in out_specs: keep device 0's value
             idx = tuple(slice(0, 1) if (names[j] in manual_axes and names[j] not in named) else slice(None)
                         for j in range(m))
-            z = z[idx]
+            if all(s == slice(None) for s in idx):
+                idx = None
             axes_full = spec.axes + ((),) * (aval.ndim - len(spec))
             dims = layout.mesh_positions(names, axes_full)
-            if outer_mesh is None:
-                want = tuple(sizes[j] if names[j] in named else 1 for j in range(m))
+            rank = m + aval.ndim
+            want = tuple(sizes[j] if names[j] in named else 1 for j in range(m))
+            shape = tuple(d * math.prod(mesh.axis_size(a) for a in axes)
+                          for d, axes in zip(aval.shape, axes_full))
+            sharding = NamedSharding(mesh, spec) if outer_mesh is None else None
+
+            def unstack(z):
+                if not hasattr(z, "shape"):
+                    z = xp.asarray(z)
+                if z.ndim < rank:
+                    z = z.reshape((1,) * (rank - z.ndim) + z.shape)
+                if idx is not None:
+                    z = z[idx]
+                if outer_mesh is not None:
+                    return layout.merge_from_mesh(z, sizes, dims, xp)
                 if z.shape[:m] != want:
                     z = xp.broadcast_to(z, want + z.shape[m:])
-                shape = tuple(d * int(np.prod([mesh.axis_size(a) for a in axes]))
-                              for d, axes in zip(aval.shape, axes_full))
-                results.append(Array(z, shape, NamedSharding(mesh, spec)))
-            else:
-                results.append(layout.merge_from_mesh(z, sizes, dims, xp))
-        return results
+                return Array(z, shape, sharding)
+            return unstack
+
+        stackers = [take_input(s, a) for s, a in zip(in_specs, body.in_avals)]
+        unstackers = [give_output(s, a) for s, a in zip(out_specs, body.out_avals)]
+
+        def run(*vals):
+            outs = run_body([f(v) for f, v in zip(stackers, vals)])
+            return [f(z) for f, z in zip(unstackers, outs)]
+        return run
+
+
+def _on_global(impl, xp, params, *vals):
+    """A local primitive outside shard_map: on whole (gathered) arrays."""
+    return impl(xp, 0, *[_global(v) for v in vals], **params)
 
 
 def _global(v):

@@ -1,0 +1,115 @@
+"""Large NumPy copies and reductions, split over a few host threads.
+
+The simulated mesh keeps every device's block in host memory, so a collective is a copy or a
+sum over memory.  One thread cannot use all of the memory bandwidth (on a two-core machine
+one core copies at about 70% of what two do); NumPy releases the GIL inside ufuncs and
+``copyto``, so splitting a big copy or sum into one chunk per core runs it at the bandwidth of
+the machine.  Every function here takes the array namespace ``xp`` and does the plain
+operation when it is not NumPy (cupy runs it on the GPU) or the arrays are small.
+
+Results are bit-identical to the one-call versions: a reduction adds the slabs in order
+(``((s0 + s1) + s2) + ...``), the order the reference executor uses.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import threading
+
+import numpy as np
+
+# Below this many bytes touched, one call on one thread is faster than handing out chunks.
+PARALLEL_MIN_BYTES = 1 << 20
+# Collectives on values of at least this many bytes loop over slabs into preallocated outputs;
+# smaller ones make one NumPy call (fewer Python calls).  Tests set it to 0 to check both paths.
+LOOP_MIN_BYTES = 1 << 18
+
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_local = threading.local()              # set inside pool workers: no nested hand-outs
+
+
+def num_threads() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
+
+
+def _worker_init():
+    _local.worker = True
+
+
+def run(xp, nbytes: int, tasks) -> None:
+    """Run the zero-argument callables ``tasks``, which write disjoint parts of their outputs;
+    on the thread pool when ``xp`` is NumPy and ``nbytes`` (the bytes they touch) is large."""
+    global _pool
+    tasks = list(tasks)
+    threads = num_threads()
+    if (len(tasks) < 2 or threads < 2 or xp is not np or nbytes < PARALLEL_MIN_BYTES
+            or getattr(_local, "worker", False)):
+        for t in tasks:
+            t()
+        return
+    if _pool is None:
+        _pool = concurrent.futures.ThreadPoolExecutor(threads, "spmd-host", _worker_init)
+    # the calling thread takes its share too: one hand-off fewer, and no idle core
+    futures = [_pool.submit(t) for t in tasks[1:]]
+    tasks[0]()
+    for f in futures:
+        f.result()
+
+
+def chunks(shape: tuple[int, ...], parts: int) -> list[tuple]:
+    """Index tuples that cut an array of ``shape`` into about ``parts`` pieces along its first
+    dim that is long enough (the outermost, so each piece stays as contiguous as it can)."""
+    axis = next((d for d, n in enumerate(shape) if n >= parts), None)
+    if axis is None:
+        axis = max(range(len(shape)), key=lambda d: shape[d], default=None)
+    if axis is None or shape[axis] < 2 or parts < 2:
+        return [()]
+    n = shape[axis]
+    cuts = [n * i // parts for i in range(parts + 1)]
+    head = (slice(None),) * axis
+    return [head + (slice(a, b),) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+_REDUCE = {"sum": "add", "max": "maximum", "min": "minimum"}
+
+
+def reduce_into(xp, op: str, out, slabs, parallel: bool = True):
+    """``out = slabs[0] op slabs[1] op ...`` in order, ``op`` one of sum/max/min; the slabs are
+    arrays (or views) of ``out``'s shape."""
+    ufunc = getattr(xp, _REDUCE[op])
+
+    def part(idx):
+        o = out[idx]
+        if len(slabs) == 1:
+            xp.copyto(o, slabs[0][idx])
+            return
+        ufunc(slabs[0][idx], slabs[1][idx], out=o)
+        for s in slabs[2:]:
+            ufunc(o, s[idx], out=o)
+
+    parts = num_threads() if parallel else 1
+    nbytes = out.nbytes * (len(slabs) + 1)
+    run(xp, nbytes, [lambda idx=idx: part(idx) for idx in chunks(out.shape, parts)])
+    return out
+
+
+def copy(xp, src):
+    """A C-contiguous copy of ``src``."""
+    out = xp.empty(src.shape, src.dtype)
+    run(xp, 2 * out.nbytes, [lambda idx=idx: xp.copyto(out[idx], src[idx])
+                             for idx in chunks(out.shape, num_threads())])
+    return out
+
+
+def reshape(xp, x, shape):
+    """``x.reshape(shape)``: a view when strides allow, else one (threaded) copy."""
+    if xp is np:
+        try:
+            return x.reshape(shape, copy=False)
+        except ValueError:
+            return copy(xp, x).reshape(shape)
+    return xp.reshape(x, shape)
