@@ -8,8 +8,9 @@ below), so one function is traced by both frameworks::
 
 Where JAX's spelling or support differs, the ``JAX`` namespace emulates spmd's meaning:
 ``pvary`` is ``pcast(..., to="varying")``; ``all_gather(to="invariant")`` is JAX's
-``"invarying"``; ``ppermute`` over an axis tuple numbers devices in the tuple's order
-(JAX's own ppermute uses mesh order there, unlike its ``axis_index``); ``pbroadcast`` (no CPU lowering in JAX) is a masked ``psum``.
+``"invarying"``; ``ppermute`` over an axis tuple numbers devices in the tuple's order (JAX's
+own ppermute uses mesh order there, unlike its ``axis_index`` and ``all_gather``);
+``pbroadcast`` (no CPU lowering in JAX) is its documented meaning, a masked ``psum``.
 """
 from __future__ import annotations
 

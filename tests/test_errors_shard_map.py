@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import spmd
-from spmd import P, NamedSharding, psum
+from spmd import P, psum
 
 SPMD_DIR = os.path.dirname(spmd.__file__)
 X = np.arange(64.).reshape(8, 8)
