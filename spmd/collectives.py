@@ -11,12 +11,14 @@ as ``(groups, group_size)`` for ``axis_index_groups``.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
 import numpy as np
 import optree
 
+from . import _host_parallel
 from .core import Aval, Primitive, bind, current_builder
 from .errors import VmaError
 from .transforms import ad
@@ -111,58 +113,70 @@ def _vary(b, x, axes):
 # ---------------------------------------------------------------------------------------------
 
 class _RankMajor:
-    """Fold the mesh dims of ``axes`` of a stacked value into a leading ``(G, g)`` pair."""
+    """Fold the mesh dims of ``axes`` of a stacked value into a leading ``(G, g)`` pair.
 
-    def __init__(self, xp, axis_names, sizes, axes, groups, x):
-        self.xp, self.m = xp, len(sizes)
+    Built once per (mesh, axes, groups, stacked shape) and cached (:meth:`of`), so a call only
+    applies the transposes and reshapes worked out here."""
+
+    @staticmethod
+    @functools.lru_cache(maxsize=4096)
+    def of(axis_names, sizes, axes, groups, shape) -> "_RankMajor":
+        return _RankMajor(axis_names, sizes, axes, groups, shape)
+
+    def __init__(self, axis_names, sizes, axes, groups, shape):
+        self.m = m = len(sizes)
         self.pos = [axis_names.index(a) for a in axes]
         self.sizes = sizes
         self.n = math.prod(sizes[p] for p in self.pos)
         self.groups = groups
-        want = tuple(sizes[j] if j in self.pos else x.shape[j] for j in range(self.m)) + x.shape[self.m:]
-        if want != x.shape:
-            x = xp.broadcast_to(x, want)
-        self.others = [j for j in range(self.m) if j not in self.pos]
-        y = xp.transpose(x, self.pos + self.others + list(range(self.m, x.ndim)))
-        y = y.reshape((self.n,) + y.shape[len(self.pos):])
-        if groups is not None:
-            self.order = np.array([i for g in groups for i in g])
-            y = y[self.order]
-            G = len(groups)
-        else:
-            G = 1
-        self.y = y.reshape((G, self.n // G) + y.shape[1:])
+        want = tuple(sizes[j] if j in self.pos else shape[j] for j in range(m)) + shape[m:]
+        self.want = want if want != shape else None         # broadcast invariant inputs first
+        self.others = [j for j in range(m) if j not in self.pos]
         self.r = len(self.others)          # other mesh dims, between the rank pair and local dims
+        self.perm = self.pos + self.others + list(range(m, len(shape)))
+        self.flat = (self.n,) + tuple(want[j] for j in self.perm[len(self.pos):])
+        self.order = np.array([i for g in groups for i in g]) if groups is not None else None
+        self.G = len(groups) if groups is not None else 1
+        self.inv = np.argsort(self.pos + self.others).tolist()
+
+    def fold(self, xp, x):
+        """The rank-major array ``(G, g, others..., local...)`` of stacked ``x``."""
+        if self.want is not None:
+            x = xp.broadcast_to(x, self.want)
+        if self.perm != sorted(self.perm):
+            x = xp.transpose(x, self.perm)
+        y = _host_parallel.reshape(xp, x, self.flat)
+        if self.order is not None:
+            y = y[self.order]
+        return y.reshape((self.G, self.n // self.G) + self.flat[1:])
 
     def local(self, d):
         """Index of local dim ``d`` in the rank-major array."""
         return 2 + self.r + d
 
-    def unfold(self, z, varying: bool):
+    def unfold(self, xp, z, varying: bool):
         """Back to the stacked layout; ``z`` has shape (G, g or 1, others..., local...)."""
-        xp = self.xp
         G = z.shape[0]
         if varying or G > 1:
-            z = xp.broadcast_to(z, (G, self.n // G) + z.shape[2:])
-            z = z.reshape((self.n,) + z.shape[2:])
+            if z.shape[1] != self.n // G:
+                z = xp.broadcast_to(z, (G, self.n // G) + z.shape[2:])
+            z = _host_parallel.reshape(xp, z, (self.n,) + z.shape[2:])
             if self.groups is not None:
                 z = xp.take(z, np.argsort(self.order), axis=0)
-            lead = tuple(self.sizes[p] for p in self.pos)
+            z = z.reshape(tuple(self.sizes[p] for p in self.pos) + z.shape[1:])
         else:
-            z = z.reshape((1,) + z.shape[2:])
-            lead = (1,) * len(self.pos)
-        z = z.reshape(lead + z.shape[1:])
-        inv = np.argsort(self.pos + self.others).tolist() + list(range(self.m, z.ndim))
-        return xp.transpose(z, inv)
+            z = z.reshape((1,) * len(self.pos) + z.shape[2:])
+        inv = self.inv + list(range(self.m, z.ndim))
+        return xp.transpose(z, inv) if inv != list(range(z.ndim)) else z
 
 
 def _rank_major_rule(body, *, out_varying):
     """A stacked implementation from a function of the rank-major array."""
     def stacked(xp, mesh, x, *, axes, groups=None, **params):
-        rm = _RankMajor(xp, mesh.axis_names, mesh.axis_sizes, axes, groups, x)
-        z = body(xp, rm, rm.y, **params)
+        rm = _RankMajor.of(mesh.axis_names, mesh.axis_sizes, axes, groups, x.shape)
+        z = body(xp, rm, rm.fold(xp, x), **params)
         varying = out_varying(params) if callable(out_varying) else out_varying
-        return rm.unfold(z, varying)
+        return rm.unfold(xp, z, varying)
     return stacked
 
 
@@ -175,12 +189,21 @@ def _reduce_vma(x, *, axes, groups=None, **_):
 
 
 def _all_reduce_prim(name, op):
-    reduce = {"sum": lambda xp, y: y.sum(axis=1, keepdims=True, dtype=y.dtype),  # no int promotion
-              "max": lambda xp, y: y.max(axis=1, keepdims=True),
-              "min": lambda xp, y: y.min(axis=1, keepdims=True)}[op]
+    small = {"sum": lambda y: y.sum(axis=1, keepdims=True, dtype=y.dtype),  # no int promotion
+             "max": lambda y: y.max(axis=1, keepdims=True),
+             "min": lambda y: y.min(axis=1, keepdims=True)}[op]
+
+    def reduce(xp, rm, y):
+        if y.nbytes < _host_parallel.LOOP_MIN_BYTES:
+            return small(y)
+        # big: slab by slab into one output buffer, split over the host threads
+        out = xp.empty((y.shape[0], 1) + y.shape[2:], y.dtype)
+        _host_parallel.reduce_into(xp, op, out[:, 0], [y[:, i] for i in range(y.shape[1])])
+        return out
+
     return Primitive(
         name, abstract=lambda x, **p: Aval(x.shape, x.dtype), vma=_reduce_vma,
-        stacked=_rank_major_rule(lambda xp, rm, y: reduce(xp, y), out_varying=False),
+        stacked=_rank_major_rule(reduce, out_varying=False),
         per_device=lambda comm, bufs, *, axes, groups=None: comm.all_reduce(bufs, axes, groups, op),
         collective=op, linear=(op == "sum"))
 
@@ -278,9 +301,9 @@ def _all_gather_vma(x, *, axes, groups, to, **_):
 
 def _all_gather_body(xp, rm, y, *, axis, tiled, to, size):
     z = xp.moveaxis(y, 1, rm.local(axis) - 1)          # (G, others, local with g at axis)
-    if tiled:
+    if tiled:                                           # a view when the blocks are adjacent
         a = rm.local(axis) - 1
-        z = z.reshape(z.shape[:a] + (z.shape[a] * z.shape[a + 1],) + z.shape[a + 2:])
+        z = _host_parallel.reshape(xp, z, z.shape[:a] + (z.shape[a] * z.shape[a + 1],) + z.shape[a + 2:])
     return xp.expand_dims(z, 1)
 
 
@@ -364,8 +387,20 @@ def _psum_scatter_abstract(x, *, axes, scatter_dimension, tiled, groups, size):
 
 
 def _psum_scatter_body(xp, rm, y, *, scatter_dimension, tiled, size):
+    a = rm.local(scatter_dimension) - 1                 # the scatter dim in a slab y[:, i]
+    if y.nbytes >= _host_parallel.LOOP_MIN_BYTES:
+        # big: sum each destination's block straight into its place in the output
+        slab = y.shape[:1] + y.shape[2:]
+        c = slab[a] // size
+        out = xp.empty((slab[0], size) + slab[1:a] + ((c,) if tiled else ()) + slab[a + 1:], y.dtype)
+
+        def block(j):
+            pick = (slice(None),) * a + ((slice(j * c, (j + 1) * c),) if tiled else (j,))
+            _host_parallel.reduce_into(xp, "sum", out[:, j], [y[:, i][pick] for i in range(size)],
+                                       parallel=False)
+        _host_parallel.run(xp, y.nbytes, [functools.partial(block, j) for j in range(size)])
+        return out
     s = y.sum(axis=1, dtype=y.dtype)                    # (G, others, local)
-    a = rm.local(scatter_dimension) - 1
     if tiled:
         s = s.reshape(s.shape[:a] + (size, s.shape[a] // size) + s.shape[a + 1:])
     return xp.moveaxis(s, a, 1)
@@ -438,8 +473,8 @@ def _all_to_all_body(xp, rm, y, *, split_axis, concat_axis, tiled, size):
     # move g_src into the local dims, right before local[concat_axis], and merge when tiled
     c = 2 + rm.r + concat_axis
     z = xp.moveaxis(z, 2, c)
-    if tiled:
-        z = z.reshape(z.shape[:c] + (z.shape[c] * z.shape[c + 1],) + z.shape[c + 2:])
+    if tiled:                                           # the one copy: a transpose
+        z = _host_parallel.reshape(xp, z, z.shape[:c] + (z.shape[c] * z.shape[c + 1],) + z.shape[c + 2:])
     return z
 
 
@@ -490,6 +525,17 @@ def _ppermute_body(xp, rm, y, *, perm):
     src_of = np.full(rm.n, -1)
     for s, d in perm:
         src_of[d] = s
+    if y.nbytes >= _host_parallel.LOOP_MIN_BYTES:
+        # big: one block copy per destination (zeros where nothing arrives), over the threads
+        out = xp.empty(y.shape, y.dtype)
+
+        def receive(d):
+            if src_of[d] < 0:
+                out[:, d] = 0
+            else:
+                xp.copyto(out[:, d], y[:, src_of[d]])
+        _host_parallel.run(xp, 2 * y.nbytes, [functools.partial(receive, d) for d in range(rm.n)])
+        return out
     z = xp.take(y, np.maximum(src_of, 0), axis=1)
     if (src_of < 0).any():
         mask = (src_of >= 0).reshape((1, -1) + (1,) * (z.ndim - 2))

@@ -7,20 +7,29 @@ import os
 import numpy as np
 import optree
 
+from . import distributed
+from .array import Array
 from .core import Tracer, aval_of, current_builder, trace
 
 
+_EXECUTORS: dict = {}     # one per SPMD_EXECUTOR value: executors keep their compiled plans
+
+
 def _default_executor():
-    from .executors import StackedExecutor, reference_executor
-    from . import distributed
     if distributed.process_count() > 1:
         return distributed.executor()
     name = os.environ.get("SPMD_EXECUTOR", "stacked")
-    if name == "reference":
-        return reference_executor()
-    if name != "stacked":
-        raise ValueError(f"SPMD_EXECUTOR={name!r}; use 'stacked' or 'reference'.")
-    return StackedExecutor()
+    executor = _EXECUTORS.get(name)
+    if executor is None:
+        from .executors import StackedExecutor, reference_executor
+        if name == "reference":
+            executor = reference_executor()
+        elif name == "stacked":
+            executor = StackedExecutor()
+        else:
+            raise ValueError(f"SPMD_EXECUTOR={name!r}; use 'stacked' or 'reference'.")
+        _EXECUTORS[name] = executor
+    return executor
 
 
 class Lowered:
@@ -61,13 +70,15 @@ class Jitted:
         return static, static_kw, dyn_args, dyn_kwargs
 
     def _program(self, args, kwargs):
-        static, static_kw, dyn_args, dyn_kwargs = self._split(args, kwargs)
+        if self.static_argnums or self.static_argnames:
+            static, static_kw, dyn_args, dyn_kwargs = self._split(args, kwargs)
+        else:
+            static, static_kw, dyn_args, dyn_kwargs = (), (), list(args), kwargs
         leaves, in_tree = optree.tree_flatten((dyn_args, dyn_kwargs), none_is_leaf=False)
-        avals = tuple(aval_of(x) for x in leaves)
-        weak = tuple(type(x) if isinstance(x, (bool, int, float, complex)) else None for x in leaves)
-        key = (in_tree, avals, weak, static, static_kw)
+        key = (in_tree, tuple(map(_signature, leaves)), static, static_kw)
         hit = self._cache.get(key)
         if hit is None:
+            avals = tuple(aval_of(x) for x in leaves)
             out_box = []
 
             def flat_fn(*tracers):
@@ -102,10 +113,21 @@ class Jitted:
         return len(self._cache)
 
 
+def _signature(x):
+    """What the program traced for argument ``x`` depends on: its shape and dtype, or, for a
+    Python scalar (weakly typed), its type."""
+    t = type(x)
+    if t is Array or t is np.ndarray or isinstance(x, np.generic):
+        return x.shape, x.dtype
+    if t in (bool, int, float, complex):
+        return t
+    return aval_of(x)
+
+
 def _as_array(x):
-    from .array import Array, device_put
     if isinstance(x, Array):
         return x
+    from .array import device_put
     return device_put(np.asarray(x))
 
 
