@@ -376,37 +376,37 @@ def make_array_from_callback(shape, sharding, data_callback):
 
 
 def make_array_from_process_local_data(sharding, local_data, global_shape=None):
-    """The global array whose part on this process is ``local_data``.
+    """The global array whose part on this process is ``local_data``: the union of the blocks
+    of this process's devices (with one device per process, that device's block).
 
-    With one device per process, ``local_data`` is this device's block; ``global_shape``
-    defaults to the block shape times the number of parts of each dim.  Dims that are not
-    split are replicated: every process must pass the same data there.
+    ``global_shape`` defaults to ``local_data``'s shape scaled along each split dim by the
+    number of blocks there over the number this process holds.  Dims this process holds whole
+    are replicated: every process must pass the same data there.
     """
+    from .communicators import rank_in
     from .sharding import as_sharding
     sharding = as_sharding(sharding, what="make_array_from_process_local_data")
     local_data = np.asarray(local_data)
-    parts = sharding.num_parts(local_data.ndim)
+    mesh, ndim = sharding.mesh, local_data.ndim
+    mine = [p for p, d in enumerate(mesh.devices.flat) if d in set(mesh.local_devices)]
+    dim_axes = sharding._dim_axes(ndim)
+    held = [len({rank_in(mesh, axes, p) for p in mine}) if axes else 1 for axes in dim_axes]
     if global_shape is None:
-        global_shape = tuple(d * n for d, n in zip(local_data.shape, parts))
+        global_shape = tuple(d * n // h for d, n, h in zip(local_data.shape, sharding.num_parts(ndim), held))
     global_shape = tuple(global_shape)
-    mesh = sharding.mesh
-    mine = [pos for pos, d in enumerate(mesh.devices.flat) if d in set(mesh.local_devices)]
-    if len(mine) > 1:
-        # Several local devices: local_data covers the union of their blocks, in order.
-        lo = [min(sharding.index_at(dict(zip(mesh.axis_names, np.unravel_index(p, mesh.axis_sizes))),
-                                    global_shape)[d].indices(global_shape[d])[0] for p in mine)
-              for d in range(len(global_shape))]
-        return make_array_from_callback(global_shape, sharding, lambda idx: local_data[tuple(
-            slice(s.indices(g)[0] - o, s.indices(g)[1] - o) for s, g, o in zip(idx, global_shape, lo))])
 
-    def block(idx):
-        want = tuple(len(range(*s.indices(g))) for s, g in zip(idx, global_shape))
-        if want != local_data.shape:
-            raise SpmdError(f"make_array_from_process_local_data: process {process_index()} passed "
-                            f"data of shape {local_data.shape}, but its block of the global shape "
-                            f"{global_shape} under {sharding.spec} has shape {want}.")
-        return local_data
-    return make_array_from_callback(global_shape, sharding, block)
+    def coords(p):
+        return dict(zip(mesh.axis_names, np.unravel_index(p, mesh.axis_sizes)))
+    starts = [sharding.index_at(coords(p), global_shape) for p in mine]
+    lo = [min(idx[d].indices(global_shape[d])[0] for idx in starts) for d in range(ndim)]
+    hi = [max(idx[d].indices(global_shape[d])[1] for idx in starts) for d in range(ndim)]
+    if tuple(h - l for l, h in zip(lo, hi)) != local_data.shape:
+        raise SpmdError(f"make_array_from_process_local_data: process {process_index()} passed "
+                        f"data of shape {local_data.shape}, but its blocks of the global shape "
+                        f"{global_shape} under {sharding.spec} cover "
+                        f"{tuple(h - l for l, h in zip(lo, hi))}.")
+    return make_array_from_callback(global_shape, sharding, lambda idx: local_data[tuple(
+        slice(s.indices(g)[0] - o, s.indices(g)[1] - o) for s, g, o in zip(idx, global_shape, lo))])
 
 
 def process_allgather(x, tiled: bool = True):

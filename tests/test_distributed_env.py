@@ -152,7 +152,7 @@ def test_make_array_from_process_local_data(clean_env):
     assert x.shape == (8, 3)
     (shard,) = x.addressable_shards
     assert shard.index[0] == slice(4, 6) and (shard.data == 7).all()
-    with pytest.raises(SpmdError, match=r"shape \(3, 3\).*has shape \(2, 3\)"):
+    with pytest.raises(SpmdError, match=r"shape \(3, 3\).*cover \(2, 3\)"):
         distributed.make_array_from_process_local_data(s, np.zeros((3, 3)), (8, 3))
     y = distributed.make_array_from_callback((8, 3), s, lambda idx: np.arange(24.0).reshape(8, 3)[idx])
     np.testing.assert_array_equal(y.addressable_shards[0].data, np.arange(24.0).reshape(8, 3)[4:6])
@@ -197,3 +197,12 @@ def test_store_set_get_and_timeout():
             store.get("never", timeout=0.2)
     finally:
         store.close()
+
+
+def test_process_local_data_in_one_process_is_the_whole_array():
+    mesh = spmd.make_mesh((2, 4), ("a", "b"))
+    s = spmd.NamedSharding(mesh, P("b", "a"))
+    host = np.arange(16.0).reshape(8, 2)
+    x = distributed.make_array_from_process_local_data(s, host)
+    assert x.shape == (8, 2) and x.sharding == s
+    np.testing.assert_array_equal(np.asarray(x), host)
