@@ -292,4 +292,7 @@ def reshard(x: Array, sharding: NamedSharding | PartitionSpec) -> Array:
     if x.sharding.mesh == sharding.mesh and x._blocks is None and not x.is_deleted():
         from .compiler.jit import reshard as planned      # the redistribution planner
         return planned(x, sharding)
+    if x._blocks is not None:      # across processes: gather the whole, keep this process's blocks
+        from .distributed import process_allgather
+        return device_put(process_allgather(x), sharding)
     return _array_from_host(x._gather(), sharding)

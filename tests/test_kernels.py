@@ -225,7 +225,7 @@ def test_bus_bandwidth_uses_the_nccl_tests_factors():
 
 
 def test_index_type_and_copy_unit():
-    assert im.index_type(2**31 - 1, 5) == "int" and im.index_type(2**31) == "long long"
+    assert im.index_type(2**30, 5) == "int" and im.index_type(2**30 + 1) == "long long"
     assert im.copy_unit([256, 512], [64]) == 16
     assert im.copy_unit([256, 520], [64]) == 8
     assert im.copy_unit([256], [6]) == 2
@@ -383,3 +383,25 @@ def test_no_cupy_says_how_to_install(monkeypatch):
     with pytest.raises(gpu.GpuUnavailableError, match=r"spmd\[cuda12\]"):
         spmd.devices("gpu")
     gpu.gpu_count.cache_clear()
+
+
+def test_stacked_executor_takes_collective_rules_from_the_hook():
+    """The CuPy executor swaps in kernel-backed rules through ``_stacked_rule``; check on the
+    CPU that the hook is what the stacked executor uses."""
+    import spmd
+    from spmd import P
+    from spmd.executors import StackedExecutor
+    seen = []
+
+    class Counting(StackedExecutor):
+        def _stacked_rule(self, prim):
+            seen.append(prim.name)
+            return super()._stacked_rule(prim)
+
+    mesh = spmd.make_mesh((2, 4), ("a", "b"))
+    f = spmd.shard_map(lambda x: spmd.pmax(spmd.psum(x, "b"), "a"), mesh=mesh,
+                       in_specs=P("a", "b"), out_specs=P())
+    x = np.arange(16, dtype=np.float32).reshape(4, 4)
+    got = np.asarray(spmd.jit(f, executor=Counting())(x))
+    assert {"psum", "pmax"} <= set(seen)
+    np.testing.assert_array_equal(got, np.asarray(spmd.jit(f)(x)))

@@ -352,7 +352,8 @@ def run_compiled(comp: Compiled, leaves, paths, executor=None):
     for o, shape, sh in zip(outs, comp.out_shapes, comp.prop.out_shardings):
         ns = NamedSharding(mesh, sh.spec)
         if isinstance(o, Array):
-            result.append(Array(o._storage, tuple(shape), ns))
+            result.append(Array(o._storage, tuple(shape), ns) if o._blocks is None else
+                          Array.from_blocks(o._blocks, tuple(shape), ns))   # across processes
         else:
             arr = np.asarray(o)
             result.append(device_put(arr[tuple(slice(0, d) for d in shape)], ns))

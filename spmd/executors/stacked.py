@@ -35,6 +35,11 @@ class StackedExecutor:
             plan = self._plans[program] = self._compile(program, mesh=None)
         return plan(args)
 
+    def _stacked_rule(self, prim):
+        """A collective's implementation on the stacked layout (the GPU executor swaps in
+        kernel-backed ones: ``spmd.gpu.stacked``)."""
+        return prim.rules["stacked"]
+
     # values at top level are global arrays (np.ndarray or spmd.Array, kept sharded as long
     # as possible); inside shard_map they are stacked arrays.
     def _compile(self, program: Program, mesh):
@@ -63,7 +68,7 @@ class StackedExecutor:
             elif e.prim.rules.get("call"):              # checkpoint: run the body inline
                 fn = (lambda run_body: lambda *vals: run_body(list(vals)))(self._compile(e.params["body"], mesh))
             elif "stacked" in e.prim.rules:
-                fn = functools.partial(e.prim.rules["stacked"], xp, mesh, **e.params)
+                fn = functools.partial(self._stacked_rule(e.prim), xp, mesh, **e.params)
             elif k == 0:
                 fn = functools.partial(_on_global, e.prim.rule("impl"), xp, e.params)
             else:

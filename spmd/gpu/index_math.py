@@ -16,7 +16,7 @@ import numpy as np
 MAX_BLOCKS = 64          # kernels/index_math.cuh
 MAX_RANKS = 8
 BARRIER_PHASES = 3
-INT32_MAX = 2**31 - 1
+INT32_SAFE = 2**30
 
 # ---------------------------------------------------------------------------------------------
 # pack / unpack of a strided dim
@@ -119,8 +119,11 @@ def widen(lay: PackLayout, itemsize: int, addresses=()) -> tuple[PackLayout, int
 
 
 def index_type(*extents: int) -> str:
-    """``"int"`` when every index fits in 32 bits (much cheaper division), else ``"long long"``."""
-    return "int" if max(extents, default=0) <= INT32_MAX else "long long"
+    """``"int"`` when 32-bit indices are safe (much cheaper division), else ``"long long"``.
+
+    Safe means every extent is at most 2**30: a grid-stride loop's ``t + stride`` then cannot
+    overflow, whatever the grid (at most a few million threads)."""
+    return "int" if max(extents, default=0) <= INT32_SAFE else "long long"
 
 
 def copy_unit(addresses, nbytes) -> int:
