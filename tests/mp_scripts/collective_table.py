@@ -3,7 +3,8 @@ simulated mesh of the same shape (computed in this process before ``initialize()
 
 Inputs are small integers, so every reduction is exact in any order: results must match bit
 for bit.  Two extra rows use random floats (float32 within rounding, bfloat16 moved exactly).
-Then a shard_map program and a jit program with top-level operations around a shard_map.
+Then a shard_map program, a jit program with top-level operations around a shard_map, and a
+jit program with in/out shardings (the sharding compiler inserts the collectives).
 Prints ``OK <count>`` on success; any mismatch raises.
 """
 import math
@@ -93,8 +94,17 @@ def programs(devices):
         return (h * h).sum(axis=1), h.T @ h
 
     a, b = step(x, w)
+
+    # the sharding compiler: global code, shardings in and out, collectives inserted
+    row, col = (names[0], names[-1]) if N == 4 else (None, "i")
+    mlp = spmd.jit(lambda x, w: np.tanh(x @ w / 16).sum(axis=1),
+                   in_shardings=(spmd.NamedSharding(mesh, P(row, col)),
+                                 spmd.NamedSharding(mesh, P(col, None))),
+                   out_shardings=spmd.NamedSharding(mesh, P(row)))
+    c = mlp(x, w)
     return {"shard_map": sm, "jit-rows": spmd.distributed.process_allgather(a),
-            "jit-gram": spmd.distributed.process_allgather(b)}
+            "jit-gram": spmd.distributed.process_allgather(b),
+            "sharded-jit": spmd.distributed.process_allgather(c)}
 
 
 def compute(devices):
@@ -125,3 +135,11 @@ for key, want in simulated.items():
     else:
         np.testing.assert_array_equal(have, want, err_msg=what)
 print(f"OK {len(simulated)} on {N} processes", flush=True)
+
+# device_put / reshard of an array whose shards live in different processes
+mesh = spmd.make_mesh((N,), ("i",))
+y = spmd.device_put(np.arange(4.0 * N).reshape(N, 4), spmd.NamedSharding(mesh, P("i")))
+z = spmd.reshard(y, spmd.NamedSharding(mesh, P(None, "i")))
+assert z.addressable_shards[0].data.shape == (N, 4 // N)
+np.testing.assert_array_equal(spmd.distributed.process_allgather(z), np.arange(4.0 * N).reshape(N, 4))
+print("reshard OK", flush=True)
