@@ -1,0 +1,99 @@
+"""Collectives on 8 simulated devices, float32, 1 MiB and 16 MiB per device: spmd against JAX.
+
+Both sides run the same user program, a cached ``jit(shard_map(collective))`` on an input
+already laid out with its ``in_specs`` (so no relayout is timed), and both results stay on the
+devices: JAX's is waited for with ``block_until_ready``; spmd computes synchronously.  Every
+case first checks that the two results agree on device 0.
+
+``x memcopy`` is the fraction of the memory-copy bound: the time ``np.copyto`` takes, in the
+same run, to copy the bytes the collective moves at least (every device's block once,
+8 x the per-device size), divided by the collective's time; 1.0 is copy speed, above 1 is
+faster than one copy (a sum reads its inputs and writes an eighth as much).  spmd splits big
+copies and sums over the host threads, so it can beat the one-threaded copy.
+
+Where spmd's result is a view, no bytes move: ``all_gather(tiled, axis=0)`` of blocks that
+already sit side by side is a reshape of the input, and every ``all_gather`` result is one
+gathered array that the 8 devices share (JAX writes 8 copies).  The ``+ copy`` rows then add
+one copy of the gathered array per call, so the comparison does not rest on the view.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import spmd
+from ._harness import Row, benchmark, memcopy_seconds, skip_rows, timeit
+
+NAME = "collectives"
+N = 8
+COLS = 512
+RING = tuple((i, (i + 1) % N) for i in range(N))
+
+# name, body written once for a namespace of collectives (spmd or jax.lax), out_specs entries
+CASES = [
+    ("psum", lambda C, b: C.psum(b, "i"), ()),
+    ("all_gather tiled axis 0", lambda C, b: C.all_gather(b, "i", axis=0, tiled=True), ("i",)),
+    ("all_gather tiled axis 1", lambda C, b: C.all_gather(b, "i", axis=1, tiled=True), ("i",)),
+    ("psum_scatter tiled", lambda C, b: C.psum_scatter(b, "i", scatter_dimension=0, tiled=True), ("i",)),
+    ("all_to_all tiled", lambda C, b: C.all_to_all(b, "i", 0, 0, tiled=True), ("i",)),
+    ("ppermute ring shift", lambda C, b: C.ppermute(b, "i", RING), ("i",)),
+]
+
+
+def _size_label(nbytes: int) -> str:
+    return f"{nbytes // 2**20} MiB" if nbytes >= 2**20 else f"{nbytes // 2**10} KiB"
+
+
+def _shares_input(out: spmd.Array, x: spmd.Array) -> bool:
+    return np.shares_memory(out._storage, x._storage)
+
+
+@benchmark(NAME)
+def collectives(quick: bool) -> list[Row]:
+    sizes = [16 * 2**10] if quick else [2**20, 16 * 2**20]
+    timing = dict(repeat=3, min_time=0.0) if quick else dict(repeat=7, min_time=0.2)
+    try:
+        import jax
+        from jax.sharding import NamedSharding as JaxNamedSharding, PartitionSpec as JaxP
+    except ImportError as e:
+        return skip_rows(NAME, "collectives", "jax", f"jax is not installed ({e})")
+    if jax.device_count() < N:
+        return skip_rows(NAME, "collectives", "jax", f"jax sees {jax.device_count()} devices; set "
+                         f"XLA_FLAGS=--xla_force_host_platform_device_count={N}")
+    mesh = spmd.make_mesh((N,), ("i",))
+    jmesh = jax.make_mesh((N,), ("i",), devices=jax.devices()[:N])
+    rows = []
+    for per_device in sizes:
+        size = _size_label(per_device)
+        moved = N * per_device                      # every device's block, once
+        copy_s = memcopy_seconds(moved)
+        rows.append(Row(NAME, f"memcopy {_size_label(moved)} (the bound for {size}/device)", None,
+                        "numpy", copy_s, {"GB/s": round(moved / copy_s / 1e9, 2)}))
+        # small integers: sums are exact in float32, so both sides must agree bit for bit
+        host = np.random.default_rng(0).integers(0, 8, (N * per_device // 4 // COLS, COLS)).astype(np.float32)
+        x = spmd.device_put(host, spmd.NamedSharding(mesh, spmd.P("i")))
+        jx = jax.device_put(host, JaxNamedSharding(jmesh, JaxP("i")))
+        for label, body, out_spec in CASES:
+            f = spmd.jit(spmd.shard_map(lambda b, body=body: body(spmd, b), mesh=mesh,
+                                        in_specs=spmd.P("i"), out_specs=spmd.P(*out_spec)))
+            g = jax.jit(jax.shard_map(lambda b, body=body: body(jax.lax, b), mesh=jmesh,
+                                      in_specs=JaxP("i"), out_specs=JaxP(*out_spec)))
+            out, jout = f(x), g(jx).block_until_ready()
+            np.testing.assert_array_equal(out.addressable_shards[0].data,
+                                          np.asarray(jout.addressable_shards[0].data))
+            t = timeit(lambda: f(x), **timing)
+            jt = timeit(lambda: g(jx).block_until_ready(), **timing)
+            view = _shares_input(out, x)
+            extra = {"x memcopy": "view" if view else round(copy_s / t, 2)}
+            if view:
+                extra["note"] = "a view of the input: no bytes move"
+            elif label.startswith("all_gather"):
+                extra["note"] = "one gathered copy, shared by the 8 devices"
+            rows.append(Row(NAME, f"{label}, {size}/device", t, "jax", jt, extra))
+            if view:
+                # the gathered array as a buffer of its own, copied once per call
+                block = lambda: np.array(f(x).addressable_shards[0].data, copy=True)
+                tc = timeit(block, **timing)
+                rows.append(Row(NAME, f"{label} + copy, {size}/device", tc, "jax", jt,
+                                {"x memcopy": round(copy_s / tc, 2)}))
+            del out, jout
+    return rows

@@ -1,0 +1,102 @@
+"""The big-value paths of the stacked collectives (slab loops into output buffers, split over
+host threads), forced on small arrays and compared bit for bit with the reference executor."""
+import math
+
+import numpy as np
+import pytest
+
+import spmd
+from spmd import P, _host_parallel
+from spmd.executors import reference_executor
+
+REFERENCE = reference_executor()
+
+
+@pytest.fixture
+def big_paths(monkeypatch):
+    """Every collective takes its big-value path, on the thread pool."""
+    monkeypatch.setattr(_host_parallel, "LOOP_MIN_BYTES", 0)
+    monkeypatch.setattr(_host_parallel, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(_host_parallel, "num_threads", lambda: 3)   # uneven chunks
+
+
+def _ring(n):
+    return [(i, (i + 1) % n) for i in range(n)]
+
+
+# id, body(x, ax, n), local block shape(n), dtype
+ROWS = [
+    ("psum", lambda x, ax, n: spmd.psum(x, ax), lambda n: (2, 3), np.float32),
+    ("psum-int32", lambda x, ax, n: spmd.psum(x, ax), lambda n: (5,), np.int32),
+    ("psum-bool", lambda x, ax, n: spmd.psum(x, ax), lambda n: (3,), np.bool_),
+    ("psum-scalar", lambda x, ax, n: spmd.psum(x.sum(), ax), lambda n: (2,), np.float32),
+    ("pmax", lambda x, ax, n: spmd.pmax(x, ax), lambda n: (2, 3), np.float32),
+    ("pmin", lambda x, ax, n: spmd.pmin(x, ax), lambda n: (2, 3), np.int32),
+    ("psum-groups", lambda x, ax, n: spmd.psum(x, ax, axis_index_groups=[list(range(0, n, 2)), list(range(1, n, 2))]) if n % 2 == 0 else spmd.psum(x, ax),
+     lambda n: (3, 2), np.float32),
+    ("all_gather", lambda x, ax, n: spmd.all_gather(x, ax), lambda n: (2, 3), np.float32),
+    ("all_gather-tiled-0", lambda x, ax, n: spmd.all_gather(x, ax, tiled=True), lambda n: (2, 3), np.float32),
+    ("all_gather-tiled-1", lambda x, ax, n: spmd.all_gather(x, ax, axis=1, tiled=True), lambda n: (2, 3), np.float32),
+    ("all_gather-invariant", lambda x, ax, n: spmd.all_gather(x, ax, axis=1, tiled=True, to="invariant"), lambda n: (2, 3), np.float32),
+    ("psum_scatter", lambda x, ax, n: spmd.psum_scatter(x, ax), lambda n: (n, 3), np.float32),
+    ("psum_scatter-tiled-0", lambda x, ax, n: spmd.psum_scatter(x, ax, tiled=True), lambda n: (2 * n, 3), np.int32),
+    ("psum_scatter-tiled-1", lambda x, ax, n: spmd.psum_scatter(x, ax, scatter_dimension=1, tiled=True), lambda n: (3, 2 * n), np.float32),
+    ("psum_scatter-groups", lambda x, ax, n: spmd.psum_scatter(x, ax, tiled=True, axis_index_groups=[list(range(n))[::-1]]), lambda n: (n, 2), np.float32),
+    ("all_to_all-tiled-0-0", lambda x, ax, n: spmd.all_to_all(x, ax, 0, 0, tiled=True), lambda n: (2 * n, 3), np.float32),
+    ("all_to_all-tiled-0-1", lambda x, ax, n: spmd.all_to_all(x, ax, 0, 1, tiled=True), lambda n: (n, 3), np.float32),
+    ("all_to_all-1-0", lambda x, ax, n: spmd.all_to_all(x, ax, 1, 0), lambda n: (2, n), np.float32),
+    ("ppermute-ring", lambda x, ax, n: spmd.ppermute(x, ax, _ring(n)), lambda n: (2, 3), np.float32),
+    ("ppermute-partial", lambda x, ax, n: spmd.ppermute(x, ax, [(0, n - 1)]), lambda n: (2, 3), np.float32),
+    ("ppermute-invariant-input", lambda x, ax, n: spmd.ppermute(spmd.psum(x, ax), ax, _ring(n)), lambda n: (2, 3), np.float32),
+]
+
+MESHES = [((8,), ("i",), "i"), ((2, 4), ("a", "b"), "b"), ((2, 4), ("a", "b"), "a"),
+          ((2, 4), ("a", "b"), ("b", "a"))]
+
+
+@pytest.mark.parametrize("mesh_shape,names,ax", MESHES, ids=lambda v: str(v))
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: r[0])
+def test_big_paths_match_reference(big_paths, row, mesh_shape, names, ax):
+    _, body, local, dtype = row
+    mesh = spmd.make_mesh(mesh_shape, names)
+    n = math.prod(mesh.axis_size(a) for a in ((ax,) if isinstance(ax, str) else ax))
+    shape = local(n)
+    blocks = np.random.default_rng(0).integers(-8, 9, (mesh.size,) + shape).astype(dtype)
+    x = blocks.reshape((mesh.size * shape[0],) + shape[1:])
+    every = P(tuple(names))
+    f = spmd.shard_map(lambda b: body(b, ax, n)[None], mesh=mesh, in_specs=every, out_specs=every)
+    got = np.asarray(spmd.jit(f)(spmd.device_put(x, spmd.NamedSharding(mesh, every))))
+    want = np.asarray(spmd.jit(f, executor=REFERENCE)(x))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_reduce_into_adds_in_order_over_chunks():
+    rng = np.random.default_rng(1)
+    slabs = [rng.standard_normal((7, 5)).astype(np.float32) for _ in range(5)]
+    out = np.empty((7, 5), np.float32)
+    for parts in (1, 2, 3, 9):
+        chunks = _host_parallel.chunks(out.shape, parts)
+        covered = np.zeros(out.shape, int)
+        for idx in chunks:
+            covered[idx] += 1
+        assert (covered == 1).all()
+    _host_parallel.reduce_into(np, "sum", out, slabs)
+    want = slabs[0] + slabs[1]
+    for s in slabs[2:]:
+        want = want + s
+    np.testing.assert_array_equal(out, want)
+
+
+def test_reshape_is_a_view_when_strides_allow(big_paths):
+    x = np.arange(24.0).reshape(2, 3, 4)
+    assert np.shares_memory(_host_parallel.reshape(np, x, (6, 4)), x)
+    t = x.transpose(1, 0, 2)
+    y = _host_parallel.reshape(np, t, (6, 4))
+    assert not np.shares_memory(y, x)
+    np.testing.assert_array_equal(y, t.reshape(6, 4))
+
+
+def test_threads_run_every_task(big_paths):
+    done = []
+    _host_parallel.run(np, 1 << 30, [lambda i=i: done.append(i) for i in range(10)])
+    assert sorted(done) == list(range(10))
