@@ -30,8 +30,9 @@ def _size(nbytes):
 
 
 def _bw(op, nbytes, seconds, n):
+    """``nbytes`` per rank in; nccl-tests counts an all-gather by its gathered output."""
     from spmd.gpu.index_math import bandwidth
-    alg, bus = bandwidth(op, nbytes, seconds, n)
+    alg, bus = bandwidth(op, nbytes * n if op == "all_gather" else nbytes, seconds, n)
     return {"algbw GB/s": round(alg, 2), "busbw GB/s": round(bus, 2)}
 
 
@@ -55,7 +56,7 @@ def gpu_collectives(quick: bool) -> list[Row]:
 def _virtual_rows(sizes, timing):
     import cupy
 
-    from spmd import collectives as C
+    from spmd.collectives import all_gather_p, all_to_all_p, ppermute_p, psum_p, psum_scatter_p
     from spmd.gpu import stacked
 
     def sync(fn):
@@ -78,22 +79,22 @@ def _virtual_rows(sizes, timing):
         chunked = x.reshape(n, n, per // n) if per % n == 0 else None
         cases = [
             ("all_reduce", "psum (fused reduce kernel)", lambda: stacked.KERNEL_RULES["psum"](cupy, mesh, x, axes=("i",))),
-            ("all_reduce", "psum (CuPy generic)", lambda: C.psum_p.rules["stacked"](cupy, mesh, x, axes=("i",))),
+            ("all_reduce", "psum (CuPy generic)", lambda: psum_p.rules["stacked"](cupy, mesh, x, axes=("i",))),
             ("all_gather", "all_gather tiled",
-             lambda: cupy.ascontiguousarray(C.all_gather_p.rules["stacked"](
+             lambda: cupy.ascontiguousarray(all_gather_p.rules["stacked"](
                  cupy, mesh, x, axes=("i",), axis=0, tiled=True, groups=None, to="varying", size=n))),
         ]
         if chunked is not None:
             cases += [
                 ("reduce_scatter", "psum_scatter",
-                 lambda: cupy.ascontiguousarray(C.psum_scatter_p.rules["stacked"](
+                 lambda: cupy.ascontiguousarray(psum_scatter_p.rules["stacked"](
                      cupy, mesh, chunked, axes=("i",), scatter_dimension=0, tiled=False, groups=None, size=n))),
                 ("all_to_all", "all_to_all",
-                 lambda: cupy.ascontiguousarray(C.all_to_all_p.rules["stacked"](
+                 lambda: cupy.ascontiguousarray(all_to_all_p.rules["stacked"](
                      cupy, mesh, chunked, axes=("i",), split_axis=0, concat_axis=0, tiled=False, groups=None, size=n))),
             ]
         cases.append(("permute", "ppermute shift",
-                      lambda: cupy.ascontiguousarray(C.ppermute_p.rules["stacked"](
+                      lambda: cupy.ascontiguousarray(ppermute_p.rules["stacked"](
                           cupy, mesh, x, axes=("i",), perm=tuple((i, (i + 1) % n) for i in range(n))))))
         for op, label, fn in cases:
             t = timeit(sync(fn), **timing)
