@@ -166,8 +166,6 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         process_id = process_id if process_id is not None else found.process_id
         backend = backend if backend is not None else found.backend
     local_rank = found.local_rank if found else 0
-    if backend is None:
-        backend = "mpi" if _mpi_available() else None
     if backend is not None and backend not in BACKENDS:
         raise SpmdError(f"initialize(backend={backend!r}): use one of {BACKENDS}.")
     if backend == "mpi":
@@ -208,11 +206,6 @@ def shutdown():
         _store.close()
         _store = None
     _state, _executor = _State(), None
-
-
-def _mpi_available() -> bool:
-    found = detect_environment()
-    return found is not None and found.backend == "mpi"
 
 
 def _mpi_world():

@@ -35,6 +35,7 @@ _SIGNATURE_TAG = 7071
 _PERMUTE_TAG = 7072
 _EXIT_TAG = 7073
 _control = None
+_subcomms: dict[tuple[int, ...], object] = {}
 
 
 def _mpi():
@@ -79,7 +80,6 @@ class MPICommunicator:
             raise SpmdError(f"{mesh!r} names process {max(self.process_of)}, but MPI_COMM_WORLD "
                             f"has {self.world.Get_size()} processes.")
         self.check = (os.environ.get("SPMD_COLLECTIVE_CHECK", "1") != "0") if check is None else check
-        self._subcomms: dict[tuple[int, ...], object] = {}
 
     # -- groups ----------------------------------------------------------------------------------
     def _my_group(self, axes, groups):
@@ -87,10 +87,11 @@ class MPICommunicator:
         return group_of(self.mesh, tuple(axes), groups, self.local_positions[0])
 
     def _subcomm(self, ranks: tuple[int, ...]):
-        comm = self._subcomms.get(ranks)
+        """The MPI communicator of ``ranks`` (shared by every mesh over the same processes)."""
+        comm = _subcomms.get(ranks)
         if comm is None:
             group = self.world.Get_group().Incl(list(ranks))
-            comm = self._subcomms[ranks] = self.world.Create_group(group)
+            comm = _subcomms[ranks] = self.world.Create_group(group)
             group.Free()
         return comm
 
@@ -173,8 +174,9 @@ class MPICommunicator:
                         pass
                 path = dump_quietly(f"timeout in {entry['op']} #{entry['seq']}")
                 who = (f"ranks {missing} did not arrive" if missing else
-                       f"every rank arrived but the data exchange did not finish (a peer may "
-                       f"have died)")
+                       "every rank arrived but the data exchange did not finish (a peer may "
+                       "have died)" if self.check else
+                       "SPMD_COLLECTIVE_CHECK=0, so the ranks that did not arrive are unknown")
                 raise CollectiveTimeoutError(
                     f"{entry['op']} over axes {tuple(entry['axes'])} (collective #{entry['seq']} "
                     f"of rank {self.me}, shape {tuple(entry['shape'])}, group ranks "
