@@ -25,6 +25,7 @@ import json
 import os
 import time
 
+import ml_dtypes
 import numpy as np
 
 from ..errors import CollectiveMismatchError, CollectiveTimeoutError, SpmdError
@@ -51,7 +52,6 @@ def decode_unique_id(data: bytes) -> tuple:
 def _nccl_dtype(dtype):
     """(NCCL dtype, elements per item) to move or reduce an array of ``dtype``."""
     from cupy.cuda import nccl
-    import ml_dtypes
     dtype = np.dtype(dtype)
     table = {np.dtype(np.float32): nccl.NCCL_FLOAT32, np.dtype(np.float64): nccl.NCCL_FLOAT64,
              np.dtype(np.float16): nccl.NCCL_FLOAT16, np.dtype(np.int32): nccl.NCCL_INT32,
@@ -144,6 +144,7 @@ class NcclProcessCommunicator:
         timeout = collective_timeout_seconds() if timeout is None else timeout
         ranks = tuple(self.process_of[p] for p in self._my_group(axes, groups))
         on_host = isinstance(x, np.ndarray)
+        bf16 = on_host and x.dtype == np.dtype(ml_dtypes.bfloat16)
         entry = recorder().start(op, axes, ranks, x.shape, x.dtype, x.nbytes)
         deadline = time.monotonic() + timeout
         try:
@@ -151,7 +152,9 @@ class NcclProcessCommunicator:
                 self._arrive(entry, ranks, deadline)
             comm = self._comm(ranks, max(deadline - time.monotonic(), 0.0))
             with self.device, self.stream:
-                send = cupy.ascontiguousarray(cupy.asarray(x))
+                # CuPy has no bfloat16: such host data travels as uint16 (NCCL is told the type)
+                host = np.ascontiguousarray(x).view(np.uint16) if bf16 else x
+                send = cupy.ascontiguousarray(cupy.asarray(host))
                 out = enqueue(comm, ranks.index(self.me), send)
             while not self.stream.done:
                 if time.monotonic() > deadline:
@@ -175,7 +178,9 @@ class NcclProcessCommunicator:
             dump_quietly(f"{type(e).__name__} in {op}: {e}")
             raise
         recorder().finish(entry)
-        return out.get() if on_host else out
+        if not on_host:
+            return out
+        return out.get().view(x.dtype) if bf16 else out.get()
 
     def _arrive(self, entry, ranks, deadline):
         from .. import distributed
