@@ -133,6 +133,29 @@ _UFUNCS = {
 }
 
 
+# ufuncs that are one-liners over others; operands arrive cast to the result dtype
+_COMPOSITE_UFUNCS = {
+    np.deg2rad: lambda x: apply_ufunc(np.multiply, x, np.asarray(np.pi / 180, _dtype(x))),
+    np.radians: lambda x: apply_ufunc(np.multiply, x, np.asarray(np.pi / 180, _dtype(x))),
+    np.rad2deg: lambda x: apply_ufunc(np.multiply, x, np.asarray(180 / np.pi, _dtype(x))),
+    np.degrees: lambda x: apply_ufunc(np.multiply, x, np.asarray(180 / np.pi, _dtype(x))),
+    np.fabs: lambda x: apply_ufunc(np.absolute, x),
+    np.float_power: lambda x, y: apply_ufunc(np.power, x, y),
+    np.logaddexp2: lambda x, y: _logaddexp2(x, y),
+    np.heaviside: lambda x, h: where(apply_ufunc(np.less, x, 0), 0, where(apply_ufunc(np.greater, x, 0), 1,
+                                     where(apply_ufunc(np.isnan, x), x, h))),
+    np.divmod: lambda x, y: (apply_ufunc(np.floor_divide, x, y), apply_ufunc(np.remainder, x, y)),
+}
+
+
+def _logaddexp2(x, y):
+    m = apply_ufunc(np.maximum, x, y)
+    m = where(apply_ufunc(np.isfinite, m), m, 0)
+    e = apply_ufunc(np.add, apply_ufunc(np.exp2, apply_ufunc(np.subtract, x, m)),
+                    apply_ufunc(np.exp2, apply_ufunc(np.subtract, y, m)))
+    return apply_ufunc(np.add, apply_ufunc(np.log2, e), m)
+
+
 def _result_dtype(ufunc, operands):
     try:
         with np.errstate(all="ignore"):
@@ -145,6 +168,10 @@ def _result_dtype(ufunc, operands):
 
 
 def apply_ufunc(ufunc, *operands):
+    if ufunc in _COMPOSITE_UFUNCS:
+        operands = [_operand(x) for x in operands]
+        out_dt = _result_dtype(ufunc, operands)
+        return _COMPOSITE_UFUNCS[ufunc](*[astype(x, out_dt) for x in operands])
     if ufunc not in _UFUNCS:
         raise NotImplementedError(f"spmd has no rule for numpy.{ufunc.__name__} on traced values")
     prim, cast = _UFUNCS[ufunc]
@@ -168,8 +195,8 @@ def handle_ufunc(ufunc, method, inputs, kwargs):
         raise TypeError(f"np.{ufunc.__name__}(..., out=...): traced values are immutable; use the "
                         f"returned value instead.")
     if method == "__call__":
-        if ufunc is np.matmul:
-            return matmul(*inputs)
+        if ufunc in _GUFUNCS:
+            return _GUFUNCS[ufunc](*inputs, **{k: v for k, v in kwargs.items() if k != "out"})
         extra = {k: v for k, v in kwargs.items() if k not in ("out",) and v is not None}
         if "dtype" in extra:
             dt = extra.pop("dtype")
@@ -260,7 +287,7 @@ def ravel(x, order="C"):
     return reshape(x, (-1,), order)
 
 
-@implements(np.transpose)
+@implements(np.transpose, np.permute_dims)
 def transpose(x, axes=None):
     x = _operand(x)
     if not isinstance(x, Tracer):
@@ -351,7 +378,7 @@ def _same_dtype(xs):
     return [astype(_operand(x), dt) for x in xs]
 
 
-@implements(np.concatenate)
+@implements(np.concatenate, np.concat)
 def concatenate(arrays, axis=0, out=None, dtype=None, casting="same_kind"):
     xs = list(arrays)
     if dtype is not None:
@@ -1067,6 +1094,242 @@ def _gather(x, arrays):
 
 
 # ---------------------------------------------------------------------------------------------
+# more of NumPy, each a few lines over the functions above
+# ---------------------------------------------------------------------------------------------
+
+def _vecdot(x, y, axis=-1):
+    x, y = _operand(x), _operand(y)
+    return einsum("...i,...i->...", moveaxis(apply_ufunc(np.conjugate, x), axis, -1), moveaxis(y, axis, -1))
+
+
+_GUFUNCS = {
+    np.matmul: matmul,
+    np.vecdot: _vecdot,
+    np.matvec: lambda a, v: einsum("...ij,...j->...i", a, v),
+    np.vecmat: lambda v, a: einsum("...i,...ij->...j", apply_ufunc(np.conjugate, v), a),
+}
+
+implements(np.matrix_transpose)(lambda x, /: swapaxes(x, -1, -2))
+implements(np.unstack)(lambda x, /, *, axis=0: tuple(
+    squeeze(s, axis) for s in split(x, _shape(x)[_axis(axis, len(_shape(x)))], axis)))
+implements(np.isneginf)(lambda x, out=None: apply_ufunc(np.logical_and, apply_ufunc(np.isinf, x),
+                                                        apply_ufunc(np.signbit, x)))
+implements(np.isposinf)(lambda x, out=None: apply_ufunc(np.logical_and, apply_ufunc(np.isinf, x),
+                                                        apply_ufunc(np.logical_not, apply_ufunc(np.signbit, x))))
+implements(np.ptp)(lambda x, axis=None, out=None, keepdims=False: apply_ufunc(
+    np.subtract, amax(x, axis, keepdims=keepdims), amin(x, axis, keepdims=keepdims)))
+implements(np.count_nonzero)(lambda x, axis=None, *, keepdims=False: sum(
+    apply_ufunc(np.not_equal, x, 0), axis, keepdims=keepdims))
+
+
+def _cumulative_fn(prim, identity):
+    def cumulative(x, /, *, axis=None, dtype=None, out=None, include_initial=False):
+        x = _operand(x)
+        if axis is None and len(_shape(x)) > 1:
+            raise ValueError("For arrays which have more than one dimension ``axis`` argument is required.")
+        y = _cum(prim, x, axis, dtype)
+        if include_initial:
+            ax = _axis(axis if axis is not None else 0, len(_shape(y)))
+            y = pad(y, [(1, 0) if d == ax else (0, 0) for d in range(len(_shape(y)))], constant_values=identity)
+        return y
+    return cumulative
+
+
+implements(np.cumulative_sum)(_cumulative_fn(lax.cumsum_p, 0))
+implements(np.cumulative_prod)(_cumulative_fn(lax.cumprod_p, 1))
+
+
+def _nan_reduction(reduce, fill):
+    def f(x, axis=None, dtype=None, out=None, keepdims=False, **kw):
+        x = _operand(x)
+        if _dtype(x).kind in "fc":
+            x = where(apply_ufunc(np.isnan, x), fill, x)
+        return reduce(x, axis, dtype, keepdims=keepdims)
+    return f
+
+
+implements(np.nansum)(_nan_reduction(sum, 0))
+implements(np.nanprod)(_nan_reduction(prod, 1))
+
+
+def _nan_extremum(reduce, fill):
+    def f(x, axis=None, out=None, keepdims=False, **kw):
+        x = _operand(x)
+        if _dtype(x).kind not in "f":
+            return reduce(x, axis, keepdims=keepdims)
+        nan = apply_ufunc(np.isnan, x)
+        r = reduce(where(nan, fill, x), axis, keepdims=keepdims)
+        return where(all_(nan, axis, keepdims=keepdims), np.nan, r)       # all-NaN slices stay NaN
+    return f
+
+
+implements(np.nanmax)(_nan_extremum(amax, -np.inf))
+implements(np.nanmin)(_nan_extremum(amin, np.inf))
+
+
+@implements(np.nanmean)
+def nanmean(x, axis=None, dtype=None, out=None, keepdims=False, **kw):
+    x = _operand(x)
+    if _dtype(x).kind not in "fc":
+        return mean(x, axis, dtype, keepdims=keepdims)
+    ok = apply_ufunc(np.logical_not, apply_ufunc(np.isnan, x))
+    total = sum(where(ok, x, 0), axis, dtype, keepdims=keepdims)
+    return apply_ufunc(np.true_divide, total, astype(sum(ok, axis, keepdims=keepdims), _dtype(total)))
+
+
+@implements(np.average)
+def average(a, axis=None, weights=None, returned=False, *, keepdims=False):
+    a = _operand(a)
+    if weights is None:
+        avg = mean(a, axis, keepdims=keepdims)
+        scale = np.asarray(math.prod(_shape(a)) // math.prod(_shape(avg)), _dtype(avg))
+    else:
+        w = _operand(weights)
+        if len(_shape(w)) != len(_shape(a)):       # 1-D weights along ``axis``
+            ax = _axis(axis, len(_shape(a)))
+            w = reshape(w, tuple(-1 if d == ax else 1 for d in range(len(_shape(a)))))
+        dt = np.result_type(_dummy(a), _dummy(w), *([np.float64] if _dtype(a).kind in "biu" else []))
+        scale = sum(broadcast_to(w, _shape(a)), axis, dt, keepdims=keepdims)
+        avg = apply_ufunc(np.true_divide, sum(apply_ufunc(np.multiply, a, w), axis, dt, keepdims=keepdims), scale)
+    if returned:
+        return avg, broadcast_to(astype(scale, _dtype(avg)), _shape(avg))
+    return avg
+
+
+@implements(np.median)
+def median(a, axis=None, out=None, overwrite_input=False, keepdims=False):
+    """The mean of the one or two middle elements after a sort."""
+    a = _operand(a)
+    nd = len(_shape(a))
+    if axis is None:
+        s, ax = sort(ravel(a)), 0
+    else:
+        ax = _axis(axis, nd)
+        s = sort(a, axis=ax)
+    n = _shape(s)[ax]
+    m = mean(_slice_axis(s, ax, (n - 1) // 2, n // 2 + 1), ax, keepdims=keepdims)
+    if keepdims and axis is None:
+        m = reshape(m, (1,) * nd)
+    return m
+
+
+def _quantile_fn(scale):
+    def quantile(a, q, axis=None, out=None, overwrite_input=False, method="linear", keepdims=False, *,
+                 weights=None, interpolation=None):
+        """Linear interpolation between the two order statistics around ``q * (n - 1)``."""
+        if method != "linear" or weights is not None or isinstance(q, Tracer):
+            raise NotImplementedError("numpy.quantile/percentile on traced values supports a constant q "
+                                      "and method='linear' only")
+        a = _operand(a)
+        nd = len(_shape(a))
+        qa = np.asarray(q, np.float64) / scale
+        dt = np.result_type(_dummy(a), q if _is_scalar(q) else qa, *([np.float64] if _dtype(a).kind in "biu" else []))
+        s = sort(ravel(a), 0) if axis is None else sort(a, _axis(axis, nd))
+        ax = 0 if axis is None else _axis(axis, nd)
+        s = moveaxis(astype(s, dt), ax, 0)
+        n = _shape(s)[0]
+        pos = qa * (n - 1)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, n - 1)
+        t = (pos - lo).astype(dt)
+        below, above = take(s, lo, axis=0), take(s, hi, axis=0)
+        tt = t.reshape(t.shape + (1,) * (len(_shape(below)) - t.ndim))
+        diff = apply_ufunc(np.subtract, above, below)
+        out = where(tt >= 0.5, apply_ufunc(np.subtract, above, apply_ufunc(np.multiply, diff, 1 - tt)),
+                    apply_ufunc(np.add, below, apply_ufunc(np.multiply, diff, tt)))
+        if keepdims:
+            kept = [1 if axis is None or d == ax else n_ for d, n_ in enumerate(_shape(a))]
+            out = reshape(out, qa.shape + tuple(kept))
+        return out
+    return quantile
+
+
+implements(np.quantile)(_quantile_fn(1))
+implements(np.percentile)(_quantile_fn(100))
+
+
+@implements(np.select)
+def select(condlist, choicelist, default=0):
+    choices = _same_dtype(list(choicelist) + [default])
+    out = choices[-1]
+    for cond, choice in reversed(list(zip(condlist, choices[:-1]))):
+        out = where(cond, choice, out)
+    return out
+
+
+@implements(np.searchsorted)
+def searchsorted(a, v, side="left", sorter=None):
+    """Insertion points into the sorted 1-D ``a``: a count of the elements before each value."""
+    a, v = _operand(a), _operand(v)
+    if sorter is not None:
+        a = take(a, sorter)
+    before = apply_ufunc(np.less if side == "left" else np.less_equal, a, expand_dims(v, -1))
+    return sum(before, axis=-1)
+
+
+@implements(np.append)
+def append(arr, values, axis=None):
+    if axis is None:
+        return concatenate([ravel(arr), ravel(values)])
+    return concatenate([arr, values], axis=axis)
+
+
+@implements(np.rot90)
+def rot90(m, k=1, axes=(0, 1)):
+    a0, a1 = axes
+    k %= 4
+    if k == 0:
+        return _operand(m)
+    if k == 2:
+        return flip(flip(m, a0), a1)
+    if k == 1:
+        return swapaxes(flip(m, a1), a0, a1)
+    return flip(swapaxes(m, a0, a1), a1)
+
+
+@implements(np.sinc)
+def sinc(x):
+    x = _operand(x)
+    y = apply_ufunc(np.multiply, np.pi, where(apply_ufunc(np.equal, x, 0), 1.0e-20, x))
+    return apply_ufunc(np.true_divide, apply_ufunc(np.sin, y), y)
+
+
+@implements(np.meshgrid)
+def meshgrid(*xi, copy=True, sparse=False, indexing="xy"):
+    n = len(xi)
+    dims = list(range(n))
+    if indexing == "xy" and n > 1:
+        dims[0], dims[1] = 1, 0
+    out = [reshape(x, tuple(-1 if d == dims[i] else 1 for d in range(n))) for i, x in enumerate(xi)]
+    return tuple(out) if sparse else tuple(broadcast_arrays(*out))
+
+
+@implements(np.kron)
+def kron(a, b):
+    a, b = _operand(a), _operand(b)
+    nd = builtins.max(len(_shape(a)), len(_shape(b)))
+    sa = (1,) * (nd - len(_shape(a))) + tuple(_shape(a))
+    sb = (1,) * (nd - len(_shape(b))) + tuple(_shape(b))
+    pa = reshape(a, tuple(itertools.chain.from_iterable((n, 1) for n in sa)))
+    pb = reshape(b, tuple(itertools.chain.from_iterable((1, n) for n in sb)))
+    return reshape(apply_ufunc(np.multiply, pa, pb), tuple(x * y for x, y in zip(sa, sb)))
+
+
+@implements(np.cross)
+def cross(a, b, axisa=-1, axisb=-1, axisc=-1, axis=None):
+    if axis is not None:
+        axisa = axisb = axisc = axis
+    a, b = moveaxis(a, axisa, -1), moveaxis(b, axisb, -1)
+    if _shape(a)[-1] != 3 or _shape(b)[-1] != 3:
+        raise NotImplementedError("numpy.cross on traced values supports 3-vectors only")
+    a0, a1, a2 = (a[..., i] for i in range(3))
+    b0, b1, b2 = (b[..., i] for i in range(3))
+    mul, sub = (lambda x, y: apply_ufunc(np.multiply, x, y)), (lambda x, y: apply_ufunc(np.subtract, x, y))
+    c = stack([sub(mul(a1, b2), mul(a2, b1)), sub(mul(a2, b0), mul(a0, b2)), sub(mul(a0, b1), mul(a1, b0))], -1)
+    return moveaxis(c, -1, axisc)
+
+
+# ---------------------------------------------------------------------------------------------
 # misc
 # ---------------------------------------------------------------------------------------------
 
@@ -1079,6 +1342,9 @@ implements(np.copy)(lambda x, order="K", subok=False: _operand(x))
 implements(np.diff)(lambda x, n=1, axis=-1: _diff(x, n, axis))
 implements(np.trace)(lambda x, offset=0, axis1=0, axis2=1, dtype=None, out=None: _trace(x, offset, axis1, axis2))
 implements(np.linalg.norm)(lambda x, ord=None, axis=None, keepdims=False: _norm(x, ord, axis, keepdims))
+implements(np.linalg.vector_norm)(lambda x, /, *, axis=None, keepdims=False, ord=2: _vector_norm(
+    astype(x, np.float64) if _dtype(x).kind in "biu" else _operand(x), ord, _axes(axis, len(_shape(x))), keepdims))
+implements(np.linalg.matrix_norm)(lambda x, /, *, keepdims=False, ord="fro": _norm(x, ord, (-2, -1), keepdims))
 implements(np.allclose)(lambda *a, **k: _concrete_needed("numpy.allclose"))
 implements(np.array_equal)(lambda *a, **k: _concrete_needed("numpy.array_equal"))
 
@@ -1134,10 +1400,41 @@ def _trace(x, offset, axis1, axis2):
 
 
 def _norm(x, ord, axis, keepdims):
-    if ord not in (None, 2, "fro") or (ord == 2 and axis is None and len(_shape(x)) > 1):
-        raise NotImplementedError(f"numpy.linalg.norm with ord={ord!r} on traced values")
+    """Vector norms of any order; matrix norms 'fro', 1, -1, inf, -inf (2, -2 and 'nuc' need an SVD)."""
+    x = _operand(x)
+    if _dtype(x).kind in "biu":
+        x = astype(x, np.float64)
+    nd = len(_shape(x))
+    if axis is None and ord is None:            # the 2-norm of the flattened array ('fro' for matrices)
+        return _vector_norm(x, 2, tuple(range(nd)), keepdims)
+    axes = list(range(nd)) if axis is None else [_axis(a, nd) for a in (axis if isinstance(axis, (tuple, list)) else [axis])]
+    if len(axes) == 1:
+        return _vector_norm(x, 2 if ord is None else ord, tuple(axes), keepdims)
+    if len(axes) != 2:
+        raise ValueError("Improper number of dimensions to norm.")
+    if ord in (None, "fro"):
+        return _vector_norm(x, 2, tuple(axes), keepdims)
+    if ord not in (1, -1, np.inf, -np.inf):
+        raise NotImplementedError(f"numpy.linalg.norm with ord={ord!r} on traced values (needs an SVD)")
+    inner, outer = (axes[0], axes[1]) if ord in (1, -1) else (axes[1], axes[0])
+    sums = sum(apply_ufunc(np.absolute, x), inner, keepdims=True)
+    out = (amax if ord > 0 else amin)(sums, outer, keepdims=True)
+    return out if keepdims else squeeze(out, tuple(axes))
+
+
+def _vector_norm(x, ord, axes, keepdims):
     a = apply_ufunc(np.absolute, x)
-    return apply_ufunc(np.sqrt, sum(apply_ufunc(np.multiply, a, a), axis, keepdims=keepdims))
+    if ord == np.inf:
+        return amax(a, axes, keepdims=keepdims)
+    if ord == -np.inf:
+        return amin(a, axes, keepdims=keepdims)
+    if ord == 0:
+        return sum(astype(apply_ufunc(np.not_equal, a, 0), _dtype(a)), axes, keepdims=keepdims)
+    if ord == 1:
+        return sum(a, axes, keepdims=keepdims)
+    if ord == 2:
+        return apply_ufunc(np.sqrt, sum(apply_ufunc(np.multiply, a, a), axes, keepdims=keepdims))
+    return apply_ufunc(np.power, sum(apply_ufunc(np.power, a, ord), axes, keepdims=keepdims), 1.0 / ord)
 
 
 def _asarray(x, dtype=None, order=None, **kw):
@@ -1184,6 +1481,10 @@ def _install_methods():
     T.dot = lambda s, o: dot(s, o)
     T.take = lambda s, indices, axis=None: take(s, indices, axis)
     T.argsort = lambda s, axis=-1, kind=None: argsort(s, axis)
+    T.diagonal = lambda s, offset=0, axis1=0, axis2=1: diagonal(s, offset, axis1, axis2)
+    T.trace = lambda s, offset=0, axis1=0, axis2=1, dtype=None, out=None: _trace(s, offset, axis1, axis2)
+    T.searchsorted = lambda s, v, side="left", sorter=None: searchsorted(s, v, side, sorter)
+    T.nonzero = lambda s: handle_function(np.nonzero, (s,), {})
     T.repeat = lambda s, repeats, axis=None: repeat(s, repeats, axis)
     T.copy = lambda s: s
     T.T = property(lambda s: transpose(s))
@@ -1197,6 +1498,15 @@ def _install_methods():
         raise TypeError("traced values are immutable: `x[idx] = v` is not supported; build a new "
                         "value with np.where(mask, v, x) or np.concatenate.")
     T.__setitem__ = setitem
+
+    def in_place(name, instead):
+        def method(s, *args, **kwargs):
+            raise TypeError(f"x.{name}() changes x in place, but traced values are immutable; use "
+                            f"{instead} instead.")
+        return method
+    T.sort = in_place("sort", "x = np.sort(x)")
+    T.fill = in_place("fill", "np.full_like(x, value)")
+    T.resize = in_place("resize", "np.reshape or np.pad")
 
 
 _install_methods()
