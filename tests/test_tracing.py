@@ -178,6 +178,16 @@ def test_jit_static_arguments():
         g(np.zeros(3), [1, 2], mode="sum")
 
 
+def test_metadata_functions_return_python_values():
+    seen = []
+
+    def f(x):
+        seen.append((np.shape(x), np.ndim(x), np.size(x), np.size(x, 1), np.result_type(x, 1.0), x.nbytes, len(x)))
+        return x
+    spmd.make_program(f)(np.ones((2, 3), f32))
+    assert seen == [((2, 3), 2, 6, 3, np.dtype(f32), 24, 2)]
+
+
 def test_jit_inside_jit_is_inlined():
     inner = spmd.jit(lambda x: np.exp(x))
     prog = spmd.make_program(lambda x: inner(x) + 1)(np.ones(2))
