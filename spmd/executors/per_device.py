@@ -129,14 +129,14 @@ class PerDeviceExecutor:
                 continue
             per = {}
             for p in positions:
-                v = _placement(comm).to_local(p, b[p])
+                v = b[p] if hasattr(b[p], "shape") else np.asarray(b[p])
                 index = []
                 for d, axes in enumerate(spec.axes):
                     n = int(np.prod([mesh.axis_size(a) for a in axes]))
                     blk = v.shape[d] // n if axes else v.shape[d]
                     i = rank_in(mesh, axes, p) if axes else 0
                     index.append(slice(i * blk, (i + 1) * blk))
-                per[p] = v[tuple(index)]
+                per[p] = _placement(comm).to_local(p, v[tuple(index)])   # moves the block only
             local_in.append(per)
         all_manual = tuple(outer_axes) + tuple(manual_axes)
         outs = self._eval_local(comm, body, local_in, all_manual)
