@@ -186,6 +186,36 @@ class Array:
         import spmd.numpy
         return spmd.numpy
 
+    # -- eager NumPy on sharded arrays: one op at a time through the sharding compiler --------
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        from .compiler import eager
+        return eager.array_ufunc(self, ufunc, method, inputs, kwargs)
+
+    def __array_function__(self, func, types, args, kwargs):
+        from .compiler import eager
+        return eager.array_function(self, func, types, args, kwargs)
+
+    def __getitem__(self, key):
+        from .compiler import eager
+        return eager.getitem(self, key)
+
+    def __bool__(self):
+        return bool(self._gather())
+
+    def __float__(self):
+        return float(self._gather())
+
+    def __int__(self):
+        return int(self._gather())
+
+    def item(self):
+        return self._gather().item()
+
+    def tolist(self):
+        return self._gather().tolist()
+
+    __hash__ = object.__hash__
+
     def __repr__(self):
         if self._blocks is not None and not self.is_fully_replicated:
             return (f"Array(shape={self.shape}, dtype={self.dtype}, sharding={self.sharding.spec}, "
@@ -296,3 +326,34 @@ def reshard(x: Array, sharding: NamedSharding | PartitionSpec) -> Array:
         from .distributed import process_allgather
         return device_put(process_allgather(x), sharding)
     return _array_from_host(x._gather(), sharding)
+
+
+def _install_array_methods():
+    """Operators and ndarray methods of ``Array``, all through NumPy's protocols (eager ops)."""
+    ops = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "truediv": np.true_divide,
+           "floordiv": np.floor_divide, "mod": np.remainder, "pow": np.power, "matmul": np.matmul,
+           "and": np.bitwise_and, "or": np.bitwise_or, "xor": np.bitwise_xor}
+    for name, uf in ops.items():
+        setattr(Array, f"__{name}__", (lambda uf: lambda s, o: uf(s, o))(uf))
+        setattr(Array, f"__r{name}__", (lambda uf: lambda s, o: uf(o, s))(uf))
+    for name, uf in {"lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal,
+                     "eq": np.equal, "ne": np.not_equal}.items():
+        setattr(Array, f"__{name}__", (lambda uf: lambda s, o: uf(s, o))(uf))
+    Array.__neg__ = lambda s: np.negative(s)
+    Array.__pos__ = lambda s: s
+    Array.__abs__ = lambda s: np.abs(s)
+    for name in ("sum", "mean", "max", "min", "prod", "std", "var", "argmax", "argmin", "any",
+                 "all", "cumsum", "round", "clip", "squeeze", "swapaxes", "transpose"):
+        setattr(Array, name, (lambda f: lambda s, *a, **k: f(s, *a, **k))(getattr(np, name)))
+    Array.reshape = lambda s, *shape, **k: np.reshape(s, shape[0] if len(shape) == 1 else shape, **k)
+    Array.astype = lambda s, dtype, **k: np.asarray(s).astype(dtype) if s.sharding.mesh.axis_names == ("_device",) \
+        else _eager_astype(s, dtype)
+    Array.T = property(lambda s: np.transpose(s))
+
+
+def _eager_astype(x, dtype):
+    from .compiler import eager
+    return eager.call(f"astype[{np.dtype(dtype)}]", lambda a: a.astype(dtype), (x,), {})
+
+
+_install_array_methods()

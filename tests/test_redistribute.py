@@ -142,7 +142,7 @@ def test_ppermute_row_runs():
     b = spmd.reshard(a, NamedSharding(mesh, P("b")))
     np.testing.assert_array_equal(np.asarray(b), x)
     from spmd.compiler.jit import _reshard_compiled
-    comp = _reshard_compiled((8, 3), x.dtype.str, mesh, P("a"), P("b"))
+    comp = _reshard_compiled((8, 3), x.dtype, mesh, P("a"), P("b"))
     assert comp.collectives() == [("ppermute", ("a", "b"))]
 
 

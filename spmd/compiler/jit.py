@@ -375,6 +375,6 @@ def _reshard_compiled(shape, dtype, mesh, src_spec, dst_spec):
 
 def reshard(x, sharding: NamedSharding):
     """``x`` (an Array on ``sharding.mesh``) moved to ``sharding`` by the planner's collectives."""
-    comp = _reshard_compiled(tuple(x.shape), np.dtype(x.dtype).str, sharding.mesh, x.sharding.spec,
+    comp = _reshard_compiled(tuple(x.shape), np.dtype(x.dtype), sharding.mesh, x.sharding.spec,
                              sharding.spec)
     return run_compiled(comp, [x], ["x"])[0]

@@ -30,9 +30,17 @@ _FILL = {"sum": 0, "max": -np.inf, "min": np.inf, "prod": 1}
 class Inserted:
     """A collective the compiler inserted: where, why, how much."""
     eqn_index: int | None      # None: program output
-    where: str                 # the equation, printed
-    why: str
+    _where: object             # the equation, printed on demand: str or () -> str
+    _why: object               # str or () -> str
     step: Step
+
+    @property
+    def where(self) -> str:
+        return self._where if isinstance(self._where, str) else self._where()
+
+    @property
+    def why(self) -> str:
+        return self._why if isinstance(self._why, str) else self._why()
 
     @property
     def nbytes(self):
@@ -149,9 +157,15 @@ def lower(program: Program, prop, mesh, cm: CostModel, name: str):
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
     mesh_sizes = tuple(sizes.items())
     inserted: list[Inserted] = []
-    printer = _ProgramPrinter()
-    for v in program.in_vars:
-        printer.name(v)
+    texts: list[str] = []
+
+    def eqn_text(i):
+        if not texts:        # name the values in program order, once, when first asked
+            printer = _ProgramPrinter()
+            for v in program.in_vars:
+                printer.name(v)
+            texts.extend(_eqn_text(printer, e) for e in program.eqns)
+        return texts[i]
 
     made: dict[tuple, object] = {}       # (id(var), sharding) -> block: redistribute once
 
@@ -162,7 +176,7 @@ def lower(program: Program, prop, mesh, cm: CostModel, name: str):
             return made[(id(a), dst)]
         pl = plan(tuple(a.aval.shape), a.aval.dtype.itemsize, src, dst, mesh_sizes, cm)
         for st in pl.collectives:
-            inserted.append(Inserted(eqn_index, where, why(st), st))
+            inserted.append(Inserted(eqn_index, where, (lambda st: lambda: why(st))(st), st))
         y = apply(x, pl, a.aval.shape, sizes)
         if isinstance(a, Var):
             made[(id(a), dst)] = y
@@ -177,7 +191,7 @@ def lower(program: Program, prop, mesh, cm: CostModel, name: str):
             return env[id(a)]
 
         for i, (e, s) in enumerate(zip(program.eqns, prop.strategies)):
-            where = _eqn_text(printer, e)
+            where = (lambda i: lambda: eqn_text(i))(i)
             args = []
             for j, (a, req) in enumerate(zip(e.inputs, s.ins)):
                 x, cur = read(a)

@@ -39,11 +39,22 @@ class Partial:
         return f"P({self.op})"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Sharding:
     """Per-dim mesh axes plus pending reductions ``((axis, op), ...)`` (sorted by axis)."""
     dims: tuple[tuple[str, ...], ...]
     partial: tuple[tuple[str, str], ...] = ()
+
+    def __eq__(self, other):
+        return self is other or (isinstance(other, Sharding) and self.dims == other.dims
+                                 and self.partial == other.partial)
+
+    def __hash__(self):          # cached: shardings key every table of the compiler
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.dims, self.partial))
+            object.__setattr__(self, "_hash", h)
+        return h
 
     @staticmethod
     def replicated(ndim: int) -> "Sharding":

@@ -162,6 +162,12 @@ def _moves(state: Sharding, dst: Sharding, shape, itemsize, sizes: dict, cm: Cos
                            _padded_bytes(local, d, _n(group, sizes), itemsize))
 
 
+def _drop_trivial(sh: Sharding, sizes) -> Sharding:
+    """Mesh axes of size 1 split nothing and pend nothing."""
+    return Sharding(tuple(tuple(a for a in axes if sizes[a] > 1) for axes in sh.dims),
+                    tuple(p for p in sh.partial if sizes[p[0]] > 1))
+
+
 def _padded_bytes(local, d, n, itemsize):
     shape = list(local)
     shape[d] = block_size(shape[d], n) * n
@@ -175,9 +181,10 @@ def plan(shape: tuple, itemsize: int, src: Sharding, dst: Sharding, mesh_sizes: 
 
     ``mesh_sizes``: ``((axis_name, size), ...)``.  Dijkstra over shardings; every transition
     is priced by the cost model, local steps are free."""
+    sizes = dict(mesh_sizes)
+    src, dst = _drop_trivial(src, sizes), _drop_trivial(dst, sizes)
     if src == dst:
         return Plan((), 0.0)
-    sizes = dict(mesh_sizes)
     tie = itertools.count()
     best = {src: 0.0}
     heap = [(0.0, next(tie), src, ())]
@@ -206,8 +213,10 @@ def axis_index(axes):
 def _pad_to(x, dim, size):
     if x.shape[dim] == size:
         return x
-    config = tuple((0, size - n if i == dim else 0) for i, n in enumerate(x.shape))
-    return bind(lax.pad_p, x, np.zeros((), x.dtype), config=config)
+    # concatenate zeros rather than lax.pad: NumPy's pad has no cast for bfloat16
+    shape = tuple(size - n if i == dim else n for i, n in enumerate(x.shape))
+    zeros = bind(lax.broadcast_in_dim_p, np.zeros((), x.dtype), shape=shape, dims=())
+    return bind(lax.concatenate_p, x, zeros, axis=dim)
 
 
 def _trim(x, dim, size):

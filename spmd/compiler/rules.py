@@ -239,8 +239,27 @@ def _partial_choices(e, cur) -> list[tuple]:
     return choices
 
 
+_MEMO: dict = {}
+
+
 def strategies(e, cur: list, hints: list, sizes: dict) -> list[Strategy]:
-    """Candidate strategies for equation ``e`` whose inputs currently have shardings ``cur``."""
+    """Candidate strategies for equation ``e`` whose inputs currently have shardings ``cur``
+    (memoized: programs repeat the same layer many times)."""
+    try:
+        key = (e.prim, e.params, tuple((isinstance(a, Literal), a.aval) for a in e.inputs),
+               tuple(v.aval for v in e.outputs), tuple(cur), tuple(hints), tuple(sizes.items()))
+        hash(key)
+    except TypeError:
+        return _strategies(e, cur, hints, sizes)
+    hit = _MEMO.get(key)
+    if hit is None:
+        if len(_MEMO) > 100_000:
+            _MEMO.clear()
+        hit = _MEMO[key] = _strategies(e, cur, hints, sizes)
+    return hit
+
+
+def _strategies(e, cur: list, hints: list, sizes: dict) -> list[Strategy]:
     cat = category(e.prim)
     if cat == "contraction":
         return _dot_strategies(e, cur, hints, sizes)
