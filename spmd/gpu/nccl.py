@@ -1,13 +1,11 @@
-"""The NCCL communicator (``cupy.cuda.nccl``) for the per-device executor.
+"""The NCCL communicator (``cupy.cuda.nccl``) for the per-device executor, one process
+driving every GPU of the mesh (:func:`spmd.gpu.nccl_executor`).
 
-Mesh position ``p`` is NCCL world rank ``p``.  Two ways to hold it:
-
-- :meth:`NcclCommunicator.for_mesh`: one process drives every GPU of the mesh; each group
-  gets its communicators from ``ncclCommInitAll`` and every collective issues one call per local
-  GPU inside ``ncclGroupStart/End``.
-- :meth:`NcclCommunicator.from_unique_id`: one GPU per process (the multi-process runtime);
-  the world communicator comes from the unique id it passes in, and each group's from
-  ``ncclCommSplit`` (NCCL >= 2.18), collectively, in program order.
+Mesh position ``p`` is NCCL rank ``p`` on GPU ``ordinals[p]``.  Each group of a collective
+(mesh axes, ``axis_index_groups``) gets its communicators from ``ncclCommInitAll`` on first use,
+and every collective issues one call per GPU inside ``ncclGroupStart/End`` (one thread, several
+GPUs).  One GPU per process is ``spmd.communicators.nccl.NcclProcessCommunicator`` (unique ids
+through the coordinator, deadlines, flight recorder).
 
 Every call runs on the current stream of the array's GPU.  Small all-reduces inside one process
 go through the peer-memory kernels (``spmd.gpu.peer``) when
@@ -111,12 +109,13 @@ class GpuPlacement:
 
 
 class NcclCommunicator:
-    """The Communicator protocol of ``spmd.communicators`` over NCCL."""
+    """The Communicator protocol of ``spmd.communicators`` over NCCL, every position local."""
 
-    def __init__(self, mesh, world: dict, ordinals: dict, *, multi_process: bool):
+    multi_process = False
+
+    def __init__(self, mesh, world: dict, ordinals: dict):
         self.mesh = mesh
         self.local_positions = sorted(world)
-        self.multi_process = multi_process
         self._world = world                   # position -> world NCCL communicator
         self._ordinal = ordinals              # position -> CUDA device in this process
         self._groups: dict = {}               # (axes, groups) -> {position: communicator}
@@ -141,18 +140,7 @@ class NcclCommunicator:
                              "spmd.gpu.stacked_executor() instead.")
         comms = _call(lambda: nccl.NcclCommunicator.initAll([ordinals[p] for p in range(len(devs))]),
                       "ncclCommInitAll over the mesh")
-        return cls(mesh, dict(enumerate(comms)), ordinals, multi_process=False)
-
-    @classmethod
-    def from_unique_id(cls, mesh, position: int, unique_id: bytes, ordinal: int = 0) -> "NcclCommunicator":
-        """This process holds mesh ``position`` on GPU ``ordinal``; every process passes the same
-        ``unique_id`` (``cupy.cuda.nccl.get_unique_id()`` on one of them, shared by the launcher)."""
-        import cupy
-        nccl = _nccl()
-        with cupy.cuda.Device(ordinal):
-            comm = _call(lambda: nccl.NcclCommunicator(mesh.size, unique_id, position),
-                         f"ncclCommInitRank (rank {position} of {mesh.size})")
-        return cls(mesh, {position: comm}, {position: ordinal}, multi_process=True)
+        return cls(mesh, dict(enumerate(comms)), ordinals)
 
     def close(self):
         """Destroy every communicator and free the peer buffers.  Idempotent."""
@@ -181,9 +169,8 @@ class NcclCommunicator:
 
     # -- groups --------------------------------------------------------------------------------
     def _members(self, axes, groups):
-        """The groups (lists of positions in rank order) that contain a local position."""
-        local = set(self.local_positions)
-        return [g for g in axis_groups(self.mesh, axes, groups) if local & set(g)]
+        """The groups of a collective: lists of positions in rank order."""
+        return axis_groups(self.mesh, axes, groups)
 
     def _comms(self, axes, groups) -> dict:
         key = (tuple(axes), groups)
@@ -194,12 +181,7 @@ class NcclCommunicator:
         comms = {}
         for g in self._members(axes, groups):
             if g == list(range(self.mesh.size)):
-                comms.update({p: self._world[p] for p in g if p in self._world})
-            elif self.multi_process:
-                (p,) = [q for q in g if q in self._world]
-                color = axis_groups(self.mesh, axes, groups).index(g)
-                comms[p] = _call(lambda: self._world[p].commSplit(color, g.index(p)),
-                                 f"ncclCommSplit for axes {axes}")
+                comms.update({p: self._world[p] for p in g})
             else:
                 nccl = _nccl()
                 made = _call(lambda: nccl.NcclCommunicator.initAll([self._ordinal[p] for p in g]),
@@ -212,9 +194,6 @@ class NcclCommunicator:
     @contextlib.contextmanager
     def _grouped(self):
         """One thread drives several GPUs: their calls must be one NCCL group."""
-        if len(self.local_positions) == 1:
-            yield
-            return
         nccl = _nccl()
         nccl.groupStart()
         try:
@@ -263,7 +242,7 @@ class NcclCommunicator:
     def _peer_path(self, axes, groups, bufs, op):
         """The one-/two-shot kernels for a small all-reduce whose group is all in this process."""
         from . import kernels
-        if self.multi_process or kernels.env_disabled():
+        if kernels.env_disabled():
             return None
         x = next(iter(bufs.values()))
         members = self._members(axes, groups)
@@ -372,11 +351,8 @@ class NcclCommunicator:
         return {p: np.int32(rank_in(self.mesh, axes, p)) for p in self.local_positions}
 
     def barrier(self):
-        """Every local GPU idle; across processes, a 1-element all-reduce first."""
+        """Every GPU of the mesh idle."""
         import cupy
-        if self.multi_process:
-            ones = {p: cupy.ones(1, np.int32) for p in self.local_positions}
-            self.all_reduce(ones, tuple(self.mesh.axis_names), None, "sum")
         for p in self.local_positions:
             with cupy.cuda.Device(self._ordinal[p]):
                 cupy.cuda.get_current_stream().synchronize()
