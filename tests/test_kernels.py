@@ -405,3 +405,12 @@ def test_stacked_executor_takes_collective_rules_from_the_hook():
     got = np.asarray(spmd.jit(f, executor=Counting())(x))
     assert {"psum", "pmax"} <= set(seen)
     np.testing.assert_array_equal(got, np.asarray(spmd.jit(f)(x)))
+
+
+@pytest.mark.parametrize("status, words", [(2, "shm-size"), (4, "another GPU"), (6, "remote rank"),
+                                           (99, "NCCL_DEBUG=WARN")])
+def test_nccl_errors_say_what_to_do(status, words):
+    from spmd.gpu.nccl import describe_nccl_error
+    msg = describe_nccl_error(status, "all_reduce(sum) over ('i',) on mesh position 3 (GPU 3)")
+    assert msg.startswith("all_reduce(sum) over ('i',) on mesh position 3 (GPU 3) failed with NCCL error")
+    assert words in msg
