@@ -21,7 +21,7 @@ import optree
 from . import _host_parallel
 from .core import Aval, Primitive, bind, current_builder
 from .errors import VmaError
-from .transforms import ad
+from .transforms import ad, vmap as batching
 
 # ---------------------------------------------------------------------------------------------
 # argument checking (at trace time, before anything runs)
@@ -671,6 +671,15 @@ def pvary(x, axis_name):
         return bind(pvary_p, leaf, axes=new) if new else leaf
     return _tree_map(one, x)
 
+
+# Under vmap a collective acts on the per-device value with one more leading dim: the same mesh
+# axes, the array dims it names shifted by one.
+for _p in (_identity_p, psum_p, pmax_p, pmin_p, pvary_p, ppermute_p, pbroadcast_p):
+    _p.batch = batching.elementwise_batch(_p)
+all_gather_p.batch = batching.shifted_batch(all_gather_p, batching.plus1("axis"))
+psum_scatter_p.batch = batching.shifted_batch(psum_scatter_p, batching.plus1("scatter_dimension"))
+all_to_all_p.batch = batching.shifted_batch(all_to_all_p, batching.plus1("split_axis", "concat_axis"))
+del _p
 
 COLLECTIVES = (psum_p, pmax_p, pmin_p, all_gather_p, psum_scatter_p, all_to_all_p, ppermute_p,
                pbroadcast_p, axis_index_p, pvary_p)

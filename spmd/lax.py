@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from .core import Aval, Primitive, bind
-from .transforms import ad
+from .transforms import ad, vmap as batching
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -66,6 +66,7 @@ def unary(name, fn, *, out_dtype=None, deriv=None, nondiff=False, transpose=None
                   transpose=transpose, category="elementwise", **rules)
     p.jvp = (ad.deriv_jvp(p, deriv) if deriv else ad.zero_jvp(p) if nondiff else
              ad.linear_jvp(p) if p.linear else None)
+    p.batch = batching.elementwise_batch(p)
     UNARY[name] = p
     return p
 
@@ -77,6 +78,7 @@ def binary(name, fn, *, out_dtype=None, partials=None, nondiff=False, transpose=
                   transpose=transpose, category="elementwise", **rules)
     p.jvp = (_partials_jvp(p, partials) if partials else ad.zero_jvp(p) if nondiff else
              _add_sub_jvp(p) if p.linear else None)
+    p.batch = batching.elementwise_batch(p)
     BINARY[name] = p
     return p
 
@@ -228,6 +230,7 @@ def _select_transpose(ct, c, x, y):
 select_p = Primitive("select", abstract=_select_abstract,
                      impl=lambda xp, k, c, x, y: xp.where(c, x, y), category="elementwise",
                      jvp=_select_jvp, transpose=_select_transpose)
+select_p.batch = batching.elementwise_batch(select_p)
 
 
 def _convert_abstract(x, *, dtype):
@@ -250,6 +253,7 @@ convert_element_type_p = Primitive(
     "convert_element_type", abstract=_convert_abstract, impl=_convert_impl, category="elementwise",
     jvp=_convert_jvp,
     transpose=lambda ct, x, *, dtype: [bind(convert_element_type_p, ct, dtype=x.aval.dtype)])
+convert_element_type_p.batch = batching.elementwise_batch(convert_element_type_p)
 
 # ---------------------------------------------------------------------------------------------
 # shape and layout
@@ -279,6 +283,8 @@ def _bid_transpose(ct, x, *, shape, dims):
 
 broadcast_in_dim_p = Primitive("broadcast_in_dim", abstract=_bid_abstract, impl=_bid_impl,
                                category="broadcast", linear=True, transpose=_bid_transpose)
+broadcast_in_dim_p.batch = batching.shifted_batch(broadcast_in_dim_p, lambda p, n: dict(
+    p, shape=(n,) + tuple(p["shape"]), dims=(0,) + tuple(d + 1 for d in p["dims"])))
 
 
 def _reshape_abstract(x, *, shape):
@@ -291,6 +297,7 @@ reshape_p = Primitive("reshape", abstract=_reshape_abstract,
                       impl=lambda xp, k, x, *, shape: xp.reshape(x, x.shape[:k] + tuple(shape)),
                       linear=True, category="reshape",
                       transpose=lambda ct, x, *, shape: [bind(reshape_p, ct, shape=x.aval.shape)])
+reshape_p.batch = batching.shifted_batch(reshape_p, lambda p, n: dict(p, shape=(n,) + tuple(p["shape"])))
 
 
 def _transpose_abstract(x, *, perm):
@@ -303,6 +310,7 @@ transpose_p = Primitive("transpose", abstract=_transpose_abstract,
                         impl=lambda xp, k, x, *, perm: xp.transpose(x, tuple(range(k)) + _shift(perm, k)),
                         linear=True, category="transpose",
                         transpose=lambda ct, x, *, perm: [bind(transpose_p, ct, perm=tuple(np.argsort(perm).tolist()))])
+transpose_p.batch = batching.shifted_batch(transpose_p, lambda p, n: dict(p, perm=(0,) + tuple(a + 1 for a in p["perm"])))
 
 
 def _slice_abstract(x, *, index):
@@ -313,6 +321,7 @@ slice_p = Primitive("slice", abstract=_slice_abstract,
                     impl=lambda xp, k, x, *, index: x[(slice(None),) * k + tuple(
                         slice(a, None if (c < 0 and b < 0) else b, c) for a, b, c in index)],
                     linear=True, category="slice", transpose=lambda ct, x, *, index: [_unslice(ct, x.aval, index)])
+slice_p.batch = batching.shifted_batch(slice_p, lambda p, n: dict(p, index=((0, n, 1),) + tuple(p["index"])))
 
 
 def _unslice(ct, aval, index):
@@ -351,6 +360,14 @@ pad_p = Primitive("pad", abstract=_pad_abstract, impl=_pad_impl, category="pad",
 pad_p.jvp = ad.linear_jvp(pad_p)
 
 
+def _pad_batch(vals, dims, *, config):
+    batching.require_unbatched(pad_p, "padding value", dims[1:])
+    return bind(pad_p, batching.moveaxis(vals[0], dims[0], 0), vals[1], config=((0, 0),) + tuple(config)), 0
+
+
+pad_p.batch = _pad_batch
+
+
 def _concat_abstract(*xs, axis):
     base = list(xs[0].shape)
     for x in xs[1:]:
@@ -363,6 +380,7 @@ def _concat_abstract(*xs, axis):
 concatenate_p = Primitive("concatenate", abstract=_concat_abstract,
                           impl=lambda xp, k, *xs, axis: xp.concatenate(_common_batch(xp, k, list(xs)), axis=axis + k),
                           linear=True, category="concatenate", transpose=lambda ct, *xs, axis: _concat_transpose(ct, xs, axis))
+concatenate_p.batch = batching.shifted_batch(concatenate_p, batching.plus1("axis"))
 
 
 def _concat_transpose(ct, xs, axis):
@@ -401,9 +419,11 @@ def _reduce_abstract(out_dtype=None):
 
 
 def reduction(name, fn, out_dtype=None, **rules):
-    return Primitive(name, abstract=_reduce_abstract(out_dtype),
-                     impl=lambda xp, k, x, *, axes: fn(xp, x, _shift(axes, k)),
-                     category="reduction", **rules)
+    p = Primitive(name, abstract=_reduce_abstract(out_dtype),
+                  impl=lambda xp, k, x, *, axes: fn(xp, x, _shift(axes, k)),
+                  category="reduction", **rules)
+    p.batch = batching.shifted_batch(p, batching.plus1("axes"))
+    return p
 
 
 def _kept(ndim, axes):
@@ -452,6 +472,8 @@ argmax_p = Primitive("argmax", abstract=_arg_abstract,
 argmin_p = Primitive("argmin", abstract=_arg_abstract,
                      impl=lambda xp, k, x, *, axis, index_dtype: xp.argmin(x, axis=axis + k).astype(index_dtype))
 argmax_p.jvp, argmin_p.jvp = ad.zero_jvp(argmax_p), ad.zero_jvp(argmin_p)
+argmax_p.batch = batching.shifted_batch(argmax_p, batching.plus1("axis"))
+argmin_p.batch = batching.shifted_batch(argmin_p, batching.plus1("axis"))
 
 
 def _cum_impl(fn):
@@ -515,6 +537,8 @@ sort_p = Primitive("sort", abstract=_same, impl=lambda xp, k, x, *, axis: xp.sor
 argsort_p = Primitive("argsort", abstract=lambda x, *, axis, index_dtype: Aval(x.shape, np.dtype(index_dtype)),
                       impl=lambda xp, k, x, *, axis, index_dtype: xp.argsort(x, axis=axis + k, kind="stable").astype(index_dtype))
 argsort_p.jvp = ad.zero_jvp(argsort_p)
+for _p in (cumsum_p, cumprod_p, cummax_p, cummin_p, sort_p, argsort_p):
+    _p.batch = batching.shifted_batch(_p, batching.plus1("axis"))
 
 # ---------------------------------------------------------------------------------------------
 # contraction
@@ -591,8 +615,25 @@ def _dot_transpose_lhs(ct, x_ndim, y, contract, batch, swap):
     return out if perm == tuple(range(x_ndim)) else bind(transpose_p, out, perm=perm)
 
 
+def _dot_batch(vals, dims, *, contract, batch):
+    """A batched operand's batch dim becomes a dot_general batch dim (both batched) or a free
+    dim, whose place in the output (batch dims, x free, y free) is the result's batch dim."""
+    (x, y), (dx, dy) = vals, dims
+    (xc, yc), (xb, yb) = contract, batch
+    up = lambda t: tuple(a + 1 for a in t)
+    if dx is not None and dy is not None:
+        x, y = batching.moveaxis(x, dx, 0), batching.moveaxis(y, dy, 0)
+        return bind(dot_general_p, x, y, contract=(up(xc), up(yc)), batch=((0,) + up(xb), (0,) + up(yb))), 0
+    if dx is not None:
+        x = batching.moveaxis(x, dx, 0)
+        return bind(dot_general_p, x, y, contract=(up(xc), yc), batch=(up(xb), yb)), len(xb)
+    y = batching.moveaxis(y, dy, 0)
+    x_free = ad.aval_of_value(x).ndim - len(xc) - len(xb)
+    return bind(dot_general_p, x, y, contract=(xc, up(yc)), batch=(xb, up(yb))), len(xb) + x_free
+
+
 dot_general_p = Primitive("dot_general", abstract=_dot_abstract, impl=_dot_impl, category="contraction",
-                          jvp=_dot_jvp, transpose=_dot_transpose)
+                          jvp=_dot_jvp, transpose=_dot_transpose, batch=_dot_batch)
 
 # ---------------------------------------------------------------------------------------------
 # indexing
@@ -631,8 +672,27 @@ def _take_transpose(ct, x, idx, *, axis):
     return [bind(scatter_add_p, ad.full(x.aval, 0), idx, ct, axis=axis), None]
 
 
+def _take_batch(vals, dims, *, axis):
+    (x, idx), (dx, di) = vals, dims
+    if di is None:
+        return bind(take_p, batching.moveaxis(x, dx, 0), idx, axis=axis + 1), 0
+    if dx is None:
+        return bind(take_p, x, idx, axis=axis), axis + di
+    # both batched: gather from the flattened (batch, axis) pair
+    x, idx = batching.moveaxis(x, dx, 0), batching.moveaxis(idx, di, 0)
+    B, xs = x.shape[0], x.shape[1:]
+    n, rest = xs[axis], xs[:axis] + xs[axis + 1:]
+    flat = bind(reshape_p, batching.moveaxis(x, axis + 1, 1), shape=(B * n,) + rest)
+    offsets = bind(iota_p, dtype=idx.dtype, shape=idx.shape, dimension=0) * n
+    out = bind(take_p, flat, np.where(idx < 0, idx + n, idx) + offsets, axis=0)   # B, I..., rest...
+    ni = idx.ndim - 1
+    perm = ((0,) + tuple(range(1 + ni, 1 + ni + axis)) + tuple(range(1, 1 + ni))
+            + tuple(range(1 + ni + axis, 1 + ni + len(rest))))
+    return bind(transpose_p, out, perm=perm), 0
+
+
 take_p = Primitive("take", abstract=_take_abstract, impl=_take_impl, category="gather",
-                   jvp=_take_jvp, transpose=_take_transpose)
+                   jvp=_take_jvp, transpose=_take_transpose, batch=_take_batch)
 
 
 def _dynamic_slice_abstract(x, *starts, sizes):
@@ -660,6 +720,15 @@ dynamic_slice_p = Primitive(
     jvp=_dynamic_slice_jvp,
     transpose=lambda ct, x, *starts, sizes: [bind(dynamic_update_slice_p, ad.full(x.aval, 0), ct, *starts)]
     + [None] * len(starts))
+
+
+def _dynamic_slice_batch(vals, dims, *, sizes):
+    batching.require_unbatched(dynamic_slice_p, "start indices", dims[1:])
+    x = batching.moveaxis(vals[0], dims[0], 0)
+    return bind(dynamic_slice_p, x, 0, *vals[1:], sizes=(x.shape[0],) + tuple(sizes)), 0
+
+
+dynamic_slice_p.batch = _dynamic_slice_batch
 
 
 def _scatter_add_abstract(x, idx, upd, *, axis):
@@ -694,6 +763,16 @@ scatter_add_p = Primitive(
     jvp=_scatter_add_jvp,
     transpose=lambda ct, x, idx, upd, *, axis: [ct if ad.is_undefined(x) else None, None,
                                                 bind(take_p, ct, idx, axis=axis) if ad.is_undefined(upd) else None])
+
+
+def _scatter_add_batch(vals, dims, *, axis):
+    batching.require_unbatched(scatter_add_p, "indices", dims[1:2])
+    n = batching.batch_size(vals, dims)
+    x, upd = batching.to_front(vals[0], dims[0], n), batching.to_front(vals[2], dims[2], n)
+    return bind(scatter_add_p, x, vals[1], upd, axis=axis + 1), 0
+
+
+scatter_add_p.batch = _scatter_add_batch
 
 
 def _dus_abstract(x, upd, *starts):
@@ -731,8 +810,16 @@ def _dus_transpose(ct, x, upd, *starts):
             bind(dynamic_slice_p, ct, *starts, sizes=u.shape) if ad.is_undefined(upd) else None] + [None] * len(starts)
 
 
+def _dus_batch(vals, dims):
+    batching.require_unbatched(dynamic_update_slice_p, "start indices", dims[2:])
+    n = batching.batch_size(vals, dims)
+    x, upd = batching.to_front(vals[0], dims[0], n), batching.to_front(vals[1], dims[1], n)
+    return bind(dynamic_update_slice_p, x, upd, 0, *vals[2:]), 0
+
+
 dynamic_update_slice_p = Primitive("dynamic_update_slice", abstract=_dus_abstract,
-                                   impl=_dus_impl, category="scatter", jvp=_dus_jvp, transpose=_dus_transpose)
+                                   impl=_dus_impl, category="scatter", jvp=_dus_jvp, transpose=_dus_transpose,
+                                   batch=_dus_batch)
 
 
 for _p in (broadcast_in_dim_p, reshape_p, transpose_p, slice_p, concatenate_p):

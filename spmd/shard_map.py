@@ -165,8 +165,30 @@ def _shard_map_transpose(cts, *invals, body, mesh, in_specs, out_specs, manual_a
     return [next(outs) if l else None for l in linear]
 
 
+def _shard_map_batch(vals, dims, *, body, mesh, in_specs, out_specs, manual_axes, check_vma, name):
+    """vmap of a shard_map: a shard_map of the batched body, the batch dim never split."""
+    from .transforms.vmap import batch_eval, batch_size, moveaxis, to_front
+    size = batch_size(vals, dims)
+    vals = [moveaxis(v, d, 0) if d is not None else v for v, d in zip(vals, dims)]
+    bdims = [0 if d is not None else None for d in dims]
+    unsplit = lambda s: PartitionSpec(None, *s)
+    avals = [v.aval.update(shape=(size,) + v.aval.shape) if d is not None else v.aval
+             for v, d in zip(body.in_vars, bdims)]
+
+    def batched_body(*xs):
+        outs, odims = batch_eval(body, xs, bdims, size)
+        return [to_front(o, d, size) for o, d in zip(outs, odims)]
+    bbody, _ = trace(batched_body, avals, **_body_ctx(mesh, manual_axes, check_vma))
+    outs = bind(shard_map_p, *vals, body=bbody, mesh=mesh,
+                in_specs=tuple(unsplit(s) if d is not None else s for s, d in zip(in_specs, bdims)),
+                out_specs=tuple(unsplit(s) for s in out_specs), manual_axes=manual_axes,
+                check_vma=check_vma, name=name)
+    return outs, [0] * len(outs)
+
+
 shard_map_p.jvp = _shard_map_jvp
 shard_map_p.transpose = _shard_map_transpose
+shard_map_p.batch = _shard_map_batch
 shard_map_p.rules["partial_eval"] = _shard_map_partial_eval
 
 

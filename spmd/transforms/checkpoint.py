@@ -103,8 +103,8 @@ def _transpose(cts, *invals, body, policy, name):
 
 
 def _batch(vals, dims, *, body, policy, name):
-    from .vmap import _size, batch_eval, moveaxis, to_front
-    size = _size(vals, dims)
+    from .vmap import batch_eval, batch_size, moveaxis, to_front
+    size = batch_size(vals, dims)
     vals = [moveaxis(v, d, 0) if d is not None else v for v, d in zip(vals, dims)]
     bdims = [0 if d is not None else None for d in dims]
 
