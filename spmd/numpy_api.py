@@ -751,7 +751,9 @@ def layer_norm(x, axis=-1, eps=1e-5):
 
 
 def rsqrt(x):
-    return apply_ufunc(np.reciprocal, apply_ufunc(np.sqrt, x))
+    """``1 / sqrt(x)``, one primitive (typed like ``np.sqrt(x)``)."""
+    x = _operand(x)
+    return bind(lax.rsqrt_p, astype(x, _result_dtype(np.sqrt, [x])))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import pytest
 
 import spmd
 import spmd.numpy as snp
-from spmd import P
+from spmd import P, lax
 from spmd.core import Tracer
 from spmd.executors import reference_executor
 from spmd.numpy_api import _COMPOSITE_UFUNCS, _GUFUNCS, _UFUNCS, HANDLED_FUNCTIONS
@@ -119,6 +119,17 @@ def _compare(got, want, tol, what):
                                        equal_nan=True, err_msg=what)
 
 
+EXERCISED: set = set()      # primitive names seen in the programs the table traced
+RAN: set = set()            # ids of the rows run so far
+
+
+def _record(program):
+    for e in program.eqns:
+        EXERCISED.add(e.prim.name)
+        for sub in e.prim.subprograms(e.params):
+            _record(sub)
+
+
 def _expand(out):
     return optree.tree_map(lambda y: np.expand_dims(y, (0, 1)), out)
 
@@ -131,6 +142,7 @@ def check_op(fn, args, ref=None, tol=None, sharded=True, batches=None):
     _compare(spmd.jit(fn)(*args), want, tol, "jit")
     program = spmd.make_program(fn)(*args)
     program.check()
+    _record(program)
     _compare(reference_executor().run(program, list(args)), optree.tree_leaves(want), tol,
              "reference executor")
     if not sharded:
@@ -154,6 +166,7 @@ def check_op(fn, args, ref=None, tol=None, sharded=True, batches=None):
     _compare(g(*gargs), want_g, tol, "shard_map (stacked executor)")
     gprog = spmd.make_program(g)(*gargs)
     gprog.check()
+    _record(gprog)
     _compare(reference_executor().run(gprog, gargs), optree.tree_leaves(want_g), tol,
              "shard_map (reference executor)")
 
@@ -176,6 +189,7 @@ def run_row(row: Op):
         except Exception as e:
             desc = ", ".join(f"{np.asarray(a).dtype}{list(np.shape(a))}" for a in args)
             raise AssertionError(f"{row.id} on ({desc}): {type(e).__name__}: {e}") from e
+    RAN.add(id(row))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,12 +468,64 @@ ROWS += [
        lambda x: (np.linalg.vector_norm(x), np.linalg.vector_norm(x, axis=-1, ord=1), np.linalg.matrix_norm(x),
                   np.linalg.matrix_norm(x, ord=np.inf, keepdims=True)), [(2, 3, 4)], [f32, f64, i64]),
     op("ndarray.diagonal ndarray.trace", lambda x: (x.diagonal(), x.diagonal(1), x.trace(), x.trace(-1)), [(3, 4)], NUM),
+    op("np.maximum.accumulate np.minimum.accumulate",
+       lambda x: (np.maximum.accumulate(x, axis=1), np.minimum.accumulate(x, axis=-1)), R3, NUM),
+]
+
+
+def _np_dynamic_slice(x, s, size):
+    s = int(np.clip(s, 0, x.shape[0] - size))
+    return x[s:s + size]
+
+
+def _np_dynamic_update_slice(x, u, s):
+    s, out = int(np.clip(s, 0, x.shape[0] - u.shape[0])), x.copy()
+    out[s:s + u.shape[0]] = u
+    return out
+
+
+def _np_scatter_add(x, i, u, axis):
+    out = x.copy()
+    np.add.at(out, (slice(None),) * axis + (i,), u)
+    return out
+
+
+# Primitives no NumPy function above reaches (autodiff and vmap use them), bound directly.
+ROWS += [
+    op("lax.logistic", lambda x: lax.logistic_p(x), U_SHAPES, FLOAT_ALL, ref=lambda x: 1 / (1 + np.exp(-x))),
+    op("lax.iota", lambda x: x + lax.iota_p(dtype=x.dtype, shape=x.shape, dimension=1), [(2, 3)], [f32, i32],
+       ref=lambda x: x + np.arange(3, dtype=x.dtype)),
+    op("lax.cumsum", lambda x: (lax.cumsum_p(x, axis=1, reverse=True), lax.cummax_p(x, axis=0, reverse=True)), R3, NUM,
+       ref=lambda x: (np.flip(np.cumsum(np.flip(x, 1), 1, dtype=x.dtype), 1),
+                      np.flip(np.maximum.accumulate(np.flip(x, 0), 0), 0))),
+    op("lax.dynamic_slice", lambda x, s: lax.dynamic_slice_p(x, s, sizes=(3,)),
+       [((6,), In((), i64, -2, 7)), ((5,), In((), i32, 0, 3))], [f32, i32], ref=lambda x, s: _np_dynamic_slice(x, s, 3)),
+    op("lax.dynamic_slice", lambda x, s, t: lax.dynamic_slice_p(x, s, t, sizes=(2, 3)),
+       [((4, 5), In((), i64, -1, 4), In((), i64, 0, 3))], FLOAT,
+       ref=lambda x, s, t: _np_dynamic_slice(_np_dynamic_slice(x, s, 2).T, t, 3).T),
+    op("lax.dynamic_update_slice", lambda x, u, s: lax.dynamic_update_slice_p(x, u, s),
+       [((6,), (2,), In((), i64, -1, 7)), ((5, 2), (3, 2), In((), i32, 0, 3))], [f32, i32],
+       ref=_np_dynamic_update_slice),
+    op("lax.scatter_add", lambda x, i, u: lax.scatter_add_p(x, i, u, axis=0),
+       [((5,), In((4,), i64, -5, 5), (4,)), ((4, 3), In((2, 2), i64, 0, 4), (2, 2, 3))], [f32, f64, i32],
+       ref=lambda x, i, u: _np_scatter_add(x, i, u, 0)),
+    op("lax.scatter_add", lambda x, i, u: lax.scatter_add_p(x, i, u, axis=1),
+       [((2, 5), In((3,), i64, 0, 5), (2, 3))], FLOAT, ref=lambda x, i, u: _np_scatter_add(x, i, u, 1)),
 ]
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[f"{i}-{r.id}" for i, r in enumerate(ROWS)])
 def test_op(row):
     run_row(row)
+
+
+def test_every_primitive_is_exercised():
+    """Every local primitive of ``spmd.lax`` ran in some row (rows not run yet run here)."""
+    for row in ROWS:
+        if id(row) not in RAN:
+            run_row(row)
+    primitives = {v.name for v in vars(lax).values() if isinstance(v, spmd.Primitive)}
+    assert primitives <= EXERCISED, sorted(primitives - EXERCISED)
 
 
 def _resolve(name):
