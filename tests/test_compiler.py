@@ -76,3 +76,44 @@ def test_no_more_communication_than_jax(row):
     theirs = jax_collectives(row, args)
     assert our_count <= len(theirs), (lowered.explain(), theirs)
     assert our_bytes <= sum(b for _, b in theirs), (lowered.explain(), theirs)
+
+
+# ---------------------------------------------------------------------------------------------
+# property test: random specs and (possibly uneven) shapes on the 2x4 mesh
+# ---------------------------------------------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from compiler_programs import softmax  # noqa: E402
+
+_M2 = spmd.make_mesh((2, 4), ("data", "model"))
+_ENTRIES = [None, "data", "model", ("data", "model"), ("model", "data")]
+_OPS = {
+    "sum0": lambda x, w: x.sum(0),
+    "max1": lambda x, w: x.max(1),
+    "matmul": lambda x, w: x @ w,
+    "softmax": lambda x, w: softmax(np, x),
+    "tanh_add": lambda x, w: np.tanh(x) + 1.0,
+    "mean_all": lambda x, w: x.mean(),
+    "layer": lambda x, w: np.exp(x @ w).sum(1),
+}
+
+
+@st.composite
+def _spec2(draw):
+    a = draw(st.sampled_from(_ENTRIES))
+    used = set((a,) if isinstance(a, str) else a or ())
+    b = draw(st.sampled_from([e for e in _ENTRIES if not (set((e,) if isinstance(e, str) else e or ()) & used)]))
+    return P(a, b)
+
+
+@settings(max_examples=40, deadline=None)
+@given(op=st.sampled_from(sorted(_OPS)), xs=_spec2(), ws=_spec2(), m=st.integers(1, 9), k=st.integers(1, 9),
+       n=st.integers(1, 5))
+def test_random_specs_and_shapes(op, xs, ws, m, k, n):
+    rng = np.random.default_rng(m * 100 + k * 10 + n)
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    w = rng.normal(size=(k, n)).astype(np.float32)
+    f = spmd.jit(lambda x, w: _OPS[op](x, w), in_shardings=(NamedSharding(_M2, xs), NamedSharding(_M2, ws)))
+    got = f(x, w)
+    np.testing.assert_allclose(np.asarray(got), _OPS[op](x, w), rtol=1e-4, atol=1e-4)
