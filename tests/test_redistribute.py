@@ -175,3 +175,25 @@ def test_cost_model_busbw():
     assert cm.time("all_to_all", 100, ("a",), sizes) == pytest.approx(75)
     slow = cm.with_axes(a=(1.0, 0.5))
     assert slow.time("permute", 100, ("a",), sizes) == pytest.approx(1 + 200)
+
+
+def test_axis_bandwidth_changes_the_plan():
+    src = Sharding((("data",), ()), (("model", "sum"),))
+    dst = Sharding(((), ()))
+    shape = (1024, 1024)
+    fast = plan(shape, 4, src, dst, MS, CPU)
+    slow_model = plan(shape, 4, src, dst, MS, CPU.with_axes(model=(5e-6, 1e8)))
+    assert _kinds(fast) == ["psum_scatter", "all_gather"]        # reduce-scatter + one 8-way gather
+    assert _kinds(slow_model) == ["psum", "all_gather"]          # less traffic on the slow axis
+    assert [s.axes for s in slow_model.steps] == [("model",), ("data",)]
+
+
+def test_set_cost_model_reaches_jit():
+    from spmd.compiler.cost import set_cost_model
+    mesh = MESH
+    f = spmd.jit(lambda x: x, in_shardings=NamedSharding(mesh, P(("data", "model"))), out_shardings=NamedSharding(mesh, P()))
+    x = np.ones((64, 4), np.float32)
+    with set_cost_model(GPU):
+        t_gpu = sum(i.time for i in f.lower(x).compiled.inserted)
+    t_cpu = sum(i.time for i in f.lower(x).compiled.inserted)
+    assert t_gpu != t_cpu

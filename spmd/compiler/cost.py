@@ -66,6 +66,26 @@ CPU = CostModel(alpha=5e-6, bandwidth=10e9)
 GPU = CostModel(alpha=15e-6, bandwidth=150e9)
 
 
+_override: list = []
+
+
 def default_cost_model() -> CostModel:
-    """``SPMD_COST_MODEL=gpu|cpu``; otherwise CPU."""
+    """The model of ``set_cost_model``, else ``SPMD_COST_MODEL=gpu|cpu``, else CPU."""
+    if _override:
+        return _override[-1]
     return GPU if os.environ.get("SPMD_COST_MODEL", "cpu").lower() == "gpu" else CPU
+
+
+class set_cost_model:
+    """``with set_cost_model(GPU.with_axes(data=(25e-6, 25e9))):`` prices compilations
+    started inside it with that model (e.g. a slow inter-node ``data`` axis)."""
+
+    def __init__(self, cm: CostModel):
+        self.cm = cm
+
+    def __enter__(self):
+        _override.append(self.cm)
+        return self.cm
+
+    def __exit__(self, *exc):
+        _override.pop()

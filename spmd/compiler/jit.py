@@ -249,7 +249,8 @@ class ShardedJitted:
     def _compile(self, args, kwargs):
         mesh, shardings, paths, leaves = self._arg_shardings(args, kwargs)
         (program, in_tree, out_tree), _ = self.jitted._program(args, kwargs)
-        key = (id(program), mesh, tuple(None if s is None else s.spec for s in shardings))
+        key = (id(program), mesh, tuple(None if s is None else s.spec for s in shardings),
+               self.cost_model or default_cost_model())
         comp = self._cache.get(key)
         if comp is None:
             for e in program.eqns:
