@@ -59,6 +59,13 @@ def grad_dp(xp, x, w, y):
     return x.T @ (x @ w - y)
 
 
+def scatter_add(xp, t, i, u):
+    """``t`` with rows ``u`` added at ``i`` (the embedding gradient's primitive)."""
+    from spmd import lax
+    from spmd.core import bind
+    return bind(lax.scatter_add_p, t, i, u, axis=0)
+
+
 ROWS = [
     Row("matmul batch x cols", lambda xp, x, w: x @ w, ((8, 16), (16, 8)), MESH2,
         (("data",), (None, "model")), ("data", "model"), []),
@@ -101,6 +108,10 @@ ROWS = [
         (("model",), ()), (), ["psum(model)"]),
     Row("embedding vocab x batch", lambda xp, t, i: t[i], ((256, 8), ("int", (4, 6), 256)), MESH2,
         (("model",), ("data",)), ("data",), ["psum(model)"]),
+    Row("scatter-add into row-sharded table", scatter_add, ((64, 8), ("int", (10,), 64), (10, 8)), MESH2,
+        (("model",), (), ()), ("model",), [], jax=False),
+    Row("scatter-add, updates batch-sharded", scatter_add, ((64, 8), ("int", (16,), 64), (16, 8)), MESH2,
+        (("model",), ("data",), ("data",)), ("model",), ["all_gather(data)", "all_gather(data)"], jax=False),
     Row("sum over sharded dim", lambda xp, x: x.sum(0), ((8, 16),), MESH2,
         (("data", "model"),), ("model",), ["psum(data)"]),
     Row("sum of everything", lambda xp, x: x.sum(), ((8, 16),), MESH2,
