@@ -161,8 +161,9 @@ def _unchecked(mesh):
 
 
 def _pytree(mesh):
-    f = spmd.shard_map(lambda d: {"s": spmd.psum(d["x"].sum(0), "a"), "g": spmd.all_gather(d["y"], "b", tiled=True)},
-                       mesh=mesh, in_specs=({"x": P("a", "b"), "y": P(None, "b")},),
+    body = lambda d: {"s": spmd.psum(d["x"].sum(0), "a"),
+                      "g": spmd.all_gather(d["y"], "b", axis=1, tiled=True, to="invariant")}
+    f = spmd.shard_map(body, mesh=mesh, in_specs=({"x": P("a", "b"), "y": P(None, "b")},),
                        out_specs={"s": P("b"), "g": P()})
     return (lambda x, y: f({"x": x, "y": y})), (X, W)
 
@@ -179,8 +180,10 @@ def _ring(mesh):
 
 
 def _scatter_gather(mesh):
-    body = lambda x: spmd.all_gather(spmd.psum_scatter(x, "b", scatter_dimension=1, tiled=True), "b",
-                                     axis=1, tiled=True)
+    def body(x):
+        x = x * (spmd.axis_index("b") + 1).astype(x.dtype)          # varies over "b"
+        s = spmd.psum_scatter(x, "b", scatter_dimension=1, tiled=True)
+        return spmd.all_gather(s, "b", axis=1, tiled=True, to="invariant")
     return spmd.shard_map(body, mesh=mesh, in_specs=P("a", None), out_specs=P("a", None)), (X,)
 
 
