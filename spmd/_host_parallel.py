@@ -13,7 +13,10 @@ Results are bit-identical to the one-call versions: a reduction adds the slabs i
 from __future__ import annotations
 
 import concurrent.futures
+import functools
+import math
 import os
+import sys
 import threading
 
 import numpy as np
@@ -24,10 +27,20 @@ PARALLEL_MIN_BYTES = 1 << 20
 # smaller ones make one NumPy call (fewer Python calls).  Tests set it to 0 to check both paths.
 LOOP_MIN_BYTES = 1 << 18
 
+# Big outputs come from a pool of host buffers: the first touch of a fresh ``np.empty`` of many
+# MiB faults in and zeroes every page, which costs about as much as the copy that fills it.  A
+# pooled buffer is handed out again once no array refers to it any more (like the memory pools
+# of JAX's and CuPy's allocators); at most POOL_MAX_BYTES stay pooled.
+POOL_MIN_BYTES = 1 << 20
+POOL_MAX_BYTES = 1 << 30
+_buffers: list = []                     # least recently handed out first
+_buffers_lock = threading.Lock()
+
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _local = threading.local()              # set inside pool workers: no nested hand-outs
 
 
+@functools.lru_cache(maxsize=None)
 def num_threads() -> int:
     try:
         n = len(os.sched_getaffinity(0))
@@ -53,11 +66,18 @@ def run(xp, nbytes: int, tasks) -> None:
         return
     if _pool is None:
         _pool = concurrent.futures.ThreadPoolExecutor(threads, "spmd-host", _worker_init)
-    # the calling thread takes its share too: one hand-off fewer, and no idle core
-    futures = [_pool.submit(t) for t in tasks[1:]]
-    tasks[0]()
+    # one batch of consecutive tasks per thread; the calling thread runs the first batch itself
+    cuts = [len(tasks) * i // threads for i in range(threads + 1)]
+    batches = [tasks[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
+    futures = [_pool.submit(_run_all, b) for b in batches[1:]]
+    _run_all(batches[0])
     for f in futures:
         f.result()
+
+
+def _run_all(tasks):
+    for t in tasks:
+        t()
 
 
 def chunks(shape: tuple[int, ...], parts: int) -> list[tuple]:
@@ -97,9 +117,31 @@ def reduce_into(xp, op: str, out, slabs, parallel: bool = True):
     return out
 
 
+def empty(xp, shape, dtype):
+    """``xp.empty(shape, dtype)``, from the buffer pool when it is NumPy and big."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if xp is not np or nbytes < POOL_MIN_BYTES:
+        return xp.empty(shape, dtype)
+    with _buffers_lock:
+        for i in range(len(_buffers)):
+            # free: referenced only by the list (and getrefcount's own argument)
+            if _buffers[i].nbytes == nbytes and sys.getrefcount(_buffers[i]) == 2:
+                buf = _buffers.pop(i)
+                _buffers.append(buf)
+                break
+        else:
+            buf = np.empty(nbytes, np.uint8)
+            _buffers.append(buf)
+            total = sum(b.nbytes for b in _buffers)
+            while total > POOL_MAX_BYTES and len(_buffers) > 1:
+                total -= _buffers.pop(0).nbytes      # still-used ones just stop being pooled
+    return buf.view(dtype).reshape(shape)
+
+
 def copy(xp, src):
     """A C-contiguous copy of ``src``."""
-    out = xp.empty(src.shape, src.dtype)
+    out = empty(xp, src.shape, src.dtype)
     run(xp, 2 * out.nbytes, [lambda idx=idx: xp.copyto(out[idx], src[idx])
                              for idx in chunks(out.shape, num_threads())])
     return out

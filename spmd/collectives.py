@@ -197,7 +197,7 @@ def _all_reduce_prim(name, op):
         if y.nbytes < _host_parallel.LOOP_MIN_BYTES:
             return small(y)
         # big: slab by slab into one output buffer, split over the host threads
-        out = xp.empty((y.shape[0], 1) + y.shape[2:], y.dtype)
+        out = _host_parallel.empty(xp, (y.shape[0], 1) + y.shape[2:], y.dtype)
         _host_parallel.reduce_into(xp, op, out[:, 0], [y[:, i] for i in range(y.shape[1])])
         return out
 
@@ -392,7 +392,8 @@ def _psum_scatter_body(xp, rm, y, *, scatter_dimension, tiled, size):
         # big: sum each destination's block straight into its place in the output
         slab = y.shape[:1] + y.shape[2:]
         c = slab[a] // size
-        out = xp.empty((slab[0], size) + slab[1:a] + ((c,) if tiled else ()) + slab[a + 1:], y.dtype)
+        out = _host_parallel.empty(xp, (slab[0], size) + slab[1:a] + ((c,) if tiled else ()) + slab[a + 1:],
+                                   y.dtype)
 
         def block(j):
             pick = (slice(None),) * a + ((slice(j * c, (j + 1) * c),) if tiled else (j,))
@@ -527,7 +528,7 @@ def _ppermute_body(xp, rm, y, *, perm):
         src_of[d] = s
     if y.nbytes >= _host_parallel.LOOP_MIN_BYTES:
         # big: one block copy per destination (zeros where nothing arrives), over the threads
-        out = xp.empty(y.shape, y.dtype)
+        out = _host_parallel.empty(xp, y.shape, y.dtype)
 
         def receive(d):
             if src_of[d] < 0:

@@ -100,3 +100,18 @@ def test_threads_run_every_task(big_paths):
     done = []
     _host_parallel.run(np, 1 << 30, [lambda i=i: done.append(i) for i in range(10)])
     assert sorted(done) == list(range(10))
+
+
+def test_pooled_buffers_are_reused_only_once_free():
+    shape = (_host_parallel.POOL_MIN_BYTES // 4,)
+    a = _host_parallel.empty(np, shape, np.float32)
+    a[:] = 1
+    view = a[::2]
+    del a
+    b = _host_parallel.empty(np, shape, np.float32)   # ``view`` still holds the first buffer
+    b[:] = 2
+    assert not np.shares_memory(b, view) and (view == 1).all()
+    address = b.__array_interface__["data"][0]
+    del b
+    c = _host_parallel.empty(np, shape, np.int32)
+    assert c.__array_interface__["data"][0] == address and c.dtype == np.int32
