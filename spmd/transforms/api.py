@@ -166,6 +166,12 @@ def _on_argnums(f, args, kwargs, nums):
     return g, tuple(args[i] for i in nums)
 
 
+def _all_arrays(args) -> bool:
+    from ..array import Array
+    return all(isinstance(x, (np.ndarray, np.generic, Array, bool, int, float, complex))
+               for x in optree.tree_leaves(args, none_is_leaf=False))
+
+
 def value_and_grad(f, argnums=0, has_aux=False):
     """``(f(*args), grad f(*args))`` for a function with a scalar output.
 
@@ -175,9 +181,16 @@ def value_and_grad(f, argnums=0, has_aux=False):
     (5.0, [2.0, 4.0])
     """
     name = getattr(f, "__name__", "function")
+    jitted = []
 
-    @functools.wraps(f)
+    @functools.wraps(f, updated=())
     def value_and_grad_f(*args, **kwargs):
+        if current_builder() is None and not kwargs and _all_arrays(args):
+            # on concrete arrays: trace and transform once per argument types (jit's cache)
+            if not jitted:
+                from ..jit import jit
+                jitted.append(jit(value_and_grad_f, _name=f"value_and_grad({name})"))
+            return jitted[0](*args)
         nums = _argnums(argnums, len(args), f"grad({name})")
         g, dyn = _on_argnums(f, args, kwargs, nums)
         for i, x in zip(nums, dyn):
@@ -211,7 +224,7 @@ def grad(f, argnums=0, has_aux=False):
     """
     vg = value_and_grad(f, argnums, has_aux)
 
-    @functools.wraps(f)
+    @functools.wraps(f, updated=())
     def grad_f(*args, **kwargs):
         (out, aux), g = vg(*args, **kwargs) if has_aux else ((None, None), vg(*args, **kwargs)[1])
         return (g, aux) if has_aux else g

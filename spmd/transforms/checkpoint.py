@@ -138,7 +138,7 @@ def checkpoint(fun=None, *, policy=None, prevent_cse=True, static_argnums=()):
                                  static_argnums=static_argnums)
     name = getattr(fun, "__name__", "function")
 
-    @functools.wraps(fun)
+    @functools.wraps(fun, updated=())
     def checkpointed(*args):
         if current_builder() is None:       # not under a transformation: nothing to save
             return fun(*args)

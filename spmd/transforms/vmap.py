@@ -136,7 +136,7 @@ def vmap(f, in_axes=0, out_axes=0, axis_size=None):
     name = getattr(f, "__name__", "function")
     jitted = []
 
-    @functools.wraps(f)
+    @functools.wraps(f, updated=())
     def vmapped(*args):
         if current_builder() is None:      # on concrete arrays: trace once per types, run
             if not jitted:
