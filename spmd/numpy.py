@@ -1,44 +1,60 @@
 """``spmd.numpy``: an array namespace for code that prefers explicit calls to NumPy's
-protocols.  Each function works on traced values and on plain arrays alike.
+protocols (``x.__array_namespace__()`` of a traced value or an ``spmd.Array`` is this module).
+Each function works on traced values and on plain arrays alike, under NumPy's name and its
+array-API aliases (``acos``, ``concat``, ``permute_dims``, ``pow``, ...).
 
 >>> import spmd.numpy as snp
 >>> float(snp.logsumexp(np.zeros(4)))
 1.3862943611198906
+>>> snp.acos(np.ones(2))
+array([0., 0.])
 """
+import builtins
+import types
+
 import numpy as np
 
 from . import numpy_api as _api
-from .numpy_api import (astype, broadcast_to, reshape, ravel, transpose, swapaxes, moveaxis,
-                        expand_dims, squeeze, concatenate, stack, split, flip, roll, pad, tile,
-                        repeat, sum, prod, amax, amin, mean, var, std, sort, argsort, where,
-                        clip, logsumexp, softmax, layer_norm, rsqrt, full, zeros_like, ones_like,
-                        full_like, arange, tril, triu, matmul, dot, tensordot, inner, outer,
-                        einsum, take, isclose)
-
-max = amax
-min = amin
-all = _api.all_
-any = _api.any_
-argmax = lambda x, axis=None, keepdims=False: _api._arg(_api.lax.argmax_p, x, axis, keepdims)
-argmin = lambda x, axis=None, keepdims=False: _api._arg(_api.lax.argmin_p, x, axis, keepdims)
-cumsum = lambda x, axis=None, dtype=None: _api._cum(_api.lax.cumsum_p, x, axis, dtype)
+from .numpy_api import (logsumexp, softmax, layer_norm, rsqrt, full, arange)  # noqa: F401 (composites)
 
 
 def _ufunc(uf):
-    def f(*xs):
-        if any(isinstance(x, _api.Tracer) for x in xs):
-            return _api.apply_ufunc(uf, *xs)
-        return uf(*[np.asarray(x) if hasattr(x, "__array__") else x for x in xs])
+    def f(*xs, **kwargs):
+        if builtins.any(isinstance(x, _api.Tracer) for x in xs):
+            return _api.handle_ufunc(uf, "__call__", xs, kwargs)
+        return uf(*[np.asarray(x) if hasattr(x, "__array__") else x for x in xs], **kwargs)
     f.__name__ = uf.__name__
     f.__doc__ = f"Elementwise numpy.{uf.__name__}."
     return f
 
 
-for _uf in _api._UFUNCS:
-    globals()[_uf.__name__] = _ufunc(_uf)
-add, subtract, multiply, divide = (globals()[n] for n in ("add", "subtract", "multiply", "divide"))
-abs = globals()["absolute"]
-pow = globals()["power"]
+# These need concrete values by design (they return Python bools).
+_NOT_EXPORTED = {np.allclose, np.array_equal}
+
+
+def _table():
+    table = {uf: _ufunc(uf) for uf in (*_api._UFUNCS, *_api._COMPOSITE_UFUNCS)}
+    table.update(_api._GUFUNCS)
+    table.update({f: impl for f, impl in _api.HANDLED_FUNCTIONS.items() if f not in _NOT_EXPORTED})
+    return table
+
+
+def _export(module, table, into):
+    """Every name under which ``module`` offers a function spmd handles (aliases included)."""
+    for name in dir(module):
+        if name.startswith("_") or name in into:
+            continue
+        try:
+            impl = table.get(getattr(module, name))
+        except TypeError:                           # unhashable module attributes
+            continue
+        if impl is not None:
+            into[name] = impl
+
+
+_export(np, _table(), globals())
+linalg = types.SimpleNamespace()
+_export(np.linalg, _table(), vars(linalg))
 
 zeros = lambda shape, dtype=np.float64: np.zeros(shape, dtype)
 ones = lambda shape, dtype=np.float64: np.ones(shape, dtype)

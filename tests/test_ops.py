@@ -468,9 +468,19 @@ ROWS += [
        lambda x: (np.linalg.vector_norm(x), np.linalg.vector_norm(x, axis=-1, ord=1), np.linalg.matrix_norm(x),
                   np.linalg.matrix_norm(x, ord=np.inf, keepdims=True)), [(2, 3, 4)], [f32, f64, i64]),
     op("ndarray.diagonal ndarray.trace", lambda x: (x.diagonal(), x.diagonal(1), x.trace(), x.trace(-1)), [(3, 4)], NUM),
+    op("spmd.numpy", lambda x: _namespace_ops(x.__array_namespace__(), x), [(2, 3)], [f32, f64, i32],
+       ref=lambda x: _namespace_ops(np, x)),
     op("np.maximum.accumulate np.minimum.accumulate",
        lambda x: (np.maximum.accumulate(x, axis=1), np.minimum.accumulate(x, axis=-1)), R3, NUM),
 ]
+
+
+def _namespace_ops(xp, x):
+    """Array-API style code: the namespace is spmd.numpy for traced values, NumPy for the oracle."""
+    y = xp.astype(x, xp.float32)
+    return (xp.acos(xp.tanh(y)), xp.concat([y, xp.exp(y)], axis=-1), xp.linalg.vector_norm(y, axis=-1),
+            xp.max(x, axis=0), xp.argmax(x, axis=1), xp.permute_dims(x, (1, 0)), xp.pow(y, 2),
+            xp.cumulative_sum(x, axis=1), xp.where(x > 0, x, 0), xp.abs(x), xp.matmul(y, xp.matrix_transpose(y)))
 
 
 def _np_dynamic_slice(x, s, size):

@@ -188,6 +188,14 @@ def test_metadata_functions_return_python_values():
     assert seen == [((2, 3), 2, 6, 3, np.dtype(f32), 24, 2)]
 
 
+def test_array_namespace_of_a_tracer_is_spmd_numpy():
+    seen = []
+    spmd.make_program(lambda x: seen.append(x.__array_namespace__()) or x)(np.ones(2))
+    assert seen == [spmd.numpy]
+    assert spmd.numpy.acos is spmd.numpy.arccos and spmd.numpy.concat is spmd.numpy.concatenate
+    assert not hasattr(spmd.numpy, "allclose")           # needs concrete values
+
+
 def test_jit_inside_jit_is_inlined():
     inner = spmd.jit(lambda x: np.exp(x))
     prog = spmd.make_program(lambda x: inner(x) + 1)(np.ones(2))
