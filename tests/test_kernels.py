@@ -6,7 +6,9 @@
 - the kernels' index math: the NumPy twins in ``spmd.gpu.index_math`` against NumPy's own
   reshapes and transposes, and the C++ in ``kernels/index_math.cuh`` (compiled here as host
   code) against the NumPy twins;
-- GPU discovery says why there is no GPU.
+- GPU discovery says why there is no GPU;
+- the GPU executors' Python (NCCL communicator, placements, the CuPy stacked executor) runs the
+  collective table on a NumPy stand-in of CuPy and NCCL (``_fake_cupy.py``): plumbing, not CUDA.
 """
 import ctypes
 import os
@@ -414,3 +416,48 @@ def test_nccl_errors_say_what_to_do(status, words):
     msg = describe_nccl_error(status, "all_reduce(sum) over ('i',) on mesh position 3 (GPU 3)")
     assert msg.startswith("all_reduce(sum) over ('i',) on mesh position 3 (GPU 3) failed with NCCL error")
     assert words in msg
+
+
+# ---------------------------------------------------------------------------------------------
+# the NCCL executor's Python on a NumPy stand-in of CuPy and NCCL (plumbing, not CUDA)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    import _fake_cupy
+
+    import spmd.gpu as gpu
+    yield _fake_cupy.install(monkeypatch, n_gpus=8)
+    gpu.gpu_count.cache_clear()                  # forget the stand-in's GPUs
+
+
+@pytest.mark.parametrize("which", ["nccl", "cupy-stacked"])
+def test_gpu_executors_run_the_collective_table_on_a_stand_in(fake_gpus, monkeypatch, which):
+    import spmd
+    import test_collectives as tc
+    from test_gpu import check_row_on
+    import spmd.gpu as gpu
+    if which == "cupy-stacked":
+        monkeypatch.setenv("SPMD_VIRTUAL_DEVICES", "8")
+
+    class OnStandIn:
+        executor = gpu.nccl_executor() if which == "nccl" else gpu.stacked_executor()
+
+        def devices(self, n):
+            return spmd.devices("gpu")[:n]
+
+    ex = OnStandIn()
+    cases = [c for c in tc.CASES if c.values[0] in ((4,), (2, 4))]
+    for row in tc.ROWS:
+        for case in cases:
+            check_row_on(ex, row, *case.values)
+    for row in tc.GROUP_ROWS:
+        for case in tc.GROUP_CASES[:3]:
+            check_row_on(ex, row, *case)
+    if which == "cupy-stacked":
+        return
+    comms = list(ex.executor._comms.values())
+    assert comms and all(len(c.local_positions) in (4, 8) for c in comms)
+    for c in comms:
+        c.close()
+        assert all(nc.destroyed for nc in c._world.values())

@@ -1,0 +1,216 @@
+"""A NumPy stand-in for the slice of CuPy and ``cupy.cuda.nccl`` that ``spmd.gpu`` uses, to run
+the GPU layer's Python (NCCL communicator, placements, executors) on a machine without a GPU.
+
+It checks plumbing, not CUDA: arrays are host NumPy arrays tagged with a device id, "device
+pointers" are host addresses, and an NCCL collective runs when every rank of its communicator
+has posted it (as NCCL completes a collective when all ranks arrive).  The kernels are never
+launched (``SPMD_GPU_KERNELS=0`` makes ``spmd.gpu.ops`` use array ops instead).
+"""
+from __future__ import annotations
+
+import ctypes
+import sys
+import types
+
+import numpy as np
+
+_current = [0]
+
+
+class Device:
+    def __init__(self, i=None):
+        self.id = _current[0] if i is None else int(i)
+        self._saved = []
+
+    def __enter__(self):
+        self._saved.append(_current[0])
+        _current[0] = self.id
+        return self
+
+    def __exit__(self, *exc):
+        _current[0] = self._saved.pop()
+
+    def use(self):
+        _current[0] = self.id
+
+
+class _Ptr:
+    def __init__(self, a):
+        self.ptr = a.__array_interface__["data"][0]
+
+    def copy_from_device(self, src, nbytes):
+        ctypes.memmove(self.ptr, src.ptr, nbytes)
+
+
+class ndarray(np.ndarray):
+    def __array_finalize__(self, obj):
+        self._dev = getattr(obj, "_dev", _current[0])
+
+    @property
+    def data(self):
+        return _Ptr(self)
+
+    @property
+    def device(self):
+        return Device(self._dev)
+
+    def get(self):
+        return np.array(self)
+
+
+def _wrap(x):
+    if isinstance(x, np.ndarray) and not isinstance(x, ndarray):
+        x = x.view(ndarray)
+        x._dev = _current[0]
+    return x
+
+
+def _wrapped(fn):
+    def call(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        return [_wrap(o) for o in out] if isinstance(out, (list, tuple)) else _wrap(out)
+    return call
+
+
+def _host_memory(ptr, nbytes):
+    return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_uint8)), shape=(nbytes,))
+
+
+# -- cupy.cuda.nccl ------------------------------------------------------------------------------
+_NCCL_TYPES = {0: np.int8, 1: np.uint8, 2: np.int32, 3: np.uint32, 4: np.int64, 5: np.uint64,
+               6: np.float16, 7: np.float32, 8: np.float64}
+
+
+class _Group:
+    def __init__(self, n):
+        self.n, self.posted = n, []
+
+    def post(self, rank, op, args):
+        self.posted.append((rank, op, args))
+        self._run()
+
+    def _run(self):
+        ops = {}
+        for rank, op, args in self.posted:
+            ops.setdefault(op, {})[rank] = args
+        for op, by_rank in ops.items():
+            if op in ("send", "recv"):
+                continue
+            if len(by_rank) == self.n:
+                getattr(self, "_" + op)(by_rank)
+                self.posted = [p for p in self.posted if p[1] != op]
+        sends = [(r, a) for r, o, a in self.posted if o == "send"]
+        recvs = [(r, a) for r, o, a in self.posted if o == "recv"]
+        for sr, (sptr, count, dt, peer) in sends:
+            for rr, (rptr, rcount, rdt, rpeer) in recvs:
+                if peer == rr and rpeer == sr:
+                    nbytes = count * np.dtype(_NCCL_TYPES[dt]).itemsize
+                    _host_memory(rptr, nbytes)[:] = _host_memory(sptr, nbytes)
+                    self.posted.remove((sr, "send", (sptr, count, dt, peer)))
+                    self.posted.remove((rr, "recv", (rptr, rcount, rdt, rpeer)))
+                    return self._run()
+
+    @staticmethod
+    def _arr(ptr, count, dt):
+        dtype = np.dtype(_NCCL_TYPES[dt])
+        return _host_memory(ptr, count * dtype.itemsize).view(dtype)
+
+    def _allReduce(self, by_rank):
+        (_, _, count, dt, op) = by_rank[0]
+        vals = [self._arr(s, count, dt).copy() for s, *_ in by_rank.values()]
+        red = {0: np.add, 2: np.maximum, 3: np.minimum}[op].reduce(np.stack(vals))
+        for s, r, *_ in by_rank.values():
+            self._arr(r, count, dt)[:] = red
+
+    def _allGather(self, by_rank):
+        (_, _, count, dt) = by_rank[0]
+        data = np.concatenate([self._arr(by_rank[i][0], count, dt).copy() for i in range(self.n)])
+        for s, r, *_ in by_rank.values():
+            self._arr(r, count * self.n, dt)[:] = data
+
+    def _reduceScatter(self, by_rank):
+        (_, _, count, dt, op) = by_rank[0]
+        red = {0: np.add, 2: np.maximum, 3: np.minimum}[op].reduce(
+            np.stack([self._arr(by_rank[i][0], count * self.n, dt).copy() for i in range(self.n)]))
+        for i in range(self.n):
+            self._arr(by_rank[i][1], count, dt)[:] = red[i * count:(i + 1) * count]
+
+    def _broadcast(self, by_rank):
+        (_, _, count, dt, root) = by_rank[0]
+        data = self._arr(by_rank[root][0], count, dt).copy()
+        for s, r, *_ in by_rank.values():
+            self._arr(r, count, dt)[:] = data
+
+
+class NcclCommunicator:
+    def __init__(self, group, rank):
+        self._group, self._rank, self.destroyed = group, rank, False
+
+    @staticmethod
+    def initAll(devices):
+        g = _Group(len(devices))
+        return [NcclCommunicator(g, r) for r in range(len(devices))]
+
+    def allReduce(self, s, r, count, dt, op, stream):
+        self._group.post(self._rank, "allReduce", (s, r, count, dt, op))
+
+    def allGather(self, s, r, count, dt, stream):
+        self._group.post(self._rank, "allGather", (s, r, count, dt))
+
+    def reduceScatter(self, s, r, count, dt, op, stream):
+        self._group.post(self._rank, "reduceScatter", (s, r, count, dt, op))
+
+    def broadcast(self, s, r, count, dt, root, stream):
+        self._group.post(self._rank, "broadcast", (s, r, count, dt, root))
+
+    def send(self, s, count, dt, peer, stream):
+        self._group.post(self._rank, "send", (s, count, dt, peer))
+
+    def recv(self, r, count, dt, peer, stream):
+        self._group.post(self._rank, "recv", (r, count, dt, peer))
+
+    def destroy(self):
+        self.destroyed = True
+
+
+class NcclError(RuntimeError):
+    pass
+
+
+def install(monkeypatch, n_gpus: int):
+    """Put the stand-in in ``sys.modules`` as cupy, cupy.cuda, cupy.cuda.nccl, cupy.cuda.runtime."""
+    cupy = types.ModuleType("cupy")
+    cuda = types.ModuleType("cupy.cuda")
+    nccl = types.ModuleType("cupy.cuda.nccl")
+    runtime = types.ModuleType("cupy.cuda.runtime")
+    nccl.__dict__.update(NcclCommunicator=NcclCommunicator, NcclError=NcclError, available=True,
+                         groupStart=lambda: None, groupEnd=lambda: None,
+                         NCCL_SUM=0, NCCL_MAX=2, NCCL_MIN=3, NCCL_INT8=0, NCCL_UINT8=1,
+                         NCCL_INT32=2, NCCL_UINT32=3, NCCL_INT64=4, NCCL_UINT64=5,
+                         NCCL_FLOAT16=6, NCCL_FLOAT32=7, NCCL_FLOAT64=8)
+
+    class CUDARuntimeError(RuntimeError):
+        pass
+    runtime.__dict__.update(CUDARuntimeError=CUDARuntimeError, runtimeGetVersion=lambda: 12090,
+                            getDeviceCount=lambda: n_gpus,
+                            getDeviceProperties=lambda i: {"multiProcessorCount": 4})
+    stream = types.SimpleNamespace(ptr=0, synchronize=lambda: None, done=True)
+    cuda.__dict__.update(Device=Device, nccl=nccl, runtime=runtime,
+                         get_current_stream=lambda: stream)
+    for name in dir(np):
+        obj = getattr(np, name)
+        if callable(obj) and not isinstance(obj, type) and not name.startswith("_"):
+            setattr(cupy, name, _wrapped(obj))
+    cupy.__dict__.update(ndarray=ndarray, cuda=cuda, float16=np.float16, float32=np.float32,
+                         float64=np.float64, int32=np.int32, int64=np.int64, uint8=np.uint8,
+                         bool_=np.bool_, newaxis=None, add=np.add, maximum=np.maximum,
+                         minimum=np.minimum, multiply=np.multiply)
+    for mod in (cupy, cuda, nccl, runtime):
+        monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    monkeypatch.setenv("SPMD_GPU_KERNELS", "0")
+    import spmd.gpu as gpu
+    monkeypatch.setattr(gpu, "_driver_cuda_version", lambda: 12040)
+    monkeypatch.delenv("SPMD_VIRTUAL_DEVICES", raising=False)
+    gpu.gpu_count.cache_clear()
+    return cupy
+
