@@ -134,7 +134,13 @@ def mlp_step(quick: bool) -> list[Row]:
     for a, b in zip(out, jout):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)
     jax_s = timeit(lambda: jax.block_until_ready(jf(jp, jx, jy)), **timing)
-    return [Row(name, case, ours_s, "jax.jit", jax_s, {"collectives": kinds, "target_ratio": 1.0})]
+    cpu = {}
+    for who, fn in (("spmd", lambda: f(p_s, x_s, y_s)), ("jax", lambda: jax.block_until_ready(jf(jp, jx, jy)))):
+        t0 = time.process_time()
+        for _ in range(3):
+            fn()
+        cpu[f"cpu_s {who}"] = round((time.process_time() - t0) / 3, 4)
+    return [Row(name, case, ours_s, "jax.jit", jax_s, {"collectives": kinds, "target_ratio": 1.0, **cpu})]
 
 
 @benchmark("compiler_collectives")

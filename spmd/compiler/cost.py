@@ -16,6 +16,9 @@ all_to_all            buffer                  (n-1)/n
 permute / broadcast   buffer                  1
 ====================  ======================  =============
 
+Contractions are also priced by their per-device flops (``flops`` per second), so a strategy
+that gathers operands to compute the same product on every device pays for the repeated work.
+
 Latency and bandwidth are per mesh axis (``CostModel(axes={"model": (alpha, bw)})``); a
 collective over several axes runs at the slowest of them.
 """
@@ -37,6 +40,10 @@ class CostModel:
     alpha: float             # seconds per collective call
     bandwidth: float         # bytes per second (bus bandwidth)
     axes: tuple = ()         # ((axis_name, alpha, bandwidth), ...)
+    flops: float = 2e10      # per device: prices contractions that replicate work
+
+    def compute(self, flop_count: float) -> float:
+        return flop_count / self.flops
 
     def axis(self, name: str) -> tuple[float, float]:
         for a, alpha, bw in self.axes:
@@ -61,9 +68,9 @@ class CostModel:
 
 
 # Simulated CPU mesh: memory copies between "devices" of one process.
-CPU = CostModel(alpha=5e-6, bandwidth=10e9)
+CPU = CostModel(alpha=5e-6, bandwidth=10e9, flops=2e10)
 # One node of GPUs over NVLink (NCCL ring, bus bandwidth as measured by nccl-tests).
-GPU = CostModel(alpha=15e-6, bandwidth=150e9)
+GPU = CostModel(alpha=15e-6, bandwidth=150e9, flops=4e14)
 
 
 _override: list = []

@@ -19,7 +19,8 @@ from ..errors import ShardingError
 from .cost import CostModel
 from .placements import Sharding
 from .redistribute import plan
-from .rules import Strategy, backward_hints, category, known_dims, resolve_hint, strategies
+from .rules import (Strategy, backward_hints, category, contraction_flops, known_dims, resolve_hint,
+                    strategies)
 
 CONSTRAINT, OUTPUT, INFERRED = 3, 2, 1
 
@@ -81,9 +82,12 @@ def propagate(program: Program, in_shardings: list, out_shardings: list, sizes: 
         cur = [_sharding_of(env, a) for a in e.inputs]
         out_hints = [hints.get(id(v), (0, None))[1] for v in e.outputs]
         cands = strategies(e, cur, out_hints, sizes)
+        is_dot = category(e.prim) == "contraction"
         best, best_key = None, None
         for idx, s in enumerate(cands):
             c = sum(cost(a, src, req) for a, src, req in zip(e.inputs, cur, s.ins))
+            if is_dot:
+                c += cm.compute(contraction_flops(e, s, sizes))
             c += sum(cost(v, o, resolve_hint(h, o)) for v, o, h in zip(e.outputs, s.outs, out_hints)
                      if h is not None)
             key = (round(c, 15), -s.parallelism(sizes), idx)

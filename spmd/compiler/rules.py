@@ -418,3 +418,11 @@ def _dot_strategies(e, cur, hints, sizes):
         os_ = Sharding(tuple(tuple(by_label.get(("o", d), ())) for d in range(oa.ndim)), tuple(sorted(pout)))
         result.append(Strategy((xs, ys), (os_,)))
     return result
+
+
+def contraction_flops(e, s: Strategy, sizes) -> float:
+    """Per-device flops of a dot_general under strategy ``s``."""
+    (xc, _), _ = e.params["contract"], e.params["batch"]
+    out = s.outs[0].local_shape(e.outputs[0].aval.shape, sizes)
+    xl = s.ins[0].local_shape(e.inputs[0].aval.shape, sizes)
+    return 2.0 * math.prod(out) * math.prod(xl[i] for i in xc)
