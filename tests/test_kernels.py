@@ -454,6 +454,13 @@ def test_gpu_executors_run_the_collective_table_on_a_stand_in(fake_gpus, monkeyp
     for row in tc.GROUP_ROWS:
         for case in tc.GROUP_CASES[:3]:
             check_row_on(ex, row, *case)
+    import optree
+    from test_gpu import PROGRAMS, REFERENCE
+    for make in PROGRAMS:
+        f, args = make(spmd.make_mesh((2, 4), ("a", "b"), devices=ex.devices(8)))
+        got, want = spmd.jit(f, executor=ex.executor)(*args), spmd.jit(f, executor=REFERENCE)(*args)
+        for g, w in zip(optree.tree_leaves(got), optree.tree_leaves(want)):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, err_msg=make.__name__)
     if which == "cupy-stacked":
         return
     comms = list(ex.executor._comms.values())
