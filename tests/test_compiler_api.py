@@ -241,3 +241,14 @@ def test_mesh_mismatch_between_array_arguments():
     f = spmd.jit(lambda x, y: x + y, out_shardings=NS())
     with pytest.raises(ShardingError, match=r"args\[1\] is on mesh"):
         f(a, b)
+
+
+def test_shard_map_inside_sharded_jit_is_inlined():
+    rowsum = spmd.shard_map(lambda b: spmd.psum(b.sum(axis=1), "model"), mesh=MESH,
+                            in_specs=P("data", "model"), out_specs=P("data"))
+    f = spmd.jit(lambda x: np.tanh(rowsum(2 * x)), in_shardings=NS("data", "model"))
+    y = f(X)
+    np.testing.assert_allclose(np.asarray(y), np.tanh((2 * X).sum(1)), rtol=1e-5)
+    assert y.sharding.spec == P("data")
+    assert kinds(f, X) == []                     # the user's psum is the only collective
+    assert "psum[axes=(model,)" in f.lower(X).as_text()

@@ -90,6 +90,8 @@ def lower_equation(e, s, args, sizes):
     local_in = [r.local_shape(a.shape, sizes) for r, a in zip(s.ins, ins)]
     if cat == "constraint":
         return [args[0]]
+    if s.variant == "inline":
+        return _inline(p["body"], args)
     if cat in ("reshape", "broadcast"):
         p["shape"] = local_out
     elif cat == "slice":
@@ -112,6 +114,18 @@ def lower_equation(e, s, args, sizes):
         return [_masked_scatter_add(args, s, ins, sizes, p["axis"])]
     out_vals = bind(e.prim, *args, **p)
     return out_vals if e.prim.multiple_results else [out_vals]
+
+
+def _inline(body: Program, args):
+    """The equations of a shard_map body over the same mesh, applied to our blocks."""
+    from ..core import bind
+    env = {id(v): a for v, a in zip(body.in_vars, args)}
+    read = lambda a: a.val if isinstance(a, Literal) else env[id(a)]
+    for e in body.eqns:
+        outs = bind(e.prim, *[read(a) for a in e.inputs], **e.params)
+        for v, o in zip(e.outputs, outs if e.prim.multiple_results else [outs]):
+            env[id(v)] = o
+    return [read(a) for a in body.out_vars]
 
 
 def _local_indices(idx, axes, blk, n_global, sizes):

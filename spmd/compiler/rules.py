@@ -265,6 +265,12 @@ def _strategies(e, cur: list, hints: list, sizes: dict) -> list[Strategy]:
         return _dot_strategies(e, cur, hints, sizes)
     outs = [v.aval for v in e.outputs]
     ins = [a.aval for a in e.inputs]
+    if e.prim.name == "shard_map" and _whole_mesh(e.params, sizes):
+        # a manual region over the same mesh: its specs are its strategy, its body is inlined
+        p = e.params
+        return [Strategy(tuple(Sharding.from_spec(sp, a.ndim) for sp, a in zip(p["in_specs"], ins)),
+                         tuple(Sharding.from_spec(sp, o.ndim) for sp, o in zip(p["out_specs"], outs)),
+                         "inline")]
     if cat in ("opaque", "iota"):
         return [Strategy(tuple(Sharding.replicated(a.ndim) for a in ins),
                          tuple(Sharding.replicated(o.ndim) for o in outs))]
@@ -426,3 +432,9 @@ def contraction_flops(e, s: Strategy, sizes) -> float:
     out = s.outs[0].local_shape(e.outputs[0].aval.shape, sizes)
     xl = s.ins[0].local_shape(e.inputs[0].aval.shape, sizes)
     return 2.0 * math.prod(out) * math.prod(xl[i] for i in xc)
+
+
+def _whole_mesh(params, sizes) -> bool:
+    m = params["mesh"]
+    return (dict(zip(m.axis_names, m.axis_sizes)) == sizes and set(params["manual_axes"]) == set(sizes)
+            and params["check_vma"])
