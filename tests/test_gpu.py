@@ -231,12 +231,11 @@ def test_pack_unpack_match_numpy(cupy, dtype, shape, dim, n):
     from spmd.gpu import ops
     x = (np.arange(np.prod(shape)) % 251).astype(dtype).reshape(shape)
     split = lambda a: a.reshape(a.shape[:dim] + (n, -1) + a.shape[dim + 1:])
-    for host in (x, np.asfortranarray(x), np.repeat(x, 2, axis=-1)[..., ::2]):   # strided sources
-        dev = cupy.asarray(host) if host.flags.c_contiguous else cupy.asarray(np.repeat(x, 2, axis=-1))[..., ::2]
-        if np.isfortran(host):
-            dev = cupy.asfortranarray(cupy.asarray(x))
-        view = cupy.moveaxis(split(dev), dim, 0)
-        packed = ops.pack(view)
+    layouts = [lambda m, a: a, lambda m, a: m.asfortranarray(a),          # strided sources too
+               lambda m, a: m.repeat(a, 2, axis=-1)[..., ::2]]
+    for make in layouts:
+        host, dev = make(np, x), make(cupy, cupy.asarray(x))
+        packed = ops.pack(cupy.moveaxis(split(dev), dim, 0))
         np.testing.assert_array_equal(packed.get(), np.ascontiguousarray(np.moveaxis(split(host), dim, 0)))
         target = cupy.zeros(shape, dtype)
         ops.unpack(packed, cupy.moveaxis(split(target), dim, 0))

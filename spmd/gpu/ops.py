@@ -12,6 +12,7 @@ import numpy as np
 from . import index_math as im
 from . import kernels
 
+
 def _cupy():
     import cupy
     return cupy
@@ -29,8 +30,8 @@ def _launch_pack(name, src_ptr_array, dst_ptr_array, lay, unit):
     itype = im.index_type(lay.total, lay.max_offset())
     fn = kernels.kernel("pack.cu", f"spmd::{name}<{kernels.MOVE_TYPES[unit]}, {itype}>")
     blocks, threads = kernels.grid(lay.total)
-    fn((blocks,), (threads,), (src_ptr_array, dst_ptr_array,
-                               *_ints(itype, lay.n, lay.d0, lay.d1, lay.d2, lay.s_rank, lay.s0, lay.s1, lay.s2)))
+    fn((blocks,), (threads,), (src_ptr_array, dst_ptr_array, *_ints(
+        itype, lay.n, lay.d0, lay.d1, lay.d2, lay.s_rank, lay.s0, lay.s1, lay.s2)))
 
 
 def pack(view, out=None):
