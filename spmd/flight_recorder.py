@@ -160,7 +160,7 @@ class Report:
     ranks: list[int]
     missing: list[int]                    # ranks of the job that wrote no dump
     last: dict[int, dict | None]          # each rank's latest entry
-    behind: list[int]                     # ranks whose latest collective is the oldest
+    behind: list[int]                     # ranks with no dump, else those whose latest is oldest
     disagreement: dict | None             # {"seq", "calls": {rank: call}, "odd": [ranks]}
 
     def lines(self) -> list[str]:
@@ -174,9 +174,9 @@ class Report:
         if self.behind:
             seqs = {r: (self.last[r]["seq"] if self.last[r] else -1) for r in self.ranks}
             ahead = max(seqs.values())
+            where = ("no dump" if self.behind[0] in self.missing else f"at #{seqs[self.behind[0]]}")
             out.append(f"behind: rank{'s' if len(self.behind) > 1 else ''} "
-                       f"{', '.join(map(str, self.behind))} (at #{seqs[self.behind[0]]}; "
-                       f"others reached #{ahead})")
+                       f"{', '.join(map(str, self.behind))} ({where}; others reached #{ahead})")
         else:
             out.append("behind: no rank (all reached the same collective)")
         if self.disagreement:
@@ -202,7 +202,10 @@ def analyze(dumps: dict[int, dict]) -> Report:
     last = {r: (dumps[r]["entries"][-1] if dumps[r]["entries"] else None) for r in ranks}
     seqs = {r: (last[r]["seq"] if last[r] else -1) for r in ranks}
     behind = []
-    if len(set(seqs.values())) > 1:
+    if missing and ranks:
+        # A rank with no dump never reached a collective that failed (it hung elsewhere, or died).
+        behind = missing
+    elif len(set(seqs.values())) > 1:
         low = min(seqs.values())
         behind = [r for r in ranks if seqs[r] == low]
     disagreement = None

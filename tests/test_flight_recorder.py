@@ -72,9 +72,10 @@ def test_disagreement_in_shape_dtype_or_axes(tmp_path, field, value):
 def test_missing_ranks_and_two_way_ties(tmp_path):
     d = write_dumps(tmp_path, {0: [entry(0, op="psum")], 1: [entry(0, op="pmax")]}, world=3)
     report = fr.analyze(fr.load(d))
-    assert report.missing == [2]
+    assert report.missing == [2] and report.behind == [2]
     assert report.disagreement["odd"] == [0, 1]          # no majority: both named
     assert "ranks [2] wrote no dump" in str(report)
+    assert "behind: rank 2 (no dump; others reached #0)" in str(report)
 
 
 def test_chrome_trace(tmp_path):
