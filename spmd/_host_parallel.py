@@ -66,16 +66,20 @@ def run(xp, nbytes: int, tasks) -> None:
         return
     if _pool is None:
         _pool = concurrent.futures.ThreadPoolExecutor(threads, "spmd-host", _worker_init)
-    # one batch of consecutive tasks per thread; the calling thread runs the first batch itself
-    cuts = [len(tasks) * i // threads for i in range(threads + 1)]
-    batches = [tasks[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
-    futures = [_pool.submit(_run_all, b) for b in batches[1:]]
-    _run_all(batches[0])
-    for f in futures:
-        f.result()
+    # The caller and the helpers take tasks from one shared iterator (each task once; its next()
+    # holds the GIL).  On a busy host a helper may not get a core for a while: the caller then
+    # does the work itself instead of waiting, and helpers that never started are cancelled.
+    pending = iter(tasks)
+    futures = [_pool.submit(_drain, pending) for _ in range(min(threads, len(tasks)) - 1)]
+    try:
+        _drain(pending)
+    finally:
+        for f in futures:
+            if not f.cancel():
+                f.result()
 
 
-def _run_all(tasks):
+def _drain(tasks):
     for t in tasks:
         t()
 
@@ -111,7 +115,7 @@ def reduce_into(xp, op: str, out, slabs, parallel: bool = True):
         for s in slabs[2:]:
             ufunc(o, s[idx], out=o)
 
-    parts = num_threads() if parallel else 1
+    parts = 4 * num_threads() if parallel else 1        # a few per thread, for the stealing
     nbytes = out.nbytes * (len(slabs) + 1)
     run(xp, nbytes, [lambda idx=idx: part(idx) for idx in chunks(out.shape, parts)])
     return out
@@ -143,7 +147,7 @@ def copy(xp, src):
     """A C-contiguous copy of ``src``."""
     out = empty(xp, src.shape, src.dtype)
     run(xp, 2 * out.nbytes, [lambda idx=idx: xp.copyto(out[idx], src[idx])
-                             for idx in chunks(out.shape, num_threads())])
+                             for idx in chunks(out.shape, 4 * num_threads())])
     return out
 
 
