@@ -348,6 +348,10 @@ def run_compiled(comp: Compiled, leaves, paths, executor=None):
             x = device_put(np.asarray(x), want)
         placed.append(x)
     executor = executor or _default_executor()
+    from ..executors import StackedExecutor
+    if not isinstance(executor, StackedExecutor):
+        # executors that split global arrays themselves get them padded like the blocks
+        placed = [_pad_global(np.asarray(x), v.aval.shape) for x, v in zip(placed, comp.manual.in_vars)]
     outs = executor.run(comp.manual, placed)
     result = []
     for o, shape, sh in zip(outs, comp.out_shapes, comp.prop.out_shardings):
@@ -359,6 +363,14 @@ def run_compiled(comp: Compiled, leaves, paths, executor=None):
             arr = np.asarray(o)
             result.append(device_put(arr[tuple(slice(0, d) for d in shape)], ns))
     return result
+
+
+def _pad_global(x, shape):
+    if x.shape == tuple(shape):
+        return x
+    out = np.zeros(shape, x.dtype)
+    out[tuple(slice(0, d) for d in x.shape)] = x
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
