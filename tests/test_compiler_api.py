@@ -252,3 +252,13 @@ def test_shard_map_inside_sharded_jit_is_inlined():
     assert y.sharding.spec == P("data")
     assert kinds(f, X) == []                     # the user's psum is the only collective
     assert "psum[axes=(model,)" in f.lower(X).as_text()
+
+
+def test_grad_through_with_sharding_constraint():
+    def loss(w, x):
+        h = spmd.with_sharding_constraint(np.tanh(x @ w), NS("data", "model"))
+        return np.sum(h * h)
+    f = spmd.jit(spmd.grad(loss), in_shardings=(NS(), NS("data")))
+    g = f(W1, X)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(spmd.grad(loss)(W1, X)), rtol=1e-3, atol=1e-3)
+    assert any(e.prim.name == "sharding_constraint" for e in f.lower(W1, X).compiled.program.eqns)
