@@ -8,11 +8,6 @@ over ``data``.  Its gradient program (spmd's transpose of the shard_map) has one
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import glob
-import os
-
 import numpy as np
 
 import spmd
@@ -57,8 +52,6 @@ def _one_size(quick, batch, d, hidden) -> list[Row]:
     step = spmd.jit(spmd.value_and_grad(loss))
     v, g = step(sp, sx, sy)
     spmd_s = timeit(lambda: step(sp, sx, sy), **timing)
-    with _blas_threads(1) as ok:
-        spmd_1t = timeit(lambda: step(sp, sx, sy), **timing) if ok else None
     extra = {"backward psums": _backward_psums(loss, params, x, y)}
     try:
         import jax
@@ -81,30 +74,7 @@ def _one_size(quick, batch, d, hidden) -> list[Row]:
     for k in params:
         np.testing.assert_allclose(np.asarray(g[k]), np.asarray(jg[k]), rtol=2e-3, atol=1e-5)
     jax_s = timeit(lambda: jax.block_until_ready(jstep(jp, jx, jy)), **timing)
-    rows = [Row(NAME, case, spmd_s, "jax", jax_s, extra)]
-    if spmd_1t is not None:
-        rows.append(Row(NAME, case + ", spmd's BLAS on 1 thread", spmd_1t, "jax", jax_s, extra))
-    return rows
-
-
-@contextlib.contextmanager
-def _blas_threads(n):
-    """Run with NumPy's OpenBLAS on ``n`` threads (yields False where that cannot be set).
-
-    On a busy host OpenBLAS's spinning worker threads can cost far more than they give; this
-    row shows how much of the gap to JAX is that, not the program."""
-    try:
-        lib = ctypes.CDLL(glob.glob(os.path.dirname(np.__file__) + ".libs/libscipy_openblas64_*.so")[0])
-        get, set_ = lib.scipy_openblas_get_num_threads64_, lib.scipy_openblas_set_num_threads64_
-    except (IndexError, OSError, AttributeError):
-        yield False
-        return
-    before = get()
-    set_(n)
-    try:
-        yield True
-    finally:
-        set_(before)
+    return [Row(NAME, case, spmd_s, "jax", jax_s, extra)]
 
 
 def _backward_psums(loss, params, x, y) -> int:

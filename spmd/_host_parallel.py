@@ -159,3 +159,50 @@ def reshape(xp, x, shape):
         except ValueError:
             return copy(xp, x).reshape(shape)
     return xp.reshape(x, shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# matmul over the simulated devices
+# ---------------------------------------------------------------------------------------------
+
+# Below this many multiply-adds a batched matmul is one NumPy call.
+MATMUL_MIN_FLOPS = 1 << 24
+
+
+@functools.lru_cache(maxsize=1)
+def _openblas():
+    """(get_num_threads, set_num_threads) of NumPy's bundled OpenBLAS, or None."""
+    import ctypes
+    import glob
+    for path in glob.glob(os.path.dirname(np.__file__) + ".libs/libscipy_openblas*.so*"):
+        try:
+            lib = ctypes.CDLL(path)
+            return lib.scipy_openblas_get_num_threads64_, lib.scipy_openblas_set_num_threads64_
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def matmul(xp, a, b):
+    """``xp.matmul(a, b)`` where the leading dims are the simulated devices: one single-threaded
+    BLAS call per device, the devices spread over the host threads (as XLA runs one thread per
+    device).  A multi-threaded BLAS call per device is what NumPy would do; on a busy host its
+    spinning threads cost up to ten times the work itself."""
+    lead = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    blas = _openblas()
+    flops = math.prod(lead) * a.shape[-2] * a.shape[-1] * b.shape[-1]
+    if (xp is not np or blas is None or math.prod(lead) < 2 or flops < MATMUL_MIN_FLOPS
+            or num_threads() < 2 or getattr(_local, "worker", False)):
+        return xp.matmul(a, b)
+    out = np.empty(lead + (a.shape[-2], b.shape[-1]), np.result_type(a, b))
+    a = np.broadcast_to(a, lead + a.shape[-2:])
+    b = np.broadcast_to(b, lead + b.shape[-2:])
+    get, set_ = blas
+    before = get()
+    set_(1)
+    try:
+        run(xp, out.nbytes + a.nbytes + b.nbytes,
+            [lambda i=i: np.matmul(a[i], b[i], out=out[i]) for i in np.ndindex(*lead)])
+    finally:
+        set_(before)
+    return out

@@ -16,6 +16,7 @@ import math
 import numpy as np
 
 from .core import Aval, Primitive, bind
+from . import _host_parallel
 from .transforms import ad, vmap as batching
 
 # ---------------------------------------------------------------------------------------------
@@ -572,8 +573,8 @@ def _dot_impl(xp, k, x, y, *, contract, batch):
     M = tuple(x.shape[k + i] for i in xf)
     N = tuple(y.shape[k + j] for j in yf)
     C = math.prod(x.shape[k + i] for i in xc)
-    out = xp.matmul(xt.reshape(x.shape[:k] + B + (math.prod(M), C)),
-                    yt.reshape(y.shape[:k] + B + (C, math.prod(N))))
+    out = _host_parallel.matmul(xp, xt.reshape(x.shape[:k] + B + (math.prod(M), C)),
+                                yt.reshape(y.shape[:k] + B + (C, math.prod(N))))
     return out.reshape(out.shape[:k] + B + M + N)
 
 

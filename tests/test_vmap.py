@@ -126,3 +126,19 @@ def test_vmap_of_pmax_pmin(op):
     g = spmd.shard_map(lambda x: spmd.vmap(lambda r: getattr(spmd, op)(r, "j"))(x), mesh=mesh,
                        in_specs=P(None, "i", "j"), out_specs=P(None, "i"))
     np.testing.assert_allclose(np.asarray(g(xs)), want)
+
+
+def test_matmul_over_simulated_devices_matches_numpy():
+    """Big batched matmuls (the stacked executor's mesh dims) run one single-threaded BLAS call
+    per device on the host threads; broadcast (size-1) device dims included."""
+    from spmd import _host_parallel
+    a = rng.standard_normal((2, 1, 64, 96)).astype(np.float32)
+    b = rng.standard_normal((1, 4, 96, 80)).astype(np.float32)
+    old = _host_parallel.MATMUL_MIN_FLOPS
+    _host_parallel.MATMUL_MIN_FLOPS = 0
+    try:
+        got = _host_parallel.matmul(np, a, b)
+    finally:
+        _host_parallel.MATMUL_MIN_FLOPS = old
+    np.testing.assert_allclose(got, np.matmul(a, b), rtol=1e-5, atol=1e-5)
+    assert got.shape == (2, 4, 64, 80)
