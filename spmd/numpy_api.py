@@ -99,37 +99,37 @@ def _broadcast_operands(xs):
 # ufuncs
 # ---------------------------------------------------------------------------------------------
 
-# ufunc -> (primitive, how inputs are cast: "out" to the result dtype, "common" to the
-# promoted input dtype, "none" left alone)
+# ufunc -> primitive.  Operands are cast to the dtypes of the loop NumPy itself would pick
+# (``ufunc.resolve_dtypes``), so promotion is NumPy's, ml_dtypes' bfloat16 loops included.
 _UFUNCS = {
-    np.add: (lax.add_p, "out"), np.subtract: (lax.sub_p, "out"), np.multiply: (lax.mul_p, "out"),
-    np.true_divide: (lax.div_p, "out"), np.floor_divide: (lax.floordiv_p, "out"),
-    np.remainder: (lax.rem_p, "out"), np.fmod: (lax.fmod_p, "out"), np.power: (lax.pow_p, "out"),
-    np.maximum: (lax.max_p, "out"), np.minimum: (lax.min_p, "out"), np.fmax: (lax.fmax_p, "out"),
-    np.fmin: (lax.fmin_p, "out"), np.arctan2: (lax.atan2_p, "out"), np.hypot: (lax.hypot_p, "out"),
-    np.copysign: (lax.copysign_p, "out"), np.logaddexp: (lax.logaddexp_p, "out"),
-    np.bitwise_and: (lax.and_p, "out"), np.bitwise_or: (lax.or_p, "out"),
-    np.bitwise_xor: (lax.xor_p, "out"), np.left_shift: (lax.shift_left_p, "out"),
-    np.right_shift: (lax.shift_right_p, "out"),
-    np.logical_and: (lax.and_p, "bool"), np.logical_or: (lax.or_p, "bool"),
-    np.logical_xor: (lax.xor_p, "bool"), np.logical_not: (lax.not_p, "bool"),
-    np.equal: (lax.eq_p, "common"), np.not_equal: (lax.ne_p, "common"), np.less: (lax.lt_p, "common"),
-    np.less_equal: (lax.le_p, "common"), np.greater: (lax.gt_p, "common"),
-    np.greater_equal: (lax.ge_p, "common"),
-    np.negative: (lax.neg_p, "out"), np.positive: (None, "out"), np.exp: (lax.exp_p, "out"),
-    np.exp2: (lax.exp2_p, "out"), np.log: (lax.log_p, "out"), np.log2: (lax.log2_p, "out"),
-    np.log10: (lax.log10_p, "out"), np.log1p: (lax.log1p_p, "out"), np.expm1: (lax.expm1_p, "out"),
-    np.tanh: (lax.tanh_p, "out"), np.sinh: (lax.sinh_p, "out"), np.cosh: (lax.cosh_p, "out"),
-    np.sin: (lax.sin_p, "out"), np.cos: (lax.cos_p, "out"), np.tan: (lax.tan_p, "out"),
-    np.arcsin: (lax.asin_p, "out"), np.arccos: (lax.acos_p, "out"), np.arctan: (lax.atan_p, "out"),
-    np.arcsinh: (lax.asinh_p, "out"), np.arccosh: (lax.acosh_p, "out"),
-    np.arctanh: (lax.atanh_p, "out"), np.sqrt: (lax.sqrt_p, "out"), np.cbrt: (lax.cbrt_p, "out"),
-    np.square: (lax.square_p, "out"), np.reciprocal: (lax.reciprocal_p, "out"),
-    np.absolute: (lax.abs_p, "none"), np.sign: (lax.sign_p, "out"), np.floor: (lax.floor_p, "out"),
-    np.ceil: (lax.ceil_p, "out"), np.trunc: (lax.trunc_p, "out"), np.rint: (lax.rint_p, "out"),
-    np.conjugate: (lax.conj_p, "out"), np.invert: (lax.invert_p, "out"),
-    np.isnan: (lax.isnan_p, "none"), np.isinf: (lax.isinf_p, "none"),
-    np.isfinite: (lax.isfinite_p, "none"), np.signbit: (lax.signbit_p, "none"),
+    np.add: lax.add_p, np.subtract: lax.sub_p, np.multiply: lax.mul_p,
+    np.true_divide: lax.div_p, np.floor_divide: lax.floordiv_p,
+    np.remainder: lax.rem_p, np.fmod: lax.fmod_p, np.power: lax.pow_p,
+    np.maximum: lax.max_p, np.minimum: lax.min_p, np.fmax: lax.fmax_p,
+    np.fmin: lax.fmin_p, np.arctan2: lax.atan2_p, np.hypot: lax.hypot_p,
+    np.copysign: lax.copysign_p, np.logaddexp: lax.logaddexp_p,
+    np.bitwise_and: lax.and_p, np.bitwise_or: lax.or_p,
+    np.bitwise_xor: lax.xor_p, np.left_shift: lax.shift_left_p,
+    np.right_shift: lax.shift_right_p,
+    np.logical_and: lax.and_p, np.logical_or: lax.or_p,
+    np.logical_xor: lax.xor_p, np.logical_not: lax.not_p,
+    np.equal: lax.eq_p, np.not_equal: lax.ne_p, np.less: lax.lt_p,
+    np.less_equal: lax.le_p, np.greater: lax.gt_p,
+    np.greater_equal: lax.ge_p,
+    np.negative: lax.neg_p, np.positive: None, np.exp: lax.exp_p,
+    np.exp2: lax.exp2_p, np.log: lax.log_p, np.log2: lax.log2_p,
+    np.log10: lax.log10_p, np.log1p: lax.log1p_p, np.expm1: lax.expm1_p,
+    np.tanh: lax.tanh_p, np.sinh: lax.sinh_p, np.cosh: lax.cosh_p,
+    np.sin: lax.sin_p, np.cos: lax.cos_p, np.tan: lax.tan_p,
+    np.arcsin: lax.asin_p, np.arccos: lax.acos_p, np.arctan: lax.atan_p,
+    np.arcsinh: lax.asinh_p, np.arccosh: lax.acosh_p,
+    np.arctanh: lax.atanh_p, np.sqrt: lax.sqrt_p, np.cbrt: lax.cbrt_p,
+    np.square: lax.square_p, np.reciprocal: lax.reciprocal_p,
+    np.absolute: lax.abs_p, np.sign: lax.sign_p, np.floor: lax.floor_p,
+    np.ceil: lax.ceil_p, np.trunc: lax.trunc_p, np.rint: lax.rint_p,
+    np.conjugate: lax.conj_p, np.invert: lax.invert_p,
+    np.isnan: lax.isnan_p, np.isinf: lax.isinf_p,
+    np.isfinite: lax.isfinite_p, np.signbit: lax.signbit_p,
 }
 
 
@@ -156,6 +156,18 @@ def _logaddexp2(x, y):
     return apply_ufunc(np.add, apply_ufunc(np.log2, e), m)
 
 
+def _loop_dtypes(ufunc, operands):
+    """The input dtypes of the loop NumPy picks for ``operands`` (Python scalars weak, NEP 50)."""
+    if ufunc in (np.logical_and, np.logical_or, np.logical_xor, np.logical_not):
+        return (np.dtype(np.bool_),) * ufunc.nin       # the bitwise primitives on bools
+    key = tuple(type(x) if _is_scalar(x) and type(x) is not bool else _dtype(x) for x in operands)
+    dts = ufunc.resolve_dtypes(key + (None,) * ufunc.nout)[:ufunc.nin]
+    if builtins.any(type(x) is int and dt.kind in "iu" and not np.iinfo(dt).min <= x <= np.iinfo(dt).max
+                    for x, dt in zip(operands, dts)):
+        dts = tuple(np.promote_types(dt, np.int64) for dt in dts)   # NumPy compares int8 with 300
+    return dts
+
+
 def _result_dtype(ufunc, operands):
     try:
         with np.errstate(all="ignore"):
@@ -174,16 +186,11 @@ def apply_ufunc(ufunc, *operands):
         return _COMPOSITE_UFUNCS[ufunc](*[astype(x, out_dt) for x in operands])
     if ufunc not in _UFUNCS:
         raise NotImplementedError(f"spmd has no rule for numpy.{ufunc.__name__} on traced values")
-    prim, cast = _UFUNCS[ufunc]
+    prim = _UFUNCS[ufunc]
     operands = [_operand(x) for x in operands]
-    out_dt = _result_dtype(ufunc, operands)
-    if cast == "out":
-        operands = [astype(x, out_dt) if not _is_scalar(x) else np.asarray(x, out_dt) for x in operands]
-    elif cast == "common":
-        common = np.result_type(*[_dummy(x) for x in operands])
-        operands = [astype(x, common) for x in operands]
-    elif cast == "bool":
-        operands = [astype(x, np.bool_) for x in operands]
+    _result_dtype(ufunc, operands)          # NumPy's refusals, as clear TypeErrors
+    operands = [np.asarray(x, dt) if _is_scalar(x) else astype(x, dt)
+                for x, dt in zip(operands, _loop_dtypes(ufunc, operands))]
     if prim is None:
         return operands[0]
     operands = _broadcast_operands(operands)

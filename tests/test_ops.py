@@ -529,6 +529,64 @@ def test_op(row):
     run_row(row)
 
 
+PROMOTION_DTYPES = [b_, i8, u8, np.dtype(np.int16), i32, i64, np.dtype(np.uint32), f16, bf16, f32, f64, c64, c128]
+PROMOTION_UFUNCS = [np.add, np.subtract, np.multiply, np.true_divide, np.floor_divide, np.remainder, np.power,
+                    np.maximum, np.fmin, np.equal, np.less, np.logical_and, np.logical_xor, np.bitwise_and,
+                    np.arctan2, np.hypot, np.logaddexp, np.left_shift, np.copysign, np.heaviside, np.float_power]
+UNARY_PROMOTION = [np.negative, np.exp, np.sqrt, np.absolute, np.sign, np.square, np.reciprocal, np.floor,
+                   np.invert, np.logical_not, np.isnan, np.signbit, np.conjugate, np.deg2rad, np.rint]
+
+
+def _outcome(fn, *args):
+    """The result dtype of ``fn(*args)``, or "refused" when it raises a TypeError/OverflowError."""
+    try:
+        with np.errstate(all="ignore"):
+            return np.asarray(fn(*args)).dtype
+    except (TypeError, OverflowError):
+        return "refused"
+    except ValueError:                         # value-dependent (int ** -1): no dtype rule to compare
+        return None
+
+
+@pytest.mark.parametrize("ufunc", PROMOTION_UFUNCS, ids=lambda u: u.__name__)
+def test_dtype_promotion_matches_numpy(ufunc):
+    """Every pair of dtypes, and every dtype with a weak Python scalar (NEP 50): spmd's traced
+    result dtype equals NumPy's, and spmd refuses (TypeError) exactly what NumPy refuses."""
+    operands = [np.ones(2, d) for d in PROMOTION_DTYPES] + [True, 3, 300, -1, 2.5, 1j]
+    for x, y in itertools.product(operands, repeat=2):
+        if not isinstance(x, np.ndarray) and not isinstance(y, np.ndarray):
+            continue
+        want = _outcome(ufunc, x, y)
+        if want is None:
+            continue
+        def traced(*arrays):                   # the arrays are traced, Python scalars stay as they are
+            it = iter(arrays)
+            return ufunc(*[next(it) if isinstance(v, np.ndarray) else v for v in (x, y)])
+        arrays = [v for v in (x, y) if isinstance(v, np.ndarray)]
+        try:
+            got = spmd.make_program(traced)(*arrays).out_avals[0].dtype
+        except TypeError:
+            got = "refused"
+        what = f"np.{ufunc.__name__}({x!r:.30}, {y!r:.30})"
+        assert got == want, f"{what}: spmd {got}, NumPy {want}"
+        if got != "refused" and ufunc is not np.left_shift:       # shifting by 300 is undefined
+            with np.errstate(all="ignore"):
+                _compare(spmd.jit(traced)(*arrays), ufunc(x, y), None, what)
+
+
+def test_unary_dtype_rules_match_numpy():
+    for ufunc, dt in itertools.product(UNARY_PROMOTION, PROMOTION_DTYPES):
+        want = _outcome(ufunc, np.ones(2, dt))
+        try:
+            got = spmd.make_program(ufunc)(np.ones(2, dt)).out_avals[0].dtype
+        except TypeError:
+            got = "refused"
+        assert got == want, f"np.{ufunc.__name__}({dt}): spmd {got}, NumPy {want}"
+        if got != "refused":
+            with np.errstate(all="ignore"):
+                _compare(spmd.jit(ufunc)(np.ones(2, dt)), ufunc(np.ones(2, dt)), None, f"np.{ufunc.__name__}({dt})")
+
+
 def test_every_primitive_is_exercised():
     """Every local primitive of ``spmd.lax`` ran in some row (rows not run yet run here)."""
     for row in ROWS:
