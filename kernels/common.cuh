@@ -22,16 +22,27 @@ template <typename T> struct Acc {
   static __device__ __forceinline__ T store(T x) { return x; }
 };
 
+// Device code converts with PTX.  The #else branches let tests/test_kernels.py run these same
+// kernels as host C++ on the CPU (host_shim.h stands in for the CUDA built-ins); NVRTC never
+// sees them.
 template <> struct Acc<half_t> {
   typedef float type;
   static __device__ __forceinline__ float load(half_t x) {
+#ifdef __CUDA_ARCH__
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
     return f;
+#else
+    return host_half_to_float(x.bits);
+#endif
   }
   static __device__ __forceinline__ half_t store(float f) {
     half_t x;
+#ifdef __CUDA_ARCH__
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(x.bits) : "f"(f));
+#else
+    x.bits = host_float_to_half(f);
+#endif
     return x;
   }
 };
@@ -43,7 +54,11 @@ template <> struct Acc<bf16_t> {
   }
   static __device__ __forceinline__ bf16_t store(float f) {
     bf16_t x;
+#ifdef __CUDA_ARCH__
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(x.bits) : "f"(f));  // sm_80 and newer
+#else
+    x.bits = host_float_to_bf16(f);
+#endif
     return x;
   }
 };
@@ -90,13 +105,22 @@ __device__ __forceinline__ Pack<T> reduce_packs(const Pack<T>* const* srcs, int 
 }
 
 __device__ __forceinline__ void store_release_sys(unsigned* addr, unsigned v) {
+#ifdef __CUDA_ARCH__
   asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(addr), "r"(v) : "memory");
+#else
+  __atomic_store_n(addr, v, __ATOMIC_RELEASE);
+#endif
 }
 
 __device__ __forceinline__ unsigned load_acquire_sys(const unsigned* addr) {
+#ifdef __CUDA_ARCH__
   unsigned v;
   asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(addr) : "memory");
   return v;
+#else
+  host_spin_pause();
+  return __atomic_load_n(addr, __ATOMIC_ACQUIRE);
+#endif
 }
 
 // Grid-stride loop bounds.

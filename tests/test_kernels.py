@@ -468,3 +468,258 @@ def test_gpu_executors_run_the_collective_table_on_a_stand_in(fake_gpus, monkeyp
     for c in comms:
         c.close()
         assert all(nc.destroyed for nc in c._world.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernels themselves, run on the CPU as host C++ (kernels/host_shim.h): every CUDA thread in
+# turn, or each as a std::thread for the peer all-reduce (ranks spin on each other's flags)
+# ---------------------------------------------------------------------------------------------
+
+_DRIVER = r"""
+#include "host_shim.h"
+#include "pack.cu"
+#include "copy.cu"
+#include "reduce.cu"
+#include "allreduce.cu"
+
+template <typename T> struct Tag { typedef T type; };
+
+template <typename Fn> void with_type_op(int dt, int op, Fn fn) {
+  auto with_op = [&](auto t) {
+    switch (op) {
+      case 0: fn(t, Tag<spmd::Sum>{}); break;
+      case 1: fn(t, Tag<spmd::Max>{}); break;
+      default: fn(t, Tag<spmd::Min>{}); break;
+    }
+  };
+  switch (dt) {
+    case 0: with_op(Tag<float>{}); break;
+    case 1: with_op(Tag<double>{}); break;
+    case 2: with_op(Tag<spmd::half_t>{}); break;
+    case 3: with_op(Tag<spmd::bf16_t>{}); break;
+    case 4: with_op(Tag<int>{}); break;
+    default: with_op(Tag<long long>{}); break;
+  }
+}
+
+template <typename Fn> void with_unit(int unit, Fn fn) {
+  switch (unit) {
+    case 1: fn(Tag<unsigned char>{}); break;
+    case 2: fn(Tag<unsigned short>{}); break;
+    case 4: fn(Tag<unsigned int>{}); break;
+    case 8: fn(Tag<unsigned long long>{}); break;
+    default: fn(Tag<spmd::b128>{}); break;
+  }
+}
+
+typedef long long ll;
+
+extern "C" {
+void run_pack(int unpack, int unit, int wide_index, const void* src, void* dst, ll n, ll d0, ll d1,
+              ll d2, ll sr, ll s0, ll s1, ll s2, int blocks, int threads) {
+  with_unit(unit, [&](auto u) {
+    typedef typename decltype(u)::type T;
+    auto go = [&](auto i) {
+      typedef typename decltype(i)::type I;
+      host_launch({(unsigned)blocks}, {(unsigned)threads}, [&] {
+        if (unpack)
+          spmd::unpack_chunks<T, I>((const T*)src, (T*)dst, n, d0, d1, d2, sr, s0, s1, s2);
+        else
+          spmd::pack_chunks<T, I>((const T*)src, (T*)dst, n, d0, d1, d2, sr, s0, s1, s2);
+      });
+    };
+    if (wide_index) go(Tag<long long>{}); else go(Tag<int>{});
+  });
+}
+
+void run_copy_batched(int unit, const void** srcs, void** dsts, const ll* counts, int copies,
+                      int blocks, int threads) {
+  auto go = [&](auto u) {
+    typedef typename decltype(u)::type V;
+    host_launch({(unsigned)blocks, (unsigned)copies}, {(unsigned)threads},
+                [&] { spmd::copy_batched<V>((const V* const*)srcs, (V* const*)dsts, counts); });
+  };
+  if (unit == 16) go(Tag<spmd::Pack<unsigned int>>{}); else with_unit(unit, go);
+}
+
+void run_reduce_axis(int dt, int op, int wide_index, const void* src, void* dst, ll outer, ll n,
+                     ll inner, ll s_outer, ll s_n, ll s_inner, double scale, int use_scale,
+                     int blocks, int threads) {
+  with_type_op(dt, op, [&](auto t, auto o) {
+    typedef typename decltype(t)::type T;
+    typedef typename decltype(o)::type Op;
+    auto go = [&](auto i) {
+      typedef typename decltype(i)::type I;
+      host_launch({(unsigned)blocks}, {(unsigned)threads}, [&] {
+        spmd::reduce_axis<T, Op, I>((const T*)src, (T*)dst, outer, n, inner, s_outer, s_n, s_inner,
+                                    scale, use_scale);
+      });
+    };
+    if (wide_index) go(Tag<long long>{}); else go(Tag<int>{});
+  });
+}
+
+void run_reduce_ptrs(int dt, int op, const void** srcs, int n, void* dst, ll count, double scale,
+                     int use_scale, int vectorized, int blocks, int threads) {
+  with_type_op(dt, op, [&](auto t, auto o) {
+    typedef typename decltype(t)::type T;
+    typedef typename decltype(o)::type Op;
+    host_launch({(unsigned)blocks}, {(unsigned)threads}, [&] {
+      spmd::reduce_ptrs<T, Op>((const T* const*)srcs, n, (T*)dst, count, scale, use_scale, vectorized);
+    });
+  });
+}
+
+void run_allreduce(int two_shot, int dt, int op, const void** ins, void** outs, void** bufs,
+                   unsigned** flags, int n, ll packs, unsigned epoch, double scale, int use_scale,
+                   int blocks, int threads) {
+  with_type_op(dt, op, [&](auto t, auto o) {
+    typedef typename decltype(t)::type T;
+    typedef typename decltype(o)::type Op;
+    typedef spmd::Pack<T> P;
+    host_launch_concurrent(n, {(unsigned)blocks}, {(unsigned)threads}, [&](int r) {
+      if (two_shot)
+        spmd::allreduce_two_shot<T, Op>((const P*)ins[r], (P*)outs[r], (P* const*)bufs, flags, n, r,
+                                        packs, epoch, scale, use_scale);
+      else
+        spmd::allreduce_one_shot<T, Op>((const P*)ins[r], (P*)outs[r], (P* const*)bufs, flags, n, r,
+                                        packs, epoch, scale, use_scale);
+    });
+  });
+}
+}
+"""
+
+_DT = {np.dtype(np.float32): 0, np.dtype(np.float64): 1, np.dtype(np.float16): 2,
+       np.dtype("bfloat16"): 3, np.dtype(np.int32): 4, np.dtype(np.int64): 5}
+_OP = {"sum": 0, "max": 1, "min": 2}
+_L, _I, _P = ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p
+
+
+@pytest.fixture(scope="module")
+def host_kernels(tmp_path_factory):
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler to run the kernels as host code")
+    d = tmp_path_factory.mktemp("host_kernels")
+    (d / "driver.cpp").write_text(_DRIVER)
+    built = subprocess.run([compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread",
+                            "-Wno-unknown-pragmas", f"-I{kernels.kernels_dir()}", str(d / "driver.cpp"),
+                            "-o", str(d / "libkernels.so")], capture_output=True, text=True)
+    if built.returncode and ("_Float16" in built.stderr or "barrier" in built.stderr):
+        pytest.skip(f"this C++ compiler lacks C++20 std::barrier or _Float16: {built.stderr[:300]}")
+    assert built.returncode == 0, built.stderr
+    return ctypes.CDLL(str(d / "libkernels.so"))
+
+
+def _ptrs(arrays):
+    return (_P * len(arrays))(*[a.ctypes.data for a in arrays])
+
+
+@FAST
+@given(rank_major_views(), st.integers(1, 4), st.sampled_from([1, 7, 32]), st.booleans())
+def test_host_pack_and_unpack_kernels(host_kernels, case, blocks, threads, wide_index):
+    buf, view = case
+    lay = im.pack_layout(view.shape, _elem_strides(view))
+    if lay is None:
+        return
+    first = _offset_in(buf, view) * view.itemsize
+    wide, unit = im.widen(lay, view.itemsize, [first])
+    packed = np.zeros(view.size, view.dtype)
+    args = [_L(v) for v in (wide.n, wide.d0, wide.d1, wide.d2, wide.s_rank, wide.s0, wide.s1, wide.s2)]
+    host_kernels.run_pack(_I(0), _I(unit), _I(wide_index), _P(view.ctypes.data), _P(packed.ctypes.data),
+                          *args, _I(blocks), _I(threads))
+    np.testing.assert_array_equal(packed, np.ascontiguousarray(view).ravel())
+    target = np.zeros_like(buf)
+    dst = target[_offset_in(buf, view):]
+    host_kernels.run_pack(_I(1), _I(unit), _I(wide_index), _P(packed.ctypes.data), _P(dst.ctypes.data),
+                          *args, _I(blocks), _I(threads))
+    np.testing.assert_array_equal(np.lib.stride_tricks.as_strided(dst, view.shape, view.strides), view)
+
+
+def _data(dtype, shape, seed):
+    x = np.random.default_rng(seed).integers(-20, 20, size=shape)
+    return x.astype(dtype)
+
+
+@pytest.mark.parametrize("op", ["sum", "max", "min"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, "bfloat16", np.int32, np.int64])
+@pytest.mark.parametrize("layout, axis", [("contiguous", 0), ("contiguous", 1), ("contiguous", 2),
+                                          ("transposed", 1)])       # the reduced dim strided
+def test_host_reduce_axis_kernel(host_kernels, op, dtype, axis, layout):
+    import ml_dtypes  # noqa: F401  (registers the bfloat16 dtype)
+    x = _data(np.dtype(dtype), (3, 5, 7), 0)
+    if layout == "transposed":
+        x = np.ascontiguousarray(x.transpose(2, 1, 0)).transpose(2, 1, 0)
+    before, after = im.runs(x.shape[:axis], _elem_strides(x)[:axis]), im.runs(x.shape[axis + 1:], _elem_strides(x)[axis + 1:])
+    assert len(before) <= 1 and len(after) <= 1
+    (outer, s_outer), = before or [(1, 0)]
+    (inner, s_inner), = after or [(1, 1)]
+    out = np.zeros(x.shape[:axis] + x.shape[axis + 1:], x.dtype)
+    scale = 0.5 if op == "sum" and x.dtype.kind == "f" else None
+    host_kernels.run_reduce_axis(_I(_DT[x.dtype]), _I(_OP[op]), _I(0), _P(x.ctypes.data), _P(out.ctypes.data),
+                                 _L(outer), _L(x.shape[axis]), _L(inner), _L(s_outer),
+                                 _L(x.strides[axis] // x.itemsize), _L(s_inner),
+                                 ctypes.c_double(scale or 1.0), _I(scale is not None), _I(2), _I(5))
+    want = {"sum": np.sum, "max": np.max, "min": np.min}[op](x.astype(np.float64), axis=axis) * (scale or 1)
+    np.testing.assert_allclose(out.astype(np.float64), want, rtol=1e-2 if x.itemsize == 2 else 1e-6)
+
+
+@pytest.mark.parametrize("vectorized", [0, 1])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, "bfloat16", np.int64])
+@pytest.mark.parametrize("count", [1, 8, 37, 1000])
+def test_host_reduce_ptrs_kernel(host_kernels, vectorized, dtype, count):
+    import ml_dtypes  # noqa: F401
+    xs = [_data(np.dtype(dtype), count, s) for s in range(5)]
+    if np.dtype(dtype).kind == "f":
+        xs[3][count // 2] = np.nan
+    for op, fn in (("sum", np.add), ("max", np.maximum), ("min", np.minimum)):
+        out = np.zeros(count, xs[0].dtype)
+        host_kernels.run_reduce_ptrs(_I(_DT[out.dtype]), _I(_OP[op]), _ptrs(xs), _I(len(xs)),
+                                     _P(out.ctypes.data), _L(count), ctypes.c_double(1.0), _I(0),
+                                     _I(vectorized), _I(2), _I(4))
+        want = xs[0].astype(np.float64)
+        for x in xs[1:]:
+            want = fn(want, x.astype(np.float64))
+        np.testing.assert_allclose(out.astype(np.float64), want, rtol=1e-2 if out.itemsize == 2 else 1e-6)
+
+
+def test_host_copy_batched_kernel(host_kernels):
+    srcs = [np.arange(n, dtype=np.uint8) for n in (16, 48, 4096)]
+    for unit in (1, 2, 4, 8, 16):
+        dsts = [np.zeros_like(s) for s in srcs]
+        counts = np.array([s.nbytes // unit for s in srcs], np.int64)
+        host_kernels.run_copy_batched(_I(unit), _ptrs(srcs), _ptrs(dsts), _P(counts.ctypes.data),
+                                      _I(len(srcs)), _I(3), _I(16))
+        for s, d in zip(srcs, dsts):
+            np.testing.assert_array_equal(s, d)
+
+
+@pytest.mark.parametrize("two_shot", [0, 1], ids=["one_shot", "two_shot"])
+@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("dtype, op", [(np.float32, "sum"), (np.float16, "sum"), ("bfloat16", "max"),
+                                        (np.int64, "min"), (np.float64, "sum")])
+def test_host_peer_all_reduce(host_kernels, two_shot, n, dtype, op):
+    """The ranks run at once and meet at the flag barriers; the flags are reused across calls
+    (the epoch grows), and every rank ends with the same, correct result."""
+    import ml_dtypes  # noqa: F401
+    dtype = np.dtype(dtype)
+    count = 16 // dtype.itemsize * 37                     # 37 packs: slices of uneven length
+    bufs = [np.zeros(count * dtype.itemsize, np.uint8) for _ in range(n)]
+    flags = [np.zeros(im.FLAG_WORDS, np.uint32) for _ in range(n)]
+    for epoch in (1, 2, 3):
+        ins = [_data(dtype, count, 10 * epoch + r) for r in range(n)]
+        outs = [np.zeros_like(x) for x in ins]
+        scale = 0.25 if op == "sum" and dtype.kind == "f" and epoch == 3 else None
+        host_kernels.run_allreduce(_I(two_shot), _I(_DT[dtype]), _I(_OP[op]), _ptrs(ins), _ptrs(outs),
+                                   _ptrs(bufs), _ptrs(flags), _I(n), _L(count * dtype.itemsize // 16),
+                                   ctypes.c_uint(epoch), ctypes.c_double(scale or 1.0),
+                                   _I(scale is not None), _I(3), _I(8))
+        fn = {"sum": np.add, "max": np.maximum, "min": np.minimum}[op]
+        want = ins[0].astype(np.float64)
+        for x in ins[1:]:
+            want = fn(want, x.astype(np.float64))
+        for o in outs:
+            np.testing.assert_allclose(o.astype(np.float64), want * (scale or 1),
+                                       rtol=1e-2 if dtype.itemsize == 2 else 1e-6)
+            np.testing.assert_array_equal(o, outs[0])          # bitwise the same on every rank
