@@ -6,6 +6,8 @@
 - the kernels' index math: the NumPy twins in ``spmd.gpu.index_math`` against NumPy's own
   reshapes and transposes, and the C++ in ``kernels/index_math.cuh`` (compiled here as host
   code) against the NumPy twins;
+- the kernels themselves, compiled as host C++ (``kernels/host_shim.h``) and run on the CPU
+  against NumPy, the peer all-reduce with its ranks running concurrently;
 - GPU discovery says why there is no GPU;
 - the GPU executors' Python (NCCL communicator, placements, the CuPy stacked executor) runs the
   collective table on a NumPy stand-in of CuPy and NCCL (``_fake_cupy.py``): plumbing, not CUDA.
