@@ -32,6 +32,8 @@ LOOP_MIN_BYTES = 1 << 18
 # pooled buffer is handed out again once no array refers to it any more (like the memory pools
 # of JAX's and CuPy's allocators); at most POOL_MAX_BYTES stay pooled.
 POOL_MIN_BYTES = 1 << 20
+# Reductions go block by block: a block of the result this big stays in a core's L2 cache.
+BLOCK_BYTES = 256 << 10
 POOL_MAX_BYTES = 1 << 30
 _buffers: list = []                     # least recently handed out first
 _buffers_lock = threading.Lock()
@@ -101,12 +103,13 @@ def chunks(shape: tuple[int, ...], parts: int) -> list[tuple]:
 _REDUCE = {"sum": "add", "max": "maximum", "min": "minimum"}
 
 
-def reduce_into(xp, op: str, out, slabs, parallel: bool = True):
-    """``out = slabs[0] op slabs[1] op ...`` in order, ``op`` one of sum/max/min; the slabs are
-    arrays (or views) of ``out``'s shape."""
+def reduce_tasks(xp, op: str, out, slabs) -> list:
+    """Tasks that together compute ``out = slabs[0] op slabs[1] op ...`` in order (``op`` one of
+    sum/max/min; the slabs are arrays or views of ``out``'s shape), one per cache-sized block
+    of ``out``, so the running result stays in cache while the slabs stream through."""
     ufunc = getattr(xp, _REDUCE[op])
 
-    def part(idx):
+    def block(idx):
         o = out[idx]
         if len(slabs) == 1:
             xp.copyto(o, slabs[0][idx])
@@ -114,11 +117,23 @@ def reduce_into(xp, op: str, out, slabs, parallel: bool = True):
         ufunc(slabs[0][idx], slabs[1][idx], out=o)
         for s in slabs[2:]:
             ufunc(o, s[idx], out=o)
+    return [functools.partial(block, idx) for idx in chunks(out.shape, out.nbytes // BLOCK_BYTES)]
 
-    parts = 4 * num_threads() if parallel else 1        # a few per thread, for the stealing
-    nbytes = out.nbytes * (len(slabs) + 1)
-    run(xp, nbytes, [lambda idx=idx: part(idx) for idx in chunks(out.shape, parts)])
+
+def reduce_into(xp, op: str, out, slabs):
+    """``out = slabs[0] op slabs[1] op ...``, over the host threads."""
+    run(xp, out.nbytes * (len(slabs) + 1), reduce_tasks(xp, op, out, slabs))
     return out
+
+
+def copy_tasks(xp, out, src, parts: int | None = None) -> list:
+    """Tasks that together copy ``src`` into ``out`` (default: a few per host thread)."""
+    return [functools.partial(_copy_block, xp, out, src, idx)
+            for idx in chunks(out.shape, parts or 4 * num_threads())]
+
+
+def _copy_block(xp, out, src, idx):
+    xp.copyto(out[idx], src[idx])
 
 
 def empty(xp, shape, dtype):
@@ -146,8 +161,7 @@ def empty(xp, shape, dtype):
 def copy(xp, src):
     """A C-contiguous copy of ``src``."""
     out = empty(xp, src.shape, src.dtype)
-    run(xp, 2 * out.nbytes, [lambda idx=idx: xp.copyto(out[idx], src[idx])
-                             for idx in chunks(out.shape, 4 * num_threads())])
+    run(xp, 2 * out.nbytes, copy_tasks(xp, out, src))
     return out
 
 

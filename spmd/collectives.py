@@ -395,11 +395,10 @@ def _psum_scatter_body(xp, rm, y, *, scatter_dimension, tiled, size):
         out = _host_parallel.empty(xp, (slab[0], size) + slab[1:a] + ((c,) if tiled else ()) + slab[a + 1:],
                                    y.dtype)
 
-        def block(j):
-            pick = (slice(None),) * a + ((slice(j * c, (j + 1) * c),) if tiled else (j,))
-            _host_parallel.reduce_into(xp, "sum", out[:, j], [y[:, i][pick] for i in range(size)],
-                                       parallel=False)
-        _host_parallel.run(xp, y.nbytes, [functools.partial(block, j) for j in range(size)])
+        def pick(j):
+            return (slice(None),) * a + ((slice(j * c, (j + 1) * c),) if tiled else (j,))
+        _host_parallel.run(xp, y.nbytes, [t for j in range(size) for t in _host_parallel.reduce_tasks(
+            xp, "sum", out[:, j], [y[:, i][pick(j)] for i in range(size)])])
         return out
     s = y.sum(axis=1, dtype=y.dtype)                    # (G, others, local)
     if tiled:
@@ -529,13 +528,11 @@ def _ppermute_body(xp, rm, y, *, perm):
     if y.nbytes >= _host_parallel.LOOP_MIN_BYTES:
         # big: one block copy per destination (zeros where nothing arrives), over the threads
         out = _host_parallel.empty(xp, y.shape, y.dtype)
-
-        def receive(d):
-            if src_of[d] < 0:
-                out[:, d] = 0
-            else:
-                xp.copyto(out[:, d], y[:, src_of[d]])
-        _host_parallel.run(xp, 2 * y.nbytes, [functools.partial(receive, d) for d in range(rm.n)])
+        for d in np.flatnonzero(src_of < 0):
+            out[:, d] = 0
+        parts = -(-4 * _host_parallel.num_threads() // rm.n)     # a few tasks per thread in all
+        _host_parallel.run(xp, 2 * y.nbytes, [t for d in np.flatnonzero(src_of >= 0) for t in
+                                              _host_parallel.copy_tasks(xp, out[:, d], y[:, src_of[d]], parts)])
         return out
     z = xp.take(y, np.maximum(src_of, 0), axis=1)
     if (src_of < 0).any():

@@ -20,6 +20,7 @@ from ..errors import ShardingError, TracingError
 from ..sharding import NamedSharding, PartitionSpec
 
 _CACHE: dict = {}
+_CACHE_MAX = 4096
 # NumPy functions that only look at shapes and dtypes: answered on the host from stand-ins.
 _METADATA = {np.shape, np.ndim, np.size, np.result_type}
 
@@ -75,6 +76,8 @@ def call(name, fn, args, kwargs):
             a, kw = _rebuild(tree, leaves, dyn, list(xs))
             return fn(*a, **kw)
         one_op.__qualname__ = name
+        if len(_CACHE) >= _CACHE_MAX:
+            _CACHE.pop(next(iter(_CACHE)))          # the oldest entry
         jf = _CACHE[key] = ShardedJitted(Jitted(one_op, name=name), in_shardings=shardings)
     return jf(*arrays)
 
