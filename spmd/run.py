@@ -155,7 +155,8 @@ class _Job:
             # Each rank runs this file alone (stdlib only: no need to import all of spmd), by
             # runpy so that spmd/ does not land on sys.path and shadow the stdlib's `array`.
             boot = ("import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')")
-            cmd = [_mpiexec(), "-n", str(args.n), sys.executable, "-c", boot,
+            # -launcher fork: one host, so no ssh (sandboxes and containers often lack it).
+            cmd = [_mpiexec(), "-launcher", "fork", "-n", str(args.n), sys.executable, "-c", boot,
                    os.path.abspath(__file__), "--_rank", self.status_dir, "--", *script]
             self.launcher = subprocess.Popen(cmd, env=env, start_new_session=True,
                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
