@@ -9,7 +9,8 @@ compares values, shapes and dtypes with NumPy run on the same inputs:
    ``data``, argument 1 a batch over ``model``, argument 2 a batch over both, the rest are
    replicated -- so every implementation runs with ``k = 2`` leading dims, size-1 mesh dims
    broadcasting against size-n ones;
-4. that shard_map program through the reference executor (one device at a time).
+4. that shard_map program through the reference executor (one device at a time);
+5. ``spmd.vmap`` over argument 0's batch.
 """
 from __future__ import annotations
 
@@ -135,7 +136,7 @@ def _expand(out):
 
 
 def check_op(fn, args, ref=None, tol=None, sharded=True, batches=None):
-    """Run ``fn`` on ``args`` through spmd four ways and compare each with NumPy."""
+    """Run ``fn`` on ``args`` through spmd five ways and compare each with NumPy."""
     ref = ref or fn
     with np.errstate(all="ignore"):
         want = ref(*args)
@@ -145,6 +146,9 @@ def check_op(fn, args, ref=None, tol=None, sharded=True, batches=None):
     _record(program)
     _compare(reference_executor().run(program, list(args)), optree.tree_leaves(want), tol,
              "reference executor")
+    want_v = optree.tree_map(lambda *ys: np.stack(ys), *[ref(np.asarray(b), *args[1:]) for b in batches[0]])
+    vmapped = spmd.vmap(fn, in_axes=(0,) + (None,) * (len(args) - 1))
+    _compare(vmapped(batches[0], *args[1:]), want_v, tol, "vmap")
     if not sharded:
         return
     # shard_map: argument i < 3 becomes a batch split over BATCH[i]'s mesh axes
