@@ -55,6 +55,15 @@ def _worker_init():
     _local.worker = True
 
 
+def _after_fork_in_child():
+    # the parent's pool threads do not exist in a forked child; start afresh there
+    global _pool, _buffers_lock
+    _pool, _buffers_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def run(xp, nbytes: int, tasks) -> None:
     """Run the zero-argument callables ``tasks``, which write disjoint parts of their outputs;
     on the thread pool when ``xp`` is NumPy and ``nbytes`` (the bytes they touch) is large."""
