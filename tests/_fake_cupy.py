@@ -214,3 +214,86 @@ def install(monkeypatch, n_gpus: int):
     gpu.gpu_count.cache_clear()
     return cupy
 
+
+
+# -- the kernels, run as host C++ behind a stand-in of RawModule.get_function --------------------
+_DT = {"float": 0, "double": 1, "spmd::half_t": 2, "spmd::bf16_t": 3, "int": 4, "long long": 5}
+_OP = {"spmd::Sum": 0, "spmd::Max": 1, "spmd::Min": 2}
+_UNIT = {"unsigned char": 1, "unsigned short": 2, "unsigned int": 4, "unsigned long long": 8,
+         "spmd::b128": 16, "spmd::Pack<unsigned int>": 16}
+
+
+def _c(arg):
+    """A kernel argument as CuPy would pass it, as a ctypes value."""
+    if isinstance(arg, np.ndarray):
+        return ctypes.c_void_p(arg.__array_interface__["data"][0])
+    return {np.uint64: ctypes.c_void_p, np.int32: ctypes.c_int, np.int64: ctypes.c_longlong,
+            np.uint32: ctypes.c_uint, np.float64: ctypes.c_double}[type(arg)](arg.item())
+
+
+class HostKernel:
+    """``kernel((blocks, [copies]), (threads,), args)`` runs ``expression`` through the host
+    driver of tests/test_kernels.py.  The peer all-reduce is launched once per rank; the ranks
+    are held until all have launched, then run together (as they would on their GPUs)."""
+
+    pending: dict = {}
+
+    def __init__(self, lib, expression):
+        self.lib, self.expr = lib, expression
+        name, rest = expression.split("<", 1)
+        self.name = name.split("::")[1]
+        self.targs = [t.strip() for t in rest[:-1].split(", ")] if ", " in rest else [rest[:-1]]
+
+    def __call__(self, grid, block, args):
+        args = [_c(a) for a in args]
+        blocks, threads = ctypes.c_int(grid[0]), ctypes.c_int(block[0])
+        t = self.targs
+        if self.name in ("pack_chunks", "unpack_chunks"):
+            self.lib.run_pack(ctypes.c_int(self.name == "unpack_chunks"), ctypes.c_int(_UNIT[t[0]]),
+                              ctypes.c_int(t[1] == "long long"), *args, blocks, threads)
+        elif self.name == "copy_batched":
+            self.lib.run_copy_batched(ctypes.c_int(_UNIT[t[0]]), *args, ctypes.c_int(grid[1]), blocks, threads)
+        elif self.name == "reduce_axis":
+            self.lib.run_reduce_axis(ctypes.c_int(_DT[t[0]]), ctypes.c_int(_OP[t[1]]),
+                                     ctypes.c_int(t[2] == "long long"), *args, blocks, threads)
+        elif self.name == "reduce_ptrs":
+            self.lib.run_reduce_ptrs(ctypes.c_int(_DT[t[0]]), ctypes.c_int(_OP[t[1]]), *args, blocks, threads)
+        else:                                            # allreduce_one_shot / _two_shot
+            ins, outs, bufs, flags, n, rank, packs, epoch, scale, use_scale = args
+            peers = tuple((ctypes.c_uint64 * n.value).from_address(bufs.value))   # the group's buffers
+            key = (self.expr, peers, epoch.value)
+            ranks = HostKernel.pending.setdefault(key, {})
+            ranks[rank.value] = (ins.value, outs.value)
+            if len(ranks) == n.value:
+                del HostKernel.pending[key]
+                order = [ranks[r] for r in range(n.value)]
+                P = ctypes.c_void_p * n.value
+                # every rank's pointer tables hold the same peer addresses (one process here);
+                # one std::thread per CUDA thread, so a smaller grid (the loops are grid-stride)
+                blocks, threads = ctypes.c_int(min(grid[0], 2)), ctypes.c_int(min(block[0], 16))
+                self.lib.run_allreduce(ctypes.c_int(self.name.endswith("two_shot")), ctypes.c_int(_DT[t[0]]),
+                                       ctypes.c_int(_OP[t[1]]), P(*[o[0] for o in order]),
+                                       P(*[o[1] for o in order]), bufs, flags, n, packs, epoch, scale,
+                                       use_scale, blocks, threads)
+
+
+def kernels_on_host(monkeypatch, lib):
+    """Route ``spmd.gpu.kernels.kernel`` to the host-run kernels; a stand-in CUDA runtime
+    allocates host memory for the peer buffers."""
+    import spmd.gpu.kernels as kernels
+    monkeypatch.setenv("SPMD_GPU_KERNELS", "1")
+    monkeypatch.setattr(kernels, "kernel", lambda name, expr: HostKernel(lib, expr))
+    memory = {}
+
+    def malloc(size):
+        buf = np.zeros(size + 256, np.uint8)
+        ptr = buf.ctypes.data
+        ptr += -ptr % 256
+        memory[ptr] = buf
+        return ptr
+    runtime = sys.modules["cupy.cuda.runtime"]
+    runtime.__dict__.update(malloc=malloc, memset=lambda p, v, n: ctypes.memset(p, v, n),
+                            free=lambda p: memory.pop(p), deviceSynchronize=lambda: None,
+                            deviceCanAccessPeer=lambda i, j: True,
+                            deviceEnablePeerAccess=lambda j: None)
+    return memory

@@ -433,14 +433,19 @@ def fake_gpus(monkeypatch):
     gpu.gpu_count.cache_clear()                  # forget the stand-in's GPUs
 
 
+@pytest.mark.parametrize("kernels_run", ["array-ops", "host-kernels"])
 @pytest.mark.parametrize("which", ["nccl", "cupy-stacked"])
-def test_gpu_executors_run_the_collective_table_on_a_stand_in(fake_gpus, monkeypatch, which):
+def test_gpu_executors_run_the_collective_table_on_a_stand_in(fake_gpus, monkeypatch, request, which,
+                                                               kernels_run):
+    import _fake_cupy
     import spmd
     import test_collectives as tc
     from test_gpu import check_row_on
     import spmd.gpu as gpu
     if which == "cupy-stacked":
         monkeypatch.setenv("SPMD_VIRTUAL_DEVICES", "8")
+    if kernels_run == "host-kernels":                    # the kernels behind the launchers
+        _fake_cupy.kernels_on_host(monkeypatch, request.getfixturevalue("host_kernels"))
 
     class OnStandIn:
         executor = gpu.nccl_executor() if which == "nccl" else gpu.stacked_executor()
@@ -725,3 +730,60 @@ def test_host_peer_all_reduce(host_kernels, two_shot, n, dtype, op):
             np.testing.assert_allclose(o.astype(np.float64), want * (scale or 1),
                                        rtol=1e-2 if dtype.itemsize == 2 else 1e-6)
             np.testing.assert_array_equal(o, outs[0])          # bitwise the same on every rank
+
+
+# ---------------------------------------------------------------------------------------------
+# spmd.gpu's launchers driving the host-run kernels (stand-in CuPy): argument order, types,
+# layouts, grids and the peer all-reduce's buffers, from the Python side down to the kernels
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def launch_on_host(fake_gpus, host_kernels, monkeypatch):
+    import _fake_cupy
+    _fake_cupy.kernels_on_host(monkeypatch, host_kernels)
+    return fake_gpus
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float16, np.float32, np.complex128])
+def test_ops_launchers_drive_the_kernels(launch_on_host, dtype):
+    from spmd.gpu import ops
+    cupy = launch_on_host
+    x = (np.arange(4 * 6 * 10) % 251).astype(dtype).reshape(4, 6, 10)
+    for host in (x, np.asfortranarray(x), x[:, :, ::-1][:, :, ::-1]):
+        dev = cupy.asarray(host) if host.flags.c_contiguous else host.view(type(cupy.asarray(host)))
+        view = cupy.moveaxis(dev.reshape(4, 3, 2, 10), 1, 0)
+        packed = ops.pack(view)
+        np.testing.assert_array_equal(packed, np.ascontiguousarray(np.moveaxis(host.reshape(4, 3, 2, 10), 1, 0)))
+        target = cupy.zeros(x.shape, dtype)
+        ops.unpack(packed, cupy.moveaxis(target.reshape(4, 3, 2, 10), 1, 0))
+        np.testing.assert_array_equal(target, x)
+    if np.dtype(dtype).kind == "f":
+        y = cupy.asarray(x.real.astype(np.float32))
+        for axis in range(3):
+            np.testing.assert_allclose(ops.reduce_axis(y, axis, "sum", scale=0.5),
+                                       y.sum(axis=axis, keepdims=True) * 0.5, rtol=1e-6)
+        outs = cupy.empty(60, np.float32)
+        ops.reduce_ptrs([y[i].ravel() for i in range(4)], outs, "max")
+        np.testing.assert_array_equal(outs, y.max(axis=0).ravel())
+    srcs = [cupy.asarray(np.arange(n, dtype=np.uint8)) for n in (3, 64)]
+    dsts = [cupy.zeros_like(s) for s in srcs]
+    ops.copy_batched(list(zip(srcs, dsts)))
+    assert all((s == d).all() for s, d in zip(srcs, dsts))
+
+
+@pytest.mark.parametrize("nbytes", [4096, 1 << 20])        # one-shot, then two-shot over 4 ranks
+def test_nccl_communicator_peer_path_drives_the_all_reduce_kernels(launch_on_host, nbytes):
+    import spmd
+    from spmd.gpu import index_math
+    from spmd.gpu.nccl import NcclCommunicator
+    mesh = spmd.make_mesh((2, 4), ("a", "b"), devices=spmd.devices("gpu")[:8])
+    host = {p: np.random.default_rng(p).integers(-9, 9, nbytes // 4).astype(np.float32) for p in range(8)}
+    assert index_math.choose_all_reduce(nbytes, 4, 4, peer_ok=True, aligned=True) != "nccl"
+    with NcclCommunicator.for_mesh(mesh) as comm:
+        for _ in range(2):                                    # the flags are reused
+            got = comm.all_reduce({p: comm.placement.to_local(p, h) for p, h in host.items()},
+                                  ("b",), None, "sum")
+            for p in range(8):
+                row = [q for q in range(8) if q // 4 == p // 4]
+                np.testing.assert_array_equal(got[p], sum(host[q] for q in row))
+        assert len(comm._peer) == 2 and all(v is not None for v in comm._peer.values())
