@@ -213,19 +213,20 @@ def matmul(xp, a, b):
     spinning threads cost up to ten times the work itself."""
     lead = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     blas = _openblas()
-    flops = math.prod(lead) * a.shape[-2] * a.shape[-1] * b.shape[-1]
-    if (xp is not np or blas is None or math.prod(lead) < 2 or flops < MATMUL_MIN_FLOPS
-            or num_threads() < 2 or getattr(_local, "worker", False)):
+    if xp is not np or blas is None or math.prod(lead) < 2:
         return xp.matmul(a, b)
-    out = np.empty(lead + (a.shape[-2], b.shape[-1]), np.result_type(a, b))
-    a = np.broadcast_to(a, lead + a.shape[-2:])
-    b = np.broadcast_to(b, lead + b.shape[-2:])
+    flops = math.prod(lead) * a.shape[-2] * a.shape[-1] * b.shape[-1]
     get, set_ = blas
     before = get()
     set_(1)
     try:
+        if flops < MATMUL_MIN_FLOPS or num_threads() < 2 or getattr(_local, "worker", False):
+            return np.matmul(a, b)
+        out = np.empty(lead + (a.shape[-2], b.shape[-1]), np.result_type(a, b))
+        a = np.broadcast_to(a, lead + a.shape[-2:])
+        b = np.broadcast_to(b, lead + b.shape[-2:])
         run(xp, out.nbytes + a.nbytes + b.nbytes,
             [lambda i=i: np.matmul(a[i], b[i], out=out[i]) for i in np.ndindex(*lead)])
+        return out
     finally:
         set_(before)
-    return out
