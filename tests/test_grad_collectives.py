@@ -304,3 +304,18 @@ def test_grad_without_vma_checking_matches_jax(row):
         jgx, jgw = _jax_run(jax.grad(lambda x, w: jnp.sin(jf(x, w)), argnums=(0, 1)), x, w)
     np.testing.assert_allclose(np.asarray(gx), np.asarray(jgx), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(np.asarray(gw), np.asarray(jgw), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("row", list(ROWS))
+def test_gradient_programs_agree_on_the_reference_executor(row):
+    """The transposed programs run on the reference executor (a loop over devices with naive
+    collectives) and give the stacked executor's gradients."""
+    from spmd.executors import reference_executor
+    mesh_shape, names, ax = (2, 4), ("i", "j"), ("i", "j")
+    mesh = spmd.make_mesh(mesh_shape, names)
+    n, x, w = _setup(row, mesh_shape, names, ax)
+    f = _spmd_loss(ROWS[row](SPMD, ax, n), mesh, names)
+    R = np.random.default_rng(9).standard_normal(np.asarray(f(x, w)).shape)
+    grad = spmd.grad(_spmd_loss(ROWS[row](SPMD, ax, n), mesh, names, R), argnums=(0, 1))
+    for a, b in zip(spmd.jit(grad)(x, w), spmd.jit(grad, executor=reference_executor())(x, w)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
