@@ -537,14 +537,21 @@ def _accumulator_dtype(dt):
     return dt
 
 
+_IDENTITY = {lax.reduce_sum_p: 0, lax.reduce_prod_p: 1, lax.reduce_and_p: True, lax.reduce_or_p: False}
+
+
 def _reduce(prim, x, axis, keepdims, dtype=None, initial=None, where=None):
-    if where is not None and where is not True:
-        raise NotImplementedError(f"{prim.name} with where= on traced values")
     x = _operand(x)
     if dtype is not None:
         x = astype(x, dtype)
     elif prim in (lax.reduce_sum_p, lax.reduce_prod_p):
         x = astype(x, _accumulator_dtype(_dtype(x)))
+    if where is not None and where is not True:      # masked out elements become the identity
+        identity = _IDENTITY.get(prim, initial)
+        if identity is None:
+            raise ValueError(f"reduction operation '{prim.name}' does not have an identity, so to use a "
+                             f"where mask one has to specify 'initial'")
+        x = globals()["where"](where, x, np.asarray(identity, _dtype(x)))
     shape = _shape(x)
     axes = _axes(axis, len(shape))
     if prim in (lax.reduce_max_p, lax.reduce_min_p) and any(shape[a] == 0 for a in axes) and initial is None:
@@ -599,6 +606,9 @@ def mean(x, axis=None, dtype=None, out=None, keepdims=False, *, where=None):
     if dtype is None and _dtype(x).kind in "biu":
         dtype = np.float64
     s = sum(x, axis, dtype, keepdims=keepdims, where=where)
+    if where is not None and where is not True:
+        n = sum(broadcast_to(_operand(where), _shape(x)), axis, keepdims=keepdims)
+        return apply_ufunc(np.true_divide, s, astype(n, _dtype(s)))
     return apply_ufunc(np.true_divide, s, _count(_shape(x), _axes(axis, len(_shape(x)))))
 
 
@@ -607,19 +617,25 @@ def var(x, axis=None, dtype=None, out=None, ddof=0, keepdims=False, *, where=Non
         correction=None):
     x = _operand(x)
     ddof = correction if correction is not None else ddof
-    mu = globals()["mean"](x, axis, dtype, keepdims=True)
+    mu = globals()["mean"](x, axis, dtype, keepdims=True, where=where) if mean is None else mean
     d = apply_ufunc(np.subtract, x, mu)
     sq = apply_ufunc(np.multiply, d, apply_ufunc(np.conjugate, d)) if _dtype(d).kind == "c" else apply_ufunc(np.square, d)
     if _dtype(sq).kind == "c":
         sq = bind(lax.real_p, sq)
+    total = sum(sq, axis, keepdims=keepdims, where=where)
+    if where is not None and where is not True:
+        n = sum(broadcast_to(_operand(where), _shape(x)), axis, keepdims=keepdims)
+        return apply_ufunc(np.true_divide, total, astype(apply_ufunc(np.maximum, apply_ufunc(
+            np.subtract, n, ddof), 0), _dtype(total)))
     n = _count(_shape(x), _axes(axis, len(_shape(x))))
-    return apply_ufunc(np.true_divide, sum(sq, axis, keepdims=keepdims), builtins.max(n - ddof, 0))
+    return apply_ufunc(np.true_divide, total, builtins.max(n - ddof, 0))
 
 
 @implements(np.std)
 def std(x, axis=None, dtype=None, out=None, ddof=0, keepdims=False, *, where=None, mean=None,
         correction=None):
-    return apply_ufunc(np.sqrt, var(x, axis, dtype, ddof=ddof, keepdims=keepdims, correction=correction))
+    return apply_ufunc(np.sqrt, var(x, axis, dtype, ddof=ddof, keepdims=keepdims, where=where, mean=mean,
+                                    correction=correction))
 
 
 def _arg(prim, x, axis, keepdims):

@@ -32,7 +32,8 @@ from spmd.core import Tracer
 from spmd.executors import reference_executor
 from spmd.numpy_api import _COMPOSITE_UFUNCS, _GUFUNCS, _UFUNCS, HANDLED_FUNCTIONS
 
-pytestmark = pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")   # NumPy's, on purpose
+pytestmark = [pytest.mark.filterwarnings(f"ignore:{m}:RuntimeWarning")       # NumPy's own, on purpose
+              for m in ("All-NaN slice", "Mean of empty slice", "Degrees of freedom <= 0")]
 
 MESH = spmd.make_mesh((2, 4), ("data", "model"))
 BATCH = {0: (2, P("data")), 1: (4, P("model")), 2: (8, P(("data", "model")))}
@@ -309,6 +310,11 @@ ROWS += [
        R3, [f32, f64, i32, c128]),
     op("np.std ndarray.std", lambda x: (np.std(x), x.std(1), np.std(x, axis=(0, 1), keepdims=True)),
        R3, [f32, f64, i64]),
+    op("np.sum np.mean np.max np.min np.prod np.all np.var np.std",
+       lambda x, m: (np.sum(x, where=m), np.mean(x, axis=1, where=m), np.max(x, axis=0, where=m, initial=-5),
+                     np.min(x, where=m[0], initial=9), np.prod(x, 1, where=m, keepdims=True), np.all(x > 0, where=m),
+                     np.var(x, axis=1, where=m, ddof=1), np.std(x, where=m), np.var(x, 0, mean=np.mean(x, 0, keepdims=True))),
+       [((3, 4), In((3, 4), b_))], [f32, f64, i32]),
     op("np.all np.any ndarray.all ndarray.any",
        lambda x: (np.all(x), np.any(x, 0), x.all(-1), x.any(axis=(1, 2), keepdims=True)), R3, ALL),
     op("np.cumsum ndarray.cumsum", lambda x: (np.cumsum(x), np.cumsum(x, 0), x.cumsum(-1)), R3, ALL + [i8]),
