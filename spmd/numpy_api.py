@@ -227,6 +227,9 @@ def handle_ufunc(ufunc, method, inputs, kwargs):
 
 
 def handle_function(func, args, kwargs):
+    if kwargs.get("out") is not None:
+        raise TypeError(f"np.{func.__name__}(..., out=...): traced values are immutable; use the "
+                        f"returned value instead.")
     impl = HANDLED_FUNCTIONS.get(func)
     if impl is None:
         mod = getattr(func, "__module__", None) or "numpy"      # numpy.linalg, not numpy.linalg._linalg
@@ -488,14 +491,31 @@ def roll(x, shift, axis=None):
 
 @implements(np.pad)
 def pad(x, pad_width, mode="constant", constant_values=0):
-    if mode != "constant":
-        raise NotImplementedError(f"numpy.pad with mode={mode!r} on traced values (only 'constant')")
+    """'constant' is the pad primitive; the modes that copy elements ('edge', 'reflect',
+    'symmetric', 'wrap') are a ``take`` per dim at the indices NumPy's pad gives ``arange(n)``."""
     x = _operand(x)
     nd = len(_shape(x))
     pw = np.broadcast_to(np.asarray(pad_width, dtype=np.int64), (nd, 2))
     config = tuple((int(a), int(b)) for a, b in pw)
-    value = np.asarray(constant_values, dtype=_dtype(x))
-    return bind(lax.pad_p, x, value, config=config)
+    if mode in ("edge", "reflect", "symmetric", "wrap"):
+        for d, (lo, hi) in enumerate(config):
+            if lo or hi:
+                x = take(x, np.pad(np.arange(_shape(x)[d]), (lo, hi), mode=mode), axis=d)
+        return x
+    if mode != "constant":
+        raise NotImplementedError(f"numpy.pad with mode={mode!r} on traced values (constant, edge, "
+                                  f"reflect, symmetric and wrap are supported)")
+    values = np.asarray(constant_values, dtype=_dtype(x))
+    if values.ndim == 0:
+        return bind(lax.pad_p, x, values, config=config)
+    values = np.broadcast_to(values, (nd, 2))           # one value per side of each dim
+    for d, (lo, hi) in enumerate(config):
+        for side, width in ((0, lo), (1, hi)):
+            if width:
+                one = tuple((width, 0) if e == d and side == 0 else (0, width) if e == d else (0, 0)
+                            for e in range(nd))
+                x = bind(lax.pad_p, x, values[d, side], config=one)
+    return x
 
 
 @implements(np.tile)
@@ -992,9 +1012,15 @@ def take(x, indices, axis=None, out=None, mode=None):
     idx = _operand(indices)
     if not np.issubdtype(_dtype(idx), np.integer):
         raise IndexError(f"take: indices must be integers, got {_dtype(idx)}")
+    n = _shape(x)[ax]
+    if mode == "wrap":
+        idx = _ew(np.remainder, idx, n)
+    elif mode == "clip":                       # NumPy clips negative indices to 0 in this mode
+        idx = _ew(np.minimum, _ew(np.maximum, idx, 0), n - 1)
+    elif mode not in (None, "raise"):
+        raise ValueError(f"take: mode {mode!r} is not one of 'raise', 'wrap', 'clip'")
     if not isinstance(idx, Tracer):
         idx = np.asarray(idx)
-        n = _shape(x)[ax]
         if idx.size and (idx.max() >= n or idx.min() < -n):
             raise IndexError(f"index {int(idx.max() if idx.max() >= n else idx.min())} is out of "
                              f"bounds for axis {ax} with size {n}")
@@ -1504,7 +1530,7 @@ def _install_methods():
     T.round = lambda s, decimals=0: round_(s, decimals)
     T.conj = T.conjugate = lambda s: apply_ufunc(np.conjugate, s)
     T.dot = lambda s, o: dot(s, o)
-    T.take = lambda s, indices, axis=None: take(s, indices, axis)
+    T.take = lambda s, indices, axis=None, out=None, mode=None: take(s, indices, axis, out, mode)
     T.argsort = lambda s, axis=-1, kind=None: argsort(s, axis)
     T.diagonal = lambda s, offset=0, axis1=0, axis2=1: diagonal(s, offset, axis1, axis2)
     T.trace = lambda s, offset=0, axis1=0, axis2=1, dtype=None, out=None: _trace(s, offset, axis1, axis2)

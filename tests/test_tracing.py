@@ -279,6 +279,8 @@ def test_traced_values_are_immutable():
         spmd.jit(f)(np.ones(3))
     with pytest.raises(TypeError, match="immutable"):
         spmd.jit(lambda x: np.exp(x, out=x))(np.ones(3))
+    with pytest.raises(TypeError, match=r"np.sum\(..., out=...\): traced values are immutable"):
+        spmd.jit(lambda x: np.sum(x, out=np.zeros(())))(np.ones(3))
     with pytest.raises(TypeError, match=r"x.sort\(\) changes x in place.*np.sort\(x\)"):
         spmd.jit(lambda x: x.sort())(np.ones(3))
 
