@@ -319,3 +319,34 @@ def test_gradient_programs_agree_on_the_reference_executor(row):
     grad = spmd.grad(_spmd_loss(ROWS[row](SPMD, ax, n), mesh, names, R), argnums=(0, 1))
     for a, b in zip(spmd.jit(grad)(x, w), spmd.jit(grad, executor=reference_executor())(x, w)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+
+
+from hypothesis import given, settings  # noqa: E402
+import hypothesis.strategies as st  # noqa: E402
+
+from conftest import meshes, specs  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_property_grad_of_shard_map_is_grad_of_global_function(data):
+    """Random mesh and layout of x: the gradient of ``sum(tanh(x * w) * c)`` computed per
+    block inside shard_map (w replicated, a psum over the axes x is split over) equals the
+    gradient of the global NumPy function, for x and for w."""
+    mesh = data.draw(meshes())
+    spec = data.draw(specs(mesh, 2))
+    sharding = spmd.NamedSharding(mesh, spec)
+    shape = tuple(n * data.draw(st.integers(1, 2)) for n in sharding.num_parts(2))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 16)))
+    x, w, c = rng.standard_normal(shape), rng.standard_normal(()), rng.standard_normal(shape)
+    axes = tuple(mesh.axis_names)
+
+    def local(xb, w, cb):
+        v = np.sum(np.tanh(xb * w) * cb)
+        split = tuple(a for a in axes if a in v.vma)    # the axes the spec splits x over
+        return spmd.psum(v, split) if split else v
+    f = spmd.shard_map(local, mesh=mesh, in_specs=(spec, P(), spec), out_specs=P())
+    glob = lambda x, w: np.sum(np.tanh(x * w) * c)
+    for a, b in zip(spmd.grad(lambda x, w: f(x, w, c), argnums=(0, 1))(x, w),
+                    spmd.grad(glob, argnums=(0, 1))(x, w)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
