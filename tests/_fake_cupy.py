@@ -270,7 +270,7 @@ class HostKernel:
                 P = ctypes.c_void_p * n.value
                 # every rank's pointer tables hold the same peer addresses (one process here);
                 # one std::thread per CUDA thread, so a smaller grid (the loops are grid-stride)
-                blocks, threads = ctypes.c_int(min(grid[0], 2)), ctypes.c_int(min(block[0], 16))
+                blocks, threads = ctypes.c_int(min(grid[0], 2)), ctypes.c_int(min(block[0], 8))
                 self.lib.run_allreduce(ctypes.c_int(self.name.endswith("two_shot")), ctypes.c_int(_DT[t[0]]),
                                        ctypes.c_int(_OP[t[1]]), P(*[o[0] for o in order]),
                                        P(*[o[1] for o in order]), bufs, flags, n, packs, epoch, scale,

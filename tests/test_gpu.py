@@ -5,7 +5,8 @@
   (``SPMD_VIRTUAL_DEVICES=8`` on GPU 0) and, where there are enough GPUs, the NCCL executor;
   each against NumPy and the reference executor;
 - shard_map programs (nested, closures, check_vma=False, pytrees, partial manual axes) on each
-  GPU executor against the reference executor;
+  GPU executor against the reference executor, and the sharding compiler's program table
+  (``compiler_programs.py``) against NumPy;
 - the kernels on their own: every instantiation loads on this GPU; pack/unpack, the fused
   reduces, the batched copy against NumPy; the one-/two-shot peer all-reduce on every GPU pair
   with P2P; the NCCL communicator's methods against the in-process communicator.
@@ -205,6 +206,29 @@ def test_shard_map_programs(ex, make):
     import optree
     for g, w in zip(optree.tree_leaves(got), optree.tree_leaves(want)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the sharding compiler's program table on every GPU executor
+# ---------------------------------------------------------------------------------------------
+
+import compiler_programs as cp  # noqa: E402
+
+
+def run_compiled_on(ex, row):
+    sizes, names = row.mesh
+    mesh = _mesh(ex, sizes, names)
+    args = cp.make_args(row)
+    f = spmd.jit(lambda *a: row.fn(np, *a), in_shardings=tuple(spmd.NamedSharding(mesh, P(*s)) for s in row.in_specs),
+                 out_shardings=spmd.NamedSharding(mesh, P(*row.out_specs)), executor=ex.executor)
+    np.testing.assert_allclose(np.asarray(f(*args)), row.fn(np, *args), rtol=2e-5, atol=2e-5,
+                               err_msg=f"{row.name} on {ex}")
+
+
+@pytest.mark.parametrize("ex", EXECUTORS, ids=repr)
+@pytest.mark.parametrize("row", cp.ROWS, ids=[r.name for r in cp.ROWS])
+def test_compiler_table(ex, row):
+    run_compiled_on(ex, row)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -454,7 +454,8 @@ def test_gpu_executors_run_the_collective_table_on_a_stand_in(fake_gpus, monkeyp
             return spmd.devices("gpu")[:n]
 
     ex = OnStandIn()
-    cases = [c for c in tc.CASES if c.values[0] in ((4,), (2, 4))]
+    meshes = ((2, 4),) if kernels_run == "host-kernels" else ((4,), (2, 4))
+    cases = [c for c in tc.CASES if c.values[0] in meshes]
     for row in tc.ROWS:
         for case in cases:
             check_row_on(ex, row, *case.values)
@@ -468,6 +469,11 @@ def test_gpu_executors_run_the_collective_table_on_a_stand_in(fake_gpus, monkeyp
         got, want = spmd.jit(f, executor=ex.executor)(*args), spmd.jit(f, executor=REFERENCE)(*args)
         for g, w in zip(optree.tree_leaves(got), optree.tree_leaves(want)):
             np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, err_msg=make.__name__)
+    if kernels_run == "host-kernels":
+        from compiler_programs import ROWS as COMPILER_ROWS
+        from test_gpu import run_compiled_on
+        for row in COMPILER_ROWS:
+            run_compiled_on(ex, row)
     if which == "cupy-stacked":
         return
     comms = list(ex.executor._comms.values())
