@@ -933,8 +933,11 @@ def einsum(subscripts, *operands, out=None, dtype=None, optimize=False, **kw):
     """Two-operand contractions become ``dot_general``; more operands are contracted pairwise
     left to right; an index repeated within one operand takes a diagonal; ``...`` names the
     broadcast leading dims."""
-    if not isinstance(subscripts, str):
-        raise NotImplementedError("numpy.einsum in the interleaved (operand, sublist) form")
+    if not isinstance(subscripts, str):         # interleaved form: op0, sublist0, op1, sublist1, ..., [out]
+        args, n = (subscripts,) + operands, (len(operands) + 1) // 2
+        term = lambda sub: "".join("..." if i is Ellipsis else string.ascii_letters[i] for i in sub)
+        subscripts = ",".join(term(sub) for sub in args[1:2 * n:2]) + ("->" + term(args[-1]) if len(args) % 2 else "")
+        operands = args[0:2 * n:2]
     if out is not None:
         raise TypeError("np.einsum(..., out=...): traced values are immutable; use the returned value.")
     ops = [_operand(o) for o in operands]

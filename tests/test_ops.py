@@ -343,7 +343,8 @@ ROWS += [
     op("np.einsum", lambda x: (np.einsum("ij->ji", x), np.einsum("ij->", x), np.einsum("ii->i", x),
                                np.einsum("ii", x), np.einsum("...j->j...", x)), [(3, 3)], NUM),
     op("np.einsum", lambda x, y, z: np.einsum("ij,jk,kl->il", x, y, z), [((2, 3), (3, 4), (4, 2))], FLOAT),
-    op("np.einsum", lambda x, y: np.einsum("...ij,...jk->...ik", x, y), [((2, 3, 4), (2, 4, 5))], FLOAT),
+    op("np.einsum", lambda x, y: (np.einsum("...ij,...jk->...ik", x, y), np.einsum(x, [Ellipsis, 0, 1], y, [Ellipsis, 1, 2]),
+                                  np.einsum(x, [0, 1, 2], y, [0, 2, 3], [3, 1])), [((2, 3, 4), (2, 4, 5))], FLOAT),
     # shapes
     op("np.reshape ndarray.reshape", lambda x: (np.reshape(x, (4, -1)), x.reshape(2, 12), x.reshape(-1)), R3, ALL),
     op("np.ravel ndarray.ravel ndarray.flatten", lambda x: (np.ravel(x), x.ravel(), x.flatten()), R3 + [()], ALL),
