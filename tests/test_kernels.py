@@ -793,3 +793,38 @@ def test_nccl_communicator_peer_path_drives_the_all_reduce_kernels(launch_on_hos
                 row = [q for q in range(8) if q // 4 == p // 4]
                 np.testing.assert_array_equal(got[p], sum(host[q] for q in row))
         assert len(comm._peer) == 2 and all(v is not None for v in comm._peer.values())
+
+
+def test_peer_all_reduce_over_ipc_handles_on_the_stand_in(launch_on_host):
+    """One rank per "process" (threads here): IPC handles travel through allgather_bytes, each
+    rank maps the others' buffers, and the all-reduce kernels meet over them."""
+    import sys
+    import threading
+
+    from spmd.gpu.peer import PeerAllReduce
+    cupy = launch_on_host
+    rt = sys.modules["cupy.cuda.runtime"]
+    rt.__dict__.update(ipcGetMemHandle=lambda p: p.to_bytes(64, "little"),
+                       ipcOpenMemHandle=lambda h, flags: int.from_bytes(h, "little"),
+                       ipcCloseMemHandle=lambda p: None, cudaIpcMemLazyEnablePeerAccess=1)
+    n, posted, ranks = 3, {}, [None] * 3
+    meet = threading.Barrier(n)
+
+    def allgather_bytes_for(r):
+        def allgather(payload):
+            posted[r] = payload
+            meet.wait()
+            return [posted[i] for i in range(n)]
+        return allgather
+
+    def open_rank(r):
+        ranks[r] = PeerAllReduce.over_ipc(n, r, r, 4096, allgather_bytes_for(r))
+    threads = [threading.Thread(target=open_rank, args=(r,)) for r in range(n)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    xs = [cupy.asarray(np.full(1024, r + 1, np.float32)) for r in range(n)]
+    outs = [ranks[r](xs[r], cupy.empty_like(xs[r]), "sum", "two_shot") for r in range(n)]
+    for o in outs:
+        np.testing.assert_array_equal(o, np.full(1024, 6, np.float32))
+    for r in ranks:
+        r.close()
