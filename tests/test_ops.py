@@ -263,6 +263,9 @@ ROWS += [
     op("ndarray.__and__ ndarray.__or__ ndarray.__xor__ ndarray.__invert__",
        lambda x, y: (x & y, x | y, x ^ True, ~x), B_SHAPES[:3], [b_]),
     op("ndarray.__abs__", lambda x: abs(x), U_SHAPES, [f32, i32, c64]),
+    op("ndarray.__divmod__ ndarray.__rdivmod__ builtins.round", lambda x: (round(x), round(x, 1), divmod(x, 2), divmod(7, x + 5)),
+       U_SHAPES, [f32, f64, i64], low=0, high=4,      # NumPy arrays lack __round__; JAX arrays have it
+       ref=lambda x: (np.round(x), np.round(x, 1), divmod(x, 2), divmod(7, x + 5))),
     op("np.add", lambda x, y: x + y, [((2, 3), In((2, 3), i32)), ((3,), In((3,), f32))], [f16, f32, i64]),
     op("np.multiply", lambda x, y: x * y, [((3,), In((3,), f32))], [i8, u8, f16, bf16, b_]),
     op("np.add", lambda x: x + np.float32(2.0), U_SHAPES, [f64, f16, i32, i64]),
