@@ -724,9 +724,19 @@ dynamic_slice_p = Primitive(
 
 
 def _dynamic_slice_batch(vals, dims, *, sizes):
-    batching.require_unbatched(dynamic_slice_p, "start indices", dims[1:])
-    x = batching.moveaxis(vals[0], dims[0], 0)
-    return bind(dynamic_slice_p, x, 0, *vals[1:], sizes=(x.shape[0],) + tuple(sizes)), 0
+    """Unbatched starts: one dynamic_slice of the batched operand.  A batched start: a batched
+    gather of ``start + arange(size)`` along its dim (what take's batching rule does)."""
+    n = batching.batch_size(vals, dims)
+    x, starts = batching.to_front(vals[0], dims[0], n), vals[1:]
+    batched = [d is not None for d in dims[1:]]
+    x = bind(dynamic_slice_p, x, 0, *[0 if b else s for s, b in zip(starts, batched)],
+             sizes=(n,) + tuple(x.shape[i + 1] if b else size for i, (size, b) in enumerate(zip(sizes, batched))))
+    for i, (s, d) in enumerate(zip(starts, dims[1:])):
+        if d is not None:
+            s = np.clip(batching.moveaxis(s, d, 0), 0, x.shape[i + 1] - sizes[i])
+            idx = s[:, None] + bind(iota_p, dtype=s.dtype, shape=(1, sizes[i]), dimension=1)
+            x, _ = _take_batch([x, idx], [0, 0], axis=i)
+    return x, 0
 
 
 dynamic_slice_p.batch = _dynamic_slice_batch

@@ -142,3 +142,16 @@ def test_matmul_over_simulated_devices_matches_numpy():
         _host_parallel.MATMUL_MIN_FLOPS = old
     np.testing.assert_allclose(got, np.matmul(a, b), rtol=1e-5, atol=1e-5)
     assert got.shape == (2, 4, 64, 80)
+
+
+def test_dynamic_slice_with_batched_starts():
+    x = rng.standard_normal((5, 6))
+    starts = np.array([0, 3, 4, 1])           # 4 is clipped to 3, as dynamic_slice does
+    f = lambda s, c: spmd.lax.dynamic_slice_p(x, s, c, sizes=(2, 3))
+    out = spmd.vmap(f, in_axes=(0, None))(starts, np.int64(2))
+    want = np.stack([x[min(s, 3):min(s, 3) + 2, 2:5] for s in starts])
+    np.testing.assert_allclose(np.asarray(out), want)
+    xs = rng.standard_normal((4, 5, 6))
+    out = spmd.vmap(lambda x, s: spmd.lax.dynamic_slice_p(x, 1, s, sizes=(2, 2)))(xs, np.array([0, 4, 2, 1]))
+    want = np.stack([xb[1:3, s:s + 2] for xb, s in zip(xs, [0, 4, 2, 1])])
+    np.testing.assert_allclose(np.asarray(out), want)
