@@ -216,6 +216,11 @@ def value_and_grad(f, argnums=0, has_aux=False):
 def grad(f, argnums=0, has_aux=False):
     """The gradient of a scalar function with respect to argument(s) ``argnums``.
 
+    Through ``shard_map`` this is the gradient of the global function: a parameter that every
+    device sees (spec ``P()`` or closed over) gets the sum of all devices' contributions.  For
+    per-device gradients take ``grad`` inside the body with respect to ``spmd.pvary(w, axis)``
+    (see :mod:`spmd.transforms.api` for a worked example).
+
     >>> import numpy as np, spmd
     >>> float(np.asarray(spmd.grad(np.sin)(0.0)))
     1.0
