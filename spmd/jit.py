@@ -59,6 +59,7 @@ class Jitted:
         self.name = name or getattr(f, "__qualname__", getattr(f, "__name__", "function"))
         self.executor = executor
         self._cache: dict = {}
+        self._sharded = None         # the sharding compiler's view, made on first sharded call
         functools.update_wrapper(self, f)
 
     def _split(self, args, kwargs):
@@ -100,6 +101,12 @@ class Jitted:
         if current_builder() is not None:          # inside another trace: inline
             return self.f(*args, **kwargs)
         (program, in_tree, out_tree), leaves = self._program(args, kwargs)
+        if _sharded_arguments(leaves) and not _has_shard_map(program):
+            # sharded Arrays in: the sharding compiler follows their shardings (as jax.jit does)
+            from .compiler.jit import ShardedJitted
+            if self._sharded is None:
+                self._sharded = ShardedJitted(self)
+            return self._sharded(*args, **kwargs)
         executor = self.executor or _default_executor()
         leaves = [np.asarray(x) if type(x) in (bool, int, float, complex) else x for x in leaves]
         outs = executor.run(program, leaves)
@@ -122,6 +129,15 @@ def _signature(x):
     if t in (bool, int, float, complex):
         return t
     return aval_of(x)
+
+
+def _sharded_arguments(leaves) -> bool:
+    return any(type(x) is Array and x.sharding.mesh.size > 1 and not x.sharding.is_fully_replicated
+               for x in leaves)
+
+
+def _has_shard_map(program) -> bool:
+    return any(e.prim.name == "shard_map" for e in program.eqns)
 
 
 def _as_array(x):

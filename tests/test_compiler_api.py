@@ -262,3 +262,13 @@ def test_grad_through_with_sharding_constraint():
     g = f(W1, X)
     np.testing.assert_allclose(np.asarray(g), np.asarray(spmd.grad(loss)(W1, X)), rtol=1e-3, atol=1e-3)
     assert any(e.prim.name == "sharding_constraint" for e in f.lower(W1, X).compiled.program.eqns)
+
+
+def test_plain_jit_follows_sharded_array_arguments():
+    x = spmd.device_put(X, NS("data"))
+    w = spmd.device_put(W1, NS(None, "model"))
+    f = spmd.jit(lambda x, w: np.tanh(x @ w).sum(0))
+    y = f(x, w)
+    assert y.sharding.spec == P("model")          # propagated, as jax.jit does
+    np.testing.assert_allclose(np.asarray(y), np.tanh(X @ W1).sum(0), rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(f(X, W1)), np.tanh(X @ W1).sum(0), rtol=1e-4)  # host args: as before
