@@ -19,9 +19,9 @@ import os
 import numpy as np
 import optree
 
-from ..core import Aval, Primitive, Program, aval_of, bind, current_builder
+from ..core import Aval, Primitive, Program, bind, current_builder
 from ..errors import ShardingError
-from ..mesh import AbstractMesh, get_mesh
+from ..mesh import get_mesh
 from ..sharding import NamedSharding, PartitionSpec, as_sharding, check_spec
 from .cost import CostModel, default_cost_model
 from .explain import explain_text, global_text
@@ -351,7 +351,9 @@ def run_compiled(comp: Compiled, leaves, paths, executor=None):
     from ..executors import StackedExecutor
     if not isinstance(executor, StackedExecutor):
         # executors that split global arrays themselves get them padded like the blocks
-        placed = [_pad_global(np.asarray(x), v.aval.shape) for x, v in zip(placed, comp.manual.in_vars)]
+        # (an Array whose shards live in other processes is passed as is when nothing is padded)
+        placed = [x if tuple(x.shape) == tuple(v.aval.shape) else _pad_global(np.asarray(x), v.aval.shape)
+                  for x, v in zip(placed, comp.manual.in_vars)]
     outs = executor.run(comp.manual, placed)
     result = []
     for o, shape, sh in zip(outs, comp.out_shapes, comp.prop.out_shardings):

@@ -19,7 +19,7 @@ from ..errors import ShardingError
 from .cost import CostModel
 from .placements import Sharding
 from .redistribute import plan
-from .rules import (Strategy, backward_hints, category, contraction_flops, known_dims, resolve_hint,
+from .rules import (backward_hints, category, contraction_flops, known_dims, resolve_hint,
                     strategies)
 
 CONSTRAINT, OUTPUT, INFERRED = 3, 2, 1
