@@ -704,8 +704,9 @@ def _dynamic_slice_impl(xp, k, x, *starts, sizes):
     for d, (s, size) in enumerate(zip(starts, sizes)):
         if size == x.shape[k + d]:
             continue
-        s = xp.clip(s, 0, x.shape[k + d] - size)
-        idx = xp.asarray(s)[..., None] + xp.arange(size)
+        s = xp.asarray(xp.clip(s, 0, x.shape[k + d] - size))
+        s = s.reshape((1,) * (k - s.ndim) + s.shape)       # a literal start has no batch dims
+        idx = s[..., None] + xp.arange(size)
         x = _take_impl(xp, k, x, idx.reshape(idx.shape[:k] + (size,)) if k else idx, axis=d)
     return x
 
@@ -795,8 +796,9 @@ def _dus_impl(xp, k, x, upd, *starts):
     idx = []
     for d, s in enumerate(starts):
         size = upd.shape[k + d]
-        s = xp.clip(s, 0, x.shape[k + d] - size)
-        idx.append(xp.asarray(s)[..., None] + xp.arange(size))
+        s = xp.asarray(xp.clip(s, 0, x.shape[k + d] - size))
+        s = s.reshape((1,) * (k - s.ndim) + s.shape)       # a literal start has no batch dims
+        idx.append(s[..., None] + xp.arange(size))
     lead = np.broadcast_shapes(x.shape[:k], upd.shape[:k], *[i.shape[:k] for i in idx])
     out = xp.array(xp.broadcast_to(x, lead + x.shape[k:]))
     r = len(starts)

@@ -350,3 +350,18 @@ def test_property_grad_of_shard_map_is_grad_of_global_function(data):
     for a, b in zip(spmd.grad(lambda x, w: f(x, w, c), argnums=(0, 1))(x, w),
                     spmd.grad(glob, argnums=(0, 1))(x, w)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("row", ["all_gather_invariant", "psum_scatter_tiled", "all_to_all_tiled",
+                                 "ppermute_cycle", "pbroadcast", "psum_of_invariant_param"])
+def test_second_order_through_collectives(row):
+    """Second derivatives differentiate the transposed programs (collectives' transposes,
+    shard_map of the transposed body) once more."""
+    mesh_shape, names, ax = (2, 4), ("i", "j"), "j"
+    mesh = spmd.make_mesh(mesh_shape, names)
+    n, x, w = _setup(row, mesh_shape, names, ax)
+    if row not in ("psum_scatter_tiled", "all_to_all_tiled"):    # smaller: order 2 runs many programs
+        x, w = x[:, :n], w[:n]
+    f = _spmd_loss(ROWS[row](SPMD, ax, n), mesh, names)
+    R = np.random.default_rng(4).standard_normal(np.asarray(f(x, w)).shape)
+    check_grads(_spmd_loss(ROWS[row](SPMD, ax, n), mesh, names, R), (x, w), order=2, rtol=1e-5, atol=1e-6)
