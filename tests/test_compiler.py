@@ -124,3 +124,13 @@ def test_random_specs_and_shapes(op, xs, ws, m, k, n):
     f = spmd.jit(lambda x, w: _OPS[op](x, w), in_shardings=(NamedSharding(_M2, xs), NamedSharding(_M2, ws)))
     got = f(x, w)
     np.testing.assert_allclose(np.asarray(got), _OPS[op](x, w), rtol=1e-4, atol=1e-4)
+
+
+def test_compiler_benchmarks_run_quick():
+    pytest.importorskip("jax")
+    from benchmarks import bench_compiler
+    rows = (bench_compiler.compile_time(True) + bench_compiler.mlp_step(True)
+            + bench_compiler.collectives_vs_jax(True))
+    assert all("error" not in r.extra for r in rows)
+    assert rows[0].spmd_s > 0 and rows[0].extra["equations"] > 100
+    assert rows[1].extra["collectives"] == ["psum(data)", "psum(data)", "psum(data)", "psum(model)"]
