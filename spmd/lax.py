@@ -778,10 +778,22 @@ scatter_add_p = Primitive(
 
 
 def _scatter_add_batch(vals, dims, *, axis):
-    batching.require_unbatched(scatter_add_p, "indices", dims[1:2])
     n = batching.batch_size(vals, dims)
     x, upd = batching.to_front(vals[0], dims[0], n), batching.to_front(vals[2], dims[2], n)
-    return bind(scatter_add_p, x, vals[1], upd, axis=axis + 1), 0
+    if dims[1] is None:
+        return bind(scatter_add_p, x, vals[1], upd, axis=axis + 1), 0
+    # batched indices: scatter into the flattened (batch, axis) pair, as take's rule gathers
+    idx = batching.moveaxis(vals[1], dims[1], 0)
+    xs = x.shape[1:]
+    a, rest, ni = xs[axis], xs[:axis] + xs[axis + 1:], idx.ndim - 1
+    flat = bind(reshape_p, batching.moveaxis(x, axis + 1, 1), shape=(n * a,) + rest)
+    offsets = bind(iota_p, dtype=idx.dtype, shape=idx.shape, dimension=0) * a
+    upd = bind(transpose_p, upd, perm=(0,) + tuple(range(1 + axis, 1 + axis + ni)) + tuple(range(1, 1 + axis))
+               + tuple(range(1 + axis + ni, upd.ndim)))                       # B, I..., rest...
+    m = math.prod(idx.shape)
+    out = bind(scatter_add_p, flat, bind(reshape_p, np.where(idx < 0, idx + a, idx) + offsets, shape=(m,)),
+               bind(reshape_p, upd, shape=(m,) + rest), axis=0)
+    return batching.moveaxis(bind(reshape_p, out, shape=(n, a) + rest), 1, axis + 1), 0
 
 
 scatter_add_p.batch = _scatter_add_batch

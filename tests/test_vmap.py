@@ -155,3 +155,21 @@ def test_dynamic_slice_with_batched_starts():
     out = spmd.vmap(lambda x, s: spmd.lax.dynamic_slice_p(x, 1, s, sizes=(2, 2)))(xs, np.array([0, 4, 2, 1]))
     want = np.stack([xb[1:3, s:s + 2] for xb, s in zip(xs, [0, 4, 2, 1])])
     np.testing.assert_allclose(np.asarray(out), want)
+
+
+def test_per_example_gradients_of_an_embedding_lookup():
+    """vmap(grad) of a gather with per-example indices: the transpose is a scatter_add whose
+    indices are batched."""
+    table = rng.standard_normal((6, 3))
+    ids = np.array([[1, 4], [0, 0], [5, 2]])
+    loss = lambda t, i: np.sum(np.tanh(np.take(t, i, axis=0)) ** 2)
+    got = np.asarray(spmd.vmap(spmd.grad(loss), in_axes=(None, 0))(table, ids))
+    want = np.stack([np.asarray(spmd.grad(loss)(table, i)) for i in ids])
+    np.testing.assert_allclose(got, want)
+    x, upd = rng.standard_normal((B, 2, 5)), rng.standard_normal((B, 2, 4))
+    idx = rng.integers(0, 5, (B, 4))
+    out = spmd.vmap(lambda x, i, u: spmd.lax.scatter_add_p(x, i, u, axis=1))(x, idx, upd)
+    want = np.stack([x[b].copy() for b in range(B)])
+    for b in range(B):
+        np.add.at(want[b], (slice(None), idx[b]), upd[b])
+    np.testing.assert_allclose(np.asarray(out), want)
