@@ -836,10 +836,21 @@ def _dus_transpose(ct, x, upd, *starts):
 
 
 def _dus_batch(vals, dims):
-    batching.require_unbatched(dynamic_update_slice_p, "start indices", dims[2:])
     n = batching.batch_size(vals, dims)
     x, upd = batching.to_front(vals[0], dims[0], n), batching.to_front(vals[1], dims[1], n)
-    return bind(dynamic_update_slice_p, x, upd, 0, *vals[2:]), 0
+    if all(d is None for d in dims[2:]):
+        return bind(dynamic_update_slice_p, x, upd, 0, *vals[2:]), 0
+    # batched starts: gather upd into x's shape (a batched take per dim) and select the window
+    r = x.ndim - 1
+    full, inside = upd, True
+    for d, (s, sd) in enumerate(zip(vals[2:], dims[2:])):
+        size, u = x.shape[d + 1], upd.shape[d + 1]
+        s = np.clip(batching.moveaxis(s, sd, 0) if sd is not None else s, 0, size - u)
+        rel = bind(iota_p, dtype=np.int64, shape=(1, size), dimension=1) - np.reshape(s, (-1, 1))
+        rel = np.broadcast_to(rel, (n, size))
+        full, _ = _take_batch([full, np.clip(rel, 0, u - 1)], [0, 0], axis=d)
+        inside = inside & np.reshape((rel >= 0) & (rel < u), (n,) + (1,) * d + (size,) + (1,) * (r - d - 1))
+    return np.where(inside, full, x), 0
 
 
 dynamic_update_slice_p = Primitive("dynamic_update_slice", abstract=_dus_abstract,

@@ -173,3 +173,19 @@ def test_per_example_gradients_of_an_embedding_lookup():
     for b in range(B):
         np.add.at(want[b], (slice(None), idx[b]), upd[b])
     np.testing.assert_allclose(np.asarray(out), want)
+
+
+def test_dynamic_update_slice_with_batched_starts_and_per_example_gradients():
+    x, upd = rng.standard_normal((B, 5, 4)), rng.standard_normal((B, 2, 3))
+    starts = np.array([3, 0, 9])                       # 9 is clipped to 3
+    f = lambda x, u, s: spmd.lax.dynamic_update_slice_p(x, u, s, 1)
+    out = np.asarray(spmd.vmap(f)(x, upd, starts))
+    for b, s in enumerate(starts):
+        want = x[b].copy()
+        want[min(s, 3):min(s, 3) + 2, 1:4] = upd[b]
+        np.testing.assert_allclose(out[b], want)
+    loss = lambda v, s: np.sum(np.sin(spmd.lax.dynamic_slice_p(v, s, sizes=(2,))))
+    v = rng.standard_normal(6)
+    got = np.asarray(spmd.vmap(spmd.grad(loss), in_axes=(None, 0))(v, np.array([0, 3, 4])))
+    want = np.stack([np.asarray(spmd.grad(loss)(v, np.int64(s))) for s in [0, 3, 4]])
+    np.testing.assert_allclose(got, want)
