@@ -272,3 +272,14 @@ def test_plain_jit_follows_sharded_array_arguments():
     assert y.sharding.spec == P("model")          # propagated, as jax.jit does
     np.testing.assert_allclose(np.asarray(y), np.tanh(X @ W1).sum(0), rtol=1e-4)
     np.testing.assert_allclose(np.asarray(f(X, W1)), np.tanh(X @ W1).sum(0), rtol=1e-4)  # host args: as before
+
+
+def test_checkpointed_bodies_are_seen_through():
+    def loss(w, x):
+        layer = spmd.checkpoint(lambda w: np.tanh(x @ w))
+        return np.sum(layer(w)) + np.sum(layer(2 * w))          # the same body twice
+    f = spmd.jit(spmd.grad(loss), in_shardings=(NS(None, "model"), NS("data")))
+    g = f(W1, X)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(spmd.grad(loss)(W1, X)), rtol=1e-3, atol=1e-3)
+    assert g.sharding.spec == P(None, "model")
+    assert kinds(f, W1, X) == ["psum(data)"]

@@ -27,7 +27,7 @@ from .cost import CostModel, default_cost_model
 from .explain import explain_text, global_text
 from .lower import lower
 from .placements import Sharding
-from .propagate import check_constraints, propagate
+from .propagate import check_constraints, inline_calls, propagate
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,6 +102,7 @@ class Compiled:
 def compile_program(program: Program, in_shardings, out_shardings, mesh, *, name="function",
                     cost_model: CostModel | None = None, out_shapes=None, out_tree=None) -> Compiled:
     cm = cost_model or default_cost_model()
+    program = inline_calls(program)
     check_constraints(program, name)
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
     prop = propagate(program, list(in_shardings), list(out_shardings), sizes, cm)

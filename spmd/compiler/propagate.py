@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..core import Literal, Program, Var
+from ..core import Eqn, Literal, Program, Var
 from ..errors import ShardingError
 from .cost import CostModel
 from .placements import Sharding
@@ -103,6 +103,34 @@ def propagate(program: Program, in_shardings: list, out_shardings: list, sizes: 
     for a, want in zip(program.out_vars, out_shardings):
         outs.append(want if want is not None else _sharding_of(env, a).without_partial())
     return Propagation(ins, chosen, outs, hints)
+
+
+# Primitives that only wrap a sub-program of global ops (their own semantics matter to
+# autodiff, which has already run): the compiler sees through them.
+_TRANSPARENT = {"checkpoint"}
+
+
+def inline_calls(program: Program) -> Program:
+    """``program`` with the bodies of transparent call primitives inlined (fresh variables)."""
+    if not any(e.prim.name in _TRANSPARENT for e in program.eqns):
+        return program
+    subst: dict[int, object] = {}
+    read = lambda a: subst.get(id(a), a) if isinstance(a, Var) else a
+    eqns = []
+    for e in program.eqns:
+        if e.prim.name not in _TRANSPARENT:
+            eqns.append(Eqn(e.prim, [read(a) for a in e.inputs], e.params, e.outputs))
+            continue
+        body = inline_calls(e.params["body"])
+        inner = {id(v): read(a) for v, a in zip(body.in_vars, e.inputs)}
+        bread = lambda a: inner.get(id(a), a) if isinstance(a, Var) else a
+        for be in body.eqns:
+            outs = [Var(v.aval) for v in be.outputs]
+            eqns.append(Eqn(be.prim, [bread(a) for a in be.inputs], be.params, outs))
+            inner.update({id(v): o for v, o in zip(be.outputs, outs)})
+        for v, o in zip(e.outputs, body.out_vars):
+            subst[id(v)] = bread(o)
+    return Program(program.in_vars, eqns, [read(a) for a in program.out_vars])
 
 
 def check_constraints(program: Program, name: str):
