@@ -283,3 +283,15 @@ def test_checkpointed_bodies_are_seen_through():
     np.testing.assert_allclose(np.asarray(g), np.asarray(spmd.grad(loss)(W1, X)), rtol=1e-3, atol=1e-3)
     assert g.sharding.spec == P(None, "model")
     assert kinds(f, W1, X) == ["psum(data)"]
+
+
+def test_uneven_padding_is_silent_and_exact():
+    import warnings
+    x = rng.random(size=(6, 10)).astype(np.float32) + 1
+    f = spmd.jit(lambda x: np.log(x) / x.sum(1, keepdims=True), in_shardings=NS("data", "model"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = f(x)
+    np.testing.assert_allclose(np.asarray(y), np.log(x) / x.sum(1, keepdims=True), rtol=1e-5)
+    assert [s.data.shape for s in y.addressable_shards][:2] == [(3, 3), (3, 3)]
+    assert y.addressable_shards[3].data.shape == (3, 1)          # 10 = 3 + 3 + 3 + 1

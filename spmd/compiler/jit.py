@@ -85,6 +85,7 @@ class Compiled:
     mesh: object
     out_shapes: list
     out_tree: object
+    padded: bool = False          # some block carries padding (an uneven dim)
 
     def as_text(self) -> str:
         return (f"# global program (jit({self.name}), shardings after each type)\n"
@@ -107,8 +108,11 @@ def compile_program(program: Program, in_shardings, out_shardings, mesh, *, name
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
     prop = propagate(program, list(in_shardings), list(out_shardings), sizes, cm)
     manual, inserted = lower(program, prop, mesh, cm, name)
+    padded = any(not sh.is_even(v.aval.shape, sizes)
+                 for e, st in zip(program.eqns, prop.strategies)
+                 for v, sh in zip(list(e.inputs) + list(e.outputs), list(st.ins) + list(st.outs)))
     comp = Compiled(name, program, prop, manual, inserted, mesh,
-                    out_shapes or [a.shape for a in program.out_avals], out_tree)
+                    out_shapes or [a.shape for a in program.out_avals], out_tree, padded)
     if os.environ.get("SPMD_EXPLAIN") == "1":
         print(comp.explain())
     return comp
@@ -355,7 +359,13 @@ def run_compiled(comp: Compiled, leaves, paths, executor=None):
         # (an Array whose shards live in other processes is passed as is when nothing is padded)
         placed = [x if tuple(x.shape) == tuple(v.aval.shape) else _pad_global(np.asarray(x), v.aval.shape)
                   for x, v in zip(placed, comp.manual.in_vars)]
-    outs = executor.run(comp.manual, placed)
+    if comp.padded:
+        # the padding of uneven blocks may hold anything (log(0), 0/0): masked before it can
+        # reach a result, so NumPy's warnings about it would only be noise
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            outs = executor.run(comp.manual, placed)
+    else:
+        outs = executor.run(comp.manual, placed)
     result = []
     for o, shape, sh in zip(outs, comp.out_shapes, comp.prop.out_shardings):
         ns = NamedSharding(mesh, sh.spec)
