@@ -35,10 +35,16 @@ _SHORT = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "float64": "f6
 
 @dataclasses.dataclass(frozen=True)
 class Aval:
-    """Shape, dtype and varying mesh axes of a value (per device inside shard_map)."""
+    """Shape, dtype and varying mesh axes of a value (per device inside shard_map).
+
+    ``weak``: the value is a Python scalar passed to a traced function; like the scalar itself
+    it adopts the dtype of the arrays it meets (NEP 50, JAX's weak types): ``x_f32 * lr`` stays
+    float32 for ``lr=0.1``.
+    """
     shape: tuple[int, ...]
     dtype: np.dtype
     vma: frozenset = frozenset()
+    weak: bool = False
 
     @property
     def ndim(self) -> int:
@@ -64,7 +70,7 @@ def aval_of(x) -> Aval:
     if isinstance(x, Array):
         return Aval(x.shape, x.dtype)
     if type(x) in _WEAK:        # Python scalars only: NumPy scalars (np.float64 too) are strong
-        return Aval((), _weak_dtype(x))
+        return Aval((), _weak_dtype(x), weak=True)
     a = np.asarray(x)
     return Aval(a.shape, a.dtype)
 

@@ -44,9 +44,17 @@ def _shape(x):
     return x.shape if isinstance(x, Tracer) else np.shape(x)
 
 
+_WEAK_STAND_IN = {"b": False, "i": 0, "u": 0, "f": 0.0, "c": 0j}
+
+
 def _dummy(x):
-    """A stand-in for ``x`` that NumPy's own dtype rules accept (Python scalars stay weak)."""
-    return x if _is_scalar(x) else np.zeros((), _dtype(x))
+    """A stand-in for ``x`` that NumPy's own dtype rules accept: Python scalars, and traced
+    Python-scalar arguments (weak avals), stay weak."""
+    if _is_scalar(x):
+        return x
+    if isinstance(x, Tracer) and x.aval.weak:
+        return _WEAK_STAND_IN[x.dtype.kind]
+    return np.zeros((), _dtype(x))
 
 
 def _operand(x):
@@ -160,7 +168,8 @@ def _loop_dtypes(ufunc, operands):
     """The input dtypes of the loop NumPy picks for ``operands`` (Python scalars weak, NEP 50)."""
     if ufunc in (np.logical_and, np.logical_or, np.logical_xor, np.logical_not):
         return (np.dtype(np.bool_),) * ufunc.nin       # the bitwise primitives on bools
-    key = tuple(type(x) if _is_scalar(x) and type(x) is not bool else _dtype(x) for x in operands)
+    key = tuple(type(d) if type(d) in (int, float, complex) else _dtype(x)
+                for x, d in ((x, _dummy(x)) for x in operands))
     dts = ufunc.resolve_dtypes(key + (None,) * ufunc.nout)[:ufunc.nin]
     if builtins.any(type(x) is int and dt.kind in "iu" and not np.iinfo(dt).min <= x <= np.iinfo(dt).max
                     for x, dt in zip(operands, dts)):

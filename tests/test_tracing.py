@@ -139,6 +139,17 @@ def test_jit_traces_once_per_argument_types():
     np.testing.assert_array_equal(np.asarray(f(np.ones(3), 2.5)), np.full(3, 2.5))
 
 
+def test_python_scalar_arguments_are_weakly_typed():
+    """A Python scalar argument promotes like the scalar itself (NEP 50, JAX's weak types):
+    a learning rate does not turn float32 parameters into float64."""
+    step = spmd.jit(lambda w, lr: w - lr * w)
+    assert step(np.ones(3, f32), 0.1).dtype == f32
+    assert step(np.ones(3, np.int32), 2).dtype == np.int32
+    assert step(np.ones(3, np.int32), 2.5).dtype == f64             # NumPy: int32 * 2.5 -> float64
+    assert step(np.ones(3, f32), np.float64(0.1)).dtype == f64      # NumPy scalars are strong
+    assert "b:f64[]" in str(spmd.make_program(lambda w, lr: w * lr)(np.ones(2, f32), 0.5))
+
+
 def test_jit_keyword_and_pytree_arguments():
     traces = []
 
