@@ -431,6 +431,7 @@ def fake_gpus(monkeypatch):
     import spmd.gpu as gpu
     yield _fake_cupy.install(monkeypatch, n_gpus=8)
     gpu.gpu_count.cache_clear()                  # forget the stand-in's GPUs
+    kernels.sm_count.cache_clear()
 
 
 @pytest.mark.parametrize("kernels_run", ["array-ops", "host-kernels"])
