@@ -29,7 +29,7 @@ bench: $(STAMP)
 test-gpu: $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[cuda12,test]'
 	$(BIN)/python -m pytest -q -m gpu
-	$(BIN)/python -m benchmarks --quick --gpu --out $(VENV)/bench-gpu.json
+	JAX_PLATFORMS= $(BIN)/python -m benchmarks --quick --gpu --out $(VENV)/bench-gpu.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

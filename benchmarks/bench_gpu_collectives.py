@@ -157,6 +157,8 @@ def _multi_gpu_rows(sizes, timing, n_gpus):
 
 def _jax_seconds(n, per, timing):
     """JAX's time for each collective on ``n`` GPUs, or a string saying why there is none."""
+    if os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":
+        return "JAX_PLATFORMS=cpu (the benchmarks' default): run with JAX_PLATFORMS= to let JAX use the GPUs"
     try:
         import jax
         from jax.sharding import PartitionSpec as JP
