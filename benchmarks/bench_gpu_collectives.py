@@ -77,25 +77,28 @@ def _virtual_rows(sizes, timing):
         dst = cupy.empty_like(x)
         copy_s = timeit(sync(lambda: cupy.copyto(dst, x)), **timing)
         chunked = x.reshape(n, n, per // n) if per % n == 0 else None
+        ax = dict(axes=("i",))
         cases = [
-            ("all_reduce", "psum (fused reduce kernel)", lambda: stacked.KERNEL_RULES["psum"](cupy, mesh, x, axes=("i",))),
-            ("all_reduce", "psum (CuPy generic)", lambda: psum_p.rules["stacked"](cupy, mesh, x, axes=("i",))),
+            ("all_reduce", "psum (fused reduce kernel)",
+             lambda: stacked.KERNEL_RULES["psum"](cupy, mesh, x, **ax)),
+            ("all_reduce", "psum (CuPy generic)", lambda: psum_p.rules["stacked"](cupy, mesh, x, **ax)),
             ("all_gather", "all_gather tiled",
              lambda: cupy.ascontiguousarray(all_gather_p.rules["stacked"](
-                 cupy, mesh, x, axes=("i",), axis=0, tiled=True, groups=None, to="varying", size=n))),
+                 cupy, mesh, x, **ax, axis=0, tiled=True, groups=None, to="varying", size=n))),
         ]
         if chunked is not None:
             cases += [
                 ("reduce_scatter", "psum_scatter",
                  lambda: cupy.ascontiguousarray(psum_scatter_p.rules["stacked"](
-                     cupy, mesh, chunked, axes=("i",), scatter_dimension=0, tiled=False, groups=None, size=n))),
+                     cupy, mesh, chunked, **ax, scatter_dimension=0, tiled=False, groups=None, size=n))),
                 ("all_to_all", "all_to_all",
                  lambda: cupy.ascontiguousarray(all_to_all_p.rules["stacked"](
-                     cupy, mesh, chunked, axes=("i",), split_axis=0, concat_axis=0, tiled=False, groups=None, size=n))),
+                     cupy, mesh, chunked, **ax, split_axis=0, concat_axis=0, tiled=False, groups=None,
+                     size=n))),
             ]
         cases.append(("permute", "ppermute shift",
                       lambda: cupy.ascontiguousarray(ppermute_p.rules["stacked"](
-                          cupy, mesh, x, axes=("i",), perm=tuple((i, (i + 1) % n) for i in range(n))))))
+                          cupy, mesh, x, **ax, perm=tuple((i, (i + 1) % n) for i in range(n))))))
         for op, label, fn in cases:
             t = timeit(sync(fn), **timing)
             rows.append(Row(NAME, f"{label} {_size(nbytes)}/device, {n} virtual devices", t,

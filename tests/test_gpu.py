@@ -219,7 +219,8 @@ def run_compiled_on(ex, row):
     sizes, names = row.mesh
     mesh = _mesh(ex, sizes, names)
     args = cp.make_args(row)
-    f = spmd.jit(lambda *a: row.fn(np, *a), in_shardings=tuple(spmd.NamedSharding(mesh, P(*s)) for s in row.in_specs),
+    ins = tuple(spmd.NamedSharding(mesh, P(*s)) for s in row.in_specs)
+    f = spmd.jit(lambda *a: row.fn(np, *a), in_shardings=ins,
                  out_shardings=spmd.NamedSharding(mesh, P(*row.out_specs)), executor=ex.executor)
     np.testing.assert_allclose(np.asarray(f(*args)), row.fn(np, *args), rtol=2e-5, atol=2e-5,
                                err_msg=f"{row.name} on {ex}")

@@ -665,7 +665,8 @@ def test_host_reduce_axis_kernel(host_kernels, op, dtype, axis, layout):
     x = _data(np.dtype(dtype), (3, 5, 7), 0)
     if layout == "transposed":
         x = np.ascontiguousarray(x.transpose(2, 1, 0)).transpose(2, 1, 0)
-    before, after = im.runs(x.shape[:axis], _elem_strides(x)[:axis]), im.runs(x.shape[axis + 1:], _elem_strides(x)[axis + 1:])
+    before = im.runs(x.shape[:axis], _elem_strides(x)[:axis])
+    after = im.runs(x.shape[axis + 1:], _elem_strides(x)[axis + 1:])
     assert len(before) <= 1 and len(after) <= 1
     (outer, s_outer), = before or [(1, 0)]
     (inner, s_inner), = after or [(1, 1)]

@@ -29,7 +29,8 @@ def _wheel_dir(module: str) -> pathlib.Path:
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
-        raise NvrtcUnavailable(f"{module} is not installed ({e}); pip install 'spmd[kernels-check]'") from None
+        raise NvrtcUnavailable(f"{module} is not installed ({e}); "
+                               f"pip install 'spmd[kernels-check]'") from None
     return pathlib.Path(list(mod.__path__)[0])
 
 
@@ -172,7 +173,8 @@ def main() -> None:
         cells = []
         for arch in kernels.TARGET_ARCHS:
             r = results[arch][expr]
-            cells.append(f"{r.registers} regs" + (f", SPILL {r.spill_stores}/{r.spill_loads}" if r.spills else "")
+            spill = f", SPILL {r.spill_stores}/{r.spill_loads}" if r.spills else ""
+            cells.append(f"{r.registers} regs" + spill
                          + (f", stack {r.stack_bytes}" if r.stack_bytes else ""))
         table.add_row(expr, *cells)
     Console(width=160).print(table)

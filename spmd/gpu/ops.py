@@ -129,4 +129,5 @@ def copy_batched(pairs):
     counts = cupy.asarray(np.array([b // unit for b in nbytes], dtype=np.int64))
     fn = kernels.kernel("copy.cu", f"spmd::copy_batched<{kernels.COPY_TYPES[unit]}>")
     blocks, threads = kernels.grid(max(nbytes) // unit)
-    fn((blocks, len(pairs)), (threads,), (_ptr_array([s for s, _ in pairs]), _ptr_array([d for _, d in pairs]), counts))
+    srcs, dsts = _ptr_array([s for s, _ in pairs]), _ptr_array([d for _, d in pairs])
+    fn((blocks, len(pairs)), (threads,), (srcs, dsts, counts))
