@@ -19,6 +19,7 @@ import numpy as np
 import optree
 
 from . import _host_parallel
+from .communicators import placement
 from .core import Aval, Primitive, bind, current_builder
 from .errors import VmaError
 from .transforms import ad, vmap as batching
@@ -311,7 +312,7 @@ all_gather_p = Primitive(
     "all_gather", abstract=_all_gather_abstract, vma=_all_gather_vma,
     stacked=_rank_major_rule(_all_gather_body, out_varying=lambda p: p["to"] == "varying"),
     per_device=lambda comm, bufs, *, axes, axis, tiled, groups, to, size: {
-        d: (np.concatenate(list(g), axis=axis) if tiled else np.stack(list(g), axis=axis))
+        d: placement(comm).call(d, _join, g, tiled=tiled, axis=axis)
         for d, g in comm.all_gather(bufs, axes, groups).items()},
     collective="all_gather", linear=True)
 
@@ -481,8 +482,12 @@ def _all_to_all_body(xp, rm, y, *, split_axis, concat_axis, tiled, size):
 def _all_to_all_per_device(comm, bufs, *, axes, split_axis, concat_axis, tiled, groups, size):
     sent = {d: _to_front(v, split_axis, size, tiled) for d, v in bufs.items()}
     got = comm.all_to_all(sent, axes, groups)
-    join = np.concatenate if tiled else np.stack        # r: (size, chunk...) from each source
-    return {d: join(list(r), axis=concat_axis) for d, r in got.items()}
+    # r: (size, chunk...) from each source, joined on the device that holds it
+    return {d: placement(comm).call(d, _join, r, tiled=tiled, axis=concat_axis) for d, r in got.items()}
+
+
+def _join(xp, chunks, *, tiled, axis):
+    return (xp.concatenate if tiled else xp.stack)(list(chunks), axis=axis)
 
 
 all_to_all_p = Primitive(

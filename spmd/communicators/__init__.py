@@ -12,6 +12,10 @@ indices along those axes); it returns a dict of the same positions.
 - ``permute(bufs, axes, perm)``: (source, destination) pairs along the axes; zeros elsewhere
 - ``broadcast(bufs, axes, groups, source)``
 - ``axis_index(axes)`` -> {position: index along axes}
+
+A communicator may also say where local arrays live (``placement``: the array namespace and the
+device to select around each position's work, e.g. CuPy on that position's GPU); without one
+they are host NumPy arrays.
 """
 from __future__ import annotations
 
@@ -51,3 +55,25 @@ def group_of(mesh, axes, groups, position) -> tuple[int, ...]:
     """The positions of ``position``'s group in a collective over ``axes``, in rank order (for
     communicators that hold one position per process)."""
     return tuple(next(g for g in axis_groups(mesh, axes, groups) if position in g))
+
+
+class HostPlacement:
+    """Local arrays as host NumPy arrays (the default placement)."""
+    xp = np
+
+    def call(self, position, fn, *args, **kwargs):
+        """``fn(xp, *args, **kwargs)`` where ``position``'s arrays live."""
+        return fn(np, *args, **kwargs)
+
+    def to_local(self, position, value):
+        return np.asarray(value)
+
+    def to_host(self, value):
+        return value
+
+
+_HOST = HostPlacement()
+
+
+def placement(comm):
+    return getattr(comm, "placement", _HOST)

@@ -8,30 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..communicators import rank_in
+from ..communicators import placement as _placement, rank_in
 from ..core import Literal, Program
-
-
-class HostPlacement:
-    """Where local arrays live: host NumPy arrays, unless the communicator has a ``placement``
-    of its own (NCCL: CuPy arrays, each position's GPU selected around its work)."""
-    xp = np
-
-    def call(self, position, fn, *args, **kwargs):
-        return fn(np, *args, **kwargs)
-
-    def to_local(self, position, value):
-        return np.asarray(value)
-
-    def to_host(self, value):
-        return value
-
-
-_HOST = HostPlacement()
-
-
-def _placement(comm):
-    return getattr(comm, "placement", _HOST)
 
 
 class PerDeviceExecutor:
