@@ -20,7 +20,7 @@ class Row:
     shapes: tuple                # shapes of the arguments; ("int", shape, high) for indices
     mesh: tuple                  # ((sizes), (names))
     in_specs: tuple              # one spec (tuple of entries) per argument
-    out_specs: object            # a spec, or a tuple of specs for several outputs
+    out_specs: object            # a spec (tuple of entries), or a list of them for several outputs
     expect: list                 # ["psum(model)", ...]
     jax: bool = True             # JAX can run the same program
 
@@ -52,6 +52,18 @@ def attention(xp, q, k, v):
 def attention_proj(xp, q, k, v, wo):
     o = attention(xp, q, k, v)                       # b h s d
     return xp.einsum("bhsd,hde->bse", o, wo)
+
+
+def mlp_grads(xp, w1, w2, x, y):
+    """Forward and backward of a two-layer MLP: the gradients of a squared loss."""
+    def loss(params):
+        a, b = params
+        return xp.sum((xp.tanh(x @ a) @ b - y) ** 2)
+    if xp is np:
+        import spmd
+        return spmd.grad(loss)((w1, w2))
+    import jax
+    return jax.grad(loss)((w1, w2))
 
 
 def grad_dp(xp, x, w, y):
@@ -90,6 +102,13 @@ ROWS = [
         (("x",), (), ("x",)), (), ["psum(x)"]),
     Row("zero weight gradient (psum_scatter)", grad_dp, ((16, 8), (8, 4), (16, 4)), MESH1,
         (("x",), (), ("x",)), ("x",), ["psum_scatter(x)"]),
+    Row("mlp megatron fwd+bwd", mlp_grads, ((16, 32), (32, 16), (8, 16), (8, 16)), MESH2,
+        ((None, "model"), ("model",), ("data",), ("data",)), [(None, "model"), ("model",)],
+        ["psum(model)", "psum(data)"]),                       # both gradients in one psum
+    Row("mlp data parallel fwd+bwd", mlp_grads, ((8, 8), (8, 8), (16, 8), (16, 8)), MESH1,
+        ((), (), ("x",), ("x",)), [(), ()], ["psum(x)"]),
+    Row("mlp zero fwd+bwd", mlp_grads, ((8, 8), (8, 8), (16, 8), (16, 8)), MESH1,
+        ((), (), ("x",), ("x",)), [("x",), ("x",)], ["psum_scatter(x)"]),
     Row("attention heads sharded", attention, ((2, 4, 8, 4),) * 3, MESH2,
         (("data", "model"),) * 3, ("data", "model"), []),
     Row("attention + out projection", attention_proj, ((2, 4, 8, 4),) * 3 + ((4, 4, 8),), MESH2,

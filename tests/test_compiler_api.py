@@ -113,11 +113,13 @@ def _check_grads(f, params):
     return got
 
 
-def test_grad_data_parallel_one_psum_per_parameter():
+def test_grad_data_parallel_one_psum_for_all_parameters():
     f = spmd.jit(spmd.grad(mlp_loss), in_shardings=((NS(), NS()), NS(("data", "model")), NS(("data", "model"))))
     got = _check_grads(f, (W1, W2))
     assert [g.sharding.spec for g in got] == [P(), P()]      # like the parameters
-    assert kinds(f, (W1, W2), X, Y) == ["psum(data,model)"] * 2
+    # one psum per parameter, combined into one collective (as XLA's all-reduce combiner)
+    assert kinds(f, (W1, W2), X, Y) == ["psum(data,model)"]
+    assert f.lower((W1, W2), X, Y).compiled.inserted[0].nbytes == (W1.size + W2.size) * 4
 
 
 def test_grad_zero_sharded_gradients_psum_scatter():
@@ -126,7 +128,7 @@ def test_grad_zero_sharded_gradients_psum_scatter():
                                                     NamedSharding(dp, P("x"))),
                  out_shardings=(NamedSharding(dp, P("x")),) * 2)
     _check_grads(f, (W1, W2))
-    assert kinds(f, (W1, W2), X, Y) == ["psum_scatter(x)"] * 2
+    assert kinds(f, (W1, W2), X, Y) == ["psum_scatter(x)"]       # both gradients, one reduce-scatter
 
 
 def test_grad_megatron_dp_tp():
@@ -134,8 +136,8 @@ def test_grad_megatron_dp_tp():
     f = spmd.jit(spmd.grad(mlp_loss), in_shardings=(params, NS("data"), NS("data")))
     got = _check_grads(f, (W1, W2))
     assert [g.sharding.spec for g in got] == [P(None, "model"), P("model")]
-    # forward: one psum over model; backward: one psum over data per parameter
-    assert kinds(f, (W1, W2), X, Y) == ["psum(data)", "psum(data)", "psum(model)"]
+    # forward: one psum over model; backward: the parameters' psums over data, combined
+    assert kinds(f, (W1, W2), X, Y) == ["psum(data)", "psum(model)"]
 
 
 def test_value_and_grad_shardings():

@@ -214,13 +214,29 @@ def lower(program: Program, prop, mesh, cm: CostModel, name: str):
             outs = lower_equation(e, s, args, sizes)
             for v, o, sh in zip(e.outputs, outs, s.outs):
                 env[id(v)] = (o, sh)
-        results = []
+        results = [None] * len(program.out_vars)
+        batches: dict[tuple, list] = {}
         for k, (a, want) in enumerate(zip(program.out_vars, prop.out_shardings)):
             x, cur = read(a)
             why = (lambda cur, want, k: lambda st: (
                 f"output {k} is {cur} but must be {want}" + (" (out_shardings)" if cur.partial == () else
                                                               f"; its pending {_pending(cur)} is reduced")))(cur, want, k)
-            results.append(reshard(x, a, cur, want, None, f"output {k}", why))
+            key = _combinable(a, cur, want, sizes, mesh_sizes, cm)
+            if key is not None:
+                batches.setdefault(key, []).append((k, x, a, cur, want, why))
+            else:
+                results[k] = reshard(x, a, cur, want, None, f"output {k}", why)
+        for key, members in batches.items():
+            if len(members) == 1:
+                k, x, a, cur, want, why = members[0]
+                results[k] = reshard(x, a, cur, want, None, f"output {k}", why)
+                continue
+            outs, step = _combined(key, members, sizes, cm)
+            ks = ", ".join(str(m[0]) for m in members)
+            inserted.append(Inserted(None, f"outputs {ks}", f"the pending sums of outputs {ks} over the same "
+                                     f"axes are reduced together (one {step.kind} of their concatenation)", step))
+            for (k, *_), o in zip(members, outs):
+                results[k] = o
         return results
 
     in_avals = [_spec_aval(v.aval, sh, sizes) for v, sh in zip(program.in_vars, prop.in_shardings)]
@@ -240,6 +256,65 @@ def lower(program: Program, prop, mesh, cm: CostModel, name: str):
     from ..core import Eqn
     manual = Program(glob_in, [Eqn(shard_map_p, list(glob_in), params, glob_out)], glob_out)
     return manual, inserted
+
+
+def _combinable(a, cur, want, sizes, mesh_sizes, cm):
+    """The batching key of an output whose redistribution is one psum / psum_scatter (those
+    over the same axes are reduced as one buffer, as XLA's all-reduce combiner does)."""
+    if not isinstance(a, Var) or cur == want:
+        return None
+    pl = plan(tuple(a.aval.shape), a.aval.dtype.itemsize, cur, want, mesh_sizes, cm)
+    if len(pl.steps) != 1 or pl.steps[0].kind not in ("psum", "psum_scatter"):
+        return None
+    st = pl.steps[0]
+    if st.kind == "psum_scatter":
+        n = int(np.prod([sizes[x] for x in st.axes]))
+        if cur.local_shape(a.aval.shape, sizes)[st.dim] % n:
+            return None               # would need padding: keep it on its own
+    return (st.kind, st.axes, np.dtype(a.aval.dtype))
+
+
+def _combined(key, members, sizes, cm):
+    """One collective over the concatenation of several outputs' blocks."""
+    from ..core import bind
+    from ..collectives import psum_p, psum_scatter_p
+    kind, axes, dtype = key
+    n = int(np.prod([sizes[x] for x in axes]))
+    rows, dims = [], []
+    for k, x, a, cur, want, why in members:
+        if kind == "psum":
+            rows.append(bind(lax.reshape_p, x, shape=(int(np.prod(x.shape)),)))
+            dims.append(None)
+        else:
+            d = next(i for i, (c, w) in enumerate(zip(cur.dims, want.dims)) if c != w)
+            perm = (d,) + tuple(i for i in range(x.ndim) if i != d)
+            y = bind(lax.transpose_p, x, perm=perm) if d else x
+            rows.append(bind(lax.reshape_p, y, shape=(n, int(np.prod(x.shape)) // n)))
+            dims.append((d, perm, y.shape))
+    axis = 0 if kind == "psum" else 1
+    cat = bind(lax.concatenate_p, *rows, axis=axis)
+    if kind == "psum":
+        red = bind(psum_p, cat, axes=axes, groups=None)
+    else:
+        red = bind(psum_scatter_p, cat, axes=axes, scatter_dimension=0, tiled=True, groups=None, size=n)
+        red = bind(lax.reshape_p, red, shape=(red.shape[1],))
+    outs, start = [], 0
+    for (k, x, a, cur, want, why), r, dd in zip(members, rows, dims):
+        size = int(np.prod(r.shape)) // (n if kind == "psum_scatter" else 1)
+        piece = bind(lax.slice_p, red, index=((start, start + size, 1),))
+        start += size
+        if dd is None:
+            outs.append(bind(lax.reshape_p, piece, shape=x.shape))
+        else:
+            d, perm, yshape = dd
+            block = bind(lax.reshape_p, piece, shape=(yshape[0] // n,) + tuple(yshape[1:]))
+            outs.append(bind(lax.transpose_p, block, perm=tuple(int(i) for i in np.argsort(perm))) if d else block)
+    nbytes = int(np.prod(cat.shape)) * np.dtype(dtype).itemsize
+    collective = "all_reduce" if kind == "psum" else "reduce_scatter"
+    src = members[0][3]
+    step = Step(kind, axes, None, None, src, members[0][4], collective, nbytes,
+                cm.time(collective, nbytes, axes, sizes))
+    return outs, step
 
 
 def _pending(sh):
