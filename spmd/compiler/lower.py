@@ -16,7 +16,8 @@ import dataclasses
 import numpy as np
 
 from .. import lax
-from ..core import Aval, Literal, Params, Program, Var, trace, _ProgramPrinter
+from ..collectives import psum_p
+from ..core import Aval, Eqn, Literal, Params, Program, Var, current_builder, trace, _ProgramPrinter
 from ..shard_map import shard_map_p
 from .cost import CostModel
 from .placements import Sharding
@@ -182,6 +183,7 @@ def lower(program: Program, prop, mesh, cm: CostModel, name: str):
         return texts[i]
 
     made: dict[tuple, object] = {}       # (id(var), sharding) -> block: redistribute once
+    psum_records: dict[int, Inserted] = {}   # id(psum equation) -> its record
 
     def reshard(x, a, src, dst, eqn_index, where, why):
         if src == dst:
@@ -189,9 +191,16 @@ def lower(program: Program, prop, mesh, cm: CostModel, name: str):
         if isinstance(a, Var) and (id(a), dst) in made:
             return made[(id(a), dst)]
         pl = plan(tuple(a.aval.shape), a.aval.dtype.itemsize, src, dst, mesh_sizes, cm)
+        records = []
         for st in pl.collectives:
-            inserted.append(Inserted(eqn_index, where, (lambda st: lambda: why(st))(st), st))
+            records.append(Inserted(eqn_index, where, (lambda st: lambda: why(st))(st), st))
+            inserted.append(records[-1])
+        builder = current_builder()
+        start = len(builder.eqns)
         y = apply(x, pl, a.aval.shape, sizes)
+        emitted = [e for e in builder.eqns[start:] if e.prim is psum_p]
+        for e, r in zip(emitted, [r for r in records if r.step.kind == "psum"]):
+            psum_records[id(e)] = r
         if isinstance(a, Var):
             made[(id(a), dst)] = y
         return y
@@ -245,6 +254,7 @@ def lower(program: Program, prop, mesh, cm: CostModel, name: str):
     body_prog, captured = trace(body, in_avals, mesh=mesh, manual_axes=mesh.axis_names,
                                 check_vma=False, context=f"jit({name}) per-device body")
     assert not captured
+    body_prog = combine_psums(body_prog, psum_records, inserted, sizes, cm)
     in_specs = tuple(sh.spec for sh in prop.in_shardings)
     out_specs = tuple(sh.spec for sh in prop.out_shardings)
     params = Params(body=body_prog, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
@@ -256,6 +266,93 @@ def lower(program: Program, prop, mesh, cm: CostModel, name: str):
     from ..core import Eqn
     manual = Program(glob_in, [Eqn(shard_map_p, list(glob_in), params, glob_out)], glob_out)
     return manual, inserted
+
+
+def combine_psums(body: Program, records: dict, inserted: list, sizes, cm) -> Program:
+    """Merge inserted psums over the same axes that do not depend on each other into one psum
+    of their concatenated buffers (XLA's all-reduce combiner): one collective call instead of
+    several.  The merged psum runs where the last of them ran; what used the earlier ones
+    moves after it."""
+    eqns = body.eqns
+    producer = {id(v): i for i, e in enumerate(eqns) for v in e.outputs}
+    users: dict[int, list] = {}
+    for i, e in enumerate(eqns):
+        for a in e.inputs:
+            if isinstance(a, Var) and id(a) in producer:
+                users.setdefault(producer[id(a)], []).append(i)
+
+    def dependents(i):
+        seen, todo = set(), [i]
+        while todo:
+            for j in users.get(todo.pop(), ()):
+                if j not in seen:
+                    seen.add(j)
+                    todo.append(j)
+        return seen
+
+    groups: dict[tuple, list] = {}
+    for i, e in enumerate(eqns):
+        if e.prim is psum_p and id(e) in records and e.params.get("groups") is None:
+            x = e.inputs[0].aval
+            groups.setdefault((e.params["axes"], np.dtype(x.dtype), x.vma), []).append(i)
+    batches = []
+    for idx in groups.values():
+        batch, after = [], set()
+        for i in idx:
+            if batch and i not in after:
+                batch.append(i)
+                after |= dependents(i)
+            else:
+                if len(batch) > 1:
+                    batches.append((batch, after))
+                batch, after = [i], dependents(i)
+        if len(batch) > 1:
+            batches.append((batch, after))
+    if not batches:
+        return body
+    for batch, after in reversed(batches):      # later batches first: indices stay valid
+        eqns = _merge(eqns, batch, after, records, inserted, sizes, cm)
+    return Program(body.in_vars, eqns, body.out_vars)
+
+
+def _merge(eqns, batch, after, records, inserted, sizes, cm):
+    members = [eqns[i] for i in batch]
+    axes = members[0].params["axes"]
+    x0 = members[0].inputs[0].aval
+    flat, new = [], []
+    for e in members:
+        v = Var(Aval((int(np.prod(e.inputs[0].aval.shape)),), x0.dtype, x0.vma))
+        new.append(Eqn(lax.reshape_p, [e.inputs[0]], Params(shape=v.aval.shape), [v]))
+        flat.append(v)
+    total = sum(v.aval.shape[0] for v in flat)
+    cat = Var(Aval((total,), x0.dtype, x0.vma))
+    new.append(Eqn(lax.concatenate_p, flat, Params(axis=0), [cat]))
+    red = Var(Aval((total,), x0.dtype, x0.vma - set(axes)))
+    new.append(Eqn(psum_p, [cat], Params(axes=axes, groups=None), [red]))
+    start = 0
+    for e, v in zip(members, flat):
+        n = v.aval.shape[0]
+        piece = Var(Aval((n,), x0.dtype, red.aval.vma))
+        new.append(Eqn(lax.slice_p, [red], Params(index=((start, start + n, 1),)), [piece]))
+        new.append(Eqn(lax.reshape_p, [piece], Params(shape=e.outputs[0].aval.shape), [e.outputs[0]]))
+        start += n
+    last = batch[-1]
+    members_set = set(batch)
+    out = [e for i, e in enumerate(eqns[:last]) if i not in members_set and i not in after]
+    out += new
+    out += [e for i, e in enumerate(eqns[:last]) if i in after and i not in members_set]
+    out += eqns[last + 1:]
+    # one record for the combined collective, where the first one was
+    recs = [records[id(e)] for e in members]
+    nbytes = total * np.dtype(x0.dtype).itemsize
+    step = dataclasses.replace(recs[0].step, nbytes=nbytes, time=cm.time("all_reduce", nbytes, axes, sizes))
+    why = (lambda recs: lambda: "; ".join(dict.fromkeys(r.why for r in recs))
+           + f" ({len(recs)} psums combined into one)")(recs)
+    at = min(inserted.index(r) for r in recs)
+    for r in recs:
+        inserted.remove(r)
+    inserted.insert(at, Inserted(recs[0].eqn_index, recs[0]._where, why, step))
+    return out
 
 
 def _combinable(a, cur, want, sizes, mesh_sizes, cm):
