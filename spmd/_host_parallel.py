@@ -26,6 +26,9 @@ PARALLEL_MIN_BYTES = 1 << 20
 # Collectives on values of at least this many bytes loop over slabs into preallocated outputs;
 # smaller ones make one NumPy call (fewer Python calls).  Tests set it to 0 to check both paths.
 LOOP_MIN_BYTES = 1 << 18
+# Reductions stay one NumPy call while their inputs fit in a last-level cache: there one pass is
+# quicker than handing blocks to threads.
+REDUCE_LOOP_MIN_BYTES = 16 << 20
 
 # Big outputs come from a pool of host buffers: the first touch of a fresh ``np.empty`` of many
 # MiB faults in and zeroes every page, which costs about as much as the copy that fills it.  A
@@ -112,9 +115,9 @@ def chunks(shape: tuple[int, ...], parts: int) -> list[tuple]:
 _REDUCE = {"sum": "add", "max": "maximum", "min": "minimum"}
 
 
-def reduce_tasks(xp, op: str, out, slabs) -> list:
-    """Tasks that together compute ``out = slabs[0] op slabs[1] op ...`` in order (``op`` one of
-    sum/max/min; the slabs are arrays or views of ``out``'s shape), one per cache-sized block
+def reduce_into(xp, op: str, out, slabs):
+    """``out = slabs[0] op slabs[1] op ...`` in order (``op`` one of sum/max/min; the slabs are
+    arrays or views of ``out``'s shape), over the host threads.  One task per cache-sized block
     of ``out``, so the running result stays in cache while the slabs stream through."""
     ufunc = getattr(xp, _REDUCE[op])
 
@@ -126,12 +129,8 @@ def reduce_tasks(xp, op: str, out, slabs) -> list:
         ufunc(slabs[0][idx], slabs[1][idx], out=o)
         for s in slabs[2:]:
             ufunc(o, s[idx], out=o)
-    return [functools.partial(block, idx) for idx in chunks(out.shape, out.nbytes // BLOCK_BYTES)]
-
-
-def reduce_into(xp, op: str, out, slabs):
-    """``out = slabs[0] op slabs[1] op ...``, over the host threads."""
-    run(xp, out.nbytes * (len(slabs) + 1), reduce_tasks(xp, op, out, slabs))
+    run(xp, out.nbytes * (len(slabs) + 1),
+        [functools.partial(block, idx) for idx in chunks(out.shape, out.nbytes // BLOCK_BYTES)])
     return out
 
 

@@ -189,22 +189,21 @@ def _reduce_vma(x, *, axes, groups=None, **_):
     return x.vma if groups is not None else x.vma - set(axes)
 
 
+def _reduce_ranks(xp, y, op):
+    """``y`` (G, g, rest...) reduced over the ranks: (G, rest...)."""
+    if y.nbytes < _host_parallel.REDUCE_LOOP_MIN_BYTES:
+        return {"sum": lambda: y.sum(axis=1, dtype=y.dtype),      # no int promotion
+                "max": lambda: y.max(axis=1), "min": lambda: y.min(axis=1)}[op]()
+    # big: slab by slab into one output buffer, block by block over the host threads
+    out = _host_parallel.empty(xp, y.shape[:1] + y.shape[2:], y.dtype)
+    return _host_parallel.reduce_into(xp, op, out, [y[:, i] for i in range(y.shape[1])])
+
+
 def _all_reduce_prim(name, op):
-    small = {"sum": lambda y: y.sum(axis=1, keepdims=True, dtype=y.dtype),  # no int promotion
-             "max": lambda y: y.max(axis=1, keepdims=True),
-             "min": lambda y: y.min(axis=1, keepdims=True)}[op]
-
-    def reduce(xp, rm, y):
-        if y.nbytes < _host_parallel.LOOP_MIN_BYTES:
-            return small(y)
-        # big: slab by slab into one output buffer, split over the host threads
-        out = _host_parallel.empty(xp, (y.shape[0], 1) + y.shape[2:], y.dtype)
-        _host_parallel.reduce_into(xp, op, out[:, 0], [y[:, i] for i in range(y.shape[1])])
-        return out
-
     return Primitive(
         name, abstract=lambda x, **p: Aval(x.shape, x.dtype), vma=_reduce_vma,
-        stacked=_rank_major_rule(reduce, out_varying=False),
+        stacked=_rank_major_rule(lambda xp, rm, y: xp.expand_dims(_reduce_ranks(xp, y, op), 1),
+                                 out_varying=False),
         per_device=lambda comm, bufs, *, axes, groups=None: comm.all_reduce(bufs, axes, groups, op),
         collective=op, linear=(op == "sum"))
 
@@ -388,20 +387,9 @@ def _psum_scatter_abstract(x, *, axes, scatter_dimension, tiled, groups, size):
 
 
 def _psum_scatter_body(xp, rm, y, *, scatter_dimension, tiled, size):
-    a = rm.local(scatter_dimension) - 1                 # the scatter dim in a slab y[:, i]
-    if y.nbytes >= _host_parallel.LOOP_MIN_BYTES:
-        # big: sum each destination's block straight into its place in the output
-        slab = y.shape[:1] + y.shape[2:]
-        c = slab[a] // size
-        out = _host_parallel.empty(xp, (slab[0], size) + slab[1:a] + ((c,) if tiled else ()) + slab[a + 1:],
-                                   y.dtype)
-
-        def pick(j):
-            return (slice(None),) * a + ((slice(j * c, (j + 1) * c),) if tiled else (j,))
-        _host_parallel.run(xp, y.nbytes, [t for j in range(size) for t in _host_parallel.reduce_tasks(
-            xp, "sum", out[:, j], [y[:, i][pick(j)] for i in range(size)])])
-        return out
-    s = y.sum(axis=1, dtype=y.dtype)                    # (G, others, local)
+    # the whole sum, of which each device's block is a view: nothing is copied to scatter it
+    s = _reduce_ranks(xp, y, "sum")                     # (G, others, local)
+    a = rm.local(scatter_dimension) - 1
     if tiled:
         s = s.reshape(s.shape[:a] + (size, s.shape[a] // size) + s.shape[a + 1:])
     return xp.moveaxis(s, a, 1)

@@ -16,6 +16,7 @@ REFERENCE = reference_executor()
 def big_paths(monkeypatch):
     """Every collective takes its big-value path, on the thread pool."""
     monkeypatch.setattr(_host_parallel, "LOOP_MIN_BYTES", 0)
+    monkeypatch.setattr(_host_parallel, "REDUCE_LOOP_MIN_BYTES", 0)
     monkeypatch.setattr(_host_parallel, "PARALLEL_MIN_BYTES", 0)
     monkeypatch.setattr(_host_parallel, "num_threads", lambda: 3)   # uneven chunks
 
