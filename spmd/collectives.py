@@ -524,8 +524,9 @@ def _ppermute_body(xp, rm, y, *, perm):
         for d in np.flatnonzero(src_of < 0):
             out[:, d] = 0
         parts = -(-4 * _host_parallel.num_threads() // rm.n)     # a few tasks per thread in all
-        _host_parallel.run(xp, 2 * y.nbytes, [t for d in np.flatnonzero(src_of >= 0) for t in
-                                              _host_parallel.copy_tasks(xp, out[:, d], y[:, src_of[d]], parts)])
+        tasks = [t for d in np.flatnonzero(src_of >= 0)
+                 for t in _host_parallel.copy_tasks(xp, out[:, d], y[:, src_of[d]], parts)]
+        _host_parallel.run(xp, 2 * y.nbytes, tasks)
         return out
     z = xp.take(y, np.maximum(src_of, 0), axis=1)
     if (src_of < 0).any():

@@ -25,30 +25,44 @@ def _ring(n):
     return [(i, (i + 1) % n) for i in range(n)]
 
 
+def _halves(n):
+    """Even and odd indices: two axis_index_groups (one group when n is odd)."""
+    return [list(range(0, n, 2)), list(range(1, n, 2))] if n % 2 == 0 else [list(range(n))]
+
+
+f32, i32 = np.float32, np.int32
 # id, body(x, ax, n), local block shape(n), dtype
 ROWS = [
-    ("psum", lambda x, ax, n: spmd.psum(x, ax), lambda n: (2, 3), np.float32),
-    ("psum-int32", lambda x, ax, n: spmd.psum(x, ax), lambda n: (5,), np.int32),
+    ("psum", lambda x, ax, n: spmd.psum(x, ax), lambda n: (2, 3), f32),
+    ("psum-int32", lambda x, ax, n: spmd.psum(x, ax), lambda n: (5,), i32),
     ("psum-bool", lambda x, ax, n: spmd.psum(x, ax), lambda n: (3,), np.bool_),
-    ("psum-scalar", lambda x, ax, n: spmd.psum(x.sum(), ax), lambda n: (2,), np.float32),
-    ("pmax", lambda x, ax, n: spmd.pmax(x, ax), lambda n: (2, 3), np.float32),
-    ("pmin", lambda x, ax, n: spmd.pmin(x, ax), lambda n: (2, 3), np.int32),
-    ("psum-groups", lambda x, ax, n: spmd.psum(x, ax, axis_index_groups=[list(range(0, n, 2)), list(range(1, n, 2))]) if n % 2 == 0 else spmd.psum(x, ax),
-     lambda n: (3, 2), np.float32),
-    ("all_gather", lambda x, ax, n: spmd.all_gather(x, ax), lambda n: (2, 3), np.float32),
-    ("all_gather-tiled-0", lambda x, ax, n: spmd.all_gather(x, ax, tiled=True), lambda n: (2, 3), np.float32),
-    ("all_gather-tiled-1", lambda x, ax, n: spmd.all_gather(x, ax, axis=1, tiled=True), lambda n: (2, 3), np.float32),
-    ("all_gather-invariant", lambda x, ax, n: spmd.all_gather(x, ax, axis=1, tiled=True, to="invariant"), lambda n: (2, 3), np.float32),
-    ("psum_scatter", lambda x, ax, n: spmd.psum_scatter(x, ax), lambda n: (n, 3), np.float32),
-    ("psum_scatter-tiled-0", lambda x, ax, n: spmd.psum_scatter(x, ax, tiled=True), lambda n: (2 * n, 3), np.int32),
-    ("psum_scatter-tiled-1", lambda x, ax, n: spmd.psum_scatter(x, ax, scatter_dimension=1, tiled=True), lambda n: (3, 2 * n), np.float32),
-    ("psum_scatter-groups", lambda x, ax, n: spmd.psum_scatter(x, ax, tiled=True, axis_index_groups=[list(range(n))[::-1]]), lambda n: (n, 2), np.float32),
-    ("all_to_all-tiled-0-0", lambda x, ax, n: spmd.all_to_all(x, ax, 0, 0, tiled=True), lambda n: (2 * n, 3), np.float32),
-    ("all_to_all-tiled-0-1", lambda x, ax, n: spmd.all_to_all(x, ax, 0, 1, tiled=True), lambda n: (n, 3), np.float32),
-    ("all_to_all-1-0", lambda x, ax, n: spmd.all_to_all(x, ax, 1, 0), lambda n: (2, n), np.float32),
-    ("ppermute-ring", lambda x, ax, n: spmd.ppermute(x, ax, _ring(n)), lambda n: (2, 3), np.float32),
-    ("ppermute-partial", lambda x, ax, n: spmd.ppermute(x, ax, [(0, n - 1)]), lambda n: (2, 3), np.float32),
-    ("ppermute-invariant-input", lambda x, ax, n: spmd.ppermute(spmd.psum(x, ax), ax, _ring(n)), lambda n: (2, 3), np.float32),
+    ("psum-scalar", lambda x, ax, n: spmd.psum(x.sum(), ax), lambda n: (2,), f32),
+    ("pmax", lambda x, ax, n: spmd.pmax(x, ax), lambda n: (2, 3), f32),
+    ("pmin", lambda x, ax, n: spmd.pmin(x, ax), lambda n: (2, 3), i32),
+    ("psum-groups", lambda x, ax, n: spmd.psum(x, ax, axis_index_groups=_halves(n)),
+     lambda n: (3, 2), f32),
+    ("all_gather", lambda x, ax, n: spmd.all_gather(x, ax), lambda n: (2, 3), f32),
+    ("all_gather-tiled-0", lambda x, ax, n: spmd.all_gather(x, ax, tiled=True), lambda n: (2, 3), f32),
+    ("all_gather-tiled-1", lambda x, ax, n: spmd.all_gather(x, ax, axis=1, tiled=True),
+     lambda n: (2, 3), f32),
+    ("all_gather-invariant", lambda x, ax, n: spmd.all_gather(x, ax, axis=1, tiled=True, to="invariant"),
+     lambda n: (2, 3), f32),
+    ("psum_scatter", lambda x, ax, n: spmd.psum_scatter(x, ax), lambda n: (n, 3), f32),
+    ("psum_scatter-tiled-0", lambda x, ax, n: spmd.psum_scatter(x, ax, tiled=True),
+     lambda n: (2 * n, 3), i32),
+    ("psum_scatter-tiled-1", lambda x, ax, n: spmd.psum_scatter(x, ax, scatter_dimension=1, tiled=True),
+     lambda n: (3, 2 * n), f32),
+    ("psum_scatter-groups", lambda x, ax, n: spmd.psum_scatter(
+        x, ax, tiled=True, axis_index_groups=[list(range(n))[::-1]]), lambda n: (n, 2), f32),
+    ("all_to_all-tiled-0-0", lambda x, ax, n: spmd.all_to_all(x, ax, 0, 0, tiled=True),
+     lambda n: (2 * n, 3), f32),
+    ("all_to_all-tiled-0-1", lambda x, ax, n: spmd.all_to_all(x, ax, 0, 1, tiled=True),
+     lambda n: (n, 3), f32),
+    ("all_to_all-1-0", lambda x, ax, n: spmd.all_to_all(x, ax, 1, 0), lambda n: (2, n), f32),
+    ("ppermute-ring", lambda x, ax, n: spmd.ppermute(x, ax, _ring(n)), lambda n: (2, 3), f32),
+    ("ppermute-partial", lambda x, ax, n: spmd.ppermute(x, ax, [(0, n - 1)]), lambda n: (2, 3), f32),
+    ("ppermute-invariant-input", lambda x, ax, n: spmd.ppermute(spmd.psum(x, ax), ax, _ring(n)),
+     lambda n: (2, 3), f32),
 ]
 
 MESHES = [((8,), ("i",), "i"), ((2, 4), ("a", "b"), "b"), ((2, 4), ("a", "b"), "a"),
