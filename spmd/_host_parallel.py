@@ -173,6 +173,17 @@ def copy(xp, src):
     return out
 
 
+def reshape_is_view(xp, x, shape) -> bool:
+    """Whether ``x.reshape(shape)`` needs no copy (assumed so for non-NumPy namespaces)."""
+    if xp is not np:
+        return True
+    try:
+        x.reshape(shape, copy=False)
+    except ValueError:
+        return False
+    return True
+
+
 def reshape(xp, x, shape):
     """``x.reshape(shape)``: a view when strides allow, else one (threaded) copy."""
     if xp is np:
@@ -205,27 +216,33 @@ def _openblas():
     return None
 
 
-def matmul(xp, a, b):
+def matmul(xp, a, b, devices_folded=False):
     """``xp.matmul(a, b)`` where the leading dims are the simulated devices: one single-threaded
     BLAS call per device, the devices spread over the host threads (as XLA runs one thread per
     device).  A multi-threaded BLAS call per device is what NumPy would do; on a busy host its
-    spinning threads cost up to ten times the work itself."""
+    spinning threads cost up to ten times the work itself.  ``devices_folded``: the devices were
+    folded into the rows or columns (fewer, bigger products), so products are also cut into
+    row blocks until every host thread has one."""
     lead = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     blas = _openblas()
-    if xp is not np or blas is None or math.prod(lead) < 2:
+    if xp is not np or blas is None or (math.prod(lead) < 2 and not devices_folded):
         return xp.matmul(a, b)
-    flops = math.prod(lead) * a.shape[-2] * a.shape[-1] * b.shape[-1]
+    rows = a.shape[-2]
+    flops = math.prod(lead) * rows * a.shape[-1] * b.shape[-1]
     get, set_ = blas
     before = get()
     set_(1)
     try:
         if flops < MATMUL_MIN_FLOPS or num_threads() < 2 or getattr(_local, "worker", False):
             return np.matmul(a, b)
-        out = np.empty(lead + (a.shape[-2], b.shape[-1]), np.result_type(a, b))
+        out = np.empty(lead + (rows, b.shape[-1]), np.result_type(a, b))
         a = np.broadcast_to(a, lead + a.shape[-2:])
         b = np.broadcast_to(b, lead + b.shape[-2:])
+        parts = min(rows, -(-num_threads() // math.prod(lead))) if devices_folded else 1
+        cuts = [rows * j // parts for j in range(parts + 1)]
         run(xp, out.nbytes + a.nbytes + b.nbytes,
-            [lambda i=i: np.matmul(a[i], b[i], out=out[i]) for i in np.ndindex(*lead)])
+            [lambda i=i, r=slice(lo, hi): np.matmul(a[i][r], b[i], out=out[i][r])
+             for i in np.ndindex(*lead) for lo, hi in zip(cuts, cuts[1:])])
         return out
     finally:
         set_(before)

@@ -561,21 +561,54 @@ def _dot_abstract(x, y, *, contract, batch):
 
 def _dot_impl(xp, k, x, y, *, contract, batch):
     """Transpose both operands to (batch, free, contract) / (batch, contract, free) and use
-    matmul (BLAS); leading batch dims broadcast."""
+    matmul (BLAS).  A mesh dim along which only one operand varies (the other has size 1
+    there) joins that operand's free dims where that needs no copy: x stacked (2,1,B,K) @ w
+    stacked (1,4,K,N) multiplies one (2B,K) block by each of the 4 (K,N) blocks instead of
+    making 8 products of B rows."""
     (xc, yc), (xb, yb) = contract, batch
-    xr, yr = x.ndim - k, y.ndim - k
-    xf = [i for i in range(xr) if i not in xc + xb]
-    yf = [j for j in range(yr) if j not in yc + yb]
-    lead = tuple(range(k))
-    xt = xp.transpose(x, lead + _shift(tuple(xb) + tuple(xf) + tuple(xc), k))
-    yt = xp.transpose(y, lead + _shift(tuple(yb) + tuple(yc) + tuple(yf), k))
+    xf = [i for i in range(x.ndim - k) if i not in xc + xb]
+    yf = [j for j in range(y.ndim - k) if j not in yc + yb]
     B = tuple(x.shape[k + i] for i in xb)
-    M = tuple(x.shape[k + i] for i in xf)
-    N = tuple(y.shape[k + j] for j in yf)
     C = math.prod(x.shape[k + i] for i in xc)
-    out = _host_parallel.matmul(xp, xt.reshape(x.shape[:k] + B + (math.prod(M), C)),
-                                yt.reshape(y.shape[:k] + B + (C, math.prod(N))))
-    return out.reshape(out.shape[:k] + B + M + N)
+
+    def matrix(a, own, drop, fold, is_x):
+        """``a`` transposed to (drop, lead, B, fold, free, C) if ``is_x`` else (drop, lead, B,
+        C, fold, free), reshaped to (lead, B, rows, C) / (lead, B, C, cols), and the sizes that
+        make its rows / cols; None for the matrix when ``fold`` would need a copy.  ``drop``:
+        size-1 dims of ``a`` that the other operand folds."""
+        b, free, c = own
+        lead = tuple(i for i in range(k) if i not in drop + fold)
+        ax = lambda t: _shift(tuple(t), k)
+        rows = tuple(a.shape[i] for i in fold) + tuple(a.shape[k + i] for i in free)
+        if is_x:
+            t = xp.transpose(a, drop + lead + ax(b) + fold + ax(free) + ax(c))
+            shape = tuple(a.shape[i] for i in lead) + B + (math.prod(rows), C)
+        else:
+            t = xp.transpose(a, drop + lead + ax(b) + ax(c) + fold + ax(free))
+            shape = tuple(a.shape[i] for i in lead) + B + (C, math.prod(rows))
+        if fold and not _host_parallel.reshape_is_view(xp, t, shape):
+            return None, rows
+        return _host_parallel.reshape(xp, t, shape), rows
+
+    x_only = tuple(i for i in range(k) if y.shape[i] == 1 < x.shape[i])
+    y_only = tuple(i for i in range(k) if x.shape[i] == 1 < y.shape[i])
+    fx = x_only if x_only and matrix(x, (xb, xf, xc), (), x_only, True)[0] is not None else ()
+    fy = y_only if y_only and matrix(y, (yb, yf, yc), (), y_only, False)[0] is not None else ()
+    a, M = matrix(x, (xb, xf, xc), fy, fx, True)
+    b, N = matrix(y, (yb, yf, yc), fx, fy, False)
+    out = _host_parallel.matmul(xp, a, b, devices_folded=bool(fx or fy))
+    lead = tuple(i for i in range(k) if i not in fx + fy)
+    out = out.reshape(out.shape[:len(lead)] + B + M + N)
+    if not fx and not fy:
+        return out
+    # mesh dims back in front: out is (lead, B, fx, x free, fy, y free)
+    s, nb = len(lead), len(B)
+    where = {d: j for j, d in enumerate(lead)}
+    where.update({d: s + nb + j for j, d in enumerate(fx)})
+    where.update({d: s + nb + len(M) + j for j, d in enumerate(fy)})
+    perm = ([where[d] for d in range(k)] + list(range(s, s + nb)) + list(range(s + nb + len(fx), s + nb + len(M)))
+            + list(range(s + nb + len(M) + len(fy), out.ndim)))
+    return xp.transpose(out, perm)
 
 
 def _dot_jvp(primals, tangents, *, contract, batch):
@@ -587,33 +620,35 @@ def _dot_jvp(primals, tangents, *, contract, batch):
 
 
 def _dot_transpose(ct, x, y, *, contract, batch):
-    """The cotangent of one operand is a dot_general of ``ct`` with the other operand,
-    transposed back to the operand's dim order."""
+    """The cotangent of one operand is a dot_general of ``ct`` with the other operand, in the
+    order that makes its dims come out as the operand's (no transpose in the common cases)."""
     if ad.is_undefined(x) and ad.is_undefined(y):
         raise TypeError("transpose rule for dot_general: both operands are linear")
     if ad.is_undefined(x):
-        return [_dot_transpose_lhs(ct, x.aval.ndim, y, contract, batch, swap=False), None]
+        return [_dot_transpose_operand(ct, x.aval.ndim, y, contract, batch, is_y=False), None]
     (xc, yc), (xb, yb) = contract, batch
-    return [None, _dot_transpose_lhs(ct, y.aval.ndim, x, (yc, xc), (yb, xb), swap=True)]
+    return [None, _dot_transpose_operand(ct, y.aval.ndim, x, (yc, xc), (yb, xb), is_y=True)]
 
 
-def _dot_transpose_lhs(ct, x_ndim, y, contract, batch, swap):
-    (xc, yc), (xb, yb) = contract, batch
-    y_ndim = ad.aval_of_value(y).ndim
-    x_free = [i for i in range(x_ndim) if i not in xc + xb]
-    y_free = [j for j in range(y_ndim) if j not in yc + yb]
-    nb = len(xb)
-    ct_batch = tuple(range(nb))
-    # in ct the free dims of the operand being transposed come first unless swapped
-    first, second = (y_free, x_free) if swap else (x_free, y_free)
-    ct_y_free = tuple(range(nb + len(first), nb + len(first) + len(second))) if not swap else \
-        tuple(range(nb, nb + len(first)))
-    out = bind(dot_general_p, ct, y, contract=(ct_y_free, tuple(y_free)), batch=(ct_batch, tuple(yb)))
-    # out dims: batch, x free, then x contract dims in the order of y's contract dims
-    xc_by_y = [xc[i] for i in np.argsort(yc)]
-    order = list(xb) + x_free + xc_by_y
+def _dot_transpose_operand(ct, ndim, other, contract, batch, is_y):
+    """``contract`` / ``batch``: (the operand's dims, the other's).  ``ct``'s dims are (batch,
+    x free, y free); the other's free dims contract with their place in ``ct``."""
+    (oc, tc), (ob, tb) = contract, batch
+    own_free = [i for i in range(ndim) if i not in oc + ob]
+    other_free = [j for j in range(ad.aval_of_value(other).ndim) if j not in tc + tb]
+    nb = len(ob)
+    at = nb if is_y else nb + len(own_free)            # where the other's free dims sit in ct
+    ct_other = tuple(range(at, at + len(other_free)))
+    # the other's remaining dims (its contract dims, in its order) are the operand's contract dims
+    own_contract = [oc[i] for i in np.argsort(tc)]
+    if is_y:    # (batch, contract, free): y = x^T ct keeps y's order in the usual layouts
+        out = bind(dot_general_p, other, ct, contract=(tuple(other_free), ct_other), batch=(tuple(tb), tuple(range(nb))))
+        order = list(ob) + own_contract + own_free
+    else:       # (batch, free, contract): x = ct y^T
+        out = bind(dot_general_p, ct, other, contract=(ct_other, tuple(other_free)), batch=(tuple(range(nb)), tuple(tb)))
+        order = list(ob) + own_free + own_contract
     perm = tuple(np.argsort(order).tolist())
-    return out if perm == tuple(range(x_ndim)) else bind(transpose_p, out, perm=perm)
+    return out if perm == tuple(range(ndim)) else bind(transpose_p, out, perm=perm)
 
 
 def _dot_batch(vals, dims, *, contract, batch):

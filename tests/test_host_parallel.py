@@ -130,3 +130,22 @@ def test_pooled_buffers_are_reused_only_once_free():
     del b
     c = _host_parallel.empty(np, shape, np.int32)
     assert c.__array_interface__["data"][0] == address and c.dtype == np.int32
+
+
+@pytest.mark.parametrize("xs, ys, contract", [
+    ((2, 1, 5, 6), (1, 4, 6, 7), ((1,), (0,))),      # x over data, w over model: both fold
+    ((2, 4, 5, 6), (1, 4, 6, 7), ((1,), (0,))),      # x folds its data dim into its rows
+    ((2, 1, 5, 6), (1, 4, 7, 6), ((1,), (1,))),      # w transposed
+    ((2, 1, 6, 5), (2, 4, 6, 7), ((0,), (0,))),      # y's model dim cannot fold without a copy
+])
+def test_matmul_with_devices_folded(big_paths, monkeypatch, xs, ys, contract):
+    """dot_general of operands that vary over different mesh axes (one big product, cut into
+    row blocks over the threads) equals the per-device products."""
+    monkeypatch.setattr(_host_parallel, "MATMUL_MIN_FLOPS", 0)
+    from spmd import lax
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=xs), rng.normal(size=ys)
+    got = lax.dot_general_p.impl(np, 2, x, y, contract=contract, batch=((), ()))
+    (xc,), (yc,) = contract
+    want = np.matmul(np.swapaxes(x, -1, -2) if xc == 0 else x, np.swapaxes(y, -1, -2) if yc == 1 else y)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
