@@ -9,7 +9,9 @@ case first checks that the two results agree on device 0.
 the bytes the collective moves at least (every device's block once, 8 x the per-device size)
 between two preallocated buffers, divided by the collective's time; 1.0 is copy speed, above 1
 is faster than one copy (a sum reads its inputs and writes an eighth as much).  spmd splits big
-copies and sums over the host threads, so it can beat the one-threaded copy.  The three (spmd,
+copies and sums over the host threads, so it can beat the one-threaded copy, and takes big
+outputs from a pool of buffers that no array uses any more (as JAX's allocator reuses its
+buffers), so the copy's destination is as warm as the bound's.  The three (spmd,
 JAX, the copy) are timed in turns, sample by sample, so that a change in the load of a shared
 machine hits all three alike.
 
