@@ -143,12 +143,6 @@ def mlp_step(quick: bool) -> list[Row]:
     return [Row(name, case, ours_s, "jax.jit", jax_s, {"collectives": kinds, "target_ratio": 1.0, **cpu})]
 
 
-def _out_shardings(row, mesh, ns, spec):
-    if isinstance(row.out_specs, list):
-        return tuple(ns(mesh, spec(*s)) for s in row.out_specs)
-    return ns(mesh, spec(*row.out_specs))
-
-
 @benchmark("compiler_collectives")
 def collectives_vs_jax(quick: bool) -> list[Row]:
     name = "compiler_collectives"
@@ -173,10 +167,10 @@ def collectives_vs_jax(quick: bool) -> list[Row]:
         jmesh = jax.sharding.Mesh(np.array(jax.devices()[:n]).reshape(sizes), names)
         args = table.make_args(row)
         f = spmd.jit(lambda *a: row.fn(np, *a), in_shardings=tuple(NamedSharding(mesh, P(*s)) for s in row.in_specs),
-                     out_shardings=_out_shardings(row, mesh, NamedSharding, P))
+                     out_shardings=table.out_shardings(row, mesh, NamedSharding, P))
         comp = f.lower(*args).compiled
         jf = jax.jit(lambda *a: row.fn(jnp, *a), in_shardings=tuple(JNS(jmesh, JP(*s)) for s in row.in_specs),
-                     out_shardings=_out_shardings(row, jmesh, JNS, JP))
+                     out_shardings=table.out_shardings(row, jmesh, JNS, JP))
         theirs = table.hlo_collectives(jf.lower(*args).compile().as_text())
         ours_b = sum(i.nbytes for i in comp.inserted)
         jax_b = sum(b for _, b in theirs)

@@ -563,8 +563,9 @@ def _dot_impl(xp, k, x, y, *, contract, batch):
     """Transpose both operands to (batch, free, contract) / (batch, contract, free) and use
     matmul (BLAS).  A mesh dim along which only one operand varies (the other has size 1
     there) joins that operand's free dims where that needs no copy: x stacked (2,1,B,K) @ w
-    stacked (1,4,K,N) multiplies one (2B,K) block by each of the 4 (K,N) blocks instead of
-    making 8 products of B rows."""
+    stacked (1,4,K,N) is one (2B,K) @ (K,4N) product when w's blocks lie side by side (a
+    view of the global array), else one (2B,K) block times each (K,N) block; not 8 products
+    of B rows."""
     (xc, yc), (xb, yb) = contract, batch
     xf = [i for i in range(x.ndim - k) if i not in xc + xb]
     yf = [j for j in range(y.ndim - k) if j not in yc + yb]

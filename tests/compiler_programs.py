@@ -180,6 +180,13 @@ ROWS = [
 # helpers
 # ---------------------------------------------------------------------------------------------
 
+def out_shardings(row, mesh, named_sharding, spec):
+    """The row's out_shardings, built with either library's NamedSharding / PartitionSpec."""
+    if isinstance(row.out_specs, list):
+        return tuple(named_sharding(mesh, spec(*s)) for s in row.out_specs)
+    return named_sharding(mesh, spec(*row.out_specs))
+
+
 def make_args(row, seed=0):
     rng = np.random.default_rng(seed)
     out = []

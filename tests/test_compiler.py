@@ -6,7 +6,7 @@ import pytest
 import spmd
 from spmd import NamedSharding, P
 
-from compiler_programs import ROWS, hlo_collectives, make_args
+from compiler_programs import ROWS, hlo_collectives, make_args, out_shardings as _out
 
 _MESHES = {}
 
@@ -17,12 +17,6 @@ def mesh_of(row):
         sizes, names = key
         _MESHES[key] = spmd.make_mesh(sizes, names, devices=spmd.devices()[:int(np.prod(sizes))])
     return _MESHES[key]
-
-
-def _out(row, mesh, ns, Pc):
-    if isinstance(row.out_specs, list):
-        return tuple(ns(mesh, Pc(*s)) for s in row.out_specs)
-    return ns(mesh, Pc(*row.out_specs))
 
 
 def _check_values(got, want):

@@ -221,9 +221,10 @@ def run_compiled_on(ex, row):
     args = cp.make_args(row)
     ins = tuple(spmd.NamedSharding(mesh, P(*s)) for s in row.in_specs)
     f = spmd.jit(lambda *a: row.fn(np, *a), in_shardings=ins,
-                 out_shardings=spmd.NamedSharding(mesh, P(*row.out_specs)), executor=ex.executor)
-    np.testing.assert_allclose(np.asarray(f(*args)), row.fn(np, *args), rtol=2e-5, atol=2e-5,
-                               err_msg=f"{row.name} on {ex}")
+                 out_shardings=cp.out_shardings(row, mesh, spmd.NamedSharding, P), executor=ex.executor)
+    import optree
+    for g, w in zip(optree.tree_leaves(f(*args)), optree.tree_leaves(row.fn(np, *args)), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-5, err_msg=f"{row.name} on {ex}")
 
 
 @pytest.mark.parametrize("ex", EXECUTORS, ids=repr)
