@@ -173,6 +173,38 @@ def copy(xp, src):
     return out
 
 
+def elementwise(xp, fn, *args):
+    """``fn(xp, *args)`` for an elementwise ``fn`` (operands broadcast), cache-sized block by
+    block over the host threads when the result is big: NumPy runs a ufunc on one core."""
+    shape = np.broadcast_shapes(*(np.shape(a) for a in args))
+    itemsize = max((a.dtype.itemsize for a in args if isinstance(a, np.ndarray)), default=8)
+    nbytes = math.prod(shape) * itemsize
+    if (xp is not np or nbytes < PARALLEL_MIN_BYTES or num_threads() < 2
+            or getattr(_local, "worker", False)):
+        return fn(xp, *args)
+    blocks = chunks(shape, nbytes // BLOCK_BYTES)
+    if len(blocks) < 2:
+        return fn(xp, *args)
+
+    def operands(idx):
+        axis, cut = len(idx) - 1, idx[-1]
+        out = []
+        for a in args:
+            d = axis - (len(shape) - np.ndim(a))
+            out.append(a if d < 0 or a.shape[d] == 1 else a[(slice(None),) * d + (cut,)])
+        return out
+    first = fn(xp, *operands(blocks[0]))
+    out = empty(xp, shape, first.dtype)
+    out[blocks[0]] = first
+    errors = np.geterr()                # np.errstate is per thread: the caller's holds in helpers
+
+    def block(idx):
+        with np.errstate(**errors):
+            xp.copyto(out[idx], fn(xp, *operands(idx)))
+    run(xp, 2 * nbytes, [functools.partial(block, idx) for idx in blocks[1:]])
+    return out
+
+
 def reshape_is_view(xp, x, shape) -> bool:
     """Whether ``x.reshape(shape)`` needs no copy (assumed so for non-NumPy namespaces)."""
     if xp is not np:

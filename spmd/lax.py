@@ -63,7 +63,7 @@ BINARY = {}
 def unary(name, fn, *, out_dtype=None, deriv=None, nondiff=False, transpose=None, **rules):
     """An elementwise unary primitive.  Autodiff: ``deriv(x, y)`` is dy/dx (y the output);
     ``nondiff`` marks a piecewise-constant op (zero tangent); linear ones give ``transpose``."""
-    p = Primitive(name, abstract=_ew_abstract(out_dtype), impl=lambda xp, k, x: fn(xp, x),
+    p = Primitive(name, abstract=_ew_abstract(out_dtype), impl=lambda xp, k, x: _host_parallel.elementwise(xp, fn, x) if k else fn(xp, x),
                   transpose=transpose, category="elementwise", **rules)
     p.jvp = (ad.deriv_jvp(p, deriv) if deriv else ad.zero_jvp(p) if nondiff else
              ad.linear_jvp(p) if p.linear else None)
@@ -75,7 +75,7 @@ def unary(name, fn, *, out_dtype=None, deriv=None, nondiff=False, transpose=None
 def binary(name, fn, *, out_dtype=None, partials=None, nondiff=False, transpose=None, **rules):
     """An elementwise binary primitive.  Autodiff: ``partials(x, y, out)`` gives the pair
     (d out/dx, d out/dy); ``nondiff`` marks a piecewise-constant op (zero tangent)."""
-    p = Primitive(name, abstract=_ew_abstract(out_dtype), impl=lambda xp, k, x, y: fn(xp, x, y),
+    p = Primitive(name, abstract=_ew_abstract(out_dtype), impl=lambda xp, k, x, y: _host_parallel.elementwise(xp, fn, x, y) if k else fn(xp, x, y),
                   transpose=transpose, category="elementwise", **rules)
     p.jvp = (_partials_jvp(p, partials) if partials else ad.zero_jvp(p) if nondiff else
              _add_sub_jvp(p) if p.linear else None)

@@ -149,3 +149,18 @@ def test_matmul_with_devices_folded(big_paths, monkeypatch, xs, ys, contract):
     (xc,), (yc,) = contract
     want = np.matmul(np.swapaxes(x, -1, -2) if xc == 0 else x, np.swapaxes(y, -1, -2) if yc == 1 else y)
     np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("shapes", [((2, 4, 6, 5), (2, 4, 6, 5)), ((2, 1, 6, 5), (1, 4, 1, 5)), ((1, 4, 6, 5), ()),
+                                    ((1, 1, 7, 3), (1, 1, 7, 3))])
+def test_elementwise_blocks_match_one_call(big_paths, monkeypatch, shapes):
+    """Elementwise ops on stacked values, cut into blocks over the threads (operands broadcast)."""
+    monkeypatch.setattr(_host_parallel, "BLOCK_BYTES", 16)
+    from spmd import lax
+    rng = np.random.default_rng(0)
+    x, y = (rng.normal(size=s).astype(np.float32) for s in shapes)
+    for p, args in ((lax.mul_p, (x, y)), (lax.sub_p, (x, 1.5)), (lax.tanh_p, (x,)), (lax.lt_p, (x, y))):
+        got = p.impl(np, 2, *args)
+        want = p.impl(np, 0, *args)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
