@@ -173,6 +173,23 @@ def copy(xp, src):
     return out
 
 
+def concatenate(xp, arrays, axis: int):
+    """``xp.concatenate(arrays, axis=axis)`` of arrays of one dtype; big ones are copied piece
+    by piece over the host threads."""
+    nbytes = sum(a.nbytes for a in arrays)
+    if xp is not np or nbytes < PARALLEL_MIN_BYTES or len({a.dtype for a in arrays}) > 1:
+        return xp.concatenate(arrays, axis=axis)
+    shape = list(arrays[0].shape)
+    shape[axis] = sum(a.shape[axis] for a in arrays)
+    out = empty(xp, tuple(shape), arrays[0].dtype)
+    tasks, at = [], 0
+    for a in arrays:
+        tasks += copy_tasks(xp, out[(slice(None),) * axis + (slice(at, at + a.shape[axis]),)], a)
+        at += a.shape[axis]
+    run(xp, 2 * nbytes, tasks)
+    return out
+
+
 def elementwise(xp, fn, *args):
     """``fn(xp, *args)`` for an elementwise ``fn`` (operands broadcast), cache-sized block by
     block over the host threads when the result is big: NumPy runs a ufunc on one core."""

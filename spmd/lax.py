@@ -379,7 +379,7 @@ def _concat_abstract(*xs, axis):
 
 
 concatenate_p = Primitive("concatenate", abstract=_concat_abstract,
-                          impl=lambda xp, k, *xs, axis: xp.concatenate(_common_batch(xp, k, list(xs)), axis=axis + k),
+                          impl=lambda xp, k, *xs, axis: _host_parallel.concatenate(xp, _common_batch(xp, k, list(xs)), axis + k),
                           linear=True, category="concatenate", transpose=lambda ct, *xs, axis: _concat_transpose(ct, xs, axis))
 concatenate_p.batch = batching.shifted_batch(concatenate_p, batching.plus1("axis"))
 

@@ -164,3 +164,11 @@ def test_elementwise_blocks_match_one_call(big_paths, monkeypatch, shapes):
         want = p.impl(np, 0, *args)
         assert got.dtype == want.dtype and got.shape == want.shape
         np.testing.assert_array_equal(got, want)
+
+
+def test_concatenate_pieces_match_one_call(big_paths):
+    rng = np.random.default_rng(0)
+    xs = [rng.normal(size=(2, 4, n)).astype(np.float32) for n in (5, 1, 7)]
+    for axis in (0, 2):
+        np.testing.assert_array_equal(_host_parallel.concatenate(np, xs if axis else xs[:1] * 3, axis),
+                                      np.concatenate(xs if axis else xs[:1] * 3, axis=axis))
