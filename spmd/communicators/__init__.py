@@ -23,6 +23,17 @@ import functools
 
 import numpy as np
 
+# Bytes each rank sends over the slowest link, per byte of its input: the nccl-tests "bus"
+# factors.  The cost model and the bandwidth reports both use this one table.
+BUS_FACTOR = {
+    "all_reduce": lambda n: 2 * (n - 1) / n,
+    "all_gather": lambda n: (n - 1) / n,
+    "reduce_scatter": lambda n: (n - 1) / n,
+    "all_to_all": lambda n: (n - 1) / n,
+    "broadcast": lambda n: 1.0,
+    "permute": lambda n: 1.0,
+}
+
 
 def axis_groups(mesh, axes, groups=None) -> list[list[int]]:
     """The flat mesh positions that take part together in a collective over ``axes``, each list

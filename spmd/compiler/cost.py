@@ -27,13 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-FACTORS = {
-    "all_reduce": lambda n: 2 * (n - 1) / n,
-    "all_gather": lambda n: (n - 1) / n,
-    "reduce_scatter": lambda n: (n - 1) / n,
-    "all_to_all": lambda n: (n - 1) / n,
-    "permute": lambda n: 1.0,
-}
+from ..communicators import BUS_FACTOR as FACTORS
 @dataclasses.dataclass(frozen=True)
 class CostModel:
     """``alpha`` seconds per message step, ``bandwidth`` bytes/s; ``axes`` overrides per axis."""

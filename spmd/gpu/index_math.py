@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+from ..communicators import BUS_FACTOR
+
 MAX_BLOCKS = 64          # kernels/index_math.cuh
 MAX_RANKS = 8
 BARRIER_PHASES = 3
@@ -195,14 +197,6 @@ def launch_blocks(units: int, threads: int, max_blocks: int) -> int:
 # bandwidth (the nccl-tests formulas)
 # ---------------------------------------------------------------------------------------------
 
-BUS_FACTOR = {
-    "all_reduce": lambda n: 2 * (n - 1) / n,
-    "all_gather": lambda n: (n - 1) / n,
-    "reduce_scatter": lambda n: (n - 1) / n,
-    "all_to_all": lambda n: (n - 1) / n,
-    "broadcast": lambda n: 1.0,
-    "permute": lambda n: 1.0,
-}
 
 
 def bandwidth(op: str, nbytes: int, seconds: float, n: int) -> tuple[float, float]:
