@@ -61,6 +61,18 @@ def skip_rows(name: str, case: str, peer: str, reason: str) -> list[Row]:
     return [Row(name, case, None, peer, None, {"skipped": reason})]
 
 
+def jax_peer(n: int = 8):
+    """``(jax, None)`` when JAX is importable and sees ``n`` CPU devices, else ``(None, why)``."""
+    try:
+        import jax
+    except ImportError as e:
+        return None, f"jax is not installed ({e})"
+    if jax.device_count() < n:
+        return None, (f"jax sees {jax.device_count()} devices; set "
+                      f"XLA_FLAGS=--xla_force_host_platform_device_count={n}")
+    return jax, None
+
+
 def timeit(fn: Callable[[], object], repeat: int = 7, min_time: float = 0.05, warmup: int = 1) -> float:
     """Median seconds per call of ``fn`` over ``repeat`` runs, after ``warmup`` calls.
 

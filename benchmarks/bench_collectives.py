@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 import spmd
-from ._harness import Row, benchmark, skip_rows
+from ._harness import Row, benchmark, jax_peer, skip_rows
 
 NAME = "collectives"
 N = 8
@@ -82,14 +82,10 @@ def _in_turns(fns, repeat: int, min_time: float) -> list[float]:
 def collectives(quick: bool) -> list[Row]:
     sizes = [16 * 2**10] if quick else [2**20, 16 * 2**20]
     timing = {16 * 2**10: (3, 0.0), 2**20: (11, 0.1), 16 * 2**20: (7, 0.2)}   # (samples, seconds)
-    try:
-        import jax
-        from jax.sharding import NamedSharding as JaxNamedSharding, PartitionSpec as JaxP
-    except ImportError as e:
-        return skip_rows(NAME, "collectives", "jax", f"jax is not installed ({e})")
-    if jax.device_count() < N:
-        return skip_rows(NAME, "collectives", "jax", f"jax sees {jax.device_count()} devices; set "
-                         f"XLA_FLAGS=--xla_force_host_platform_device_count={N}")
+    jax, why = jax_peer(N)
+    if why:
+        return skip_rows(NAME, "collectives", "jax", why)
+    from jax.sharding import NamedSharding as JaxNamedSharding, PartitionSpec as JaxP
     mesh = spmd.make_mesh((N,), ("i",))
     jmesh = jax.make_mesh((N,), ("i",), devices=jax.devices()[:N])
     rows = []

@@ -18,18 +18,12 @@ import numpy as np
 
 import spmd
 from spmd import NamedSharding, P
-from ._harness import Row, benchmark, skip_rows, timeit
+from ._harness import Row, benchmark, jax_peer, skip_rows, timeit
 
 
 def _jax(name, case):
-    try:
-        import jax
-    except ImportError as e:
-        return None, skip_rows(name, case, "jax", f"jax is not installed ({e})")
-    if jax.device_count() < 8:
-        return None, skip_rows(name, case, "jax", "jax sees fewer than 8 devices; set XLA_FLAGS="
-                                                  "--xla_force_host_platform_device_count=8")
-    return jax, None
+    jax, why = jax_peer(8)
+    return (jax, None) if jax else (None, skip_rows(name, case, "jax", why))
 
 
 def _jax_mesh(jax):

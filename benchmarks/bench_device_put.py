@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 import spmd
-from ._harness import Row, benchmark, gbps, memcopy_seconds, skip_rows, timeit
+from ._harness import Row, benchmark, jax_peer, gbps, memcopy_seconds, skip_rows, timeit
 
 NAME = "device_put"
 # (case label, array shape in units of the leading dim, mesh shape, axis names, spec)
@@ -32,15 +32,10 @@ def device_put_and_gather(quick: bool) -> list[Row]:
     copy_s = memcopy_seconds(nbytes)
     rows = [Row(NAME, f"memcopy {size} (bandwidth bound)", None, "numpy", copy_s,
                 {"GB/s": gbps(nbytes, copy_s)})]
-    try:
-        import jax
-        from jax.sharding import NamedSharding as JaxNamedSharding, PartitionSpec as JaxP
-    except ImportError as e:
-        return rows + skip_rows(NAME, "device_put / gather", "jax", f"jax is not installed ({e})")
-    if jax.device_count() < 8:
-        return rows + skip_rows(NAME, "device_put / gather", "jax",
-                                f"jax sees {jax.device_count()} devices; set XLA_FLAGS="
-                                f"--xla_force_host_platform_device_count=8")
+    jax, why = jax_peer(8)
+    if why:
+        return rows + skip_rows(NAME, "device_put / gather", "jax", why)
+    from jax.sharding import NamedSharding as JaxNamedSharding, PartitionSpec as JaxP
     for label, rank, mesh_shape, names, spec in LAYOUTS:
         x = flat.reshape(-1, 1024) if rank == 2 else flat
         ours = spmd.NamedSharding(spmd.make_mesh(mesh_shape, names), spmd.P(*spec))

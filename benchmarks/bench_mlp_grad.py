@@ -12,7 +12,7 @@ import numpy as np
 
 import spmd
 from spmd import P
-from ._harness import Row, benchmark, skip_rows, timeit
+from ._harness import Row, benchmark, jax_peer, timeit
 
 NAME = "mlp_grad"
 SPECS = dict(w1=P(None, "model"), b1=P("model"), w2=P("model", None))
@@ -53,14 +53,11 @@ def _one_size(quick, batch, d, hidden) -> list[Row]:
     v, g = step(sp, sx, sy)
     spmd_s = timeit(lambda: step(sp, sx, sy), **timing)
     extra = {"backward psums": _backward_psums(loss, params, x, y)}
-    try:
-        import jax
-        import jax.numpy as jnp
-        from jax.sharding import NamedSharding, PartitionSpec as JP
-    except ImportError as e:
-        return [Row(NAME, case, spmd_s, "jax", None, {**extra, "skipped": f"jax is not installed ({e})"})]
-    if jax.device_count() < 8:
-        return skip_rows(NAME, case, "jax", f"jax sees {jax.device_count()} devices")
+    jax, why = jax_peer(8)
+    if why:
+        return [Row(NAME, case, spmd_s, "jax", None, {**extra, "skipped": why})]
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as JP
     jmesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
     jspec = lambda s: JP(*s)
     jp = {k: jax.device_put(v, NamedSharding(jmesh, jspec(SPECS[k]))) for k, v in params.items()}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 import spmd
-from ._harness import Row, benchmark, skip_rows, timeit
+from ._harness import Row, benchmark, jax_peer, skip_rows, timeit
 
 NAME = "call_overhead"
 N = 8
@@ -20,14 +20,10 @@ N = 8
 @benchmark(NAME)
 def call_overhead(quick: bool) -> list[Row]:
     timing = dict(repeat=3, min_time=0.01) if quick else dict(repeat=9, min_time=0.3)
-    try:
-        import jax
-        from jax.sharding import NamedSharding as JaxNamedSharding, PartitionSpec as JaxP
-    except ImportError as e:
-        return skip_rows(NAME, "jit(shard_map(psum))", "jax", f"jax is not installed ({e})")
-    if jax.device_count() < N:
-        return skip_rows(NAME, "jit(shard_map(psum))", "jax", f"jax sees {jax.device_count()} "
-                         f"devices; set XLA_FLAGS=--xla_force_host_platform_device_count={N}")
+    jax, why = jax_peer(N)
+    if why:
+        return skip_rows(NAME, "jit(shard_map(psum))", "jax", why)
+    from jax.sharding import NamedSharding as JaxNamedSharding, PartitionSpec as JaxP
     mesh = spmd.make_mesh((N,), ("i",))
     jmesh = jax.make_mesh((N,), ("i",), devices=jax.devices()[:N])
     host = np.arange(N, dtype=np.float32)
