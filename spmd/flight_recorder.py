@@ -90,6 +90,26 @@ def dump_quietly(reason: str) -> str | None:
         return None
 
 
+
+def check_same_calls(entry: dict, ranks, theirs: dict) -> None:
+    """Raise ``CollectiveMismatchError`` (after recording and dumping) unless every rank of the
+    group sent the same call signature (op, axes, shape, dtype, group) for collective ``entry``."""
+    key = lambda s: (s["op"], tuple(s["axes"]), tuple(s["shape"]), s["dtype"], tuple(s.get("ranks", ())))
+    if len({key(s) for s in theirs.values()}) <= 1:
+        return
+    from .errors import CollectiveMismatchError
+    recorder().finish(entry, "mismatch")
+    calls = "; ".join(f"rank {r}: #{s['seq']} {s['op']}(axes={tuple(s['axes'])}, "
+                      f"shape={tuple(s['shape'])}, dtype={s['dtype']}"
+                      + (f", group={s['ranks']}" if "ranks" in s else "") + ")"
+                      for r, s in sorted(theirs.items()))
+    path = dump_quietly(f"mismatch at collective #{entry['seq']}")
+    raise CollectiveMismatchError(
+        f"the ranks of group {list(ranks)} called different collectives at the same "
+        f"point: {calls}. Every process must run the same collectives in the same order "
+        f"(look for a branch on process_index() or on data). Flight recorder: {path}")
+
+
 _installed = False
 
 

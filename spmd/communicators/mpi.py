@@ -27,7 +27,7 @@ import ml_dtypes
 import numpy as np
 
 from ..errors import CollectiveMismatchError, CollectiveTimeoutError, ProcessExitedError, SpmdError
-from ..flight_recorder import dump_quietly, recorder
+from ..flight_recorder import check_same_calls, dump_quietly, recorder
 from . import group_of, rank_in
 
 _SIGNATURE_BYTES = 512
@@ -137,17 +137,7 @@ class MPICommunicator:
         theirs = {self.me: mine}
         for r in peers:
             theirs[r] = json.loads(bytes(inbox[r]).rstrip(b"\0").decode())
-        key = lambda s: (s["op"], tuple(s["axes"]), tuple(s["shape"]), s["dtype"], tuple(s["ranks"]))
-        if len({key(s) for s in theirs.values()}) > 1:
-            recorder().finish(entry, "mismatch")
-            calls = "; ".join(f"rank {r}: #{s['seq']} {s['op']}(axes={tuple(s['axes'])}, "
-                              f"shape={tuple(s['shape'])}, dtype={s['dtype']}, group={s['ranks']})"
-                              for r, s in sorted(theirs.items()))
-            path = dump_quietly(f"mismatch at collective #{entry['seq']}")
-            raise CollectiveMismatchError(
-                f"the ranks of group {list(ranks)} called different collectives at the same "
-                f"point: {calls}. Every process must run the same collectives in the same order "
-                f"(look for a branch on process_index() or on data). Flight recorder: {path}")
+        check_same_calls(entry, ranks, theirs)
 
     def _wait(self, requests, entry, deadline, timeout, ranks, phase, pending=None):
         MPI = _mpi()

@@ -29,7 +29,7 @@ import ml_dtypes
 import numpy as np
 
 from ..errors import CollectiveMismatchError, CollectiveTimeoutError, SpmdError
-from ..flight_recorder import dump_quietly, recorder
+from ..flight_recorder import check_same_calls, dump_quietly, recorder
 from . import group_of, rank_in
 
 _UID_TAG = 7074
@@ -203,15 +203,7 @@ class NcclProcessCommunicator:
                 f"{entry['op']} over axes {tuple(entry['axes'])} (collective #{entry['seq']} of rank "
                 f"{self.me}, group ranks {list(ranks)}): ranks {missing} did not arrive. "
                 f"Flight recorder: {path}")
-        key = lambda s: (s["op"], tuple(s["axes"]), tuple(s["shape"]), s["dtype"])
-        if len({key(s) for s in theirs.values()}) > 1:
-            recorder().finish(entry, "mismatch")
-            path = dump_quietly(f"mismatch at collective #{entry['seq']}")
-            calls = "; ".join(f"rank {r}: {s['op']}(axes={tuple(s['axes'])}, shape="
-                              f"{tuple(s['shape'])}, dtype={s['dtype']})" for r, s in sorted(theirs.items()))
-            raise CollectiveMismatchError(f"the ranks of group {list(ranks)} called different "
-                                          f"collectives at the same point: {calls}. Flight "
-                                          f"recorder: {path}")
+        check_same_calls(entry, ranks, theirs)
 
     # -- the protocol ----------------------------------------------------------------------------
     @staticmethod
