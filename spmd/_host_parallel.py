@@ -37,6 +37,9 @@ REDUCE_LOOP_MIN_BYTES = 16 << 20
 POOL_MIN_BYTES = 1 << 20
 # Reductions go block by block: a block of the result this big stays in a core's L2 cache.
 BLOCK_BYTES = 256 << 10
+# Elementwise work goes in blocks this big, at least one per host thread: handing out a block
+# costs tens of microseconds, and a memory-bound ufunc gains nothing from blocks that fit in L2.
+ELEMENTWISE_BLOCK_BYTES = 4 << 20
 POOL_MAX_BYTES = 1 << 30
 _buffers: list = []                     # least recently handed out first
 _buffers_lock = threading.Lock()
@@ -191,17 +194,57 @@ def concatenate(xp, arrays, axis: int):
 
 
 def elementwise(xp, fn, *args):
-    """``fn(xp, *args)`` for an elementwise ``fn`` (operands broadcast), cache-sized block by
-    block over the host threads when the result is big: NumPy runs a ufunc on one core."""
+    """``fn(xp, *args)`` for an elementwise ``fn`` (operands broadcast), block by block over
+    the host threads when the result is big: NumPy runs a ufunc on one core.  A ``fn`` that
+    can write into an array (``spmd.lax.ufunc``) writes each block straight into the result."""
+    if xp is not np or not _big(args):
+        return fn(xp, *args)
+    probe = fn(xp, *_one_element(args))
+    if getattr(fn, "writes_into", False):
+        fill = lambda xp, a, o: fn(xp, *a, out=o[0])
+    else:
+        fill = lambda xp, a, o: xp.copyto(o[0], fn(xp, *a))
+    return blockwise(xp, fill, args, [np.result_type(probe)])[0]
+
+
+def _big(args) -> bool:
     shape = np.broadcast_shapes(*(np.shape(a) for a in args))
     itemsize = max((a.dtype.itemsize for a in args if isinstance(a, np.ndarray)), default=8)
-    nbytes = math.prod(shape) * itemsize
-    if (xp is not np or nbytes < PARALLEL_MIN_BYTES or num_threads() < 2
-            or getattr(_local, "worker", False)):
-        return fn(xp, *args)
-    blocks = chunks(shape, nbytes // BLOCK_BYTES)
+    return (math.prod(shape) * itemsize >= PARALLEL_MIN_BYTES and num_threads() >= 2
+            and not getattr(_local, "worker", False))
+
+
+def _one_element(args):
+    """``args`` cut to one element each: an elementwise function's result dtypes from them
+    are those of the whole (NumPy's dtype rules do not look at values)."""
+    return [a[(slice(0, 1),) * a.ndim] if isinstance(a, np.ndarray) else a for a in args]
+
+
+def scratch(slot: int, shape, dtype):
+    """A block-sized NumPy work array of this thread, reused from call to call (a fresh one of
+    a MiB costs its page faults every time): ``slot`` tells apart the ones in use together.
+    Its contents never leave the caller."""
+    bufs = getattr(_local, "scratch", None)
+    if bufs is None:
+        bufs = _local.scratch = {}
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    buf = bufs.get(slot)
+    if buf is None or buf.nbytes < nbytes:
+        buf = bufs[slot] = np.empty(max(nbytes, BLOCK_BYTES), np.uint8)
+    return buf[:nbytes].view(dtype).reshape(shape)
+
+
+def blockwise(xp, fill, args, dtypes) -> list:
+    """Results of the operands' broadcast shape, one per dtype, filled by
+    ``fill(xp, operand blocks, result blocks)`` block by block over the host threads (one call
+    on the whole arrays when they are small)."""
+    shape = np.broadcast_shapes(*(np.shape(a) for a in args))
+    outs = [empty(xp, shape, dt) for dt in dtypes]
+    nbytes = math.prod(shape) * max(np.dtype(dt).itemsize for dt in dtypes)
+    blocks = chunks(shape, max(num_threads(), nbytes // ELEMENTWISE_BLOCK_BYTES)) if _big(args) else [()]
     if len(blocks) < 2:
-        return fn(xp, *args)
+        fill(xp, args, outs)
+        return outs
 
     def operands(idx):
         axis, cut = len(idx) - 1, idx[-1]
@@ -210,16 +253,13 @@ def elementwise(xp, fn, *args):
             d = axis - (len(shape) - np.ndim(a))
             out.append(a if d < 0 or a.shape[d] == 1 else a[(slice(None),) * d + (cut,)])
         return out
-    first = fn(xp, *operands(blocks[0]))
-    out = empty(xp, shape, first.dtype)
-    out[blocks[0]] = first
     errors = np.geterr()                # np.errstate is per thread: the caller's holds in helpers
 
     def block(idx):
         with np.errstate(**errors):
-            xp.copyto(out[idx], fn(xp, *operands(idx)))
-    run(xp, 2 * nbytes, [functools.partial(block, idx) for idx in blocks[1:]])
-    return out
+            fill(xp, operands(idx), [o[idx] for o in outs])
+    run(xp, 2 * nbytes * len(outs), [functools.partial(block, idx) for idx in blocks])
+    return outs
 
 
 def reshape_is_view(xp, x, shape) -> bool:
@@ -284,7 +324,7 @@ def matmul(xp, a, b, devices_folded=False):
     try:
         if flops < MATMUL_MIN_FLOPS or num_threads() < 2 or getattr(_local, "worker", False):
             return np.matmul(a, b)
-        out = np.empty(lead + (rows, b.shape[-1]), np.result_type(a, b))
+        out = empty(xp, lead + (rows, b.shape[-1]), np.result_type(a, b))
         a = np.broadcast_to(a, lead + a.shape[-2:])
         b = np.broadcast_to(b, lead + b.shape[-2:])
         parts = min(rows, -(-num_threads() // math.prod(lead))) if devices_folded else 1

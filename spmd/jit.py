@@ -10,6 +10,7 @@ import optree
 from . import distributed
 from .array import Array
 from .core import Tracer, aval_of, current_builder, trace
+from .transforms.ad import dce
 
 
 _EXECUTORS: dict = {}     # one per SPMD_EXECUTOR value: executors keep their compiled plans
@@ -94,6 +95,8 @@ class Jitted:
 
             program, captured = trace(flat_fn, avals, context=f"jit({self.name})")
             assert not captured
+            # values the function computed but does not return (the loss under spmd.grad) go
+            program = dce(program)
             hit = self._cache[key] = (program, in_tree, out_box[0])
         return hit, leaves
 

@@ -60,11 +60,29 @@ UNARY = {}
 BINARY = {}
 
 
+class ufunc:
+    """The elementwise function that is one NumPy (or CuPy) ufunc, by name: called as
+    ``f(xp, *args)``, and with ``out=`` it writes its result into an existing array (what the
+    executors' fused elementwise chains do instead of allocating and copying)."""
+    __slots__ = ("name", "writes_into")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.writes_into = isinstance(getattr(np, name, None), np.ufunc)    # np.real is not
+
+    def __call__(self, xp, *args, out=None):
+        f = getattr(xp, self.name)
+        return f(*args) if out is None else f(*args, out=out)
+
+    def __repr__(self):
+        return f"ufunc({self.name!r})"
+
+
 def unary(name, fn, *, out_dtype=None, deriv=None, nondiff=False, transpose=None, **rules):
     """An elementwise unary primitive.  Autodiff: ``deriv(x, y)`` is dy/dx (y the output);
     ``nondiff`` marks a piecewise-constant op (zero tangent); linear ones give ``transpose``."""
     p = Primitive(name, abstract=_ew_abstract(out_dtype), impl=lambda xp, k, x: _host_parallel.elementwise(xp, fn, x) if k else fn(xp, x),
-                  transpose=transpose, category="elementwise", **rules)
+                  transpose=transpose, category="elementwise", elementwise=fn, **rules)
     p.jvp = (ad.deriv_jvp(p, deriv) if deriv else ad.zero_jvp(p) if nondiff else
              ad.linear_jvp(p) if p.linear else None)
     p.batch = batching.elementwise_batch(p)
@@ -76,7 +94,7 @@ def binary(name, fn, *, out_dtype=None, partials=None, nondiff=False, transpose=
     """An elementwise binary primitive.  Autodiff: ``partials(x, y, out)`` gives the pair
     (d out/dx, d out/dy); ``nondiff`` marks a piecewise-constant op (zero tangent)."""
     p = Primitive(name, abstract=_ew_abstract(out_dtype), impl=lambda xp, k, x, y: _host_parallel.elementwise(xp, fn, x, y) if k else fn(xp, x, y),
-                  transpose=transpose, category="elementwise", **rules)
+                  transpose=transpose, category="elementwise", elementwise=fn, **rules)
     p.jvp = (_partials_jvp(p, partials) if partials else ad.zero_jvp(p) if nondiff else
              _add_sub_jvp(p) if p.linear else None)
     p.batch = batching.elementwise_batch(p)
@@ -129,86 +147,86 @@ def _chooser(first, tie):
 # elementwise
 # ---------------------------------------------------------------------------------------------
 
-neg_p = unary("neg", lambda xp, x: xp.negative(x), linear=True, transpose=lambda ct, x: [-ct])
-exp_p = unary("exp", lambda xp, x: xp.exp(x), deriv=lambda x, y: y)
-exp2_p = unary("exp2", lambda xp, x: xp.exp2(x), deriv=lambda x, y: y * math.log(2))
-log_p = unary("log", lambda xp, x: xp.log(x), deriv=lambda x, y: 1 / x)
-log2_p = unary("log2", lambda xp, x: xp.log2(x), deriv=lambda x, y: 1 / (x * math.log(2)))
-log10_p = unary("log10", lambda xp, x: xp.log10(x), deriv=lambda x, y: 1 / (x * math.log(10)))
-log1p_p = unary("log1p", lambda xp, x: xp.log1p(x), deriv=lambda x, y: 1 / (1 + x))
-expm1_p = unary("expm1", lambda xp, x: xp.expm1(x), deriv=lambda x, y: y + 1)
-tanh_p = unary("tanh", lambda xp, x: xp.tanh(x), deriv=lambda x, y: 1 - y * y)
-sinh_p = unary("sinh", lambda xp, x: xp.sinh(x), deriv=lambda x, y: np.cosh(x))
-cosh_p = unary("cosh", lambda xp, x: xp.cosh(x), deriv=lambda x, y: np.sinh(x))
-sin_p = unary("sin", lambda xp, x: xp.sin(x), deriv=lambda x, y: np.cos(x))
-cos_p = unary("cos", lambda xp, x: xp.cos(x), deriv=lambda x, y: -np.sin(x))
-tan_p = unary("tan", lambda xp, x: xp.tan(x), deriv=lambda x, y: 1 + y * y)
-asin_p = unary("asin", lambda xp, x: xp.arcsin(x), deriv=lambda x, y: 1 / np.sqrt(1 - x * x))
-acos_p = unary("acos", lambda xp, x: xp.arccos(x), deriv=lambda x, y: -1 / np.sqrt(1 - x * x))
-atan_p = unary("atan", lambda xp, x: xp.arctan(x), deriv=lambda x, y: 1 / (1 + x * x))
-asinh_p = unary("asinh", lambda xp, x: xp.arcsinh(x), deriv=lambda x, y: 1 / np.sqrt(x * x + 1))
-acosh_p = unary("acosh", lambda xp, x: xp.arccosh(x), deriv=lambda x, y: 1 / np.sqrt(x * x - 1))
-atanh_p = unary("atanh", lambda xp, x: xp.arctanh(x), deriv=lambda x, y: 1 / (1 - x * x))
-sqrt_p = unary("sqrt", lambda xp, x: xp.sqrt(x), deriv=lambda x, y: 0.5 / y)
-cbrt_p = unary("cbrt", lambda xp, x: xp.cbrt(x), deriv=lambda x, y: 1 / (3 * y * y))
+neg_p = unary("neg", ufunc("negative"), linear=True, transpose=lambda ct, x: [-ct])
+exp_p = unary("exp", ufunc("exp"), deriv=lambda x, y: y)
+exp2_p = unary("exp2", ufunc("exp2"), deriv=lambda x, y: y * math.log(2))
+log_p = unary("log", ufunc("log"), deriv=lambda x, y: 1 / x)
+log2_p = unary("log2", ufunc("log2"), deriv=lambda x, y: 1 / (x * math.log(2)))
+log10_p = unary("log10", ufunc("log10"), deriv=lambda x, y: 1 / (x * math.log(10)))
+log1p_p = unary("log1p", ufunc("log1p"), deriv=lambda x, y: 1 / (1 + x))
+expm1_p = unary("expm1", ufunc("expm1"), deriv=lambda x, y: y + 1)
+tanh_p = unary("tanh", ufunc("tanh"), deriv=lambda x, y: 1 - y * y)
+sinh_p = unary("sinh", ufunc("sinh"), deriv=lambda x, y: np.cosh(x))
+cosh_p = unary("cosh", ufunc("cosh"), deriv=lambda x, y: np.sinh(x))
+sin_p = unary("sin", ufunc("sin"), deriv=lambda x, y: np.cos(x))
+cos_p = unary("cos", ufunc("cos"), deriv=lambda x, y: -np.sin(x))
+tan_p = unary("tan", ufunc("tan"), deriv=lambda x, y: 1 + y * y)
+asin_p = unary("asin", ufunc("arcsin"), deriv=lambda x, y: 1 / np.sqrt(1 - x * x))
+acos_p = unary("acos", ufunc("arccos"), deriv=lambda x, y: -1 / np.sqrt(1 - x * x))
+atan_p = unary("atan", ufunc("arctan"), deriv=lambda x, y: 1 / (1 + x * x))
+asinh_p = unary("asinh", ufunc("arcsinh"), deriv=lambda x, y: 1 / np.sqrt(x * x + 1))
+acosh_p = unary("acosh", ufunc("arccosh"), deriv=lambda x, y: 1 / np.sqrt(x * x - 1))
+atanh_p = unary("atanh", ufunc("arctanh"), deriv=lambda x, y: 1 / (1 - x * x))
+sqrt_p = unary("sqrt", ufunc("sqrt"), deriv=lambda x, y: 0.5 / y)
+cbrt_p = unary("cbrt", ufunc("cbrt"), deriv=lambda x, y: 1 / (3 * y * y))
 rsqrt_p = unary("rsqrt", lambda xp, x: 1 / xp.sqrt(x), deriv=lambda x, y: -0.5 * y / x)
-square_p = unary("square", lambda xp, x: xp.square(x), deriv=lambda x, y: 2 * x)
-reciprocal_p = unary("reciprocal", lambda xp, x: xp.reciprocal(x), deriv=lambda x, y: -y * y)
-abs_p = unary("abs", lambda xp, x: xp.abs(x), out_dtype=_real_dtype, deriv=lambda x, y: np.sign(x))
-sign_p = unary("sign", lambda xp, x: xp.sign(x), nondiff=True)
-floor_p = unary("floor", lambda xp, x: xp.floor(x), nondiff=True)
-ceil_p = unary("ceil", lambda xp, x: xp.ceil(x), nondiff=True)
-trunc_p = unary("trunc", lambda xp, x: xp.trunc(x), nondiff=True)
-round_p = unary("round", lambda xp, x: xp.round(x), nondiff=True)
-rint_p = unary("rint", lambda xp, x: xp.rint(x), nondiff=True)
-conj_p = unary("conj", lambda xp, x: xp.conj(x), linear=True, transpose=lambda ct, x: [np.conj(ct)])
-real_p = unary("real", lambda xp, x: xp.real(x), out_dtype=_real_dtype, linear=True,
+square_p = unary("square", ufunc("square"), deriv=lambda x, y: 2 * x)
+reciprocal_p = unary("reciprocal", ufunc("reciprocal"), deriv=lambda x, y: -y * y)
+abs_p = unary("abs", ufunc("abs"), out_dtype=_real_dtype, deriv=lambda x, y: np.sign(x))
+sign_p = unary("sign", ufunc("sign"), nondiff=True)
+floor_p = unary("floor", ufunc("floor"), nondiff=True)
+ceil_p = unary("ceil", ufunc("ceil"), nondiff=True)
+trunc_p = unary("trunc", ufunc("trunc"), nondiff=True)
+round_p = unary("round", ufunc("round"), nondiff=True)
+rint_p = unary("rint", ufunc("rint"), nondiff=True)
+conj_p = unary("conj", ufunc("conj"), linear=True, transpose=lambda ct, x: [np.conj(ct)])
+real_p = unary("real", ufunc("real"), out_dtype=_real_dtype, linear=True,
                transpose=lambda ct, x: [ct.astype(x.aval.dtype)])
-imag_p = unary("imag", lambda xp, x: xp.imag(x), out_dtype=_real_dtype, linear=True,
+imag_p = unary("imag", ufunc("imag"), out_dtype=_real_dtype, linear=True,
                transpose=lambda ct, x: [ct.astype(x.aval.dtype) * -1j])
 logistic_p = unary("logistic", lambda xp, x: 1 / (1 + xp.exp(-x)), deriv=lambda x, y: y * (1 - y))
-not_p = unary("not", lambda xp, x: xp.logical_not(x), out_dtype=_bool, nondiff=True)
-invert_p = unary("invert", lambda xp, x: xp.invert(x), nondiff=True)
-isnan_p = unary("isnan", lambda xp, x: xp.isnan(x), out_dtype=_bool, nondiff=True)
-isinf_p = unary("isinf", lambda xp, x: xp.isinf(x), out_dtype=_bool, nondiff=True)
-isfinite_p = unary("isfinite", lambda xp, x: xp.isfinite(x), out_dtype=_bool, nondiff=True)
-signbit_p = unary("signbit", lambda xp, x: xp.signbit(x), out_dtype=_bool, nondiff=True)
+not_p = unary("not", ufunc("logical_not"), out_dtype=_bool, nondiff=True)
+invert_p = unary("invert", ufunc("invert"), nondiff=True)
+isnan_p = unary("isnan", ufunc("isnan"), out_dtype=_bool, nondiff=True)
+isinf_p = unary("isinf", ufunc("isinf"), out_dtype=_bool, nondiff=True)
+isfinite_p = unary("isfinite", ufunc("isfinite"), out_dtype=_bool, nondiff=True)
+signbit_p = unary("signbit", ufunc("signbit"), out_dtype=_bool, nondiff=True)
 
-add_p = binary("add", lambda xp, x, y: xp.add(x, y), linear=True,
+add_p = binary("add", ufunc("add"), linear=True,
                transpose=lambda ct, x, y: [ct if ad.is_undefined(x) else None, ct if ad.is_undefined(y) else None])
-sub_p = binary("sub", lambda xp, x, y: xp.subtract(x, y), linear=True,
+sub_p = binary("sub", ufunc("subtract"), linear=True,
                transpose=lambda ct, x, y: [ct if ad.is_undefined(x) else None, -ct if ad.is_undefined(y) else None])
-mul_p = binary("mul", lambda xp, x, y: xp.multiply(x, y), partials=lambda x, y, o: (y, x),
+mul_p = binary("mul", ufunc("multiply"), partials=lambda x, y, o: (y, x),
                transpose=_mul_transpose)
-div_p = binary("div", lambda xp, x, y: xp.true_divide(x, y), partials=lambda x, y, o: (1 / y, -o / y),
+div_p = binary("div", ufunc("true_divide"), partials=lambda x, y, o: (1 / y, -o / y),
                transpose=lambda ct, x, y: [ct / y, None])
-floordiv_p = binary("floordiv", lambda xp, x, y: xp.floor_divide(x, y), nondiff=True)
-rem_p = binary("rem", lambda xp, x, y: xp.remainder(x, y), partials=lambda x, y, o: (1, -np.floor(x / y)))
-fmod_p = binary("fmod", lambda xp, x, y: xp.fmod(x, y), partials=lambda x, y, o: (1, -np.trunc(x / y)))
-pow_p = binary("pow", lambda xp, x, y: xp.power(x, y),
+floordiv_p = binary("floordiv", ufunc("floor_divide"), nondiff=True)
+rem_p = binary("rem", ufunc("remainder"), partials=lambda x, y, o: (1, -np.floor(x / y)))
+fmod_p = binary("fmod", ufunc("fmod"), partials=lambda x, y, o: (1, -np.trunc(x / y)))
+pow_p = binary("pow", ufunc("power"),
                partials=lambda x, y, o: (_pow_dx(x, y), np.log(np.where(x > 0, x, 1)) * o))
-max_p = binary("max", lambda xp, x, y: xp.maximum(x, y), partials=lambda x, y, o: _chooser(x > y, x == y))
-min_p = binary("min", lambda xp, x, y: xp.minimum(x, y), partials=lambda x, y, o: _chooser(x < y, x == y))
-fmax_p = binary("fmax", lambda xp, x, y: xp.fmax(x, y), partials=lambda x, y, o: _chooser(x > y, x == y))
-fmin_p = binary("fmin", lambda xp, x, y: xp.fmin(x, y), partials=lambda x, y, o: _chooser(x < y, x == y))
-atan2_p = binary("atan2", lambda xp, x, y: xp.arctan2(x, y),
+max_p = binary("max", ufunc("maximum"), partials=lambda x, y, o: _chooser(x > y, x == y))
+min_p = binary("min", ufunc("minimum"), partials=lambda x, y, o: _chooser(x < y, x == y))
+fmax_p = binary("fmax", ufunc("fmax"), partials=lambda x, y, o: _chooser(x > y, x == y))
+fmin_p = binary("fmin", ufunc("fmin"), partials=lambda x, y, o: _chooser(x < y, x == y))
+atan2_p = binary("atan2", ufunc("arctan2"),
                  partials=lambda x, y, o: (y / (x * x + y * y), -x / (x * x + y * y)))
-hypot_p = binary("hypot", lambda xp, x, y: xp.hypot(x, y), partials=lambda x, y, o: (x / o, y / o))
-copysign_p = binary("copysign", lambda xp, x, y: xp.copysign(x, y),
+hypot_p = binary("hypot", ufunc("hypot"), partials=lambda x, y, o: (x / o, y / o))
+copysign_p = binary("copysign", ufunc("copysign"),
                     partials=lambda x, y, o: (np.sign(x) * np.sign(o), 0))
-logaddexp_p = binary("logaddexp", lambda xp, x, y: xp.logaddexp(x, y),
+logaddexp_p = binary("logaddexp", ufunc("logaddexp"),
                      partials=lambda x, y, o: (np.exp(x - o), np.exp(y - o)))
-and_p = binary("and", lambda xp, x, y: xp.bitwise_and(x, y), nondiff=True)
-or_p = binary("or", lambda xp, x, y: xp.bitwise_or(x, y), nondiff=True)
-xor_p = binary("xor", lambda xp, x, y: xp.bitwise_xor(x, y), nondiff=True)
-shift_left_p = binary("shift_left", lambda xp, x, y: xp.left_shift(x, y), nondiff=True)
-shift_right_p = binary("shift_right", lambda xp, x, y: xp.right_shift(x, y), nondiff=True)
-eq_p = binary("eq", lambda xp, x, y: xp.equal(x, y), out_dtype=_bool, nondiff=True)
-ne_p = binary("ne", lambda xp, x, y: xp.not_equal(x, y), out_dtype=_bool, nondiff=True)
-lt_p = binary("lt", lambda xp, x, y: xp.less(x, y), out_dtype=_bool, nondiff=True)
-le_p = binary("le", lambda xp, x, y: xp.less_equal(x, y), out_dtype=_bool, nondiff=True)
-gt_p = binary("gt", lambda xp, x, y: xp.greater(x, y), out_dtype=_bool, nondiff=True)
-ge_p = binary("ge", lambda xp, x, y: xp.greater_equal(x, y), out_dtype=_bool, nondiff=True)
+and_p = binary("and", ufunc("bitwise_and"), nondiff=True)
+or_p = binary("or", ufunc("bitwise_or"), nondiff=True)
+xor_p = binary("xor", ufunc("bitwise_xor"), nondiff=True)
+shift_left_p = binary("shift_left", ufunc("left_shift"), nondiff=True)
+shift_right_p = binary("shift_right", ufunc("right_shift"), nondiff=True)
+eq_p = binary("eq", ufunc("equal"), out_dtype=_bool, nondiff=True)
+ne_p = binary("ne", ufunc("not_equal"), out_dtype=_bool, nondiff=True)
+lt_p = binary("lt", ufunc("less"), out_dtype=_bool, nondiff=True)
+le_p = binary("le", ufunc("less_equal"), out_dtype=_bool, nondiff=True)
+gt_p = binary("gt", ufunc("greater"), out_dtype=_bool, nondiff=True)
+ge_p = binary("ge", ufunc("greater_equal"), out_dtype=_bool, nondiff=True)
 
 
 def _select_abstract(pred, on_true, on_false):
@@ -738,13 +756,36 @@ def _dynamic_slice_abstract(x, *starts, sizes):
 
 def _dynamic_slice_impl(xp, k, x, *starts, sizes):
     for d, (s, size) in enumerate(zip(starts, sizes)):
-        if size == x.shape[k + d]:
+        ax = k + d
+        if size == x.shape[ax]:
             continue
-        s = xp.asarray(xp.clip(s, 0, x.shape[k + d] - size))
+        window = (slice(None),) * ax
+        if xp is np and x.strides[ax] == 0:             # a broadcast dim: every window is the same
+            x = x[window + (slice(0, size),)]
+            continue
+        s = xp.asarray(xp.clip(s, 0, x.shape[ax] - size))
         s = s.reshape((1,) * (k - s.ndim) + s.shape)       # a literal start has no batch dims
+        if xp is np and s.size <= 64:
+            x = _dynamic_slice_by_position(x, k, ax, s, size)
+            continue
         idx = s[..., None] + xp.arange(size)
         x = _take_impl(xp, k, x, idx.reshape(idx.shape[:k] + (size,)) if k else idx, axis=d)
     return x
+
+
+def _dynamic_slice_by_position(x, k, ax, s, size):
+    """``x`` cut to ``size`` along ``ax`` at start ``s`` (one per position of the leading ``k``
+    dims; a simulated device's block offset): one plain slice copy per distinct start, which
+    streams memory where a gather of ``start + arange(size)`` indexes every element."""
+    lead = np.broadcast_shapes(x.shape[:k], s.shape)
+    out = _host_parallel.empty(np, lead + x.shape[k:ax] + (size,) + x.shape[ax + 1:], x.dtype)
+    x = np.broadcast_to(x, lead + x.shape[k:])
+    tail = (slice(None),) * (ax - k)
+    for pos in np.ndindex(*s.shape):
+        sel = tuple(slice(p, p + 1) if n > 1 else slice(None) for p, n in zip(pos, s.shape))
+        start = int(s[pos])
+        np.copyto(out[sel], x[sel + tail + (slice(start, start + size),)])
+    return out
 
 
 def _dynamic_slice_jvp(primals, tangents, *, sizes):

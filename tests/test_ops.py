@@ -642,3 +642,26 @@ def test_numpy_coverage():
         assert hasattr(Tracer, m.split(".")[1]), m
     assert len(funcs) >= 80, len(funcs)
     assert len(methods) >= 30, len(methods)
+
+
+@pytest.mark.parametrize("lead,starts_shape,broadcast", [
+    ((2, 4), (2, 1), False), ((2, 4), (1, 4), False), ((2, 4), (2, 4), False), ((1, 4), (2, 1), False),
+    ((2, 4), (2, 1), True), ((3,), (3,), False), ((2, 1), (), False)])
+def test_stacked_dynamic_slice_matches_per_device_slices(lead, starts_shape, broadcast):
+    """The stacked dynamic_slice (one start per simulated device, as the compiler's R->S
+    slices make): its plain-slice and broadcast-dim fast paths against slicing each device's
+    block on its own."""
+    rng = np.random.default_rng(len(lead) * 10 + len(starts_shape))
+    k = len(lead)
+    x = rng.normal(size=lead + (9, 5)).astype(np.float32)
+    if broadcast:                                   # a broadcast dim (stride 0): a view comes back
+        x = np.broadcast_to(x[..., :1, :], x.shape)
+    starts = rng.integers(-2, 9, size=starts_shape)
+    got = lax._dynamic_slice_impl(np, k, x, starts, np.int64(1), sizes=(4, 3))
+    out_lead = np.broadcast_shapes(lead, np.shape(starts) if starts_shape else ())
+    assert got.shape == out_lead + (4, 3)
+    xs = np.broadcast_to(x, out_lead + x.shape[k:])
+    ss = np.broadcast_to(np.asarray(starts).reshape(np.shape(starts) + (1,) * (k - len(starts_shape))), out_lead)
+    for pos in np.ndindex(*out_lead):
+        s = int(np.clip(ss[pos], 0, 9 - 4))
+        np.testing.assert_array_equal(got[pos], xs[pos][s:s + 4, 1:4])

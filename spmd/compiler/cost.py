@@ -21,6 +21,10 @@ that gathers operands to compute the same product on every device pays for the r
 
 Latency and bandwidth are per mesh axis (``CostModel(axes={"model": (alpha, bw)})``); a
 collective over several axes runs at the slowest of them.
+
+``memory_bandwidth`` prices local copies: combining several reductions into one collective
+(XLA's all-reduce combiner) saves a call's latency per reduction merged but copies each buffer
+into the combined one, so a buffer is combined only when copying it is quicker than ``alpha``.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ class CostModel:
     bandwidth: float         # bytes per second (bus bandwidth)
     axes: tuple = ()         # ((axis_name, alpha, bandwidth), ...)
     flops: float = 2e10      # per device: prices contractions that replicate work
+    memory_bandwidth: float = 2e9   # per device, bytes/s of a local copy (read + write)
 
     def compute(self, flop_count: float) -> float:
         return flop_count / self.flops
@@ -49,6 +54,11 @@ class CostModel:
         """``cm.with_axes(model=(alpha, bandwidth))``."""
         return dataclasses.replace(self, axes=tuple((a, float(al), float(bw)) for a, (al, bw) in per_axis.items()))
 
+    def worth_combining(self, nbytes: int, axes) -> bool:
+        """Whether a reduction of ``nbytes`` per device over ``axes`` should join a combined
+        collective: copying it in and out of the combined buffer costs less than one call."""
+        return 2 * nbytes / self.memory_bandwidth < max(self.axis(a)[0] for a in axes)
+
     def time(self, kind: str, nbytes: int, axes, sizes: dict) -> float:
         """Seconds for collective ``kind`` over mesh ``axes`` with ``nbytes`` per device."""
         n = 1
@@ -61,10 +71,11 @@ class CostModel:
         return alpha + nbytes * FACTORS[kind](n) / bw
 
 
-# Simulated CPU mesh: memory copies between "devices" of one process.
-CPU = CostModel(alpha=5e-6, bandwidth=10e9, flops=2e10)
-# One node of GPUs over NVLink (NCCL ring, bus bandwidth as measured by nccl-tests).
-GPU = CostModel(alpha=15e-6, bandwidth=150e9, flops=4e14)
+# Simulated CPU mesh: memory copies between "devices" of one process (which share the host's
+# memory bandwidth: about 2 GB/s each for 8 devices).
+CPU = CostModel(alpha=5e-6, bandwidth=10e9, flops=2e10, memory_bandwidth=2e9)
+# One node of GPUs over NVLink (NCCL ring, bus bandwidth as measured by nccl-tests; HBM copies).
+GPU = CostModel(alpha=15e-6, bandwidth=150e9, flops=4e14, memory_bandwidth=1.5e12)
 
 
 _override: list = []

@@ -254,6 +254,7 @@ def lower(program: Program, prop, mesh, cm: CostModel, name: str):
     body_prog, captured = trace(body, in_avals, mesh=mesh, manual_axes=mesh.axis_names,
                                 check_vma=False, context=f"jit({name}) per-device body")
     assert not captured
+    body_prog = reduce_before_scaling(body_prog, psum_records)
     body_prog = combine_psums(body_prog, psum_records, inserted, sizes, cm)
     in_specs = tuple(sh.spec for sh in prop.in_shardings)
     out_specs = tuple(sh.spec for sh in prop.out_shardings)
@@ -268,10 +269,72 @@ def lower(program: Program, prop, mesh, cm: CostModel, name: str):
     return manual, inserted
 
 
+_SCALINGS = {"mul": (0, 1), "div": (0,), "neg": (0,)}     # operands a scaling is linear in
+
+
+def reduce_before_scaling(body: Program, records: dict) -> Program:
+    """``psum(c * x)`` -> ``c * psum(x)`` for ``c`` the same on every device of the sum (also
+    ``x / c`` and ``-x``), up a chain of such scalings.  A pending sum stays pending through
+    linear operations, so the reduction lands after the scaling that a training step applies to
+    its gradients; moved before it, the scaling works on the reduced value: the same work per
+    device, and on the simulated mesh (which stores an invariant value once) a fraction."""
+    eqns = body.eqns
+    producer = {id(v): i for i, e in enumerate(eqns) for v in e.outputs}
+    uses: dict[int, int] = {}
+    for a in [a for e in eqns for a in e.inputs] + list(body.out_vars):
+        if isinstance(a, Var):
+            uses[id(a)] = uses.get(id(a), 0) + 1
+
+    def scaling_under(e):
+        """The scaling equation that alone feeds psum ``e`` and commutes with it, or None."""
+        x = e.inputs[0]
+        if not isinstance(x, Var) or uses[id(x)] != 1 or id(x) not in producer:
+            return None
+        f = eqns[producer[id(x)]]
+        axes = set(e.params["axes"])
+        varying = [k for k, a in enumerate(f.inputs) if axes & a.aval.vma]
+        if (len(varying) != 1 or varying[0] not in _SCALINGS.get(f.prim.name, ())
+                or not axes <= f.inputs[varying[0]].aval.vma
+                or f.inputs[varying[0]].aval.dtype != f.outputs[0].aval.dtype):
+            return None
+        return f, varying[0]
+
+    dropped, replaced = set(), {}
+    for i, e in enumerate(eqns):
+        if e.prim is not psum_p or e.params.get("groups") is not None or id(e) not in records:
+            continue
+        chain, top = [], e
+        while (found := scaling_under(top)) is not None:
+            f, k = found
+            chain.append(found)
+            top = Eqn(psum_p, [f.inputs[k]], e.params, [None])
+        if not chain:
+            continue
+        u = chain[-1][0].inputs[chain[-1][1]]
+        red = Var(Aval(u.aval.shape, u.aval.dtype, u.aval.vma - set(e.params["axes"])))
+        new = [Eqn(psum_p, [u], e.params, [red])]
+        records[id(new[0])] = records.pop(id(e))
+        for n, (f, k) in enumerate(reversed(chain)):
+            out = e.outputs[0] if n == len(chain) - 1 else \
+                Var(Aval(f.outputs[0].aval.shape, f.outputs[0].aval.dtype, red.aval.vma))
+            new.append(Eqn(f.prim, [red if j == k else a for j, a in enumerate(f.inputs)], f.params, [out]))
+            red = out
+            dropped.add(producer[id(f.outputs[0])])
+        replaced[i] = new
+    if not replaced:
+        return body
+    out = []
+    for i, e in enumerate(eqns):
+        if i not in dropped:
+            out += replaced.get(i, [e])
+    return Program(body.in_vars, out, body.out_vars)
+
+
 def combine_psums(body: Program, records: dict, inserted: list, sizes, cm) -> Program:
     """Merge inserted psums over the same axes that do not depend on each other into one psum
     of their concatenated buffers (XLA's all-reduce combiner): one collective call instead of
-    several.  The merged psum runs where the last of them ran; what used the earlier ones
+    several, for the buffers small enough that the copy costs less than a call
+    (``CostModel.worth_combining``).  The merged psum runs where the last of them ran; what used the earlier ones
     moves after it."""
     eqns = body.eqns
     producer = {id(v): i for i, e in enumerate(eqns) for v in e.outputs}
@@ -294,6 +357,8 @@ def combine_psums(body: Program, records: dict, inserted: list, sizes, cm) -> Pr
     for i, e in enumerate(eqns):
         if e.prim is psum_p and id(e) in records and e.params.get("groups") is None:
             x = e.inputs[0].aval
+            if not cm.worth_combining(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize, e.params["axes"]):
+                continue
             groups.setdefault((e.params["axes"], np.dtype(x.dtype), x.vma), []).append(i)
     batches = []
     for idx in groups.values():
@@ -364,6 +429,8 @@ def _combinable(a, cur, want, sizes, mesh_sizes, cm):
     if len(pl.steps) != 1 or pl.steps[0].kind not in ("psum", "psum_scatter"):
         return None
     st = pl.steps[0]
+    if not cm.worth_combining(st.nbytes, st.axes):
+        return None
     if st.kind == "psum_scatter":
         n = int(np.prod([sizes[x] for x in st.axes]))
         if cur.local_shape(a.aval.shape, sizes)[st.dim] % n:

@@ -13,6 +13,7 @@ import weakref
 import numpy as np
 
 from .. import layout
+from . import fusion
 from ..core import Literal, Program
 from ..sharding import NamedSharding
 
@@ -61,24 +62,24 @@ class StackedExecutor:
             return slots[id(a)]
 
         steps = []
+        fused = fusion.plan_fusions(program, k, xp)
         for e in program.eqns:
-            ins = tuple(slot(a) for a in e.inputs)
-            if e.prim.name == "shard_map":
-                fn = self._compile_shard_map(mesh, **e.params)
-            elif e.prim.rules.get("call"):              # checkpoint: run the body inline
-                fn = (lambda run_body: lambda *vals: run_body(list(vals)))(self._compile(e.params["body"], mesh))
-            elif "stacked" in e.prim.rules:
-                fn = functools.partial(self._stacked_rule(e.prim), xp, mesh, **e.params)
-            elif k == 0:
-                fn = functools.partial(_on_global, e.prim.rule("impl"), xp, e.params)
+            how = fused.get(id(e))
+            if how == "skip":                           # runs inside a later fused step
+                continue
+            if how is not None:
+                ins, outputs, fn = how.inputs, how.outputs, how.make(xp, mesh)
+                many = len(outputs) > 1
             else:
-                fn = functools.partial(e.prim.rule("impl"), xp, k, **e.params)
+                ins, outputs, fn = e.inputs, e.outputs, self._step(e, xp, mesh, k)
+                many = e.prim.multiple_results
+            ins = tuple(slot(a) for a in ins)
             outs = []
-            for v in e.outputs:
+            for v in outputs:
                 template.append(None)
                 slots[id(v)] = len(template) - 1
                 outs.append(len(template) - 1)
-            steps.append((fn, ins, outs[0] if not e.prim.multiple_results else tuple(outs)))
+            steps.append((fn, ins, tuple(outs) if many else outs[0]))
         out_slots = [slot(a) for a in program.out_vars]
         n_in = len(program.in_vars)
         # Drop each value after its last use, so peak memory is what is live, not everything
@@ -108,6 +109,19 @@ class StackedExecutor:
                         env[o] = val
             return [env[i] for i in out_slots]
         return run
+
+    def _step(self, e, xp, mesh, k):
+        """Equation ``e`` as a function of its input values."""
+        if e.prim.name == "shard_map":
+            return self._compile_shard_map(mesh, **e.params)
+        if e.prim.rules.get("call"):                    # checkpoint: run the body inline
+            run_body = self._compile(e.params["body"], mesh)
+            return lambda *vals: run_body(list(vals))
+        if "stacked" in e.prim.rules:
+            return functools.partial(self._stacked_rule(e.prim), xp, mesh, **e.params)
+        if k == 0:
+            return functools.partial(_on_global, e.prim.rule("impl"), xp, e.params)
+        return functools.partial(e.prim.rule("impl"), xp, k, **e.params)
 
     def _compile_shard_map(self, outer_mesh, *, body, mesh, in_specs, out_specs, manual_axes,
                            check_vma, name):

@@ -1,0 +1,183 @@
+"""The stacked executor's fusions (``spmd/executors/fusion.py``) and the compiler passes that
+feed them: each fused program is checked against the reference executor (which runs every
+equation on its own, per device) and against NumPy, and the fusion is checked to happen."""
+import numpy as np
+import pytest
+
+import spmd
+from spmd import NamedSharding, P, _host_parallel, lax
+from spmd.compiler import cost
+from spmd.executors import fusion, reference_executor
+from spmd.executors.stacked import StackedExecutor
+
+REFERENCE = reference_executor()
+MESH = spmd.make_mesh((2, 4), ("data", "model"))
+rng = np.random.default_rng(7)
+
+
+@pytest.fixture(params=["small", "blocked"])
+def paths(request, monkeypatch):
+    """``blocked``: every elementwise chain and matmul takes its threaded block path."""
+    if request.param == "blocked":
+        monkeypatch.setattr(_host_parallel, "PARALLEL_MIN_BYTES", 0)
+        monkeypatch.setattr(_host_parallel, "ELEMENTWISE_BLOCK_BYTES", 64)
+        monkeypatch.setattr(_host_parallel, "MATMUL_MIN_FLOPS", 0)
+        monkeypatch.setattr(_host_parallel, "num_threads", lambda: 3)
+    return request.param
+
+
+def _fused_kinds(f, *args):
+    body = f.lower(*args).compiled.manual.eqns[0].params["body"]
+    plan = fusion.plan_fusions(body, 2, np)
+    return sorted(v.kind for v in plan.values() if v != "skip")
+
+
+def _both(fn, specs, out_specs, *args):
+    f = spmd.jit(spmd.shard_map(fn, mesh=MESH, in_specs=specs, out_specs=out_specs))
+    g = spmd.jit(spmd.shard_map(fn, mesh=MESH, in_specs=specs, out_specs=out_specs), executor=REFERENCE)
+    return f(*args), g(*args)
+
+
+# body, in_specs, out_specs, operand shapes (global)
+DOT_PSUM = [
+    ("both-vary-data", lambda a, b: spmd.psum(a.T @ b, "data"), (P("data", "model"), P("data")),
+     P(None, "model"), ((8, 16), (8, 6))),
+    ("both-vary-two-axes", lambda a, b: spmd.psum(a @ b, ("data", "model")), (P(None, ("data", "model")),
+     P(("data", "model"))), P(), ((3, 16), (16, 5))),
+    ("one-varies", lambda a, b: spmd.psum(a @ b, "data"), (P("data"), P()), P(), ((4, 6), (6, 3))),
+    ("batched", lambda a, b: spmd.psum(np.einsum("bij,bjk->bik", a, b), "model"),
+     (P(None, None, "model"), P(None, "model")), P(), ((2, 3, 8), (2, 8, 4))),
+    ("int32", lambda a, b: spmd.psum(a @ b, "model"), (P(None, "model"), P("model")), P(), ((3, 8), (8, 2))),
+]
+
+
+@pytest.mark.parametrize("row", DOT_PSUM, ids=[r[0] for r in DOT_PSUM])
+def test_dot_then_psum_matches_the_reference(row, paths):
+    name, fn, specs, out_spec, shapes = row
+    dtype = np.int32 if name == "int32" else np.float32
+    args = [rng.integers(-3, 4, size=s).astype(dtype) for s in shapes]
+    got, want = _both(fn, specs, out_spec, *args)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert np.asarray(got).dtype == dtype
+
+
+def test_dot_then_psum_of_invariant_operands_counts_each_device():
+    """Neither operand varies over the axis (check_vma off): the psum counts the product once
+    per device, fused or not."""
+    a, b = rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=(4, 2)).astype(np.float32)
+    out = fusion.dot_then_psum(np, MESH, lax.dot_general_p.rule("impl"), a[None, None], b[None, None],
+                               contract=((1,), (0,)), batch=((), ()), axes=("model",))
+    np.testing.assert_allclose(out[0, 0], 4 * (a @ b), rtol=1e-5)
+
+
+CHAINS = [
+    ("scale-sub", lambda p, g: p - 0.1 * g, np.float32),
+    ("tanh-and-derivative", lambda x, b: (np.tanh(x + b), 1 - np.tanh(x + b) ** 2), np.float32),
+    ("composite-members", lambda x, y: np.reciprocal(1 + np.exp(-x)) * y + np.sqrt(np.abs(y)), np.float64),
+    ("int", lambda x, y: (x * 3 - y) // 2 + x, np.int32),
+    ("broadcast-inside", lambda x, y: np.maximum(x, 0) * y[:1] + y, np.float32),   # rows whole
+]
+
+
+@pytest.mark.parametrize("row", CHAINS, ids=[r[0] for r in CHAINS])
+def test_elementwise_chains_match_the_reference(row, paths):
+    name, fn, dtype = row
+    x = (rng.normal(size=(8, 12)) * 4).astype(dtype)
+    y = (rng.normal(size=(8, 12)) * 4 + 5).astype(dtype)
+    spec = P(None, "model") if name == "broadcast-inside" else P("data", "model")
+    got, want = _both(fn, (spec, spec), spec, x, y)
+    for g, w in zip(np.atleast_1d(got) if not isinstance(got, tuple) else got,
+                    np.atleast_1d(want) if not isinstance(want, tuple) else want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6)
+    with np.errstate(all="ignore"):
+        expect = fn(x, y)
+    for g, w in zip(got if isinstance(got, tuple) else (got,), expect if isinstance(expect, tuple) else (expect,)):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5)
+
+
+def test_chain_writes_results_and_keeps_intermediates_in_scratch():
+    """Registers: a member that is a result writes into the result; the others share scratch
+    slots once their values are dead."""
+    add, tanh, mul, sub = (p.rules["elementwise"] for p in (lax.add_p, lax.tanh_p, lax.mul_p, lax.sub_p))
+    # refs: 0 x, 1 b, 2 one; 3 s=x+b, 4 t=tanh(s), 5 u=t*t, 6 v=1-u
+    members = ((add, (0, 1)), (tanh, (3,)), (mul, (4, 4)), (sub, (2, 5)))
+    ops = fusion._registers(members, (4, 6), 3)
+    assert [op[2] for op in ops] == [None, 0, None, 1]           # t and v are results 0 and 1
+    assert ops[0][3] == ops[2][3] == 0                          # s's slot is reused for u
+    chain = fusion.ElementwiseChain(np, members, (4, 6), 3)
+    x = rng.normal(size=(2, 4, 64, 80)).astype(np.float32)
+    b = rng.normal(size=(1, 4, 1, 80)).astype(np.float32)
+    t, v = chain(x, b, np.float32(1))
+    np.testing.assert_allclose(t, np.tanh(x + b), rtol=1e-6)
+    np.testing.assert_allclose(v, 1 - np.tanh(x + b) ** 2, rtol=1e-5, atol=1e-6)
+
+
+def _mlp_step(lr):
+    def loss(p, x, y):
+        w1, w2 = p
+        return np.mean((np.tanh(x @ w1) @ w2 - y) ** 2)
+
+    def step(p, x, y):
+        g = spmd.grad(loss)(p, x, y)
+        return tuple(w - lr * gw for w, gw in zip(p, g))
+    S = lambda *s: NamedSharding(MESH, P(*s))
+    return loss, step, ((S(None, "model"), S("model")), S("data"), S("data"))
+
+
+def test_training_step_fuses_and_matches_numpy(paths):
+    """The DP x TP step: every psum is fused into the product it reduces, the update
+    ``w - lr * g`` runs as one chain after the reduction, and the values are NumPy's."""
+    loss, step, shardings = _mlp_step(0.1)
+    # gradient blocks of 16 KiB: reduced one by one (too big to be worth combining on the host)
+    w1, w2 = rng.normal(size=(64, 256)).astype(np.float32) / 8, rng.normal(size=(256, 64)).astype(np.float32) / 16
+    x, y = rng.normal(size=(8, 64)).astype(np.float32), rng.normal(size=(8, 64)).astype(np.float32)
+    f = spmd.jit(step, in_shardings=shardings, out_shardings=shardings[0])
+    got = f((w1, w2), x, y)
+    want = spmd.jit(step, in_shardings=shardings, out_shardings=shardings[0], executor=REFERENCE)((w1, w2), x, y)
+    h = np.tanh(x @ w1)
+    d = 2 * (h @ w2 - y) / y.size
+    grads = (x.T @ ((d @ w2.T) * (1 - h ** 2)), h.T @ d)
+    for g, r, w, gr in zip(got, want, (w1, w2), grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(g), w - 0.1 * gr, rtol=1e-4, atol=1e-5)
+    assert _fused_kinds(f, (w1, w2), x, y).count("dot_then_psum") == 3
+    assert "elementwise" in _fused_kinds(f, (w1, w2), x, y)
+
+
+def test_reduction_moves_before_the_learning_rate_scaling():
+    """``w - lr * psum(g)``: the psum reduces the gradient, not the scaled gradient."""
+    loss, step, shardings = _mlp_step(0.1)
+    w1, w2 = np.ones((64, 256), np.float32), np.ones((256, 64), np.float32)
+    x = y = np.ones((8, 64), np.float32)
+    f = spmd.jit(step, in_shardings=shardings, out_shardings=shardings[0])
+    body = f.lower((w1, w2), x, y).compiled.manual.eqns[0].params["body"]
+    names = [e.prim.name for e in body.eqns]
+    for i, e in enumerate(body.eqns):
+        if e.prim.name == "psum" and e.params["axes"] == ("data",):
+            user = next(u for u in body.eqns[i + 1:] if e.outputs[0] in u.inputs)
+            assert user.prim.name == "mul"                       # the lr scaling comes after
+    assert names.count("psum") == 3
+
+
+def test_unused_values_are_not_computed():
+    """jit drops what the function computes but does not return (the loss under grad)."""
+    def f(x):
+        unused = np.sin(x).sum()            # noqa: F841
+        return x * 2
+    prog = spmd.make_program(f)(np.ones(3, np.float32))
+    assert [e.prim.name for e in prog.eqns] == ["mul"]
+
+
+def test_big_gradients_are_reduced_one_by_one_on_the_cpu_model():
+    """Combining reductions copies each buffer: worth it for small ones (the latency saved),
+    not for big ones on the host (the copy costs more), and on GPUs up to many MiB."""
+    loss, step, shardings = _mlp_step(0.1)
+    grad = spmd.grad(loss)
+    big = (np.ones((64, 512), np.float32), np.ones((512, 64), np.float32))
+    x = y = np.ones((4, 64), np.float32)
+    for model, expected in ((cost.CPU, 2), (cost.GPU, 1)):
+        f = spmd.jit(grad, in_shardings=shardings, out_shardings=shardings[0])
+        with cost.set_cost_model(model):
+            kinds = [k for k, a in f.lower(big, x, y).collectives() if a == ("data",)]
+        assert len(kinds) == expected, (model, kinds)
+    assert cost.CPU.worth_combining(1024, ("data",)) and not cost.CPU.worth_combining(1 << 20, ("data",))
