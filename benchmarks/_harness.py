@@ -94,6 +94,28 @@ def timeit(fn: Callable[[], object], repeat: int = 7, min_time: float = 0.05, wa
     return statistics.median(samples)
 
 
+def timeit_pair(ours: Callable[[], object], peer: Callable[[], object], repeat: int = 7,
+                min_time: float = 0.05) -> tuple[float, float]:
+    """Median seconds per call of ``ours`` and of ``peer``, their runs interleaved (ours, peer,
+    ours, ...) so that a change in the machine's load falls on both and not on one side of
+    the ratio."""
+    loops = []
+    for fn in (ours, peer):
+        fn()                                        # warm up
+        t0 = time.perf_counter()
+        fn()
+        once = time.perf_counter() - t0
+        loops.append(max(1, int(min_time / once) if once > 0 else 1000))
+    samples: tuple[list, list] = ([], [])
+    for _ in range(repeat):
+        for fn, n, out in zip((ours, peer), loops, samples):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            out.append((time.perf_counter() - t0) / n)
+    return statistics.median(samples[0]), statistics.median(samples[1])
+
+
 @functools.lru_cache(maxsize=None)
 def memcopy_seconds(nbytes: int, repeat: int = 7) -> float:
     """Seconds for one ``np.copyto`` of ``nbytes`` between host buffers: the bandwidth bound

@@ -18,7 +18,7 @@ import numpy as np
 
 import spmd
 from spmd import NamedSharding, P
-from ._harness import Row, benchmark, jax_peer, skip_rows, timeit
+from ._harness import Row, benchmark, jax_peer, skip_rows, timeit, timeit_pair
 
 
 def _jax(name, case):
@@ -127,7 +127,8 @@ def mlp_step(quick: bool) -> list[Row]:
     jout = jf(jp, jx, jy)
     for a, b in zip(out, jout):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)
-    jax_s = timeit(lambda: jax.block_until_ready(jf(jp, jx, jy)), **timing)
+    ours_s, jax_s = timeit_pair(lambda: f(p_s, x_s, y_s), lambda: jax.block_until_ready(jf(jp, jx, jy)),
+                                **timing)
     cpu = {}
     for who, fn in (("spmd", lambda: f(p_s, x_s, y_s)), ("jax", lambda: jax.block_until_ready(jf(jp, jx, jy)))):
         t0 = time.process_time()
