@@ -40,6 +40,8 @@ BLOCK_BYTES = 256 << 10
 # Elementwise work goes in blocks this big, at least one per host thread: handing out a block
 # costs tens of microseconds, and a memory-bound ufunc gains nothing from blocks that fit in L2.
 ELEMENTWISE_BLOCK_BYTES = 4 << 20
+# Per-thread scratch blocks (``scratch``) up to this size are kept for the next call.
+SCRATCH_MAX_BYTES = 16 << 20
 POOL_MAX_BYTES = 1 << 30
 _buffers: list = []                     # least recently handed out first
 _buffers_lock = threading.Lock()
@@ -224,10 +226,12 @@ def scratch(slot: int, shape, dtype):
     """A block-sized NumPy work array of this thread, reused from call to call (a fresh one of
     a MiB costs its page faults every time): ``slot`` tells apart the ones in use together.
     Its contents never leave the caller."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    if nbytes > SCRATCH_MAX_BYTES:
+        return np.empty(shape, dtype)
     bufs = getattr(_local, "scratch", None)
     if bufs is None:
         bufs = _local.scratch = {}
-    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
     buf = bufs.get(slot)
     if buf is None or buf.nbytes < nbytes:
         buf = bufs[slot] = np.empty(max(nbytes, BLOCK_BYTES), np.uint8)
@@ -241,7 +245,8 @@ def blockwise(xp, fill, args, dtypes) -> list:
     shape = np.broadcast_shapes(*(np.shape(a) for a in args))
     outs = [empty(xp, shape, dt) for dt in dtypes]
     nbytes = math.prod(shape) * max(np.dtype(dt).itemsize for dt in dtypes)
-    blocks = chunks(shape, max(num_threads(), nbytes // ELEMENTWISE_BLOCK_BYTES)) if _big(args) else [()]
+    blocks = chunks(shape, max(num_threads(), nbytes // ELEMENTWISE_BLOCK_BYTES)) \
+        if xp is np and nbytes >= PARALLEL_MIN_BYTES else [()]
     if len(blocks) < 2:
         fill(xp, args, outs)
         return outs

@@ -181,3 +181,25 @@ def test_big_gradients_are_reduced_one_by_one_on_the_cpu_model():
             kinds = [k for k, a in f.lower(big, x, y).collectives() if a == ("data",)]
         assert len(kinds) == expected, (model, kinds)
     assert cost.CPU.worth_combining(1024, ("data",)) and not cost.CPU.worth_combining(1 << 20, ("data",))
+
+
+def test_chains_with_dead_and_shared_values(paths):
+    """A chain nothing reads is not run; a chain value that a later product reads is written."""
+    def body(x, w):
+        dead = np.tanh(x) * 2 - 1                               # noqa: F841
+        h = np.exp(-x * x) + 1                                  # chain; h read by the product
+        return (h * 3) @ w, h
+    x = rng.normal(size=(8, 12)).astype(np.float32)
+    w = rng.normal(size=(12, 5)).astype(np.float32)
+    specs = (P("data"), P())
+    f = spmd.shard_map(body, mesh=MESH, in_specs=specs, out_specs=(P("data"), P("data")))
+    prog = spmd.make_program(f)(x, w).eqns[0].params["body"]
+    plan = fusion.plan_fusions(prog, 2, np)
+    runs = [v for v in plan.values() if v != "skip"]
+    assert len(runs) == 1 and len(runs[0].outputs) == 2         # h (returned) and h * 3 (read)
+    tanh = next(e for e in prog.eqns if e.prim.name == "tanh")
+    assert plan[id(tanh)] == "skip"
+    got, want = _both(body, specs, (P("data"), P("data")), x, w)
+    for g, r, e in zip(got, want, ((np.exp(-x * x) + 1) * 3 @ w, np.exp(-x * x) + 1)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(g), e, rtol=1e-4, atol=1e-5)

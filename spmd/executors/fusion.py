@@ -229,7 +229,9 @@ def _plan_group(group, uses, plan):
         for a in e.inputs:
             inside[id(a)] = inside.get(id(a), 0) + 1
     outputs = [e.outputs[0] for e in group if uses.get(id(e.outputs[0]), 0) > inside.get(id(e.outputs[0]), 0)]
-    for e in group[:-1]:
+    for e in group[:-1] if outputs else group:          # nothing used: nothing to run
         plan[id(e)] = "skip"
+    if not outputs:
+        return
     plan[id(group[-1])] = Fused("elementwise", inputs, outputs,
                                 {"members": tuple(members), "results": tuple(refs[id(v)] for v in outputs)})
