@@ -203,3 +203,69 @@ def test_chains_with_dead_and_shared_values(paths):
     for g, r, e in zip(got, want, ((np.exp(-x * x) + 1) * 3 @ w, np.exp(-x * x) + 1)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5)
         np.testing.assert_allclose(np.asarray(g), e, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# property test: random products reduced over random axes, then random elementwise chains
+# ---------------------------------------------------------------------------------------------
+
+from unittest import mock  # noqa: E402
+
+import hypothesis.strategies as st  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+
+_MESHES = [((8,), ("x",)), ((2, 4), ("data", "model")), ((4, 2), ("a", "b"))]
+_OPS = [lambda z: z * 0.5, lambda z: z + 1, np.tanh, lambda z: z - z * z * 0.1,
+        lambda z: np.maximum(z, 0), lambda z: np.exp(-z * z), lambda z: -z]
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_property_fused_programs_equal_the_reference(data):
+    """``psum(x @ y)`` over random axes (both operands varying, or, without the type check,
+    also axes neither varies over), then a random chain of elementwise ops whose intermediate
+    values are returned too: the stacked executor (fused) equals the reference executor (every
+    equation on its own, per device) and NumPy, on the small and the threaded block paths."""
+    sizes, names = data.draw(st.sampled_from(_MESHES))
+    mesh = spmd.make_mesh(sizes, names, devices=spmd.devices()[:int(np.prod(sizes))])
+    contract = tuple(data.draw(st.lists(st.sampled_from(names), min_size=1, max_size=len(names), unique=True)))
+    rest = [a for a in names if a not in contract]
+    rows = tuple(data.draw(st.lists(st.sampled_from(rest), max_size=len(rest), unique=True))) if rest else ()
+    extra = () if not rest else tuple(a for a in rest if a not in rows and data.draw(st.booleans()))
+    n_c = int(np.prod([mesh.axis_size(a) for a in contract]))
+    n_r = int(np.prod([mesh.axis_size(a) for a in rows]))
+    m, k, n = n_r * data.draw(st.integers(1, 3)), n_c * data.draw(st.integers(1, 4)), data.draw(st.integers(1, 6))
+    rng_ = np.random.default_rng(data.draw(st.integers(0, 999)))
+    x = rng_.normal(size=(m, k)).astype(np.float32)
+    y = rng_.normal(size=(k, n)).astype(np.float32)
+    ops = data.draw(st.lists(st.sampled_from(range(len(_OPS))), min_size=1, max_size=5))
+    scale = int(np.prod([mesh.axis_size(a) for a in extra]))
+
+    def body(x, y):
+        z = spmd.psum(x @ y, contract + extra)
+        outs = [z]
+        for i in ops:
+            outs.append(_OPS[i](outs[-1]))
+        return tuple(outs)
+    row = rows if len(rows) > 1 else (rows[0] if rows else None)
+    specs = (P(row, contract if len(contract) > 1 else contract[0]), P(contract if len(contract) > 1 else contract[0]))
+    out_specs = tuple(P(row) for _ in range(len(ops) + 1))
+    kw = dict(mesh=mesh, in_specs=specs, out_specs=out_specs, check_vma=not extra)
+    want = [(x @ y) * scale]
+    for i in ops:
+        want.append(_OPS[i](want[-1]))
+    ref = spmd.jit(spmd.shard_map(body, **kw), executor=REFERENCE)(x, y)
+    for blocked in (False, True):
+        patches = [mock.patch.object(_host_parallel, "PARALLEL_MIN_BYTES", 0),
+                   mock.patch.object(_host_parallel, "ELEMENTWISE_BLOCK_BYTES", 32),
+                   mock.patch.object(_host_parallel, "MATMUL_MIN_FLOPS", 0)] if blocked else []
+        for p in patches:
+            p.start()
+        try:
+            got = spmd.jit(spmd.shard_map(body, **kw))(x, y)
+        finally:
+            for p in patches:
+                p.stop()
+        for g, r, w in zip(got, ref, want):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-5, atol=2e-5)
+            np.testing.assert_allclose(np.asarray(g), w, rtol=2e-4, atol=2e-4)
