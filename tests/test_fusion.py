@@ -269,3 +269,46 @@ def test_property_fused_programs_equal_the_reference(data):
         for g, r, w in zip(got, ref, want):
             np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-5, atol=2e-5)
             np.testing.assert_allclose(np.asarray(g), w, rtol=2e-4, atol=2e-4)
+
+
+def test_reduction_moves_up_a_chain_of_scalings_with_other_varying_factors():
+    """``w - 0.5 * (s * (x.T @ y))`` with ``s`` split over ``model``: the data psum moves above
+    both scalings, and the lowered per-device program still type-checks (the factor's own
+    axes stay on the scaled values)."""
+    S = lambda *s: NamedSharding(MESH, P(*s))
+    x, y = rng.normal(size=(8, 64)).astype(np.float32), rng.normal(size=(8, 64)).astype(np.float32)
+    s, w = rng.normal(size=(64,)).astype(np.float32), rng.normal(size=(64, 64)).astype(np.float32)
+    f = spmd.jit(lambda x, y, s, w: w - 0.5 * (s * (x.T @ y)),
+                 in_shardings=(S("data"), S("data"), S("model"), S(None, "model")), out_shardings=S(None, "model"))
+    np.testing.assert_allclose(np.asarray(f(x, y, s, w)), w - 0.5 * (s * (x.T @ y)), rtol=1e-4, atol=1e-5)
+    body = f.lower(x, y, s, w).compiled.manual.eqns[0].params["body"]
+    body.check()
+    names = [e.prim.name for e in body.eqns]
+    assert names.count("psum") == 1
+    assert names.index("psum") < max(i for i, n in enumerate(names) if n == "mul")
+
+
+def test_reduce_before_scaling_keeps_the_factors_axes():
+    """The pass on a body where the factor varies over an axis the summed value does not (traced
+    as the compiler traces its per-device bodies): the rewritten program type-checks and runs
+    the psum first."""
+    from spmd.compiler.lower import reduce_before_scaling
+    from spmd.core import Aval, trace
+
+    def body(x, s):
+        return [spmd.psum(0.5 * (s * x), "data")]
+    avals = [Aval((2, 8), np.dtype(np.float32), frozenset({"data"})),
+             Aval((2, 8), np.dtype(np.float32), frozenset({"model"}))]
+    inner, _ = trace(body, avals, mesh=MESH, manual_axes=MESH.axis_names, check_vma=False, context="test")
+    psum = next(e for e in inner.eqns if e.prim.name == "psum")
+    rewritten = reduce_before_scaling(inner, {id(psum): "record"})
+    rewritten.check()
+    assert [e.prim.name for e in rewritten.eqns][-3:] == ["psum", "mul", "mul"]
+    assert [v.aval.vma for v in rewritten.eqns[-2].outputs] == [frozenset({"model"})]
+    x = rng.normal(size=(2, 1, 2, 8)).astype(np.float32)         # stacked: varies over data
+    s = rng.normal(size=(1, 4, 2, 8)).astype(np.float32)         # varies over model
+    ex = StackedExecutor()
+    got = ex._compile(rewritten, MESH)([x, s])[0]
+    want = ex._compile(inner, MESH)([x, s])[0]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(got[0], 0.5 * s[0] * x.sum(0), rtol=1e-5)

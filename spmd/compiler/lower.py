@@ -315,8 +315,9 @@ def reduce_before_scaling(body: Program, records: dict) -> Program:
         new = [Eqn(psum_p, [u], e.params, [red])]
         records[id(new[0])] = records.pop(id(e))
         for n, (f, k) in enumerate(reversed(chain)):
+            fa = f.outputs[0].aval
             out = e.outputs[0] if n == len(chain) - 1 else \
-                Var(Aval(f.outputs[0].aval.shape, f.outputs[0].aval.dtype, red.aval.vma))
+                Var(Aval(fa.shape, fa.dtype, fa.vma - set(e.params["axes"])))
             new.append(Eqn(f.prim, [red if j == k else a for j, a in enumerate(f.inputs)], f.params, [out]))
             red = out
             dropped.add(producer[id(f.outputs[0])])
