@@ -13,9 +13,9 @@ import weakref
 import numpy as np
 
 from .. import layout
-from . import fusion
 from ..core import Literal, Program
 from ..sharding import NamedSharding
+from . import fusion
 
 
 class StackedExecutor:
