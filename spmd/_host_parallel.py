@@ -204,10 +204,13 @@ def elementwise(xp, fn, *args):
     if xp is not np or not _big(args):
         return fn(xp, *args)
     probe = fn(xp, *_one_element(args))
-    if getattr(fn, "writes_into", False):
-        fill = lambda xp, a, o: fn(xp, *a, out=o[0])
-    else:
-        fill = lambda xp, a, o: xp.copyto(o[0], fn(xp, *a))
+    into = getattr(fn, "writes_into", False)
+
+    def fill(xp, a, o):
+        if into and o[0].flags.c_contiguous:
+            fn(xp, *a, out=o[0])
+        else:
+            xp.copyto(o[0], fn(xp, *a))
     return blockwise(xp, fill, args, [np.result_type(probe)])[0]
 
 
@@ -243,7 +246,12 @@ def scratch(slot: int, shape, dtype):
 def blockwise(xp, fill, args, dtypes) -> list:
     """Results of the operands' broadcast shape, one per dtype, filled by
     ``fill(xp, operand blocks, result blocks)`` block by block over the host threads (one call
-    on the whole arrays when they are small)."""
+    on the whole arrays when they are small).
+
+    A result block is strided when the blocks cut a dim after the first one that is not 1;
+    ``fill`` should write into such a block with ``copyto`` rather than a ufunc's ``out=``:
+    NumPy 2.4's ``negative`` writes wrong values into a strided ``out`` whose last dim has
+    size 1 (float32 and int32; contiguous ``out`` is right for every ufunc)."""
     shape = np.broadcast_shapes(*(np.shape(a) for a in args))
     outs = [empty(xp, shape, dt) for dt in dtypes]
     nbytes = math.prod(shape) * max(np.dtype(dt).itemsize for dt in dtypes)

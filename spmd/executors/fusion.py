@@ -117,9 +117,9 @@ class ElementwiseChain:
             env = list(args) + [None] * len(ops)
             for i, (fn, refs, dest, slot, into) in enumerate(ops):
                 a = [env[r] for r in refs]
-                if dest is not None:
+                if dest is not None:                    # see blockwise: strided blocks copy
                     o = outs[dest]
-                    fn(xp, *a, out=o) if into else xp.copyto(o, fn(xp, *a))
+                    fn(xp, *a, out=o) if into and o.flags.c_contiguous else xp.copyto(o, fn(xp, *a))
                     env[n_in + i] = o
                 elif into and xp is np:
                     env[n_in + i] = fn(xp, *a, out=_host_parallel.scratch(slot, outs[0].shape, dtypes[0]))
