@@ -81,17 +81,8 @@ def timeit(fn: Callable[[], object], repeat: int = 7, min_time: float = 0.05, wa
     """
     for _ in range(warmup):
         fn()
-    t0 = time.perf_counter()
-    fn()
-    once = time.perf_counter() - t0
-    loops = max(1, int(min_time / once) if once > 0 else 1000)
-    samples = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        for _ in range(loops):
-            fn()
-        samples.append((time.perf_counter() - t0) / loops)
-    return statistics.median(samples)
+    loops = _loops(fn, min_time)
+    return statistics.median(_run(fn, loops) for _ in range(repeat))
 
 
 def timeit_pair(ours: Callable[[], object], peer: Callable[[], object], repeat: int = 7,
@@ -99,21 +90,31 @@ def timeit_pair(ours: Callable[[], object], peer: Callable[[], object], repeat: 
     """Median seconds per call of ``ours`` and of ``peer``, their runs interleaved (ours, peer,
     ours, ...) so that a change in the machine's load falls on both and not on one side of
     the ratio."""
-    loops = []
-    for fn in (ours, peer):
+    fns = (ours, peer)
+    for fn in fns:
         fn()                                        # warm up
-        t0 = time.perf_counter()
-        fn()
-        once = time.perf_counter() - t0
-        loops.append(max(1, int(min_time / once) if once > 0 else 1000))
+    loops = [_loops(fn, min_time) for fn in fns]
     samples: tuple[list, list] = ([], [])
     for _ in range(repeat):
-        for fn, n, out in zip((ours, peer), loops, samples):
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            out.append((time.perf_counter() - t0) / n)
+        for fn, n, out in zip(fns, loops, samples):
+            out.append(_run(fn, n))
     return statistics.median(samples[0]), statistics.median(samples[1])
+
+
+def _loops(fn, min_time: float) -> int:
+    """How many calls of ``fn`` last at least ``min_time`` seconds (from one timed call)."""
+    t0 = time.perf_counter()
+    fn()
+    once = time.perf_counter() - t0
+    return max(1, int(min_time / once) if once > 0 else 1000)
+
+
+def _run(fn, loops: int) -> float:
+    """Seconds per call of ``fn`` over ``loops`` calls in a row."""
+    t0 = time.perf_counter()
+    for _ in range(loops):
+        fn()
+    return (time.perf_counter() - t0) / loops
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,8 +1,13 @@
 """The stacked executor's fusions (``spmd/executors/fusion.py``) and the compiler passes that
 feed them: each fused program is checked against the reference executor (which runs every
 equation on its own, per device) and against NumPy, and the fusion is checked to happen."""
+import contextlib
+from unittest import mock
+
+import hypothesis.strategies as st
 import numpy as np
 import pytest
+from hypothesis import given, settings
 
 import spmd
 from spmd import NamedSharding, P, _host_parallel, lax
@@ -15,15 +20,25 @@ MESH = spmd.make_mesh((2, 4), ("data", "model"))
 rng = np.random.default_rng(7)
 
 
+@contextlib.contextmanager
+def _forced_blocks(on: bool):
+    """With ``on``: elementwise chains, single ops and matmuls take their threaded block paths
+    (tiny blocks, many of them)."""
+    with contextlib.ExitStack() as stack:
+        if on:
+            for name, value in (("PARALLEL_MIN_BYTES", 0), ("ELEMENTWISE_BLOCK_BYTES", 8),
+                                ("MATMUL_MIN_FLOPS", 0)):
+                stack.enter_context(mock.patch.object(_host_parallel, name, value))
+        yield
+
+
 @pytest.fixture(params=["small", "blocked"])
 def paths(request, monkeypatch):
     """``blocked``: every elementwise chain and matmul takes its threaded block path."""
     if request.param == "blocked":
-        monkeypatch.setattr(_host_parallel, "PARALLEL_MIN_BYTES", 0)
-        monkeypatch.setattr(_host_parallel, "ELEMENTWISE_BLOCK_BYTES", 64)
-        monkeypatch.setattr(_host_parallel, "MATMUL_MIN_FLOPS", 0)
         monkeypatch.setattr(_host_parallel, "num_threads", lambda: 3)
-    return request.param
+    with _forced_blocks(request.param == "blocked"):
+        yield request.param
 
 
 def _fused_kinds(f, *args):
@@ -209,10 +224,6 @@ def test_chains_with_dead_and_shared_values(paths):
 # property test: random products reduced over random axes, then random elementwise chains
 # ---------------------------------------------------------------------------------------------
 
-from unittest import mock  # noqa: E402
-
-import hypothesis.strategies as st  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
 
 _MESHES = [((8,), ("x",)), ((2, 4), ("data", "model")), ((4, 2), ("a", "b"))]
 _OPS = [lambda z: z * 0.5, lambda z: z + 1, np.tanh, lambda z: z - z * z * 0.1,
@@ -256,16 +267,8 @@ def test_property_fused_programs_equal_the_reference(data):
         want.append(_OPS[i](want[-1]))
     ref = spmd.jit(spmd.shard_map(body, **kw), executor=REFERENCE)(x, y)
     for blocked in (False, True):
-        patches = [mock.patch.object(_host_parallel, "PARALLEL_MIN_BYTES", 0),
-                   mock.patch.object(_host_parallel, "ELEMENTWISE_BLOCK_BYTES", 32),
-                   mock.patch.object(_host_parallel, "MATMUL_MIN_FLOPS", 0)] if blocked else []
-        for p in patches:
-            p.start()
-        try:
+        with _forced_blocks(blocked):
             got = spmd.jit(spmd.shard_map(body, **kw))(x, y)
-        finally:
-            for p in patches:
-                p.stop()
         for g, r, w in zip(got, ref, want):
             np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-5, atol=2e-5)
             np.testing.assert_allclose(np.asarray(g), w, rtol=2e-4, atol=2e-4)
@@ -362,15 +365,7 @@ def test_property_random_programs_plan_and_run_like_the_reference(data):
     with np.errstate(all="ignore"):
         ref = spmd.jit(f, executor=REFERENCE)(x, w)
     for blocked in (False, True):
-        patches = [mock.patch.object(_host_parallel, "PARALLEL_MIN_BYTES", 0),
-                   mock.patch.object(_host_parallel, "ELEMENTWISE_BLOCK_BYTES", 8)] if blocked else []
-        for p in patches:
-            p.start()
-        try:
-            with np.errstate(all="ignore"):
-                got = spmd.jit(f)(x, w)
-        finally:
-            for p in patches:
-                p.stop()
+        with _forced_blocks(blocked), np.errstate(all="ignore"):
+            got = spmd.jit(f)(x, w)
         for g, r in zip(got, ref):
             np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-6)
