@@ -14,8 +14,8 @@ from .mesh import Mesh, AbstractMesh, make_mesh, set_mesh, get_mesh
 from .sharding import PartitionSpec, P, NamedSharding
 from .array import Array, Shard, device_put, reshard
 from .core import Program, Primitive, Tracer, bind
-from .jit import jit, make_program
-from .compiler.jit import with_sharding_constraint
+from .jit import jit, make_program, with_sharding_constraint
+from . import eager as _eager  # noqa: F401  (NumPy on sharded Arrays)
 from .shard_map import shard_map
 from .collectives import (psum, pmean, pmax, pmin, all_gather, psum_scatter, all_to_all, ppermute,
                           pbroadcast, axis_index, axis_size, pvary)

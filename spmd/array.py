@@ -13,12 +13,15 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+import optree
 
-from . import layout
-from .devices import Device
+from . import core, layout, numpy as spmd_numpy
+from .core import hooks
+from .devices import Device, local_devices
 from .errors import ShardingError
 from .mesh import Mesh
-from .sharding import NamedSharding, PartitionSpec, as_sharding, block_size
+from .sharding import NamedSharding, PartitionSpec, as_sharding, check_spec
+from .visualize import visualize_sharding
 
 SUPPORTED_DTYPES = tuple(np.dtype(t) for t in (
     np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
@@ -42,50 +45,10 @@ class Shard:
     replica_id: int = 0
 
 
-def _padded_shape(shape, parts):
-    return tuple(block_size(d, n) * n for d, n in zip(shape, parts))
-
-
-class Array:
+class Array(layout.GlobalValue):
     """A global array sharded over a mesh.  ``np.asarray(a)`` gathers it."""
 
-    __array_priority__ = 100
-
-    def __init__(self, storage, shape: tuple[int, ...], sharding: NamedSharding):
-        self._storage = storage
-        self.shape = tuple(shape)
-        self.sharding = sharding
-        self._blocks = None          # multi-process: {flat mesh position: block} of this process
-
-    @classmethod
-    def from_blocks(cls, blocks: dict, shape, sharding: NamedSharding) -> "Array":
-        """The global array whose block at each flat mesh position in ``blocks`` is given.
-
-        On a mesh within this process ``blocks`` must cover every position; on a mesh that
-        spans processes it holds this process's positions only (the others are not stored)."""
-        shape = tuple(shape)
-        if sharding.is_fully_addressable:
-            mesh = sharding.mesh
-            any_block = next(iter(blocks.values()))
-            host = np.empty(shape, any_block.dtype)
-            for pos, block in blocks.items():
-                coords = dict(zip(mesh.axis_names, np.unravel_index(pos, mesh.axis_sizes)))
-                host[sharding.index_at(coords, shape)] = block
-            return _array_from_host(host, sharding)
-        a = cls(None, shape, sharding)
-        a._blocks = {p: np.asarray(b) for p, b in blocks.items()}
-        a._dtype = next(iter(a._blocks.values())).dtype
-        return a
-
     # -- basic properties ------------------------------------------------------------------------
-    @property
-    def dtype(self) -> np.dtype:
-        return self._storage.dtype if self._blocks is None else self._dtype
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
     @property
     def size(self) -> int:
         return math.prod(self.shape)
@@ -117,21 +80,7 @@ class Array:
     def block_until_ready(self):
         return self
 
-    def delete(self):
-        """Free the buffers (``jit(..., donate_argnums=...)`` does this to donated arguments)."""
-        self._storage, self._deleted = None, True
-
-    def is_deleted(self) -> bool:
-        return getattr(self, "_deleted", False)
-
     # -- shards ------------------------------------------------------------------------------
-    def _block_at(self, mesh_index: tuple[int, ...]) -> np.ndarray:
-        if self._blocks is not None:
-            return self._blocks[int(np.ravel_multi_index(mesh_index, self.sharding.mesh.axis_sizes))]
-        m = len(mesh_index)
-        idx = tuple(i if n > 1 else 0 for i, n in zip(mesh_index, self._storage.shape[:m]))
-        return self._storage[idx + (Ellipsis,)]  # the Ellipsis keeps a rank-0 block an array view
-
     @property
     def addressable_shards(self) -> list[Shard]:
         mesh = self.sharding.mesh
@@ -152,52 +101,18 @@ class Array:
         return out
 
     # -- conversion ----------------------------------------------------------------------------
-    def _gather(self) -> np.ndarray:
-        if self.is_deleted():
-            raise RuntimeError("this spmd.Array was donated (jit donate_argnums) and its buffer "
-                               "is gone; use the jitted function's result instead.")
-        if self._blocks is not None:
-            if self.is_fully_replicated:
-                return self.addressable_shards[0].data
-            raise ShardingError(
-                f"this Array of shape {self.shape} is sharded as {self.sharding.spec} over a mesh "
-                f"that spans {len({d.process_index for d in self.sharding.mesh.devices.flat})} "
-                f"processes, so this process holds only its own shards; use "
-                f"spmd.distributed.process_allgather(x) to get the whole array on every process, "
-                f"or x.addressable_shards for the local blocks.")
-        mesh = self.sharding.mesh
-        dims = layout.mesh_positions(mesh.axis_names, self.sharding._dim_axes(self.ndim))
-        merged = layout.merge_from_mesh(self._storage, mesh.axis_sizes, dims, np)
-        full = merged.reshape(merged.shape[len(mesh.axis_sizes):])
-        if full.shape != self.shape:
-            full = full[tuple(slice(0, d) for d in self.shape)]
-        return full
-
-    def __array__(self, dtype=None, copy=None):
-        out = self._gather()
-        if copy is False:
-            if self._storage is None or not np.shares_memory(out, self._storage) or (dtype is not None and np.dtype(dtype) != out.dtype):
-                raise ValueError("np.asarray(spmd.Array, copy=False): the global array is not one "
-                                 "view of the shards with that dtype; a copy is needed.")
-            return out
-        return np.array(out, dtype=dtype, copy=True)
-
     def __array_namespace__(self, api_version=None):
-        import spmd.numpy
-        return spmd.numpy
+        return spmd_numpy
 
     # -- eager NumPy on sharded arrays: one op at a time through the sharding compiler --------
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
-        from .compiler import eager
-        return eager.array_ufunc(self, ufunc, method, inputs, kwargs)
+        return hooks.eager.array_ufunc(self, ufunc, method, inputs, kwargs)
 
     def __array_function__(self, func, types, args, kwargs):
-        from .compiler import eager
-        return eager.array_function(self, func, types, args, kwargs)
+        return hooks.eager.array_function(self, func, types, args, kwargs)
 
     def __getitem__(self, key):
-        from .compiler import eager
-        return eager.getitem(self, key)
+        return hooks.eager.getitem(self, key)
 
     def __bool__(self):
         return bool(self._gather())
@@ -224,7 +139,6 @@ class Array:
         return f"Array({body}, dtype={self.dtype}, sharding={self.sharding.spec})"
 
     def _repr_html_(self):
-        from .visualize import visualize_sharding
         return visualize_sharding(self, _html=True)
 
 
@@ -254,7 +168,6 @@ def device_put(x: Any, device_or_sharding: NamedSharding | PartitionSpec | Devic
     Works on pytrees of arrays, with a single sharding or a matching pytree of shardings.
     ``device_put`` of an ``Array`` re-shards it.
     """
-    import optree
     leaves, tree = optree.tree_flatten(x, none_is_leaf=False)
     if isinstance(device_or_sharding, (NamedSharding, PartitionSpec, Device)) or device_or_sharding is None:
         shardings = [device_or_sharding] * len(leaves)
@@ -271,7 +184,6 @@ def device_put(x: Any, device_or_sharding: NamedSharding | PartitionSpec | Devic
 
 def _device_put_one(x, s) -> Array:
     if s is None or isinstance(s, Device):
-        from .devices import local_devices
         dev = s if s is not None else local_devices()[0]
         arr = np.empty((1,), dtype=object)
         arr[0] = dev
@@ -282,14 +194,27 @@ def _device_put_one(x, s) -> Array:
             return x
         return reshard(x, sharding)
     host = _host_array(x, "device_put")
-    from .sharding import check_spec
     check_spec(sharding.spec, sharding.mesh, host.ndim, what=f"device_put with {sharding.spec}")
     _check_concrete(sharding, "device_put")
     if not sharding.is_fully_addressable:
         # Every process passes the same global value and keeps its own blocks of it.
-        from .distributed import make_array_from_callback
         return make_array_from_callback(host.shape, sharding, lambda index: host[index])
-    return _array_from_host(host, sharding)
+    return Array.from_host(host, sharding)
+
+
+def make_array_from_callback(shape, sharding, data_callback):
+    """The global array of ``shape`` whose block at index ``idx`` is ``data_callback(idx)``;
+    the callback is called only for this process's devices (as ``jax.make_array_from_callback``)."""
+    sharding = as_sharding(sharding, what="make_array_from_callback")
+    shape = tuple(int(d) for d in shape)
+    mesh = sharding.mesh
+    local = {d.id for d in mesh.local_devices}
+    blocks = {}
+    for pos, dev in enumerate(mesh.devices.flat):
+        if dev.id in local:
+            coords = dict(zip(mesh.axis_names, np.unravel_index(pos, mesh.axis_sizes)))
+            blocks[pos] = np.asarray(data_callback(sharding.index_at(coords, shape)))
+    return Array.from_blocks(blocks, shape, sharding)
 
 
 def _check_concrete(sharding: NamedSharding, what: str):
@@ -298,50 +223,23 @@ def _check_concrete(sharding: NamedSharding, what: str):
                             f"{sharding.mesh!r}; build the sharding on spmd.make_mesh(...).")
 
 
-def _array_from_host(host: np.ndarray, sharding: NamedSharding) -> Array:
-    mesh = sharding.mesh
-    parts = sharding.num_parts(host.ndim)
-    padded = _padded_shape(host.shape, parts)
-    x = host
-    if padded != host.shape:
-        x = np.zeros(padded, host.dtype)
-        x[tuple(slice(0, d) for d in host.shape)] = host
-    stacked = x.reshape((1,) * len(mesh.axis_sizes) + x.shape)
-    dims = layout.mesh_positions(mesh.axis_names, sharding._dim_axes(host.ndim))
-    return Array(layout.split_into_mesh(stacked, mesh.axis_sizes, dims, np), host.shape, sharding)
-
-
 def reshard(x: Array, sharding: NamedSharding | PartitionSpec) -> Array:
     """``x`` with a new sharding (on the same or another mesh)."""
     sharding = as_sharding(sharding, what="reshard")
     if not isinstance(x, Array):
         return device_put(x, sharding)
-    from .sharding import check_spec
     check_spec(sharding.spec, sharding.mesh, x.ndim, what=f"reshard to {sharding.spec}")
     _check_concrete(sharding, "reshard")
     if x.sharding.mesh == sharding.mesh and x._blocks is None and not x.is_deleted():
-        from .compiler.jit import reshard as planned      # the redistribution planner
-        return planned(x, sharding)
+        return hooks.reshard(x, sharding)                 # the redistribution planner
     if x._blocks is not None:      # across processes: gather the whole, keep this process's blocks
-        from .distributed import process_allgather
-        return device_put(process_allgather(x), sharding)
-    return _array_from_host(x._gather(), sharding)
+        return device_put(hooks.process_allgather(x), sharding)
+    return Array.from_host(x._gather(), sharding)
 
 
 def _install_array_methods():
     """Operators and ndarray methods of ``Array``, all through NumPy's protocols (eager ops)."""
-    ops = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "truediv": np.true_divide,
-           "floordiv": np.floor_divide, "mod": np.remainder, "pow": np.power, "matmul": np.matmul,
-           "and": np.bitwise_and, "or": np.bitwise_or, "xor": np.bitwise_xor}
-    for name, uf in ops.items():
-        setattr(Array, f"__{name}__", (lambda uf: lambda s, o: uf(s, o))(uf))
-        setattr(Array, f"__r{name}__", (lambda uf: lambda s, o: uf(o, s))(uf))
-    for name, uf in {"lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal,
-                     "eq": np.equal, "ne": np.not_equal}.items():
-        setattr(Array, f"__{name}__", (lambda uf: lambda s, o: uf(s, o))(uf))
-    Array.__neg__ = lambda s: np.negative(s)
-    Array.__pos__ = lambda s: s
-    Array.__abs__ = lambda s: np.abs(s)
+    core.install_operators(Array, inplace=False)
     for name in ("sum", "mean", "max", "min", "prod", "std", "var", "argmax", "argmin", "any",
                  "all", "cumsum", "round", "clip", "squeeze", "swapaxes", "transpose"):
         setattr(Array, name, (lambda f: lambda s, *a, **k: f(s, *a, **k))(getattr(np, name)))
@@ -352,8 +250,8 @@ def _install_array_methods():
 
 
 def _eager_astype(x, dtype):
-    from .compiler import eager
-    return eager.call(f"astype[{np.dtype(dtype)}]", lambda a: a.astype(dtype), (x,), {})
+    return hooks.eager.call(f"astype[{np.dtype(dtype)}]", lambda a: a.astype(dtype), (x,), {})
 
 
 _install_array_methods()
+hooks.array_types = (Array,)

@@ -19,10 +19,11 @@ import numpy as np
 import optree
 
 from . import _host_parallel
-from .communicators import placement
-from .core import Aval, Primitive, bind, current_builder
+from .communicators import placement  # -> comm_protocol
+from .core import Aval, Primitive, Tracer, bind, current_builder, hooks
 from .errors import VmaError
-from .transforms import ad, vmap as batching
+from .lax import dynamic_slice_p, reshape_p
+from . import ad_util, batching
 
 # ---------------------------------------------------------------------------------------------
 # argument checking (at trace time, before anything runs)
@@ -92,7 +93,6 @@ def _require_varying(op, b, x, axes, hint):
 
 def _as_traced(b, x):
     """Constants entering a collective become program values first."""
-    from .core import Tracer
     if isinstance(x, Tracer):
         return x
     return bind(_identity_p, x)
@@ -100,7 +100,7 @@ def _as_traced(b, x):
 
 _identity_p = Primitive("copy", abstract=lambda x: Aval(x.shape, x.dtype),
                         impl=lambda xp, k, x: x, linear=True, transpose=lambda ct, x: [ct])
-_identity_p.jvp = ad.linear_jvp(_identity_p)
+_identity_p.jvp = ad_util.linear_jvp(_identity_p)
 
 
 def _vary(b, x, axes):
@@ -229,9 +229,9 @@ def _psum_transpose(ct, x, *, axes, groups):
     return [_vary_like(ct, x.aval)]
 
 
-psum_p.jvp, psum_p.transpose = ad.linear_jvp(psum_p), _psum_transpose
+psum_p.jvp, psum_p.transpose = ad_util.linear_jvp(psum_p), _psum_transpose
 for _p in (pmax_p, pmin_p):
-    _p.jvp = ad.no_jvp(_p, f"{_p.name} has no gradient (which device's value wins is not a smooth "
+    _p.jvp = ad_util.no_jvp(_p, f"{_p.name} has no gradient (which device's value wins is not a smooth "
                            f"function); take the gradient of a psum-based formulation, or compute "
                            f"the {_p.name} outside the differentiated function.")
 del _p
@@ -323,25 +323,15 @@ def _all_gather_transpose(ct, x, *, axes, axis, tiled, groups, to, size):
         starts = [0] * ct.ndim
         starts[axis] = bind(axis_index_p, axes=axes) * blk
         sizes = tuple(blk if d == axis else n for d, n in enumerate(ct.shape))
-        out = bind(_dynamic_slice_p(), ct, *starts, sizes=sizes)
+        out = bind(dynamic_slice_p, ct, *starts, sizes=sizes)
         if not tiled:
-            out = bind(_reshape_p(), out, shape=x.aval.shape)
+            out = bind(reshape_p, out, shape=x.aval.shape)
         return [_vary_like(out, x.aval)]
     return [bind(psum_scatter_p, ct, axes=axes, scatter_dimension=axis, tiled=tiled, groups=groups,
                  size=size)]
 
 
-def _dynamic_slice_p():
-    from .lax import dynamic_slice_p
-    return dynamic_slice_p
-
-
-def _reshape_p():
-    from .lax import reshape_p
-    return reshape_p
-
-
-all_gather_p.jvp, all_gather_p.transpose = ad.linear_jvp(all_gather_p), _all_gather_transpose
+all_gather_p.jvp, all_gather_p.transpose = ad_util.linear_jvp(all_gather_p), _all_gather_transpose
 
 
 def all_gather(x, axis_name, *, axis_index_groups=None, axis=0, tiled=False, to="varying"):
@@ -405,7 +395,7 @@ psum_scatter_p = Primitive(
     transpose=lambda ct, x, *, axes, scatter_dimension, tiled, groups, size: [
         bind(all_gather_p, ct, axes=axes, axis=scatter_dimension, tiled=tiled, groups=groups,
              to="varying", size=size)])
-psum_scatter_p.jvp = ad.linear_jvp(psum_scatter_p)
+psum_scatter_p.jvp = ad_util.linear_jvp(psum_scatter_p)
 
 
 def _to_front(v, dim, size, tiled):
@@ -485,7 +475,7 @@ all_to_all_p = Primitive(
     transpose=lambda ct, x, *, axes, split_axis, concat_axis, tiled, groups, size: [
         bind(all_to_all_p, ct, axes=axes, split_axis=concat_axis, concat_axis=split_axis,
              tiled=tiled, groups=groups, size=size)])
-all_to_all_p.jvp = ad.linear_jvp(all_to_all_p)
+all_to_all_p.jvp = ad_util.linear_jvp(all_to_all_p)
 
 
 def all_to_all(x, axis_name, split_axis, concat_axis, *, axis_index_groups=None, tiled=False):
@@ -543,7 +533,7 @@ ppermute_p = Primitive(
     collective="permute", linear=True,
     transpose=lambda ct, x, *, axes, perm, **p: [
         bind(ppermute_p, ct, axes=axes, perm=tuple((d, s) for s, d in perm), **p)])
-ppermute_p.jvp = ad.linear_jvp(ppermute_p)
+ppermute_p.jvp = ad_util.linear_jvp(ppermute_p)
 
 
 def ppermute(x, axis_name, perm):
@@ -589,7 +579,7 @@ def _pbroadcast_transpose(ct, x, *, axes, source, **_):
     return [_vary_like(np.where(at_source, total, np.zeros((), ct.dtype)), x.aval)]
 
 
-pbroadcast_p.jvp, pbroadcast_p.transpose = ad.linear_jvp(pbroadcast_p), _pbroadcast_transpose
+pbroadcast_p.jvp, pbroadcast_p.transpose = ad_util.linear_jvp(pbroadcast_p), _pbroadcast_transpose
 
 
 def pbroadcast(x, axis_name, source):
@@ -650,7 +640,8 @@ pvary_p = Primitive(
     vma=lambda x, *, axes: x.vma | set(axes), stacked=_pvary_stacked,
     per_device=lambda comm, bufs, *, axes: bufs, collective="none", linear=True, free=True,
     transpose=lambda ct, x, *, axes: [bind(psum_p, ct, axes=axes, groups=None)])
-pvary_p.jvp = ad.linear_jvp(pvary_p)
+pvary_p.jvp = ad_util.linear_jvp(pvary_p)
+hooks.pvary = pvary_p
 
 
 def pvary(x, axis_name):

@@ -11,6 +11,7 @@ Primitives are registered once, with every rule beside them (see ``Primitive``).
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import itertools
 import math
@@ -21,6 +22,40 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .errors import TracingError, VmaError
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks: what core (and the rule helpers just above it) need from higher layers
+# ---------------------------------------------------------------------------------------------
+
+class Hooks:
+    """Slots a higher layer fills at import, so that no lower layer imports a higher one (as
+    JAX's ``core`` never imports ``lax``).  Each slot is filled by exactly one module, named
+    beside it; reading an empty slot says which import is missing."""
+
+    pvary: "Primitive"            # spmd.collectives: the implicit pvary of mixed-vma operands
+    add: "Primitive"              # spmd.lax: adding cotangents
+    broadcast_in_dim: "Primitive"  # spmd.lax: zeros of a type; unbatched operands under vmap
+    transpose: "Primitive"        # spmd.lax: moving a batch dim
+    reshape: "Primitive"          # spmd.lax: scalars lifted to rank 1 across sub-programs
+    handle_ufunc: Callable        # spmd.numpy_api: NEP 13 on tracers
+    handle_function: Callable     # spmd.numpy_api: NEP 18 on tracers
+    array_namespace: Any          # spmd.numpy: ``__array_namespace__`` of tracers
+    array_types: tuple = ()       # spmd.array: global array types (traced by shape and dtype)
+    execute: Callable             # spmd.jit: run a Program on concrete arguments
+    jit: Callable                 # spmd.jit: ``jit(f, _name=...)`` for eager transformations
+    reshard: Callable             # spmd.jit: an Array moved by the redistribution planner
+    process_allgather: Callable   # spmd.distributed: the whole of an Array across processes
+    eager: Any                    # spmd.eager: NumPy on sharded Arrays, one compiled op a time
+
+    def __getattr__(self, name):
+        if name in type(self).__annotations__:
+            raise RuntimeError(f"spmd.core.hooks.{name} is empty: the module that fills it (see "
+                               f"spmd.core.Hooks) was not imported; import spmd first.")
+        raise AttributeError(name)
+
+
+hooks = Hooks()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,8 +101,7 @@ class Aval:
 def aval_of(x) -> Aval:
     if isinstance(x, Tracer):
         return x.aval
-    from .array import Array
-    if isinstance(x, Array):
+    if isinstance(x, hooks.array_types):
         return Aval(x.shape, x.dtype)
     if type(x) in _WEAK:        # Python scalars only: NumPy scalars (np.float64 too) are strong
         return Aval((), _weak_dtype(x), weak=True)
@@ -241,13 +275,10 @@ class _ProgramPrinter:
 
 
 def _fmt_param(v) -> str:
-    """Short forms: ``P(data,None)``, ``{data:2,model:4}``, ``f32``, strings unquoted."""
-    from .mesh import AbstractMesh
-    from .sharding import PartitionSpec
-    if isinstance(v, PartitionSpec):
-        return "P(" + ",".join(_fmt_param(e) for e in v) + ")"
-    if isinstance(v, AbstractMesh):
-        return "{" + ",".join(f"{n}:{s}" for n, s in zip(v.axis_names, v.axis_sizes)) + "}"
+    """Short forms: ``P(data,None)``, ``{data:2,model:4}``, ``f32``, strings unquoted.
+    Parameter types of higher layers (specs, meshes) print themselves by ``_ir_str``."""
+    if hasattr(v, "_ir_str"):
+        return v._ir_str()
     if isinstance(v, np.dtype):
         return _SHORT.get(v.name, v.name)
     if isinstance(v, tuple) and len(v) == 1:
@@ -354,17 +385,20 @@ class Builder:
                 var = Var(x.aval)
                 self.captured[key] = (x, var)
             return self.captured[key][1]
-        from .array import Array
-        if isinstance(x, Array):
+        if isinstance(x, hooks.array_types):
             x = np.asarray(x)
         return Literal(x)
 
 
-_builders: list[Builder] = []
+# The stack of builders being traced into, per thread (and per asyncio task): threads trace and
+# run compiled programs independently.
+_builders: contextvars.ContextVar[tuple[Builder, ...]] = contextvars.ContextVar("spmd_builders",
+                                                                                 default=())
 
 
 def current_builder() -> Builder | None:
-    return _builders[-1] if _builders else None
+    stack = _builders.get()
+    return stack[-1] if stack else None
 
 
 class _Scope:
@@ -372,12 +406,11 @@ class _Scope:
         self.b = b
 
     def __enter__(self):
-        _builders.append(self.b)
+        self.token = _builders.set(_builders.get() + (self.b,))
         return self.b
 
     def __exit__(self, *exc):
-        popped = _builders.pop()
-        assert popped is self.b
+        _builders.reset(self.token)
 
 
 def bind(prim: Primitive, *args, **params):
@@ -411,9 +444,8 @@ def _implicit_pvary(builder: Builder, atoms):
     out = []
     for a in atoms:
         if isinstance(a, Var) and a.aval.vma != union:
-            from .collectives import pvary_p
             v = Var(a.aval.update(vma=union))
-            builder.eqns.append(Eqn(pvary_p, [a], Params(axes=_ordered(builder, union - a.aval.vma)), [v]))
+            builder.eqns.append(Eqn(hooks.pvary, [a], Params(axes=_ordered(builder, union - a.aval.vma)), [v]))
             a = v
         out.append(a)
     return out
@@ -540,16 +572,13 @@ class Tracer:
 
     # NEP 13 / NEP 18 -- the table lives in spmd.numpy_api
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
-        from .numpy_api import handle_ufunc
-        return handle_ufunc(ufunc, method, inputs, kwargs)
+        return hooks.handle_ufunc(ufunc, method, inputs, kwargs)
 
     def __array_function__(self, func, types, args, kwargs):
-        from .numpy_api import handle_function
-        return handle_function(func, args, kwargs)
+        return hooks.handle_function(func, args, kwargs)
 
     def __array_namespace__(self, api_version=None):
-        import spmd.numpy
-        return spmd.numpy
+        return hooks.array_namespace
 
 
 def _inplace(ufunc, x, y):
@@ -566,25 +595,27 @@ def _inplace(ufunc, x, y):
     return r
 
 
-def _install_tracer_methods():
-    """Operators and ndarray methods, all through the NumPy table."""
-    import operator
+def install_operators(cls, *, inplace: bool):
+    """Python's operators on ``cls`` (``Tracer``, and ``spmd.Array`` for eager ops) as NumPy
+    calls, so both go through NumPy's protocols (NEP 13/18) and one table serves both.
+    ``inplace``: ``x op= y`` rebinds ``x`` under NumPy's casting rule (traced values are
+    immutable)."""
     ops = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "truediv": np.true_divide,
            "floordiv": np.floor_divide, "mod": np.remainder, "pow": np.power,
            "matmul": np.matmul, "and": np.bitwise_and, "or": np.bitwise_or, "xor": np.bitwise_xor,
            "lshift": np.left_shift, "rshift": np.right_shift}
     for name, uf in ops.items():
-        setattr(Tracer, f"__{name}__", (lambda uf: lambda s, o: uf(s, o))(uf))
-        setattr(Tracer, f"__r{name}__", (lambda uf: lambda s, o: uf(o, s))(uf))
-        setattr(Tracer, f"__i{name}__", (lambda uf: lambda s, o: _inplace(uf, s, o))(uf))
+        setattr(cls, f"__{name}__", (lambda uf: lambda s, o: uf(s, o))(uf))
+        setattr(cls, f"__r{name}__", (lambda uf: lambda s, o: uf(o, s))(uf))
+        if inplace:
+            setattr(cls, f"__i{name}__", (lambda uf: lambda s, o: _inplace(uf, s, o))(uf))
     for name, uf in {"lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal,
                      "eq": np.equal, "ne": np.not_equal}.items():
-        setattr(Tracer, f"__{name}__", (lambda uf: lambda s, o: uf(s, o))(uf))
-    Tracer.__neg__ = lambda s: np.negative(s)
-    Tracer.__pos__ = lambda s: s
-    Tracer.__abs__ = lambda s: np.abs(s)
-    Tracer.__invert__ = lambda s: np.invert(s)
-    del operator
+        setattr(cls, f"__{name}__", (lambda uf: lambda s, o: uf(s, o))(uf))
+    cls.__neg__ = lambda s: np.negative(s)
+    cls.__pos__ = lambda s: s
+    cls.__abs__ = lambda s: np.abs(s)
+    cls.__invert__ = lambda s: np.invert(s)
 
 
-_install_tracer_methods()
+install_operators(Tracer, inplace=True)

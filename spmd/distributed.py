@@ -30,6 +30,8 @@ import time
 
 import numpy as np
 
+from .array import Array, make_array_from_callback  # noqa: F401 (make_array_from_callback: public here)
+from .core import hooks
 from .errors import SpmdError
 
 BACKENDS = ("mpi", "nccl")
@@ -351,23 +353,6 @@ def collective_timeout(seconds: float):
 # global arrays from per-process data, and back
 # ---------------------------------------------------------------------------------------------
 
-def make_array_from_callback(shape, sharding, data_callback):
-    """The global array of ``shape`` whose block at index ``idx`` is ``data_callback(idx)``;
-    the callback is called only for this process's devices (as ``jax.make_array_from_callback``)."""
-    from .array import Array
-    from .sharding import as_sharding
-    sharding = as_sharding(sharding, what="make_array_from_callback")
-    shape = tuple(int(d) for d in shape)
-    mesh = sharding.mesh
-    local = {d.id for d in mesh.local_devices}
-    blocks = {}
-    for pos, dev in enumerate(mesh.devices.flat):
-        if dev.id in local:
-            coords = dict(zip(mesh.axis_names, np.unravel_index(pos, mesh.axis_sizes)))
-            blocks[pos] = np.asarray(data_callback(sharding.index_at(coords, shape)))
-    return Array.from_blocks(blocks, shape, sharding)
-
-
 def make_array_from_process_local_data(sharding, local_data, global_shape=None):
     """The global array whose part on this process is ``local_data``: the union of the blocks
     of this process's devices (with one device per process, that device's block).
@@ -411,6 +396,9 @@ def process_allgather(x, tiled: bool = True):
     from .array import Array
     return optree.tree_map(lambda a: _gather_array(a) if isinstance(a, Array)
                            else _gather_host(np.asarray(a), tiled), x)
+
+
+hooks.process_allgather = process_allgather
 
 
 def _communicator(mesh):

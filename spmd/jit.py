@@ -1,4 +1,26 @@
-"""``spmd.jit``: trace once per (argument types, static arguments), cache, execute."""
+"""``spmd.jit``: one jit for every program.
+
+``jit(f)`` traces ``f`` once per argument types (and static arguments) into a global Program
+and caches it.  A call then either runs that Program as it is (no shardings anywhere: plain
+arrays, or ``shard_map`` inside, which already says where everything lives), or, when
+``in_shardings`` / ``out_shardings`` / ``donate_argnums`` are given or sharded ``Array``s come
+in, hands it to the sharding compiler (``spmd.compiler``), which propagates shardings and
+inserts the collectives, and runs the per-device Program it returns.  Either way
+``f.lower(*args)`` gives one ``Lowered`` whose ``.program`` is the global Program,
+``.per_device_program`` what the executor runs, ``.as_text()`` both, and ``.explain()`` every
+collective the program performs.
+
+>>> import numpy as np, spmd
+>>> from spmd import P
+>>> double = spmd.jit(lambda x: 2 * x)
+>>> np.asarray(double(np.arange(3.)))
+array([0., 2., 4.])
+>>> mesh = spmd.make_mesh((2, 4), ("data", "model"))
+>>> f = spmd.jit(lambda x, w: np.tanh(x @ w), in_shardings=(spmd.NamedSharding(mesh, P("data")),
+...              spmd.NamedSharding(mesh, P(None, "model"))))
+>>> f(np.ones((8, 4)), np.ones((4, 8))).sharding.spec
+P('data', 'model')
+"""
 from __future__ import annotations
 
 import functools
@@ -7,41 +29,136 @@ import os
 import numpy as np
 import optree
 
-from . import distributed
-from .array import Array
-from .core import Tracer, aval_of, current_builder, trace
+from . import distributed, inspect
+from .array import Array, device_put
+from .compiler import Compiled, Sharding, compile_program, default_cost_model
+from .compiler.explain import explain_text
+from .core import Aval, aval_of, bind, current_builder, hooks, trace
+from .errors import ShardingError
+from .executors import StackedExecutor, reference_executor
+from .lax import sharding_constraint_p
+from .layout import GlobalValue
+from .mesh import get_mesh
+from .sharding import NamedSharding, PartitionSpec, as_sharding, check_spec
 from .transforms.ad import dce
 
+
+# ---------------------------------------------------------------------------------------------
+# executors
+# ---------------------------------------------------------------------------------------------
 
 _EXECUTORS: dict = {}     # one per SPMD_EXECUTOR value: executors keep their compiled plans
 
 
-def _default_executor():
+def default_executor():
+    """The executor a call runs on: the job's per-device executor after
+    ``spmd.distributed.initialize()``, else ``SPMD_EXECUTOR`` (``stacked``, the default, or
+    ``reference``)."""
     if distributed.process_count() > 1:
         return distributed.executor()
     name = os.environ.get("SPMD_EXECUTOR", "stacked")
     executor = _EXECUTORS.get(name)
     if executor is None:
-        from .executors import StackedExecutor, reference_executor
         if name == "reference":
             executor = reference_executor()
         elif name == "stacked":
             executor = StackedExecutor()
         else:
             raise ValueError(f"SPMD_EXECUTOR={name!r}; use 'stacked' or 'reference'.")
-        _EXECUTORS[name] = executor
+        executor = _EXECUTORS.setdefault(name, executor)
     return executor
 
 
+def _as_array(x):
+    """An executor's output as the user's ``Array``."""
+    if type(x) is Array:
+        return x
+    if isinstance(x, GlobalValue):
+        return (Array(x._storage, x.shape, x.sharding) if x._blocks is None else
+                Array.from_blocks(x._blocks, x.shape, x.sharding))
+    return device_put(np.asarray(x))
+
+
+def execute(program, args) -> list:
+    """Run ``program`` on concrete arguments with the default executor; ``Array`` results."""
+    return [_as_array(o) for o in default_executor().run(program, list(args))]
+
+
+# ---------------------------------------------------------------------------------------------
+# with_sharding_constraint
+# ---------------------------------------------------------------------------------------------
+
+def with_sharding_constraint(x, sharding):
+    """Ask for ``x`` (a pytree) to have ``sharding`` at this point of a ``jit`` program.
+    Outside ``jit`` it reshards an ``Array`` (or places a host array)."""
+    def one(leaf, s):
+        ns = as_sharding(s, what="with_sharding_constraint")
+        if current_builder() is None:
+            return device_put(leaf, ns)
+        ndim = len(np.shape(leaf)) if not hasattr(leaf, "aval") else leaf.aval.ndim
+        check_spec(ns.spec, ns.mesh, ndim, what=f"with_sharding_constraint({ns.spec})")
+        return bind(sharding_constraint_p, leaf, sharding=Sharding.from_spec(ns.spec, ndim),
+                    mesh=ns.mesh.abstract_mesh if hasattr(ns.mesh, "abstract_mesh") else ns.mesh)
+    if isinstance(sharding, (NamedSharding, PartitionSpec)):
+        return optree.tree_map(lambda leaf: one(leaf, sharding), x)
+    return optree.tree_map(one, x, sharding)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lowered
+# ---------------------------------------------------------------------------------------------
+
 class Lowered:
-    def __init__(self, program, in_tree, out_tree):
+    """``jit(f).lower(*args)``: the same four views whether or not the compiler ran.
+
+    - ``program``: the global Program ``f`` traced to;
+    - ``per_device_program``: what the executor runs (the compiler's output, or ``program``);
+    - ``as_text()``: the global program (with each value's sharding when compiled), then the
+      per-device one;
+    - ``explain()``: the collectives the compiler inserted (where, why, bytes, est. time) and
+      those written in ``shard_map`` bodies; ``collectives()`` the inserted ones as
+      ``[(kind, axes)]``.
+    """
+
+    def __init__(self, name, program, in_tree, out_tree, compiled: Compiled | None = None):
+        self.name = name
         self.program = program
         self.in_tree = in_tree
         self.out_tree = out_tree
+        self.compiled = compiled
+
+    @property
+    def per_device_program(self):
+        return self.compiled.manual if self.compiled is not None else self.program
 
     def as_text(self) -> str:
-        return str(self.program)
+        if self.compiled is not None:
+            return self.compiled.as_text()
+        return f"# global program (jit({self.name}), no shardings)\n{self.program}"
 
+    def collectives(self) -> list[tuple[str, tuple]]:
+        return self.compiled.collectives() if self.compiled is not None else []
+
+    def explain(self) -> str:
+        if self.compiled is not None:
+            head = self.compiled.explain()
+        else:
+            head = f"jit({self.name}): no shardings given or found; the compiler inserted nothing."
+        written = inspect.collectives(self.per_device_program)
+        if self.compiled is not None:      # the compiler's own show up above
+            written = [c for c in written if c.where != f"shard_map({self.name})"]
+        if not written:
+            return head
+        lines = [head, f"{len(written)} collective{'s' if len(written) != 1 else ''} written in "
+                       f"shard_map bodies:"]
+        lines += [f"  {c.op}({','.join(c.axes)}) in {c.where}: {np.dtype(c.dtype).name}"
+                  f"{list(c.shape)}, {c.bytes_per_device:,} B per device" for c in written]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Jitted
+# ---------------------------------------------------------------------------------------------
 
 def _hashable_static(v, name):
     try:
@@ -52,17 +169,31 @@ def _hashable_static(v, name):
     return v
 
 
+def _is_sharding_leaf(x):
+    return x is None or isinstance(x, (NamedSharding, PartitionSpec))
+
+
 class Jitted:
-    def __init__(self, f, static_argnums=(), static_argnames=(), name=None, executor=None):
+    """What ``spmd.jit`` returns: call it, ``.lower(*args)`` it."""
+
+    def __init__(self, f, *, in_shardings=None, out_shardings=None, donate_argnums=(),
+                 static_argnums=(), static_argnames=(), name=None, executor=None,
+                 cost_model=None):
         self.f = f
         self.static_argnums = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
         self.static_argnames = (static_argnames,) if isinstance(static_argnames, str) else tuple(static_argnames)
         self.name = name or getattr(f, "__qualname__", getattr(f, "__name__", "function"))
         self.executor = executor
-        self._cache: dict = {}
-        self._sharded = None         # the sharding compiler's view, made on first sharded call
+        self.in_shardings = in_shardings
+        self.out_shardings = out_shardings
+        self.donate_argnums = (donate_argnums,) if isinstance(donate_argnums, int) else tuple(donate_argnums)
+        self.cost_model = cost_model
+        self.explicit = in_shardings is not None or out_shardings is not None or bool(self.donate_argnums)
+        self._traces: dict = {}       # trace key -> (program, in_tree, out_tree)
+        self._compiled: dict = {}     # (trace key, mesh, specs, cost model) -> Compiled
         functools.update_wrapper(self, f)
 
+    # -- tracing ---------------------------------------------------------------------------------
     def _split(self, args, kwargs):
         static = tuple((i, _hashable_static(args[i], self.name)) for i in self.static_argnums if i < len(args))
         static_kw = tuple(sorted((k, _hashable_static(v, self.name)) for k, v in kwargs.items()
@@ -71,14 +202,15 @@ class Jitted:
         dyn_kwargs = {k: v for k, v in kwargs.items() if k not in self.static_argnames}
         return static, static_kw, dyn_args, dyn_kwargs
 
-    def _program(self, args, kwargs):
+    def _trace(self, args, kwargs):
+        """``(key, (program, in_tree, out_tree), leaves)`` for this call's dynamic arguments."""
         if self.static_argnums or self.static_argnames:
             static, static_kw, dyn_args, dyn_kwargs = self._split(args, kwargs)
         else:
             static, static_kw, dyn_args, dyn_kwargs = (), (), list(args), kwargs
         leaves, in_tree = optree.tree_flatten((dyn_args, dyn_kwargs), none_is_leaf=False)
         key = (in_tree, tuple(map(_signature, leaves)), static, static_kw)
-        hit = self._cache.get(key)
+        hit = self._traces.get(key)
         if hit is None:
             avals = tuple(aval_of(x) for x in leaves)
             out_box = []
@@ -97,30 +229,177 @@ class Jitted:
             assert not captured
             # values the function computed but does not return (the loss under spmd.grad) go
             program = dce(program)
-            hit = self._cache[key] = (program, in_tree, out_box[0])
-        return hit, leaves
+            hit = self._traces[key] = (program, in_tree, out_box[0])
+        return key, hit, leaves
+
+    # -- shardings -------------------------------------------------------------------------------
+    def _uses_compiler(self, program, leaves) -> bool:
+        if self.explicit:
+            return True
+        # sharded Arrays in: the compiler follows their shardings (as jax.jit does), unless a
+        # shard_map inside already says where everything lives
+        return _sharded_arguments(leaves) and not _has_manual_subprogram(program)
+
+    def _arg_shardings(self, args, kwargs, leaves):
+        """(mesh, per-leaf NamedSharding or None, leaf paths) for the dynamic arguments."""
+        _, _, dyn_args, dyn_kwargs = self._split(args, kwargs)
+        paths = ["args" + "".join(f"[{p!r}]" for p in path[1:]) if path[0] == 0 else
+                 "kwargs" + "".join(f"[{p!r}]" for p in path[1:])
+                 for path in optree.tree_paths((dyn_args, dyn_kwargs), none_is_leaf=False)]
+        given = [None] * len(leaves)
+        if self.in_shardings is not None:
+            spec = self.in_shardings
+            if _is_sharding_leaf(spec):
+                spec = (spec,) * len(dyn_args)
+            if isinstance(spec, list):
+                spec = tuple(spec)
+            if not isinstance(spec, tuple):
+                spec = (spec,)
+            if len(spec) > len(dyn_args):
+                raise ShardingError(
+                    f"jit({self.name}): in_shardings gives {len(spec)} shardings but the function "
+                    f"was called with {len(dyn_args)} positional argument(s); in_shardings[{len(dyn_args)}] "
+                    f"is for an argument that does not exist.")
+            spec = spec + (None,) * (len(dyn_args) - len(spec))
+            for i, (s, a) in enumerate(zip(spec, dyn_args)):
+                try:
+                    full = optree.tree_broadcast_prefix(s, a, is_leaf=_is_sharding_leaf, none_is_leaf=True)
+                except ValueError as e:
+                    raise ShardingError(f"jit({self.name}): in_shardings[{i}] {s!r} does not match the "
+                                        f"structure of args[{i}] ({e}).") from None
+                sub = optree.tree_leaves(full, is_leaf=_is_sharding_leaf, none_is_leaf=True)
+                start = sum(optree.tree_structure(x, none_is_leaf=False).num_leaves for x in dyn_args[:i])
+                for k, sh in enumerate(sub):
+                    if sh is not None:
+                        what = f"jit({self.name}): in_shardings for {paths[start + k]}"
+                        try:
+                            given[start + k] = as_sharding(sh, what=what)
+                        except ShardingError as e:
+                            raise ShardingError(f"{what}: {e}") from None
+        mesh, mesh_from = None, None
+        candidates = [(g, p) for g, p in zip(given, paths) if g is not None]
+        candidates += [(x.sharding, p) for x, p, g in zip(leaves, paths, given)
+                       if g is None and isinstance(x, Array) and x.sharding.mesh.axis_names != ("_device",)]
+        candidates += [(s, "out_shardings") for s in optree.tree_leaves(self.out_shardings, is_leaf=_is_sharding_leaf)
+                       if isinstance(s, NamedSharding)]
+        for sh, p in candidates:
+            if mesh is None:
+                mesh, mesh_from = sh.mesh, p
+            elif sh.mesh != mesh:
+                raise ShardingError(f"jit({self.name}): {p} is on mesh {sh.mesh!r} but {mesh_from} is on "
+                                    f"{mesh!r}; every argument and sharding of one call must use the same mesh.")
+        if mesh is None:
+            mesh = get_mesh()
+        if mesh is None:
+            raise ShardingError(f"jit({self.name}): no mesh; give NamedShardings, sharded spmd.Array "
+                                f"arguments, or call inside `with spmd.set_mesh(mesh):`.")
+        final = []
+        for x, g, p in zip(leaves, given, paths):
+            if g is None and isinstance(x, Array) and x.sharding.mesh == mesh:
+                g = x.sharding
+            if g is not None:
+                check_spec(g.spec, mesh, np.ndim(x) if not isinstance(x, Array) else x.ndim,
+                           what=f"jit({self.name}): the sharding {g.spec} of {p}")
+            final.append(g)
+        return mesh, final, paths
+
+    def _out_specs(self, out_tree, out_avals, mesh):
+        if self.out_shardings is None:
+            return [None] * len(out_avals)
+        spec = self.out_shardings
+        if _is_sharding_leaf(spec):
+            spec_leaves = [spec] * out_tree.num_leaves
+        else:
+            out_struct = optree.tree_unflatten(out_tree, list(range(out_tree.num_leaves)))
+            try:
+                full = optree.tree_broadcast_prefix(spec, out_struct, is_leaf=_is_sharding_leaf, none_is_leaf=True)
+            except ValueError as e:
+                raise ShardingError(f"jit({self.name}): out_shardings {spec!r} does not match the "
+                                    f"structure of the outputs ({out_tree}): {e}") from None
+            spec_leaves = optree.tree_leaves(full, is_leaf=_is_sharding_leaf, none_is_leaf=True)
+        out = []
+        for k, (s, a) in enumerate(zip(spec_leaves, out_avals)):
+            if s is None:
+                out.append(None)
+                continue
+            try:
+                ns = s if isinstance(s, NamedSharding) else NamedSharding(mesh, s)
+            except ShardingError as e:
+                raise ShardingError(f"jit({self.name}): out_shardings for output {k}: {e}") from None
+            check_spec(ns.spec, mesh, a.ndim, what=f"jit({self.name}): out_shardings for output {k}")
+            out.append(Sharding.from_spec(ns.spec, a.ndim))
+        return out
+
+    def _compile(self, args, kwargs, key, traced, leaves):
+        program, in_tree, out_tree = traced
+        mesh, shardings, paths = self._arg_shardings(args, kwargs, leaves)
+        ckey = (key, mesh, tuple(None if s is None else s.spec for s in shardings),
+                self.cost_model or default_cost_model())
+        comp = self._compiled.get(ckey)
+        if comp is None:
+            for e in program.eqns:
+                m = e.params.get("mesh") if e.prim is sharding_constraint_p else None
+                if m is not None and (tuple(m.axis_names) != tuple(mesh.axis_names)
+                                      or tuple(m.axis_sizes) != tuple(mesh.axis_sizes)):
+                    raise ShardingError(f"jit({self.name}): with_sharding_constraint uses mesh {m!r}, "
+                                        f"but the arguments are on {mesh!r}.")
+            ins = [None if s is None else Sharding.from_spec(s.spec, v.aval.ndim)
+                   for s, v in zip(shardings, program.in_vars)]
+            outs = self._out_specs(out_tree, program.out_avals, mesh)
+            if self.out_shardings is None:
+                outs = _gradients_like_parameters(args, self, out_tree, program, ins, outs)
+            comp = compile_program(program, ins, outs, mesh, name=self.name,
+                                   cost_model=self.cost_model, out_tree=out_tree)
+            self._compiled[ckey] = comp
+        return comp, paths
+
+    # -- calling ---------------------------------------------------------------------------------
+    def lower(self, *args, **kwargs) -> Lowered:
+        key, traced, leaves = self._trace(args, kwargs)
+        program, in_tree, out_tree = traced
+        comp = (self._compile(args, kwargs, key, traced, leaves)[0]
+                if self._uses_compiler(program, leaves) else None)
+        return Lowered(self.name, program, in_tree, out_tree, comp)
 
     def __call__(self, *args, **kwargs):
         if current_builder() is not None:          # inside another trace: inline
             return self.f(*args, **kwargs)
-        (program, in_tree, out_tree), leaves = self._program(args, kwargs)
-        if _sharded_arguments(leaves) and not _has_shard_map(program):
-            # sharded Arrays in: the sharding compiler follows their shardings (as jax.jit does)
-            from .compiler.jit import ShardedJitted
-            if self._sharded is None:
-                self._sharded = ShardedJitted(self)
-            return self._sharded(*args, **kwargs)
-        executor = self.executor or _default_executor()
-        leaves = [np.asarray(x) if type(x) in (bool, int, float, complex) else x for x in leaves]
-        outs = executor.run(program, leaves)
-        return optree.tree_unflatten(out_tree, [_as_array(o) for o in outs])
+        leaves = optree.tree_leaves((args, kwargs), none_is_leaf=False)
+        if any(isinstance(x, Array) and x.is_deleted() for x in leaves):
+            paths = optree.tree_paths((args, kwargs), none_is_leaf=False)
+            path = next(p for p, x in zip(paths, leaves) if isinstance(x, Array) and x.is_deleted())
+            where = ("args" if path[0] == 0 else "kwargs") + "".join(f"[{k!r}]" for k in path[1:])
+            raise RuntimeError(f"jit({self.name}): {where} was donated to an earlier call and its "
+                               f"buffer is gone; pass a fresh array (donated arrays cannot be "
+                               f"reused).")
+        key, traced, leaves = self._trace(args, kwargs)
+        program, _, out_tree = traced
+        if not self._uses_compiler(program, leaves):
+            executor = self.executor or default_executor()
+            leaves = [np.asarray(x) if type(x) in (bool, int, float, complex) else x for x in leaves]
+            outs = executor.run(program, leaves)
+            return optree.tree_unflatten(out_tree, [_as_array(o) for o in outs])
+        comp, paths = self._compile(args, kwargs, key, traced, leaves)
+        outs = run_compiled(comp, leaves, paths, self.executor)
+        for i in self._donated_leaves(args):
+            if isinstance(leaves[i], Array):
+                leaves[i].delete()
+        return optree.tree_unflatten(comp.out_tree, outs)
 
-    def lower(self, *args, **kwargs) -> Lowered:
-        (program, in_tree, out_tree), _ = self._program(args, kwargs)
-        return Lowered(program, in_tree, out_tree)
+    def _donated_leaves(self, args):
+        if not self.donate_argnums:
+            return []
+        idx, start = [], 0
+        dyn = [i for i in range(len(args)) if i not in self.static_argnums]
+        for i in dyn:
+            n = optree.tree_structure(args[i], none_is_leaf=False).num_leaves
+            if i in self.donate_argnums:
+                idx.extend(range(start, start + n))
+            start += n
+        return idx
 
     def _cache_size(self) -> int:
-        return len(self._cache)
+        return len(self._traces)
 
 
 def _signature(x):
@@ -139,42 +418,131 @@ def _sharded_arguments(leaves) -> bool:
                for x in leaves)
 
 
-def _has_shard_map(program) -> bool:
+def _has_manual_subprogram(program) -> bool:
     return any(e.prim.name == "shard_map" for e in program.eqns)
 
 
-def _as_array(x):
-    if isinstance(x, Array):
-        return x
-    from .array import device_put
-    return device_put(np.asarray(x))
+def _gradients_like_parameters(args, jitted, out_tree, program, ins, outs):
+    """Without out_shardings, outputs shaped like the first argument (``grad(loss)(params,
+    ...)``, or the gradient half of ``value_and_grad``) take the first argument's shardings,
+    so parameters and their gradients match."""
+    dyn = [a for i, a in enumerate(args) if i not in jitted.static_argnums]
+    if not dyn:
+        return outs
+    ptree = optree.tree_structure(dyn[0], none_is_leaf=False)
+    n = ptree.num_leaves
+    pavals = [v.aval for v in program.in_vars[:n]]
+    out_avals = program.out_avals
+    start = None
+    if out_tree == ptree:
+        start = 0
+    elif out_tree.num_children == 2 and out_tree.children()[1] == ptree:
+        start = out_tree.children()[0].num_leaves
+    if start is None or [(a.shape, a.dtype) for a in out_avals[start:start + n]] != \
+            [(a.shape, a.dtype) for a in pavals]:
+        return outs
+    outs = list(outs)
+    for k in range(n):
+        if outs[start + k] is None and ins[k] is not None:
+            outs[start + k] = ins[k]
+    return outs
 
+
+def run_compiled(comp: Compiled, leaves, paths, executor=None):
+    """Place the arguments as the compiled program expects, run it, wrap the outputs."""
+    mesh = comp.mesh
+    placed = []
+    for x, sh, p in zip(leaves, comp.prop.in_shardings, paths):
+        want = NamedSharding(mesh, sh.spec)
+        if isinstance(x, Array):
+            if x.is_deleted():
+                raise RuntimeError(f"jit({comp.name}): {p} was donated to an earlier call and its "
+                                   f"buffer is gone; pass a fresh array (donated arrays cannot be reused).")
+            if not (x.sharding.mesh == mesh and x.sharding.is_equivalent_to(want, x.ndim)):
+                x = device_put(x, want)
+        else:
+            x = device_put(np.asarray(x), want)
+        placed.append(x)
+    executor = executor or default_executor()
+    if not executor.takes_padded_storage:
+        # executors that split global arrays themselves get them padded like the blocks
+        # (an Array whose shards live in other processes is passed as is when nothing is padded)
+        placed = [x if tuple(x.shape) == tuple(v.aval.shape) else _pad_global(np.asarray(x), v.aval.shape)
+                  for x, v in zip(placed, comp.manual.in_vars)]
+    if comp.padded:
+        # the padding of uneven blocks may hold anything (log(0), 0/0): masked before it can
+        # reach a result, so NumPy's warnings about it would only be noise
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            outs = executor.run(comp.manual, placed)
+    else:
+        outs = executor.run(comp.manual, placed)
+    result = []
+    for o, shape, sh in zip(outs, comp.out_shapes, comp.prop.out_shardings):
+        ns = NamedSharding(mesh, sh.spec)
+        if isinstance(o, GlobalValue):
+            result.append(Array(o._storage, tuple(shape), ns) if o._blocks is None else
+                          Array.from_blocks(o._blocks, tuple(shape), ns))   # across processes
+        else:
+            arr = np.asarray(o)
+            result.append(device_put(arr[tuple(slice(0, d) for d in shape)], ns))
+    return result
+
+
+def _pad_global(x, shape):
+    if x.shape == tuple(shape):
+        return x
+    out = np.zeros(shape, x.dtype)
+    out[tuple(slice(0, d) for d in x.shape)] = x
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# reshard (the planner on a whole Array)
+# ---------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1024)
+def _reshard_compiled(shape, dtype, mesh, src_spec, dst_spec):
+    prog, _ = trace(lambda x: [x], [Aval(shape, np.dtype(dtype))], context="reshard")
+    nd = len(shape)
+    return compile_program(prog, [Sharding.from_spec(src_spec, nd)], [Sharding.from_spec(dst_spec, nd)],
+                           mesh, name="reshard")
+
+
+def reshard_planned(x, sharding: NamedSharding):
+    """``x`` (an Array on ``sharding.mesh``) moved to ``sharding`` by the planner's collectives."""
+    comp = _reshard_compiled(tuple(x.shape), np.dtype(x.dtype), sharding.mesh, x.sharding.spec,
+                             sharding.spec)
+    return run_compiled(comp, [x], ["x"])[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# the public function
+# ---------------------------------------------------------------------------------------------
 
 def jit(f=None, *, in_shardings=None, out_shardings=None, donate_argnums=(), static_argnums=(),
-        static_argnames=(), _name=None, executor=None):
+        static_argnames=(), _name=None, executor=None, cost_model=None):
     """Trace ``f`` once per argument types (and static arguments), cache the program, run it.
 
-    With ``in_shardings`` / ``out_shardings`` / ``donate_argnums`` the sharding compiler
-    (``spmd.compiler``) propagates shardings and inserts the collectives.
-
-    >>> import numpy as np, spmd
-    >>> double = spmd.jit(lambda x: 2 * x)
-    >>> np.asarray(double(np.arange(3.)))
-    array([0., 2., 4.])
+    With ``in_shardings`` / ``out_shardings`` / ``donate_argnums``, or sharded ``Array``
+    arguments, the sharding compiler (``spmd.compiler``) propagates shardings and inserts the
+    collectives.
     """
     if f is None:
         return functools.partial(jit, in_shardings=in_shardings, out_shardings=out_shardings,
                                  donate_argnums=donate_argnums, static_argnums=static_argnums,
-                                 static_argnames=static_argnames, _name=_name, executor=executor)
-    plain = Jitted(f, static_argnums, static_argnames, _name, executor)
-    if in_shardings is None and out_shardings is None and not donate_argnums:
-        return plain
-    from .compiler.jit import ShardedJitted
-    return ShardedJitted(plain, in_shardings, out_shardings, donate_argnums)
+                                 static_argnames=static_argnames, _name=_name, executor=executor,
+                                 cost_model=cost_model)
+    return Jitted(f, in_shardings=in_shardings, out_shardings=out_shardings,
+                  donate_argnums=donate_argnums, static_argnums=static_argnums,
+                  static_argnames=static_argnames, name=_name, executor=executor,
+                  cost_model=cost_model)
 
 
 def make_program(f, *, static_argnums=()):
     """``make_program(f)(*args)`` returns the Program that ``f`` traces to (like make_jaxpr)."""
     def build(*args, **kwargs):
-        return Jitted(f, static_argnums).lower(*args, **kwargs).program
+        return Jitted(f, static_argnums=static_argnums).lower(*args, **kwargs).program
     return build
+
+
+hooks.execute, hooks.jit, hooks.reshard = execute, jit, reshard_planned

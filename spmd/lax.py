@@ -15,9 +15,9 @@ import math
 
 import numpy as np
 
-from .core import Aval, Primitive, bind
+from .core import Aval, Primitive, bind, hooks
 from . import _host_parallel
-from .transforms import ad, vmap as batching
+from . import ad_util, batching
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -83,8 +83,8 @@ def unary(name, fn, *, out_dtype=None, deriv=None, nondiff=False, transpose=None
     ``nondiff`` marks a piecewise-constant op (zero tangent); linear ones give ``transpose``."""
     p = Primitive(name, abstract=_ew_abstract(out_dtype), impl=lambda xp, k, x: _host_parallel.elementwise(xp, fn, x) if k else fn(xp, x),
                   transpose=transpose, category="elementwise", elementwise=fn, **rules)
-    p.jvp = (ad.deriv_jvp(p, deriv) if deriv else ad.zero_jvp(p) if nondiff else
-             ad.linear_jvp(p) if p.linear else None)
+    p.jvp = (ad_util.deriv_jvp(p, deriv) if deriv else ad_util.zero_jvp(p) if nondiff else
+             ad_util.linear_jvp(p) if p.linear else None)
     p.batch = batching.elementwise_batch(p)
     UNARY[name] = p
     return p
@@ -95,7 +95,7 @@ def binary(name, fn, *, out_dtype=None, partials=None, nondiff=False, transpose=
     (d out/dx, d out/dy); ``nondiff`` marks a piecewise-constant op (zero tangent)."""
     p = Primitive(name, abstract=_ew_abstract(out_dtype), impl=lambda xp, k, x, y: _host_parallel.elementwise(xp, fn, x, y) if k else fn(xp, x, y),
                   transpose=transpose, category="elementwise", elementwise=fn, **rules)
-    p.jvp = (_partials_jvp(p, partials) if partials else ad.zero_jvp(p) if nondiff else
+    p.jvp = (_partials_jvp(p, partials) if partials else ad_util.zero_jvp(p) if nondiff else
              _add_sub_jvp(p) if p.linear else None)
     p.batch = batching.elementwise_batch(p)
     BINARY[name] = p
@@ -107,7 +107,7 @@ def _partials_jvp(p, partials):
         (x, y), (tx, ty) = primals, tangents
         out = bind(p, x, y)
         dx, dy = partials(x, y, out)
-        return out, ad.add_tangents(tx if ad.is_zero(tx) else tx * dx, ty if ad.is_zero(ty) else ty * dy)
+        return out, ad_util.add_tangents(tx if ad_util.is_zero(tx) else tx * dx, ty if ad_util.is_zero(ty) else ty * dy)
     return jvp
 
 
@@ -115,18 +115,18 @@ def _add_sub_jvp(p):
     def jvp(primals, tangents):
         (x, y), (tx, ty) = primals, tangents
         out = bind(p, x, y)
-        if ad.is_zero(ty):
+        if ad_util.is_zero(ty):
             return out, tx
         if p is sub_p:
             ty = -ty
-        return out, ty if ad.is_zero(tx) else bind(add_p, tx, ty)
+        return out, ty if ad_util.is_zero(tx) else bind(add_p, tx, ty)
     return jvp
 
 
 def _mul_transpose(ct, x, y):
-    if ad.is_undefined(x) and ad.is_undefined(y):
+    if ad_util.is_undefined(x) and ad_util.is_undefined(y):
         raise TypeError("transpose rule for mul: both operands are linear (a product of tangents)")
-    return [ct * y, None] if ad.is_undefined(x) else [None, ct * x]
+    return [ct * y, None] if ad_util.is_undefined(x) else [None, ct * x]
 
 
 _bool = lambda dt: np.bool_
@@ -193,9 +193,9 @@ isfinite_p = unary("isfinite", ufunc("isfinite"), out_dtype=_bool, nondiff=True)
 signbit_p = unary("signbit", ufunc("signbit"), out_dtype=_bool, nondiff=True)
 
 add_p = binary("add", ufunc("add"), linear=True,
-               transpose=lambda ct, x, y: [ct if ad.is_undefined(x) else None, ct if ad.is_undefined(y) else None])
+               transpose=lambda ct, x, y: [ct if ad_util.is_undefined(x) else None, ct if ad_util.is_undefined(y) else None])
 sub_p = binary("sub", ufunc("subtract"), linear=True,
-               transpose=lambda ct, x, y: [ct if ad.is_undefined(x) else None, -ct if ad.is_undefined(y) else None])
+               transpose=lambda ct, x, y: [ct if ad_util.is_undefined(x) else None, -ct if ad_util.is_undefined(y) else None])
 mul_p = binary("mul", ufunc("multiply"), partials=lambda x, y, o: (y, x),
                transpose=_mul_transpose)
 div_p = binary("div", ufunc("true_divide"), partials=lambda x, y, o: (1 / y, -o / y),
@@ -236,14 +236,14 @@ def _select_abstract(pred, on_true, on_false):
 def _select_jvp(primals, tangents):
     (c, x, y), (_, tx, ty) = primals, tangents
     out = bind(select_p, c, x, y)
-    return out, bind(select_p, c, ad.instantiate(tx, ad.aval_of_value(out)),
-                     ad.instantiate(ty, ad.aval_of_value(out)))
+    return out, bind(select_p, c, ad_util.instantiate(tx, ad_util.aval_of_value(out)),
+                     ad_util.instantiate(ty, ad_util.aval_of_value(out)))
 
 
 def _select_transpose(ct, c, x, y):
     zero = np.zeros((), ct.dtype)
-    return [None, bind(select_p, c, ct, zero) if ad.is_undefined(x) else None,
-            bind(select_p, c, zero, ct) if ad.is_undefined(y) else None]
+    return [None, bind(select_p, c, ct, zero) if ad_util.is_undefined(x) else None,
+            bind(select_p, c, zero, ct) if ad_util.is_undefined(y) else None]
 
 
 select_p = Primitive("select", abstract=_select_abstract,
@@ -263,8 +263,8 @@ def _convert_impl(xp, k, x, *, dtype):
 def _convert_jvp(primals, tangents, *, dtype):
     (x,), (t,) = primals, tangents
     out = bind(convert_element_type_p, x, dtype=dtype)
-    if not (ad.differentiable(dtype) and ad.differentiable(ad.aval_of_value(x).dtype)):
-        return out, ad.Zero(ad.aval_of_value(out))
+    if not (ad_util.differentiable(dtype) and ad_util.differentiable(ad_util.aval_of_value(x).dtype)):
+        return out, ad_util.Zero(ad_util.aval_of_value(out))
     return out, bind(convert_element_type_p, t, dtype=dtype)
 
 
@@ -351,7 +351,7 @@ def _unslice(ct, aval, index):
             cfg = tuple((picked[0], n - picked[-1] - 1) if i == d else (0, 0) for i in range(ct.ndim))
             ct = bind(pad_p, ct, np.zeros((), ct.dtype), config=cfg)
         else:
-            zeros = ad.full(ad.aval_of_value(ct).update(shape=ct.shape[:d] + (n,) + ct.shape[d + 1:]), 0)
+            zeros = ad_util.full(ad_util.aval_of_value(ct).update(shape=ct.shape[:d] + (n,) + ct.shape[d + 1:]), 0)
             ct = bind(scatter_add_p, zeros, np.asarray(picked, np.int64), ct, axis=d)
     return ct
 
@@ -368,15 +368,15 @@ def _pad_impl(xp, k, x, value, *, config):
 def _pad_transpose(ct, x, value, *, config):
     inner = bind(slice_p, ct, index=tuple((lo, lo + n, 1) for n, (lo, hi) in zip(x.aval.shape, config)))
     cv = None
-    if ad.is_undefined(value):
+    if ad_util.is_undefined(value):
         total = bind(reduce_sum_p, ct, axes=tuple(range(ct.ndim)))
         cv = total - bind(reduce_sum_p, inner, axes=tuple(range(ct.ndim)))
-    return [inner if ad.is_undefined(x) else None, cv]
+    return [inner if ad_util.is_undefined(x) else None, cv]
 
 
 pad_p = Primitive("pad", abstract=_pad_abstract, impl=_pad_impl, category="pad", linear=True,
                   transpose=_pad_transpose)
-pad_p.jvp = ad.linear_jvp(pad_p)
+pad_p.jvp = ad_util.linear_jvp(pad_p)
 
 
 def _pad_batch(vals, dims, *, config):
@@ -405,10 +405,10 @@ concatenate_p.batch = batching.shifted_batch(concatenate_p, batching.plus1("axis
 def _concat_transpose(ct, xs, axis):
     out, start = [], 0
     for x in xs:
-        n = ad.aval_of_value(x).shape[axis]
+        n = ad_util.aval_of_value(x).shape[axis]
         out.append(bind(slice_p, ct, index=tuple((start, start + n, 1) if d == axis else (0, s, 1)
                                                  for d, s in enumerate(ct.shape)))
-                   if ad.is_undefined(x) else None)
+                   if ad_util.is_undefined(x) else None)
         start += n
     return out
 
@@ -470,7 +470,7 @@ def _reduce_prod_jvp(primals, tangents, *, axes):
 
 reduce_sum_p = reduction("reduce_sum", lambda xp, x, a: xp.sum(x, axis=a, dtype=x.dtype), linear=True, monoid="sum",
                          transpose=_reduce_sum_transpose)
-reduce_sum_p.jvp = ad.linear_jvp(reduce_sum_p)
+reduce_sum_p.jvp = ad_util.linear_jvp(reduce_sum_p)
 reduce_max_p = reduction("reduce_max", lambda xp, x, a: xp.max(x, axis=a), monoid="max",
                          jvp=lambda p, t, *, axes: _reduce_chooser_jvp(p, t, axes=axes, prim=reduce_max_p))
 reduce_min_p = reduction("reduce_min", lambda xp, x, a: xp.min(x, axis=a), monoid="min",
@@ -479,7 +479,7 @@ reduce_prod_p = reduction("reduce_prod", lambda xp, x, a: xp.prod(x, axis=a, dty
                           jvp=_reduce_prod_jvp)
 reduce_and_p = reduction("reduce_and", lambda xp, x, a: xp.all(x, axis=a), out_dtype=_bool)
 reduce_or_p = reduction("reduce_or", lambda xp, x, a: xp.any(x, axis=a), out_dtype=_bool)
-reduce_and_p.jvp, reduce_or_p.jvp = ad.zero_jvp(reduce_and_p), ad.zero_jvp(reduce_or_p)
+reduce_and_p.jvp, reduce_or_p.jvp = ad_util.zero_jvp(reduce_and_p), ad_util.zero_jvp(reduce_or_p)
 
 
 def _arg_abstract(x, *, axis, index_dtype):
@@ -490,7 +490,7 @@ argmax_p = Primitive("argmax", abstract=_arg_abstract,
                      impl=lambda xp, k, x, *, axis, index_dtype: xp.argmax(x, axis=axis + k).astype(index_dtype))
 argmin_p = Primitive("argmin", abstract=_arg_abstract,
                      impl=lambda xp, k, x, *, axis, index_dtype: xp.argmin(x, axis=axis + k).astype(index_dtype))
-argmax_p.jvp, argmin_p.jvp = ad.zero_jvp(argmax_p), ad.zero_jvp(argmin_p)
+argmax_p.jvp, argmin_p.jvp = ad_util.zero_jvp(argmax_p), ad_util.zero_jvp(argmin_p)
 argmax_p.batch = batching.shifted_batch(argmax_p, batching.plus1("axis"))
 argmin_p.batch = batching.shifted_batch(argmin_p, batching.plus1("axis"))
 
@@ -545,7 +545,7 @@ def _sort_jvp(primals, tangents, *, axis):
 
 cumsum_p = Primitive("cumsum", abstract=_same, impl=_cum_impl(lambda xp, x, a: xp.cumsum(x, axis=a, dtype=x.dtype)), linear=True,
                      transpose=lambda ct, x, *, axis, reverse: [bind(cumsum_p, ct, axis=axis, reverse=not reverse)])
-cumsum_p.jvp = ad.linear_jvp(cumsum_p)
+cumsum_p.jvp = ad_util.linear_jvp(cumsum_p)
 cumprod_p = Primitive("cumprod", abstract=_same, impl=_cum_impl(lambda xp, x, a: xp.cumprod(x, axis=a, dtype=x.dtype)),
                       jvp=_cumprod_jvp)
 cummax_p = Primitive("cummax", abstract=_same, impl=_cum_impl(lambda xp, x, a: xp.maximum.accumulate(x, axis=a)))
@@ -555,7 +555,7 @@ cummax_p.jvp, cummin_p.jvp = _cum_record_jvp(cummax_p), _cum_record_jvp(cummin_p
 sort_p = Primitive("sort", abstract=_same, impl=lambda xp, k, x, *, axis: xp.sort(x, axis=axis + k), jvp=_sort_jvp)
 argsort_p = Primitive("argsort", abstract=lambda x, *, axis, index_dtype: Aval(x.shape, np.dtype(index_dtype)),
                       impl=lambda xp, k, x, *, axis, index_dtype: xp.argsort(x, axis=axis + k, kind="stable").astype(index_dtype))
-argsort_p.jvp = ad.zero_jvp(argsort_p)
+argsort_p.jvp = ad_util.zero_jvp(argsort_p)
 for _p in (cumsum_p, cumprod_p, cummax_p, cummin_p, sort_p, argsort_p):
     _p.batch = batching.shifted_batch(_p, batching.plus1("axis"))
 
@@ -633,17 +633,17 @@ def _dot_impl(xp, k, x, y, *, contract, batch):
 def _dot_jvp(primals, tangents, *, contract, batch):
     (x, y), (tx, ty) = primals, tangents
     out = bind(dot_general_p, x, y, contract=contract, batch=batch)
-    return out, ad.add_tangents(
-        tx if ad.is_zero(tx) else bind(dot_general_p, tx, y, contract=contract, batch=batch),
-        ty if ad.is_zero(ty) else bind(dot_general_p, x, ty, contract=contract, batch=batch))
+    return out, ad_util.add_tangents(
+        tx if ad_util.is_zero(tx) else bind(dot_general_p, tx, y, contract=contract, batch=batch),
+        ty if ad_util.is_zero(ty) else bind(dot_general_p, x, ty, contract=contract, batch=batch))
 
 
 def _dot_transpose(ct, x, y, *, contract, batch):
     """The cotangent of one operand is a dot_general of ``ct`` with the other operand, in the
     order that makes its dims come out as the operand's (no transpose in the common cases)."""
-    if ad.is_undefined(x) and ad.is_undefined(y):
+    if ad_util.is_undefined(x) and ad_util.is_undefined(y):
         raise TypeError("transpose rule for dot_general: both operands are linear")
-    if ad.is_undefined(x):
+    if ad_util.is_undefined(x):
         return [_dot_transpose_operand(ct, x.aval.ndim, y, contract, batch, is_y=False), None]
     (xc, yc), (xb, yb) = contract, batch
     return [None, _dot_transpose_operand(ct, y.aval.ndim, x, (yc, xc), (yb, xb), is_y=True)]
@@ -654,7 +654,7 @@ def _dot_transpose_operand(ct, ndim, other, contract, batch, is_y):
     x free, y free); the other's free dims contract with their place in ``ct``."""
     (oc, tc), (ob, tb) = contract, batch
     own_free = [i for i in range(ndim) if i not in oc + ob]
-    other_free = [j for j in range(ad.aval_of_value(other).ndim) if j not in tc + tb]
+    other_free = [j for j in range(ad_util.aval_of_value(other).ndim) if j not in tc + tb]
     nb = len(ob)
     at = nb if is_y else nb + len(own_free)            # where the other's free dims sit in ct
     ct_other = tuple(range(at, at + len(other_free)))
@@ -683,7 +683,7 @@ def _dot_batch(vals, dims, *, contract, batch):
         x = batching.moveaxis(x, dx, 0)
         return bind(dot_general_p, x, y, contract=(up(xc), yc), batch=(up(xb), yb)), len(xb)
     y = batching.moveaxis(y, dy, 0)
-    x_free = ad.aval_of_value(x).ndim - len(xc) - len(xb)
+    x_free = ad_util.aval_of_value(x).ndim - len(xc) - len(xb)
     return bind(dot_general_p, x, y, contract=(xc, up(yc)), batch=(xb, up(yb))), len(xb) + x_free
 
 
@@ -724,7 +724,7 @@ def _take_jvp(primals, tangents, *, axis):
 
 
 def _take_transpose(ct, x, idx, *, axis):
-    return [bind(scatter_add_p, ad.full(x.aval, 0), idx, ct, axis=axis), None]
+    return [bind(scatter_add_p, ad_util.full(x.aval, 0), idx, ct, axis=axis), None]
 
 
 def _take_batch(vals, dims, *, axis):
@@ -797,7 +797,7 @@ def _dynamic_slice_jvp(primals, tangents, *, sizes):
 dynamic_slice_p = Primitive(
     "dynamic_slice", abstract=_dynamic_slice_abstract, impl=_dynamic_slice_impl, category="gather",
     jvp=_dynamic_slice_jvp,
-    transpose=lambda ct, x, *starts, sizes: [bind(dynamic_update_slice_p, ad.full(x.aval, 0), ct, *starts)]
+    transpose=lambda ct, x, *starts, sizes: [bind(dynamic_update_slice_p, ad_util.full(x.aval, 0), ct, *starts)]
     + [None] * len(starts))
 
 
@@ -842,16 +842,16 @@ def _scatter_add_impl(xp, k, x, idx, upd, *, axis):
 def _scatter_add_jvp(primals, tangents, *, axis):
     (x, idx, upd), (tx, _, tu) = primals, tangents
     out = bind(scatter_add_p, x, idx, upd, axis=axis)
-    if ad.is_zero(tu):
+    if ad_util.is_zero(tu):
         return out, tx
-    return out, bind(scatter_add_p, ad.instantiate(tx, ad.aval_of_value(x)), idx, tu, axis=axis)
+    return out, bind(scatter_add_p, ad_util.instantiate(tx, ad_util.aval_of_value(x)), idx, tu, axis=axis)
 
 
 scatter_add_p = Primitive(
     "scatter_add", abstract=_scatter_add_abstract, impl=_scatter_add_impl, category="scatter",
     jvp=_scatter_add_jvp,
-    transpose=lambda ct, x, idx, upd, *, axis: [ct if ad.is_undefined(x) else None, None,
-                                                bind(take_p, ct, idx, axis=axis) if ad.is_undefined(upd) else None])
+    transpose=lambda ct, x, idx, upd, *, axis: [ct if ad_util.is_undefined(x) else None, None,
+                                                bind(take_p, ct, idx, axis=axis) if ad_util.is_undefined(upd) else None])
 
 
 def _scatter_add_batch(vals, dims, *, axis):
@@ -902,14 +902,14 @@ def _dus_jvp(primals, tangents):
     x, upd, *starts = primals
     tx, tu = tangents[:2]
     out = bind(dynamic_update_slice_p, x, upd, *starts)
-    return out, bind(dynamic_update_slice_p, ad.instantiate(tx, ad.aval_of_value(x)),
-                     ad.instantiate(tu, ad.aval_of_value(upd)), *starts)
+    return out, bind(dynamic_update_slice_p, ad_util.instantiate(tx, ad_util.aval_of_value(x)),
+                     ad_util.instantiate(tu, ad_util.aval_of_value(upd)), *starts)
 
 
 def _dus_transpose(ct, x, upd, *starts):
-    u = ad.aval_of_value(upd)
-    return [bind(dynamic_update_slice_p, ct, ad.full(u, 0), *starts) if ad.is_undefined(x) else None,
-            bind(dynamic_slice_p, ct, *starts, sizes=u.shape) if ad.is_undefined(upd) else None] + [None] * len(starts)
+    u = ad_util.aval_of_value(upd)
+    return [bind(dynamic_update_slice_p, ct, ad_util.full(u, 0), *starts) if ad_util.is_undefined(x) else None,
+            bind(dynamic_slice_p, ct, *starts, sizes=u.shape) if ad_util.is_undefined(upd) else None] + [None] * len(starts)
 
 
 def _dus_batch(vals, dims):
@@ -936,13 +936,41 @@ dynamic_update_slice_p = Primitive("dynamic_update_slice", abstract=_dus_abstrac
 
 
 for _p in (broadcast_in_dim_p, reshape_p, transpose_p, slice_p, concatenate_p):
-    _p.jvp = ad.linear_jvp(_p)
+    _p.jvp = ad_util.linear_jvp(_p)
 del _p
 
 
 def dtype_of(x):
     return x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
 
+
+# ---------------------------------------------------------------------------------------------
+# sharding_constraint: the identity that pins a value's sharding (``with_sharding_constraint``)
+# ---------------------------------------------------------------------------------------------
+
+def _constraint_jvp(primals, tangents, **params):
+    (x,), (t,) = primals, tangents
+    return (bind(sharding_constraint_p, x, **params),
+            t if ad_util.is_zero(t) else bind(sharding_constraint_p, t, **params))
+
+
+def _constraint_transpose(ct, x, **params):
+    return [ct if ad_util.is_zero(ct) else bind(sharding_constraint_p, ct, **params)]
+
+
+sharding_constraint_p = Primitive(
+    "sharding_constraint", abstract=lambda x, **p: Aval(x.shape, x.dtype),
+    impl=lambda xp, k, x, **p: x, linear=True, category="constraint")
+sharding_constraint_p.jvp = _constraint_jvp
+sharding_constraint_p.transpose = _constraint_transpose
+# under vmap the new leading dim is not split
+sharding_constraint_p.batch = batching.shifted_batch(sharding_constraint_p, lambda p, n: dict(
+    p, sharding=p["sharding"].with_dims(((),) + tuple(p["sharding"].dims))))
+
+
+# the primitives that core and the rule helpers build with (spmd.core.Hooks)
+hooks.add, hooks.broadcast_in_dim, hooks.transpose, hooks.reshape = (
+    add_p, broadcast_in_dim_p, transpose_p, reshape_p)
 
 __all__ = [n for n in dir() if n.endswith("_p")]
 

@@ -91,6 +91,10 @@ class AbstractMesh:
         inner = ", ".join(f"{n!r}: {s}" for n, s in zip(self.axis_names, self.axis_sizes))
         return f"AbstractMesh({{{inner}}})"
 
+    def _ir_str(self) -> str:
+        """The short form in printed programs: ``{data:2,model:4}``."""
+        return "{" + ",".join(f"{n}:{s}" for n, s in zip(self.axis_names, self.axis_sizes)) + "}"
+
 
 class Mesh(AbstractMesh):
     """An n-d array of devices with a name per axis.

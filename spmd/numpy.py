@@ -10,11 +10,12 @@ array-API aliases (``acos``, ``concat``, ``permute_dims``, ``pow``, ...).
 array([0., 0.])
 """
 import builtins
+import sys
 import types
 
 import numpy as np
 
-from . import numpy_api as _api
+from . import core as _core, numpy_api as _api
 from .numpy_api import (logsumexp, softmax, layer_norm, rsqrt, full, arange)  # noqa: F401 (composites)
 
 
@@ -65,3 +66,6 @@ uint8, uint16, uint32, uint64 = np.uint8, np.uint16, np.uint32, np.uint64
 bool_ = np.bool_
 complex64, complex128 = np.complex64, np.complex128
 pi, e, inf, nan = np.pi, np.e, np.inf, np.nan
+
+
+_core.hooks.array_namespace = sys.modules[__name__]     # what __array_namespace__ of a tracer gives

@@ -14,7 +14,9 @@ import string
 import numpy as np
 
 from . import lax
-from .core import Tracer, bind, current_builder
+from .collectives import pvary
+from .core import Tracer, bind, current_builder, hooks
+from .errors import TracingError
 
 HANDLED_FUNCTIONS: dict = {}
 
@@ -60,8 +62,7 @@ def _dummy(x):
 def _operand(x):
     if isinstance(x, Tracer) or _is_scalar(x):
         return x
-    from .array import Array
-    if isinstance(x, Array):
+    if isinstance(x, hooks.array_types):
         return np.asarray(x)
     a = np.asarray(x)
     if a.dtype == object:
@@ -840,7 +841,6 @@ def full_like(x, fill_value, dtype=None, order="K", subok=True, shape=None):
     dt = np.dtype(dtype) if dtype is not None else _dtype(x)
     shape = tuple(_shape(x)) if shape is None else tuple(shape)
     if isinstance(x, Tracer) and x.vma and current_builder() is not None:
-        from .collectives import pvary
         c = pvary(np.full((), fill_value, dt), tuple(a for a in current_builder().mesh.axis_names if a in x.vma))
         return broadcast_to(c, shape)
     return np.full(shape, fill_value, dtype=dt)
@@ -1413,7 +1413,6 @@ implements(np.array_equal)(lambda *a, **k: _concrete_needed("numpy.array_equal")
 
 
 def _concrete_needed(name):
-    from .errors import TracingError
     raise TracingError(f"{name} returns a Python bool, which needs concrete values; inside a traced "
                        f"function use np.isclose(...).all() or compare after the function returns.")
 
@@ -1576,3 +1575,6 @@ def _install_methods():
 
 
 _install_methods()
+
+
+hooks.handle_ufunc, hooks.handle_function = handle_ufunc, handle_function

@@ -11,11 +11,15 @@ import math
 
 import optree
 
-from .core import Aval, Primitive, Program, bind, current_builder, trace
+from .core import Aval, Primitive, Program, aval_of, bind, current_builder, hooks, trace
 from .errors import ShardingError, VmaError
 from .mesh import AbstractMesh, get_mesh
 from .sharding import PartitionSpec, check_spec
+from . import lax
+from .batching import batch_size, moveaxis, to_front
+from .collectives import psum_p
 from .transforms import ad
+from .transforms.vmap import batch_eval
 
 
 def _shard_map_abstract(*avals, body, mesh, in_specs, out_specs, manual_axes, check_vma, name):
@@ -69,7 +73,6 @@ def _residual_spec(aval, mesh, manual_axes):
 
 
 def _shard_map_partial_eval(eqn, unknown_ins, ctx):
-    from . import lax
     p = eqn.params
     body, mesh, manual = p["body"], p["mesh"], p["manual_axes"]
     bctx = _body_ctx(mesh, manual, p["check_vma"], ctx.get("manual_axes", ()))
@@ -121,7 +124,6 @@ def _shard_map_partial_eval(eqn, unknown_ins, ctx):
 
 
 def _shard_map_transpose(cts, *invals, body, mesh, in_specs, out_specs, manual_axes, check_vma, name):
-    from .collectives import psum_p
     ctx = _body_ctx(mesh, manual_axes, check_vma)
     linear = [ad.is_undefined(x) for x in invals]
     consts = [x for x in invals if not ad.is_undefined(x)]
@@ -167,7 +169,6 @@ def _shard_map_transpose(cts, *invals, body, mesh, in_specs, out_specs, manual_a
 
 def _shard_map_batch(vals, dims, *, body, mesh, in_specs, out_specs, manual_axes, check_vma, name):
     """vmap of a shard_map: a shard_map of the batched body, the batch dim never split."""
-    from .transforms.vmap import batch_eval, batch_size, moveaxis, to_front
     size = batch_size(vals, dims)
     vals = [moveaxis(v, d, 0) if d is not None else v for v, d in zip(vals, dims)]
     bdims = [0 if d is not None else None for d in dims]
@@ -249,8 +250,7 @@ def shard_map(f=None, /, *, out_specs, in_specs=None, mesh=None, axis_names=None
                    (optree.tree_structure(args, none_is_leaf=False), tuple(optree.tree_leaves(
                        specs, is_leaf=lambda x: isinstance(x, PartitionSpec), none_is_leaf=False))))
             if key not in eager:
-                from .jit import jit
-                eager[key] = jit(lambda *a: _bind_shard_map(f, name, m, a, specs, out_specs,
+                eager[key] = hooks.jit(lambda *a: _bind_shard_map(f, name, m, a, specs, out_specs,
                                                            axis_names, check_vma),
                                  _name=f"shard_map({name})")
             return eager[key](*args)
@@ -261,12 +261,11 @@ def shard_map(f=None, /, *, out_specs, in_specs=None, mesh=None, axis_names=None
 
 def _arg_specs(ctx, args, sharding=False):
     """``in_specs=None``: each argument's own PartitionSpec (or NamedSharding)."""
-    from .array import Array
     leaves = optree.tree_leaves(args, none_is_leaf=False)
     paths = [f"args{_path_str(p)}" for p in optree.tree_paths(args, none_is_leaf=False)]
     out = []
     for leaf, path in zip(leaves, paths):
-        if not isinstance(leaf, Array):
+        if not isinstance(leaf, hooks.array_types):
             inside = " (inside a traced function arguments carry no sharding)" \
                 if current_builder() is not None else ""
             raise ShardingError(f"{ctx}: in_specs=None takes each argument's own sharding, but "
@@ -292,7 +291,6 @@ def _bind_shard_map(f, name, mesh, args, in_specs, out_specs, axis_names, check_
         specs = _arg_specs(ctx, args)
     else:
         specs = _broadcast_specs(ctx, "in_specs", in_specs, args, tree, len(leaves))
-    from .core import aval_of
     in_avals = []
     for leaf, spec, path in zip(leaves, specs, paths):
         aval = aval_of(leaf)

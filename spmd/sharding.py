@@ -43,6 +43,14 @@ class PartitionSpec(tuple):
 
     __str__ = __repr__
 
+    def _ir_str(self) -> str:
+        """The short form in printed programs: ``P(data,None)``, ``P((data,model),)``."""
+        def entry(e):
+            if isinstance(e, tuple):
+                return "(" + ",".join(map(str, e)) + ("," if len(e) == 1 else "") + ")"
+            return str(e)
+        return "P(" + ",".join(entry(e) for e in self) + ")"
+
     @property
     def axes(self) -> tuple[tuple[str, ...], ...]:
         """The mesh axes of each entry, as tuples."""
@@ -70,6 +78,10 @@ class PartitionSpec(tuple):
 
 
 P = PartitionSpec
+
+# How a NamedSharding draws itself in a notebook: filled by spmd.visualize at import (it sits
+# above this module and draws with rich).
+_pictures: dict = {}
 
 
 def check_spec(spec: PartitionSpec, mesh: AbstractMesh, ndim: int | None = None, *, what: str = "spec"):
@@ -203,8 +215,7 @@ class NamedSharding:
         return f"NamedSharding(mesh={self.mesh!r}, spec={self.spec!r})"
 
     def _repr_html_(self):
-        from .visualize import visualize_sharding
-        return visualize_sharding(self, _html=True)
+        return _pictures["html"](self)
 
 
 def as_sharding(s: Any, *, what: str) -> NamedSharding:

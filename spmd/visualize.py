@@ -29,6 +29,7 @@ import numpy as np
 
 from .errors import ShardingError
 from .mesh import AbstractMesh, Mesh
+from . import sharding as _sharding_module
 from .sharding import NamedSharding, block_size, shard_range
 
 # tab20, dark shades first, so that neighbouring blocks get clearly different colours.
@@ -322,3 +323,6 @@ def mesh_html(mesh: AbstractMesh) -> str:
 def mesh_text(mesh: AbstractMesh, *, width: int = 200) -> str:
     """The devices of ``mesh`` laid out on its axes, as plain text."""
     return _plain(_mesh_picture(mesh), width)
+
+
+_sharding_module._pictures["html"] = lambda s: visualize_sharding(s, _html=True)

@@ -50,6 +50,8 @@ ROWS = [
     ("abs", "abs", np.abs, (pos(3) * np.array([1, -1, 1]),)),
     ("logistic", "logistic", lambda x: 1 / (1 + np.exp(-x)), (r(3),)),
     ("add", "add", np.add, (r(3), r(3))),
+    ("sharding_constraint", "sharding_constraint mul",
+     lambda x: spmd.with_sharding_constraint(x * x, spmd.NamedSharding(spmd.make_mesh((8,), ("i",)), spmd.P())), (r(3),)),
     ("sub", "sub", np.subtract, (r(3), r(3))),
     ("mul", "mul", np.multiply, (r(3), r(3))),
     ("div", "div", np.divide, (r(3), pos(3))),

@@ -5,7 +5,7 @@ import pytest
 
 import spmd
 from spmd import NamedSharding, P
-from spmd.compiler import eager
+from spmd import eager
 
 MESH = spmd.make_mesh((2, 4), ("data", "model"))
 NS = lambda *s: NamedSharding(MESH, P(*s))

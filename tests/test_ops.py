@@ -521,6 +521,8 @@ def _np_scatter_add(x, i, u, axis):
 # Primitives no NumPy function above reaches (autodiff and vmap use them), bound directly.
 ROWS += [
     op("lax.logistic", lambda x: lax.logistic_p(x), U_SHAPES, FLOAT_ALL, ref=lambda x: 1 / (1 + np.exp(-x))),
+    op("lax.sharding_constraint", lambda x: spmd.with_sharding_constraint(x, spmd.NamedSharding(MESH, P())),
+       [(2, 3)], [f32, i32], ref=lambda x: x),
     op("lax.iota", lambda x: x + lax.iota_p(dtype=x.dtype, shape=x.shape, dimension=1), [(2, 3)], [f32, i32],
        ref=lambda x: x + np.arange(3, dtype=x.dtype)),
     op("lax.cumsum", lambda x: (lax.cumsum_p(x, axis=1, reverse=True), lax.cummax_p(x, axis=0, reverse=True)), R3, NUM,

@@ -141,7 +141,7 @@ def test_ppermute_row_runs():
     a = spmd.device_put(x, NamedSharding(mesh, P("a")))
     b = spmd.reshard(a, NamedSharding(mesh, P("b")))
     np.testing.assert_array_equal(np.asarray(b), x)
-    from spmd.compiler.jit import _reshard_compiled
+    from spmd.jit import _reshard_compiled
     comp = _reshard_compiled((8, 3), x.dtype, mesh, P("a"), P("b"))
     assert comp.collectives() == [("ppermute", ("a", "b"))]
 

@@ -16,8 +16,9 @@ import dataclasses
 import numpy as np
 
 from .. import lax
-from ..collectives import psum_p
-from ..core import Aval, Eqn, Literal, Params, Program, Var, current_builder, trace, _ProgramPrinter
+from ..collectives import psum_p, psum_scatter_p
+from ..core import (Aval, Eqn, Literal, Params, Program, Var, _fmt_param, _ProgramPrinter, bind,
+                    current_builder, trace)
 from ..shard_map import shard_map_p
 from .cost import CostModel
 from .placements import Sharding
@@ -76,13 +77,11 @@ def mask_padding(x, sh: Sharding, shape, dims, sizes, op):
 
 
 def _iota(n):
-    from ..core import bind
     return bind(lax.iota_p, dtype=np.dtype(np.int32), shape=(n,), dimension=0)
 
 
 def lower_equation(e, s, args, sizes):
     """Emit the per-device form of global equation ``e`` under strategy ``s``."""
-    from ..core import bind
     cat = category(e.prim)
     p = dict(e.params)
     ins = [a.aval for a in e.inputs]
@@ -119,7 +118,6 @@ def lower_equation(e, s, args, sizes):
 
 def _inline(body: Program, args):
     """The equations of a shard_map body over the same mesh, applied to our blocks."""
-    from ..core import bind
     env = {id(v): a for v, a in zip(body.in_vars, args)}
     read = lambda a: a.val if isinstance(a, Literal) else env[id(a)]
     for e in body.eqns:
@@ -139,7 +137,6 @@ def _local_indices(idx, axes, blk, n_global, sizes):
 def _masked_take(args, s, ins, sizes, axis):
     """Lookup in a table whose ``axis`` is sharded: each device answers the indices it owns
     and zeros elsewhere -- a pending sum over the table's axes (vocab-parallel embedding)."""
-    from ..core import bind
     x, idx = args
     axes = s.ins[0].dims[axis]
     blk = x.shape[axis]
@@ -152,7 +149,6 @@ def _masked_take(args, s, ins, sizes, axis):
 
 def _masked_scatter_add(args, s, ins, sizes, axis):
     """Scatter-add into a target whose ``axis`` is sharded: updates for other rows are dropped."""
-    from ..core import bind
     x, idx, upd = args
     axes = s.ins[0].dims[axis]
     blk = x.shape[axis]
@@ -264,7 +260,6 @@ def lower(program: Program, prop, mesh, cm: CostModel, name: str):
                for b, sh in zip(in_avals, prop.in_shardings)]
     out_avals = shard_map_p.abstract_eval(*[v.aval for v in glob_in], **params)
     glob_out = [Var(a) for a in out_avals]
-    from ..core import Eqn
     manual = Program(glob_in, [Eqn(shard_map_p, list(glob_in), params, glob_out)], glob_out)
     return manual, inserted
 
@@ -441,8 +436,6 @@ def _combinable(a, cur, want, sizes, mesh_sizes, cm):
 
 def _combined(key, members, sizes, cm):
     """One collective over the concatenation of several outputs' blocks."""
-    from ..core import bind
-    from ..collectives import psum_p, psum_scatter_p
     kind, axes, dtype = key
     n = int(np.prod([sizes[x] for x in axes]))
     rows, dims = [], []
@@ -499,6 +492,5 @@ def _why(e, j, cur, req):
 def _eqn_text(printer, e):
     outs = " ".join(printer.decl(v) for v in e.outputs)
     shown = {k: v for k, v in e.params.items() if not isinstance(v, Program)}
-    from ..core import _fmt_param
     params = ("[" + " ".join(f"{k}={_fmt_param(v)}" for k, v in shown.items()) + "]") if shown else ""
     return f"{outs} = {e.prim.name}{params} {' '.join(printer.name(a) for a in e.inputs)}"

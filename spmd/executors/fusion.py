@@ -22,6 +22,7 @@ import math
 import numpy as np
 
 from .. import _host_parallel
+from ..collectives import psum_p
 
 
 def dot_then_psum(xp, mesh, dot_impl, x, y, *, contract, batch, axes):
@@ -166,7 +167,6 @@ def plan_fusions(program, k: int, xp) -> dict:
     """``{id(eqn): "skip" | Fused}`` for the equations of ``program`` (a shard_map body with
     ``k`` mesh axes) that run fused: a ``Fused`` step runs where its last equation was, and
     the other equations it covers are skipped."""
-    from ..collectives import psum_p
     if k == 0 or xp is not np:
         return {}
     uses: dict[int, int] = {}

@@ -9,10 +9,16 @@ from __future__ import annotations
 import numpy as np
 
 from ..communicators import placement as _placement, rank_in
+from ..communicators.inprocess import InProcessCommunicator
 from ..core import Literal, Program
+from ..layout import GlobalValue
+from ..sharding import NamedSharding
 
 
 class PerDeviceExecutor:
+    # global values come in whole (padded to the blocks' multiple where a dim is uneven)
+    takes_padded_storage = False
+
     def __init__(self, make_communicator):
         self.make_communicator = make_communicator
         self._comms = {}
@@ -23,9 +29,8 @@ class PerDeviceExecutor:
         return self._comms[mesh]
 
     def run(self, program: Program, args) -> list:
-        from ..array import Array
-        args = [(_Blocks.of(a) if not a.is_fully_addressable else np.asarray(a))
-                if isinstance(a, Array) else a for a in args]
+        args = [(_Blocks.of(a) if a._blocks is not None else np.array(a._gather()))
+                if isinstance(a, GlobalValue) else a for a in args]
         outs = self._eval_global(program, args)
         return [o.to_array() if isinstance(o, _Blocks) else o for o in outs]
 
@@ -156,11 +161,8 @@ class _Blocks:
         self.comm, self.mesh, self.spec, self.shape = comm, mesh, spec, tuple(shape)
 
     @classmethod
-    def of(cls, array):
-        mesh = array.sharding.mesh
-        ids = [d.id for d in mesh.devices.flat]
-        bufs = {ids.index(s.device.id): s.data for s in array.addressable_shards}
-        return cls(bufs, None, mesh, array.sharding.spec, array.shape)
+    def of(cls, value):
+        return cls(dict(value._blocks), None, value.sharding.mesh, value.sharding.spec, value.shape)
 
     def fits(self, mesh, spec) -> bool:
         """Are the blocks those that a shard_map with ``spec`` over ``mesh`` takes as input?"""
@@ -171,15 +173,12 @@ class _Blocks:
                    for d, axes in zip(self.shape, _dim_axes(spec, n)))
 
     def to_array(self):
-        from ..array import Array
-        from ..sharding import NamedSharding
-        return Array.from_blocks(dict(self.bufs), self.shape, NamedSharding(self.mesh, self.spec))
+        return GlobalValue.from_blocks(dict(self.bufs), self.shape, NamedSharding(self.mesh, self.spec))
 
 
 def gather_blocks(comm, mesh, spec, shape, bufs) -> np.ndarray:
     """The whole global array from each process's blocks ``bufs`` (one all_gather over the mesh).
     Blocks of unevenly split dims may be short; they are padded for the exchange."""
-    from ..sharding import NamedSharding
     sharding = NamedSharding(mesh, spec)
     block_shape = sharding.shard_shape(shape)
     padded = {}
@@ -198,5 +197,4 @@ def gather_blocks(comm, mesh, spec, shape, bufs) -> np.ndarray:
 
 
 def reference_executor():
-    from ..communicators.inprocess import InProcessCommunicator
     return PerDeviceExecutor(InProcessCommunicator)

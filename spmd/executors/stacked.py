@@ -13,6 +13,7 @@ import weakref
 import numpy as np
 
 from .. import layout
+from ..layout import GlobalValue
 from ..core import Literal, Program
 from ..sharding import NamedSharding
 from . import fusion
@@ -25,6 +26,9 @@ class StackedExecutor:
     ``(rule with its params bound, input slots, output slots)`` over a flat list of values, so
     a cached call does no dict lookups by variable and re-derives no layout.
     """
+
+    # global values come in as ``GlobalValue``s in the stacked layout, padding included
+    takes_padded_storage = True
 
     def __init__(self, xp=np):
         self.xp = xp
@@ -125,7 +129,6 @@ class StackedExecutor:
 
     def _compile_shard_map(self, outer_mesh, *, body, mesh, in_specs, out_specs, manual_axes,
                            check_vma, name):
-        from ..array import Array
         xp = self.xp
         sizes, names = mesh.axis_sizes, mesh.axis_names
         m = len(sizes)
@@ -140,9 +143,9 @@ class StackedExecutor:
             def stack(v):
                 if outer_mesh is not None:
                     s = layout.split_into_mesh(v, sizes, dims, xp)
-                elif type(v) is Array and (v.sharding is target or known.get(id(v.sharding)) is v.sharding):
+                elif isinstance(v, GlobalValue) and (v.sharding is target or known.get(id(v.sharding)) is v.sharding):
                     s = v._storage                      # already in this layout: no copy
-                elif (isinstance(v, Array) and v.sharding.mesh == mesh and v._storage is not None
+                elif (isinstance(v, GlobalValue) and v.sharding.mesh == mesh and v._storage is not None
                         and v._storage.ndim == m + aval.ndim
                         and v.sharding.is_equivalent_to(target, aval.ndim)):
                     if len(known) > 64:
@@ -184,7 +187,7 @@ class StackedExecutor:
                     return layout.merge_from_mesh(z, sizes, dims, xp)
                 if z.shape[:m] != want:
                     z = xp.broadcast_to(z, want + z.shape[m:])
-                return Array(z, shape, sharding)
+                return GlobalValue(z, shape, sharding)
             return unstack
 
         stackers = [take_input(s, a) for s, a in zip(in_specs, body.in_avals)]
@@ -202,5 +205,4 @@ def _on_global(impl, xp, params, *vals):
 
 
 def _global(v):
-    from ..array import Array
-    return v._gather() if isinstance(v, Array) else v
+    return v._gather() if isinstance(v, GlobalValue) else v

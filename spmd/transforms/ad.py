@@ -23,70 +23,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..core import Aval, Eqn, Literal, Params, Program, Var, bind, current_builder, trace
-
-
-class Zero:
-    """A tangent or cotangent known to be zero (of type ``aval``): costs nothing."""
-    __slots__ = ("aval",)
-
-    def __init__(self, aval: Aval):
-        self.aval = aval
-
-    def __repr__(self):
-        return f"Zero({self.aval})"
-
-
-class UndefinedPrimal:
-    """Stands for a linear input of an equation being transposed."""
-    __slots__ = ("aval",)
-
-    def __init__(self, aval: Aval):
-        self.aval = aval
-
-    def __repr__(self):
-        return f"UndefinedPrimal({self.aval})"
-
-
-def is_zero(t) -> bool:
-    return isinstance(t, Zero)
-
-
-def is_undefined(x) -> bool:
-    return isinstance(x, UndefinedPrimal)
-
-
-def differentiable(dtype) -> bool:
-    return np.issubdtype(np.dtype(dtype), np.inexact)
-
-
-def full(aval: Aval, value):
-    """An array of ``value`` with type ``aval`` (including its vma) in the current trace."""
-    from .. import lax
-    from ..collectives import pvary_p
-    x = bind(lax.broadcast_in_dim_p, np.asarray(value, aval.dtype), shape=tuple(aval.shape), dims=())
-    if aval.vma:
-        b = current_builder()
-        x = bind(pvary_p, x, axes=tuple(a for a in b.mesh.axis_names if a in aval.vma))
-    return x
-
-
-def instantiate(t, aval=None):
-    return full(t.aval if aval is None else aval, 0) if is_zero(t) else t
-
-
-def add_tangents(a, b):
-    from .. import lax
-    if is_zero(a):
-        return b
-    if is_zero(b):
-        return a
-    return bind(lax.add_p, a, b)
-
-
-def aval_of_value(x) -> Aval:
-    from ..core import aval_of
-    return x.aval if isinstance(x, (Zero, UndefinedPrimal)) else aval_of(x)
+from ..ad_util import (UndefinedPrimal, Zero, add_tangents, aval_of_value, deriv_jvp,  # noqa: F401
+                       differentiable, full, instantiate, is_undefined, is_zero, linear_jvp,
+                       no_jvp, zero_jvp)
+from ..core import Aval, Eqn, Literal, Params, Program, Var, bind, current_builder, hooks, trace
 
 
 def context() -> dict:
@@ -115,8 +55,7 @@ def run_program(program: Program, args) -> list:
     """Inline into the current trace, or, outside any trace, execute (default executor)."""
     if current_builder() is not None:
         return eval_program(program, args)
-    from ..jit import _as_array, _default_executor
-    return [_as_array(o) for o in _default_executor().run(program, list(args))]
+    return hooks.execute(program, args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,45 +227,6 @@ def transpose_program(program: Program, linear, ctx, *, ct_avals=None) -> Progra
     prog, captured = trace(fn, consts + list(ct_avals), **ctx)
     assert not captured
     return dce(prog)
-
-
-# ---------------------------------------------------------------------------------------------
-# helpers for rules
-# ---------------------------------------------------------------------------------------------
-
-def linear_jvp(prim):
-    """JVP rule of a primitive linear in all its inputs: apply it to the tangents."""
-    def jvp(primals, tangents, **params):
-        out = bind(prim, *primals, **params)
-        ts = [instantiate(t, aval_of_value(p)) for t, p in zip(tangents, primals)]
-        return out, bind(prim, *ts, **params)
-    return jvp
-
-
-def deriv_jvp(prim, deriv):
-    """JVP rule of an elementwise unary primitive from its derivative ``deriv(x, y)``."""
-    def jvp(primals, tangents, **params):
-        (x,), (t,) = primals, tangents
-        y = bind(prim, x, **params)
-        return y, t * deriv(x, y)
-    return jvp
-
-
-def zero_jvp(prim):
-    """JVP rule of a piecewise-constant primitive (floor, sign, argmax, comparisons, ...)."""
-    def jvp(primals, tangents, **params):
-        out = bind(prim, *primals, **params)
-        if prim.multiple_results:
-            return out, [Zero(aval_of_value(o)) for o in out]
-        return out, Zero(aval_of_value(out))
-    return jvp
-
-
-def no_jvp(prim, why):
-    """JVP rule that refuses (a primitive whose derivative we will not guess)."""
-    def jvp(primals, tangents, **params):
-        raise NotImplementedError(f"jvp rule for {prim.name}: {why}")
-    return jvp
 
 
 def linear_vars(program: Program, linear) -> set:

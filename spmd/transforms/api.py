@@ -35,8 +35,9 @@ import functools
 import numpy as np
 import optree
 
-from ..core import aval_of, current_builder, trace
+from ..core import aval_of, current_builder, hooks, trace
 from . import ad
+from .vmap import vmap
 
 
 def _flatten(x):
@@ -167,8 +168,7 @@ def _on_argnums(f, args, kwargs, nums):
 
 
 def _all_arrays(args) -> bool:
-    from ..array import Array
-    return all(isinstance(x, (np.ndarray, np.generic, Array, bool, int, float, complex))
+    return all(isinstance(x, (np.ndarray, np.generic, bool, int, float, complex) + hooks.array_types)
                for x in optree.tree_leaves(args, none_is_leaf=False))
 
 
@@ -188,8 +188,7 @@ def value_and_grad(f, argnums=0, has_aux=False):
         if current_builder() is None and not kwargs and _all_arrays(args):
             # on concrete arrays: trace and transform once per argument types (jit's cache)
             if not jitted:
-                from ..jit import jit
-                jitted.append(jit(value_and_grad_f, _name=f"value_and_grad({name})"))
+                jitted.append(hooks.jit(value_and_grad_f, _name=f"value_and_grad({name})"))
             return jitted[0](*args)
         nums = _argnums(argnums, len(args), f"grad({name})")
         g, dyn = _on_argnums(f, args, kwargs, nums)
@@ -247,7 +246,6 @@ def _basis(aval):
 
 def jacfwd(f, argnums=0):
     """The Jacobian of ``f`` (array output) by forward mode: ``out.shape + arg.shape``."""
-    from .vmap import vmap
 
     def jac(*args, **kwargs):
         nums = _argnums(argnums, len(args), "jacfwd")
@@ -265,7 +263,6 @@ def jacfwd(f, argnums=0):
 
 def jacrev(f, argnums=0):
     """The Jacobian of ``f`` (array output) by reverse mode: ``out.shape + arg.shape``."""
-    from .vmap import vmap
 
     def jac(*args, **kwargs):
         nums = _argnums(argnums, len(args), "jacrev")

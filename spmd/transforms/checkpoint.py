@@ -19,8 +19,10 @@ import functools
 
 import optree
 
-from ..core import Primitive, Program, Var, bind, current_builder, trace
+from ..core import Primitive, Program, Var, aval_of, bind, current_builder, trace
 from . import ad
+from ..batching import batch_size, moveaxis, to_front
+from .vmap import batch_eval
 
 
 class checkpoint_policies:
@@ -103,7 +105,6 @@ def _transpose(cts, *invals, body, policy, name):
 
 
 def _batch(vals, dims, *, body, policy, name):
-    from .vmap import batch_eval, batch_size, moveaxis, to_front
     size = batch_size(vals, dims)
     vals = [moveaxis(v, d, 0) if d is not None else v for v, d in zip(vals, dims)]
     bdims = [0 if d is not None else None for d in dims]
@@ -150,7 +151,6 @@ def checkpoint(fun=None, *, policy=None, prevent_cse=True, static_argnums=()):
             out_leaves, out_tree = optree.tree_flatten(out, none_is_leaf=False)
             box.append(out_tree)
             return out_leaves
-        from ..core import aval_of
         body, captured = trace(flat, [aval_of(x) for x in leaves], **ad.context(),
                                context=f"checkpoint({name})")
         outs = bind(checkpoint_p, *leaves, *captured, body=body, policy=policy, name=name)

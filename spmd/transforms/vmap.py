@@ -14,83 +14,9 @@ import functools
 import numpy as np
 import optree
 
-from ..core import Literal, Tracer, aval_of, bind, current_builder, trace
+from ..core import Literal, Tracer, aval_of, bind, current_builder, hooks, trace
 from . import ad
-
-
-# ---------------------------------------------------------------------------------------------
-# helpers
-# ---------------------------------------------------------------------------------------------
-
-def moveaxis(x, src, dst):
-    nd = aval_of(x).ndim
-    src, dst = src % nd, dst % nd
-    if src == dst:
-        return x
-    from ..lax import transpose_p
-    perm = [i for i in range(nd) if i != src]
-    perm.insert(dst, src)
-    return bind(transpose_p, x, perm=tuple(perm))
-
-
-def to_front(x, d, size):
-    """``x`` with its batch dim first; an unbatched ``x`` is broadcast (it is the same for
-    every batch entry)."""
-    from ..lax import broadcast_in_dim_p
-    if d is not None:
-        return moveaxis(x, d, 0)
-    a = aval_of(x)
-    return bind(broadcast_in_dim_p, x, shape=(size,) + tuple(a.shape), dims=tuple(range(1, a.ndim + 1)))
-
-
-def batch_size(vals, dims):
-    return next(aval_of(v).shape[d] for v, d in zip(vals, dims) if d is not None)
-
-
-def _all_front(vals, dims):
-    size = batch_size(vals, dims)
-    return [to_front(v, d, size) if d is not None or np.ndim(v) or isinstance(v, Tracer) else v
-            for v, d in zip(vals, dims)]
-
-
-def require_unbatched(prim, what, dims):
-    if any(d is not None for d in dims):
-        raise NotImplementedError(f"batch rule for {prim.name} with batched {what}")
-
-
-# ---------------------------------------------------------------------------------------------
-# batching rules shared by families of primitives (registered in each primitive's block)
-# ---------------------------------------------------------------------------------------------
-
-def elementwise_batch(prim):
-    """Operands batched at the front (unbatched arrays broadcast); the same parameters."""
-    def rule(vals, dims, /, **params):
-        return bind(prim, *_all_front(vals, dims), **params), 0
-    return rule
-
-
-def shifted_batch(prim, shift):
-    """Operands batched at the front, parameters from ``shift(params, batch size)``."""
-    def rule(vals, dims, /, **params):
-        size = batch_size(vals, dims)
-        return bind(prim, *_all_front(vals, dims), **shift(dict(params), size)), 0
-    return rule
-
-
-def plus1(*names):
-    """A ``shift`` that moves the axis parameters ``names`` past the new leading dim."""
-    def shift(p, size):
-        for n in names:
-            v = p[n]
-            p[n] = tuple(a + 1 for a in v) if isinstance(v, tuple) else v + 1
-        return p
-    return shift
-
-
-def batch_rule(prim):
-    if prim.batch is None:
-        raise NotImplementedError(f"batch rule for {prim.name}")
-    return prim.batch
+from ..batching import batch_rule, batch_size, moveaxis, to_front  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,8 +66,7 @@ def vmap(f, in_axes=0, out_axes=0, axis_size=None):
     def vmapped(*args):
         if current_builder() is None:      # on concrete arrays: trace once per types, run
             if not jitted:
-                from ..jit import jit
-                jitted.append(jit(vmapped, _name=f"vmap({name})"))
+                jitted.append(hooks.jit(vmapped, _name=f"vmap({name})"))
             return jitted[0](*args)
         leaves, tree = optree.tree_flatten(args, none_is_leaf=False)
         ax = _leaf_axes(tuple(in_axes) if isinstance(in_axes, list) else in_axes, args, "in_axes") \

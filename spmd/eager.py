@@ -13,11 +13,17 @@ P('data', 'model')
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import optree
 
-from ..errors import ShardingError, TracingError
-from ..sharding import NamedSharding, PartitionSpec
+from .array import Array
+from .core import hooks
+from .errors import ShardingError, TracingError
+from .jit import Jitted
+from .numpy_api import HANDLED_FUNCTIONS
+from .sharding import NamedSharding, PartitionSpec
 
 _CACHE: dict = {}
 _CACHE_MAX = 4096
@@ -43,15 +49,11 @@ def _freeze(x):
 
 
 def _is_array(x):
-    from ..array import Array
     return isinstance(x, (Array, np.ndarray))
 
 
 def call(name, fn, args, kwargs):
     """``fn(*args, **kwargs)`` on sharded Arrays, compiled through the sharding compiler."""
-    from ..array import Array
-    from ..jit import Jitted
-    from .jit import ShardedJitted
     leaves, tree = optree.tree_flatten((tuple(args), dict(kwargs)), none_is_leaf=True)
     dyn = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
     arrays = [leaves[i] for i in dyn]
@@ -78,7 +80,7 @@ def call(name, fn, args, kwargs):
         one_op.__qualname__ = name
         if len(_CACHE) >= _CACHE_MAX:
             _CACHE.pop(next(iter(_CACHE)))          # the oldest entry
-        jf = _CACHE[key] = ShardedJitted(Jitted(one_op, name=name), in_shardings=shardings)
+        jf = _CACHE[key] = Jitted(one_op, name=name, in_shardings=shardings)
     return jf(*arrays)
 
 
@@ -100,8 +102,6 @@ def array_ufunc(self, ufunc, method, inputs, kwargs):
 
 
 def array_function(self, func, types, args, kwargs):
-    from ..array import Array
-    from ..numpy_api import HANDLED_FUNCTIONS
     if func in _METADATA:
         stand_in = lambda x: np.broadcast_to(np.zeros((), x.dtype), x.shape) if isinstance(x, Array) else x
         return func(*optree.tree_map(stand_in, args), **kwargs)
@@ -123,3 +123,6 @@ _HOST: set = set()
 
 def getitem(self, key):
     return call("getitem", lambda x, k: x[k], (self, key), {})
+
+
+hooks.eager = sys.modules[__name__]

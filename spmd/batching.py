@@ -1,0 +1,78 @@
+"""What the batching rules of primitives are written with: moving a batch dim, broadcasting an
+unbatched operand, and builders of the rules shared by families of primitives.  It sits below
+the primitives so their blocks can use it; the interpreter is ``spmd.transforms.vmap``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .core import Tracer, aval_of, bind, hooks
+
+
+def moveaxis(x, src, dst):
+    nd = aval_of(x).ndim
+    src, dst = src % nd, dst % nd
+    if src == dst:
+        return x
+    perm = [i for i in range(nd) if i != src]
+    perm.insert(dst, src)
+    return bind(hooks.transpose, x, perm=tuple(perm))
+
+
+def to_front(x, d, size):
+    """``x`` with its batch dim first; an unbatched ``x`` is broadcast (it is the same for
+    every batch entry)."""
+    if d is not None:
+        return moveaxis(x, d, 0)
+    a = aval_of(x)
+    return bind(hooks.broadcast_in_dim, x, shape=(size,) + tuple(a.shape), dims=tuple(range(1, a.ndim + 1)))
+
+
+def batch_size(vals, dims):
+    return next(aval_of(v).shape[d] for v, d in zip(vals, dims) if d is not None)
+
+
+def _all_front(vals, dims):
+    size = batch_size(vals, dims)
+    return [to_front(v, d, size) if d is not None or np.ndim(v) or isinstance(v, Tracer) else v
+            for v, d in zip(vals, dims)]
+
+
+def require_unbatched(prim, what, dims):
+    if any(d is not None for d in dims):
+        raise NotImplementedError(f"batch rule for {prim.name} with batched {what}")
+
+
+# ---------------------------------------------------------------------------------------------
+# batching rules shared by families of primitives (registered in each primitive's block)
+# ---------------------------------------------------------------------------------------------
+
+def elementwise_batch(prim):
+    """Operands batched at the front (unbatched arrays broadcast); the same parameters."""
+    def rule(vals, dims, /, **params):
+        return bind(prim, *_all_front(vals, dims), **params), 0
+    return rule
+
+
+def shifted_batch(prim, shift):
+    """Operands batched at the front, parameters from ``shift(params, batch size)``."""
+    def rule(vals, dims, /, **params):
+        size = batch_size(vals, dims)
+        return bind(prim, *_all_front(vals, dims), **shift(dict(params), size)), 0
+    return rule
+
+
+def plus1(*names):
+    """A ``shift`` that moves the axis parameters ``names`` past the new leading dim."""
+    def shift(p, size):
+        for n in names:
+            v = p[n]
+            p[n] = tuple(a + 1 for a in v) if isinstance(v, tuple) else v + 1
+        return p
+    return shift
+
+
+def batch_rule(prim):
+    if prim.batch is None:
+        raise NotImplementedError(f"batch rule for {prim.name}")
+    return prim.batch
