@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/quickstart.py
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 	$(BIN)/python -m benchmarks --quick --out $(VENV)/bench-quick.json
 

@@ -13,7 +13,9 @@ Results are bit-identical to the one-call versions: a reduction adds the slabs i
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import functools
+import glob
 import math
 import os
 import sys
@@ -309,8 +311,6 @@ MATMUL_MIN_FLOPS = 1 << 24
 @functools.lru_cache(maxsize=1)
 def _openblas():
     """(get_num_threads, set_num_threads) of NumPy's bundled OpenBLAS, or None."""
-    import ctypes
-    import glob
     for path in glob.glob(os.path.dirname(np.__file__) + ".libs/libscipy_openblas*.so*"):
         try:
             lib = ctypes.CDLL(path)

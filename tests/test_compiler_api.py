@@ -297,3 +297,44 @@ def test_uneven_padding_is_silent_and_exact():
     np.testing.assert_allclose(np.asarray(y), np.log(x) / x.sum(1, keepdims=True), rtol=1e-5)
     assert [s.data.shape for s in y.addressable_shards][:2] == [(3, 3), (3, 3)]
     assert y.addressable_shards[3].data.shape == (3, 1)          # 10 = 3 + 3 + 3 + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# one jit, one Lowered: the same views with and without shardings
+# ---------------------------------------------------------------------------------------------
+
+def _mlp(x, w1, w2):
+    return np.tanh(x @ w1) @ w2
+
+
+def test_lowered_means_the_same_with_and_without_shardings():
+    plain = spmd.jit(_mlp).lower(X, W1, W2)
+    sharded = spmd.jit(_mlp, in_shardings=(NS("data"), NS(None, "model"), NS("model"))).lower(X, W1, W2)
+    # .program: the global program the function traced to, the same in both
+    assert str(plain.program) == str(sharded.program)
+    assert [a.shape for a in sharded.program.in_avals] == [X.shape, W1.shape, W2.shape]
+    # .per_device_program: what runs; the compiler's output has per-device shapes
+    assert plain.per_device_program is plain.program
+    assert sharded.per_device_program is sharded.compiled.manual
+    assert sharded.per_device_program.eqns[0].prim.name == "shard_map"
+    # .as_text(): the global program first, then (when compiled) the per-device one
+    assert plain.as_text().startswith("# global program (jit(_mlp)")
+    assert sharded.as_text().startswith("# global program (jit(_mlp)")
+    assert "# per-device program" in sharded.as_text()
+    # .explain(): the collectives; nothing inserted without shardings
+    assert "inserted nothing" in plain.explain() and plain.collectives() == []
+    assert "psum(model)" in sharded.explain() and sharded.collectives() == [("psum", ("model",))]
+
+
+def test_explain_lists_collectives_written_in_shard_map():
+    f = spmd.jit(spmd.shard_map(lambda b: spmd.psum(b.sum(1), "model"), mesh=MESH,
+                                in_specs=P("data", "model"), out_specs=P("data")))
+    text = f.lower(X).explain()
+    assert "inserted nothing" in text
+    assert "1 collective written in shard_map bodies" in text and "psum(model)" in text
+
+
+def test_core_hooks_are_all_filled_by_import_spmd():
+    from spmd.core import Hooks, hooks
+    for name in Hooks.__annotations__:
+        getattr(hooks, name)          # an empty slot raises, naming the slot
