@@ -23,7 +23,7 @@ from .transforms.api import grad, value_and_grad, vjp, jvp, linearize, jacfwd, j
 from .transforms.vmap import vmap
 from .transforms.checkpoint import checkpoint, checkpoint_policies, remat
 from . import numpy, lax, executors, distributed
-from .inspect import collectives, print_collectives
+from .inspect import collectives_of, print_collectives
 from .visualize import visualize_sharding
 
 __version__ = "0.1.0"

@@ -11,14 +11,13 @@ as ``(groups, group_size)`` for ``axis_index_groups``.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Sequence
 
 import numpy as np
 import optree
 
-from . import _host_parallel
+from . import _cache, _host_parallel
 from .communicators import placement  # -> comm_protocol
 from .core import Aval, Primitive, Tracer, bind, current_builder, hooks
 from .errors import VmaError
@@ -99,7 +98,8 @@ def _as_traced(b, x):
 
 
 _identity_p = Primitive("copy", abstract=lambda x: Aval(x.shape, x.dtype),
-                        impl=lambda xp, k, x: x, linear=True, transpose=lambda ct, x: [ct])
+                        impl=lambda xp, k, x: x, linear=True, category="elementwise",
+                        transpose=lambda ct, x: [ct])
 _identity_p.jvp = ad_util.linear_jvp(_identity_p)
 
 
@@ -120,7 +120,7 @@ class _RankMajor:
     applies the transposes and reshapes worked out here."""
 
     @staticmethod
-    @functools.lru_cache(maxsize=4096)
+    @_cache.memoize
     def of(axis_names, sizes, axes, groups, shape) -> "_RankMajor":
         return _RankMajor(axis_names, sizes, axes, groups, shape)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import difflib
 import itertools
 import math
 import os
@@ -299,46 +300,119 @@ def _fmt_param(v) -> str:
 class Primitive:
     """A primitive operation, registered once with all of its rules side by side.
 
-    - ``abstract(*avals, **params) -> Aval`` (shape/dtype rule; vma defaults to the union)
-    - ``impl(xp, k, *arrays, **params)``: one implementation for any array namespace ``xp``,
-      where every array carries ``k`` leading batch dims (the mesh dims of the stacked
-      executor; 0 for one device).  Batch dims of size 1 broadcast.
-    - ``jvp``, ``transpose``: autodiff rules (``None`` if the primitive has none yet)
-    - ``vma(*avals, **params) -> frozenset``: overrides the default union rule (collectives)
-    - ``collective``: rules for collectives (stacked and per-device implementations)
+    ``Primitive(name, abstract=..., **rules)`` takes only the rules named in ``RULES`` (below,
+    each with its meaning), as does setting one afterwards (``p.jvp = ...``, for rules that
+    need the primitive itself); any other name is a ``TypeError``, so a misspelt rule fails at
+    import instead of being silently never used.  A rule the primitive does not declare reads
+    as ``None`` (``False`` or ``()`` for the flags); ``p.rule(name)`` raises
+    ``NotImplementedError("<rule> rule for <primitive>")`` for it instead.  ``p.rules`` holds
+    the declared ones.
+
+    Facts, not names: whatever a transformation, the compiler or an executor needs to know
+    about a primitive is one of these rules (``linear``, ``category``, ``monoid``, ...), so no
+    code outside the primitive's block tests ``prim.name``.
+
+    Higher-order primitives (parameters holding sub-programs: ``shard_map``, ``checkpoint``;
+    ``scan``, ``cond``, ``while_loop``, ``custom_vjp`` to come) use the same rules on their
+    sub-programs:
+
+    - ``subprograms(params)`` lists them (for type checking, printing and inspection; by
+      default every ``Program``-valued parameter);
+    - ``jvp``, ``partial_eval``, ``transpose`` and ``batch`` bind the primitive again on the
+      transformed sub-programs (``spmd.transforms.ad`` has the program-level functions);
+    - ``execute(run, **params)`` is how every executor runs it.  ``run`` is the executor's
+      handle at the place of the equation, with two operations, each returning a function of
+      the values that returns the list of results:
+
+      * ``run.call(program)``: ``program`` run right here (``checkpoint``; a loop calls it once
+        per iteration);
+      * ``run.manual(program, *, mesh, in_specs, out_specs, manual_axes, check_vma)``:
+        ``program`` run on every device of ``mesh``, on the blocks of its operands that the
+        specs give (``shard_map``).
+
+      ``execute`` returns the function of the equation's operands that returns the list of
+      its results; executors compile it once per program.
+    - ``inline`` and ``manual`` tell the sharding compiler how to see through the primitive.
     """
 
-    def __init__(self, name: str, *, abstract: Callable, impl: Callable | None = None,
-                 multiple_results: bool = False, vma: Callable | None = None,
-                 jvp: Callable | None = None, transpose: Callable | None = None,
-                 batch: Callable | None = None, linear: bool = False, **rules):
-        self.name = name
-        self.abstract = abstract
-        self.impl = impl
-        self.multiple_results = multiple_results
-        self.vma_rule = vma
-        self.jvp = jvp
-        self.transpose = transpose
-        self.batch = batch
-        self.linear = linear
-        self.rules = rules
+    RULES = {
+        "abstract": "(*avals, **params) -> Aval (a list with multiple_results): shapes and dtypes",
+        "impl": "(xp, k, *arrays, **params): on any array namespace, every array with k leading "
+                "batch dims (the stacked executor's mesh dims; 0 for one device) that broadcast",
+        "multiple_results": "bool: the primitive returns a list of values",
+        "vma": "(*avals, **params) -> frozenset: the varying mesh axes of the result, instead of "
+               "the union of the operands' (collectives); also turns off the implicit pvary",
+        "jvp": "(primals, tangents, **params) -> (primal out, tangent out)",
+        "transpose": "(cts, *operands, **params) -> one cotangent (or None) per operand; linear "
+                     "operands are ad_util.UndefinedPrimal",
+        "partial_eval": "(eqn, unknown_ins, ctx) -> (known eqns, unknown eqn, out_unknown): split "
+                        "an equation with sub-programs by what is known",
+        "batch": "(vals, dims, **params) -> (out, out_dims): the vmap rule",
+        "linear": "True: jointly linear in all operands; a tuple: in those operands, the others "
+                  "held fixed; or a function of the params giving either (False: not linear)",
+        "multilinear": "tuple of operands the result is linear in one at a time, the others held "
+                       "fixed (mul: (0, 1); div: (0,))",
+        "monoid": "'sum' | 'prod' | 'max' | 'min' | 'and' | 'or': the associative operation the "
+                  "primitive is (max) or folds with (reduce_max)",
+        "category": "the sharding compiler's family: elementwise, broadcast, transpose, reshape, "
+                    "slice, pad, concatenate, reduction, scan, arg, gather, window, scatter, "
+                    "window_update, contraction, constraint (undeclared: opaque, replicated)",
+        "elementwise": "(xp, *arrays) -> array: the elementwise function (executors fuse chains)",
+        "collective": "what a collective moves ('sum', 'all_gather', ...; 'none': nothing)",
+        "stacked": "(xp, mesh, *stacked, **params): a collective on the stacked layout",
+        "per_device": "(comm, *per_device_dicts, **params): a collective through a Communicator",
+        "free": "bool: moves no data (pvary); autodiff recomputes it rather than save its output",
+        "subprograms": "(params) -> list[Program]: the sub-programs in the params (default: every "
+                       "Program-valued param)",
+        "execute": "(run, **params) -> function of the operands returning the list of results: "
+                   "how executors run a higher-order primitive (see above)",
+        "inline": "(params) -> Program: the equation is this program applied to its operands "
+                  "(its own meaning matters to autodiff only); the compiler inlines it",
+        "manual": "(params) -> (mesh, in_specs, out_specs, body) or None: the equation is a "
+                  "per-device region over the whole mesh; the compiler keeps its specs and "
+                  "inlines its body",
+    }
+    _UNDECLARED = {"multiple_results": False, "linear": False, "multilinear": (), "free": False}
+
+    def __init__(self, name: str, *, abstract: Callable, **rules):
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "rules", _Rules(name, abstract=abstract, **rules))
+
+    def __getattr__(self, name):
+        rules = self.__dict__.get("rules")
+        if rules is not None and name in Primitive.RULES:
+            return rules.get(name, Primitive._UNDECLARED.get(name))
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name, rule):
+        self.rules[name] = rule
 
     def __repr__(self):
         return self.name
 
     def rule(self, name: str):
-        r = getattr(self, name, None) if name in ("impl", "jvp", "transpose", "batch") else self.rules.get(name)
+        r = self.rules.get(name)
         if r is None:
             raise NotImplementedError(f"{name} rule for {self.name}")
         return r
 
     def subprograms(self, params) -> list[Program]:
+        rule = self.rules.get("subprograms")
+        if rule is not None:
+            return rule(params)
         return [v for v in params.values() if isinstance(v, Program)]
+
+    def linear_operands(self, n: int, params) -> tuple[int, ...]:
+        """The operands (of ``n``) that the result is jointly linear in (see ``linear``)."""
+        lin = self.linear
+        if callable(lin):
+            lin = lin(**params)
+        return tuple(range(n)) if lin is True else tuple(lin or ())
 
     def abstract_eval(self, *avals, **params):
         out = self.abstract(*avals, **params)
-        if self.vma_rule is not None:
-            vma = self.vma_rule(*avals, **params)
+        if self.vma is not None:
+            vma = self.vma(*avals, **params)
         else:
             vma = frozenset().union(*[a.vma for a in avals]) if avals else frozenset()
         if self.multiple_results:
@@ -347,6 +421,32 @@ class Primitive:
 
     def __call__(self, *args, **params):
         return bind(self, *args, **params)
+
+
+class _Rules(dict):
+    """A primitive's declared rules: names of ``Primitive.RULES`` only."""
+
+    def __init__(self, owner: str, **rules):
+        super().__init__()
+        self.owner = owner
+        self.update(rules)
+
+    def __setitem__(self, name, rule):
+        if name not in Primitive.RULES:
+            close = difflib.get_close_matches(str(name), Primitive.RULES, n=1)
+            raise TypeError(f"Primitive {self.owner!r}: unknown rule {name!r}; known rules: "
+                            f"{', '.join(Primitive.RULES)}"
+                            + (f". Did you mean {close[0]!r}?" if close else ""))
+        super().__setitem__(name, rule)
+
+    def update(self, *args, **rules):
+        for name, rule in dict(*args, **rules).items():
+            self[name] = rule
+
+    def setdefault(self, name, default=None):
+        if name not in self:
+            self[name] = default
+        return self[name]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,7 +523,7 @@ def bind(prim: Primitive, *args, **params):
         out = prim.rule("impl")(np, 0, *arrays, **params)
         return out
     atoms = [builder.atom(a) for a in args]
-    if builder.manual_axes and prim.vma_rule is None and builder.check_vma:
+    if builder.manual_axes and prim.vma is None and builder.check_vma:
         atoms = _implicit_pvary(builder, atoms)
     avals = [a.aval for a in atoms]
     out = prim.abstract_eval(*avals, **params)

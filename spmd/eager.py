@@ -18,6 +18,7 @@ import sys
 import numpy as np
 import optree
 
+from . import _cache
 from .array import Array
 from .core import hooks
 from .errors import ShardingError, TracingError
@@ -25,8 +26,7 @@ from .jit import Jitted
 from .numpy_api import HANDLED_FUNCTIONS
 from .sharding import NamedSharding, PartitionSpec
 
-_CACHE: dict = {}
-_CACHE_MAX = 4096
+_CACHE = _cache.LRU()
 # NumPy functions that only look at shapes and dtypes: answered on the host from stand-ins.
 _METADATA = {np.shape, np.ndim, np.size, np.result_type}
 
@@ -74,13 +74,15 @@ def call(name, fn, args, kwargs):
     key = (name, tree, static, tuple((a.shape, np.dtype(a.dtype), s.spec) for a, s in zip(arrays, shardings)), mesh)
     jf = _CACHE.get(key)
     if jf is None:
+        # the static leaves only: the cached op must not keep this call's arrays alive
+        statics = [None if i in dyn else leaf for i, leaf in enumerate(leaves)]
+
         def one_op(*xs):
-            a, kw = _rebuild(tree, leaves, dyn, list(xs))
+            a, kw = _rebuild(tree, statics, dyn, list(xs))
             return fn(*a, **kw)
         one_op.__qualname__ = name
-        if len(_CACHE) >= _CACHE_MAX:
-            _CACHE.pop(next(iter(_CACHE)))          # the oldest entry
-        jf = _CACHE[key] = Jitted(one_op, name=name, in_shardings=shardings)
+        jf = Jitted(one_op, name=name, in_shardings=shardings)
+        _CACHE.put(key, jf)
     return jf(*arrays)
 
 

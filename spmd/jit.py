@@ -29,7 +29,7 @@ import os
 import numpy as np
 import optree
 
-from . import distributed, inspect
+from . import _cache, distributed, inspect
 from .array import Array, device_put
 from .compiler import Compiled, Sharding, compile_program, default_cost_model
 from .compiler.explain import explain_text
@@ -144,7 +144,7 @@ class Lowered:
             head = self.compiled.explain()
         else:
             head = f"jit({self.name}): no shardings given or found; the compiler inserted nothing."
-        written = inspect.collectives(self.per_device_program)
+        written = inspect.collectives_of(self.per_device_program)
         if self.compiled is not None:      # the compiler's own show up above
             written = [c for c in written if c.where != f"shard_map({self.name})"]
         if not written:
@@ -189,8 +189,8 @@ class Jitted:
         self.donate_argnums = (donate_argnums,) if isinstance(donate_argnums, int) else tuple(donate_argnums)
         self.cost_model = cost_model
         self.explicit = in_shardings is not None or out_shardings is not None or bool(self.donate_argnums)
-        self._traces: dict = {}       # trace key -> (program, in_tree, out_tree)
-        self._compiled: dict = {}     # (trace key, mesh, specs, cost model) -> Compiled
+        self._traces = _cache.LRU()     # trace key -> (program, in_tree, out_tree)
+        self._compiled = _cache.LRU()   # (trace key, mesh, specs, cost model) -> Compiled
         functools.update_wrapper(self, f)
 
     # -- tracing ---------------------------------------------------------------------------------
@@ -229,7 +229,8 @@ class Jitted:
             assert not captured
             # values the function computed but does not return (the loss under spmd.grad) go
             program = dce(program)
-            hit = self._traces[key] = (program, in_tree, out_box[0])
+            hit = (program, in_tree, out_box[0])
+            self._traces.put(key, hit)
         return key, hit, leaves
 
     # -- shardings -------------------------------------------------------------------------------
@@ -350,7 +351,7 @@ class Jitted:
                 outs = _gradients_like_parameters(args, self, out_tree, program, ins, outs)
             comp = compile_program(program, ins, outs, mesh, name=self.name,
                                    cost_model=self.cost_model, out_tree=out_tree)
-            self._compiled[ckey] = comp
+            self._compiled.put(ckey, comp)
         return comp, paths
 
     # -- calling ---------------------------------------------------------------------------------
@@ -419,7 +420,7 @@ def _sharded_arguments(leaves) -> bool:
 
 
 def _has_manual_subprogram(program) -> bool:
-    return any(e.prim.name == "shard_map" for e in program.eqns)
+    return any(e.prim.manual is not None for e in program.eqns)
 
 
 def _gradients_like_parameters(args, jitted, out_tree, program, ins, outs):
@@ -500,7 +501,7 @@ def _pad_global(x, shape):
 # reshard (the planner on a whole Array)
 # ---------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=1024)
+@_cache.memoize
 def _reshard_compiled(shape, dtype, mesh, src_spec, dst_spec):
     prog, _ = trace(lambda x: [x], [Aval(shape, np.dtype(dtype))], context="reshard")
     nd = len(shape)

@@ -196,17 +196,19 @@ add_p = binary("add", ufunc("add"), linear=True,
                transpose=lambda ct, x, y: [ct if ad_util.is_undefined(x) else None, ct if ad_util.is_undefined(y) else None])
 sub_p = binary("sub", ufunc("subtract"), linear=True,
                transpose=lambda ct, x, y: [ct if ad_util.is_undefined(x) else None, -ct if ad_util.is_undefined(y) else None])
-mul_p = binary("mul", ufunc("multiply"), partials=lambda x, y, o: (y, x),
+mul_p = binary("mul", ufunc("multiply"), partials=lambda x, y, o: (y, x), multilinear=(0, 1),
                transpose=_mul_transpose)
 div_p = binary("div", ufunc("true_divide"), partials=lambda x, y, o: (1 / y, -o / y),
-               transpose=lambda ct, x, y: [ct / y, None])
+               multilinear=(0,), transpose=lambda ct, x, y: [ct / y, None])
 floordiv_p = binary("floordiv", ufunc("floor_divide"), nondiff=True)
 rem_p = binary("rem", ufunc("remainder"), partials=lambda x, y, o: (1, -np.floor(x / y)))
 fmod_p = binary("fmod", ufunc("fmod"), partials=lambda x, y, o: (1, -np.trunc(x / y)))
 pow_p = binary("pow", ufunc("power"),
                partials=lambda x, y, o: (_pow_dx(x, y), np.log(np.where(x > 0, x, 1)) * o))
-max_p = binary("max", ufunc("maximum"), partials=lambda x, y, o: _chooser(x > y, x == y))
-min_p = binary("min", ufunc("minimum"), partials=lambda x, y, o: _chooser(x < y, x == y))
+max_p = binary("max", ufunc("maximum"), partials=lambda x, y, o: _chooser(x > y, x == y),
+               monoid="max")
+min_p = binary("min", ufunc("minimum"), partials=lambda x, y, o: _chooser(x < y, x == y),
+               monoid="min")
 fmax_p = binary("fmax", ufunc("fmax"), partials=lambda x, y, o: _chooser(x > y, x == y))
 fmin_p = binary("fmin", ufunc("fmin"), partials=lambda x, y, o: _chooser(x < y, x == y))
 atan2_p = binary("atan2", ufunc("arctan2"),
@@ -248,7 +250,7 @@ def _select_transpose(ct, c, x, y):
 
 select_p = Primitive("select", abstract=_select_abstract,
                      impl=lambda xp, k, c, x, y: xp.where(c, x, y), category="elementwise",
-                     jvp=_select_jvp, transpose=_select_transpose)
+                     linear=(1, 2), jvp=_select_jvp, transpose=_select_transpose)
 select_p.batch = batching.elementwise_batch(select_p)
 
 
@@ -270,6 +272,7 @@ def _convert_jvp(primals, tangents, *, dtype):
 
 convert_element_type_p = Primitive(
     "convert_element_type", abstract=_convert_abstract, impl=_convert_impl, category="elementwise",
+    linear=lambda dtype: np.dtype(dtype).kind in "fc",     # rounding to integers is not linear
     jvp=_convert_jvp,
     transpose=lambda ct, x, *, dtype: [bind(convert_element_type_p, ct, dtype=x.aval.dtype)])
 convert_element_type_p.batch = batching.elementwise_batch(convert_element_type_p)
@@ -437,10 +440,10 @@ def _reduce_abstract(out_dtype=None):
     return abstract
 
 
-def reduction(name, fn, out_dtype=None, **rules):
+def reduction(name, fn, monoid, out_dtype=None, **rules):
     p = Primitive(name, abstract=_reduce_abstract(out_dtype),
                   impl=lambda xp, k, x, *, axes: fn(xp, x, _shift(axes, k)),
-                  category="reduction", **rules)
+                  category="reduction", monoid=monoid, **rules)
     p.batch = batching.shifted_batch(p, batching.plus1("axes"))
     return p
 
@@ -477,8 +480,8 @@ reduce_min_p = reduction("reduce_min", lambda xp, x, a: xp.min(x, axis=a), monoi
                          jvp=lambda p, t, *, axes: _reduce_chooser_jvp(p, t, axes=axes, prim=reduce_min_p))
 reduce_prod_p = reduction("reduce_prod", lambda xp, x, a: xp.prod(x, axis=a, dtype=x.dtype), monoid="prod",
                           jvp=_reduce_prod_jvp)
-reduce_and_p = reduction("reduce_and", lambda xp, x, a: xp.all(x, axis=a), out_dtype=_bool)
-reduce_or_p = reduction("reduce_or", lambda xp, x, a: xp.any(x, axis=a), out_dtype=_bool)
+reduce_and_p = reduction("reduce_and", lambda xp, x, a: xp.all(x, axis=a), monoid="and", out_dtype=_bool)
+reduce_or_p = reduction("reduce_or", lambda xp, x, a: xp.any(x, axis=a), monoid="or", out_dtype=_bool)
 reduce_and_p.jvp, reduce_or_p.jvp = ad_util.zero_jvp(reduce_and_p), ad_util.zero_jvp(reduce_or_p)
 
 
@@ -486,9 +489,9 @@ def _arg_abstract(x, *, axis, index_dtype):
     return Aval(tuple(d for i, d in enumerate(x.shape) if i != axis), np.dtype(index_dtype))
 
 
-argmax_p = Primitive("argmax", abstract=_arg_abstract,
+argmax_p = Primitive("argmax", abstract=_arg_abstract, category="arg",
                      impl=lambda xp, k, x, *, axis, index_dtype: xp.argmax(x, axis=axis + k).astype(index_dtype))
-argmin_p = Primitive("argmin", abstract=_arg_abstract,
+argmin_p = Primitive("argmin", abstract=_arg_abstract, category="arg",
                      impl=lambda xp, k, x, *, axis, index_dtype: xp.argmin(x, axis=axis + k).astype(index_dtype))
 argmax_p.jvp, argmin_p.jvp = ad_util.zero_jvp(argmax_p), ad_util.zero_jvp(argmin_p)
 argmax_p.batch = batching.shifted_batch(argmax_p, batching.plus1("axis"))
@@ -544,16 +547,21 @@ def _sort_jvp(primals, tangents, *, axis):
 
 
 cumsum_p = Primitive("cumsum", abstract=_same, impl=_cum_impl(lambda xp, x, a: xp.cumsum(x, axis=a, dtype=x.dtype)), linear=True,
+                     category="scan",
                      transpose=lambda ct, x, *, axis, reverse: [bind(cumsum_p, ct, axis=axis, reverse=not reverse)])
 cumsum_p.jvp = ad_util.linear_jvp(cumsum_p)
 cumprod_p = Primitive("cumprod", abstract=_same, impl=_cum_impl(lambda xp, x, a: xp.cumprod(x, axis=a, dtype=x.dtype)),
-                      jvp=_cumprod_jvp)
-cummax_p = Primitive("cummax", abstract=_same, impl=_cum_impl(lambda xp, x, a: xp.maximum.accumulate(x, axis=a)))
-cummin_p = Primitive("cummin", abstract=_same, impl=_cum_impl(lambda xp, x, a: xp.minimum.accumulate(x, axis=a)))
+                      category="scan", jvp=_cumprod_jvp)
+cummax_p = Primitive("cummax", abstract=_same, impl=_cum_impl(lambda xp, x, a: xp.maximum.accumulate(x, axis=a)),
+                     category="scan")
+cummin_p = Primitive("cummin", abstract=_same, impl=_cum_impl(lambda xp, x, a: xp.minimum.accumulate(x, axis=a)),
+                     category="scan")
 cummax_p.jvp, cummin_p.jvp = _cum_record_jvp(cummax_p), _cum_record_jvp(cummin_p)
 
-sort_p = Primitive("sort", abstract=_same, impl=lambda xp, k, x, *, axis: xp.sort(x, axis=axis + k), jvp=_sort_jvp)
+sort_p = Primitive("sort", abstract=_same, impl=lambda xp, k, x, *, axis: xp.sort(x, axis=axis + k), jvp=_sort_jvp,
+                   category="scan")
 argsort_p = Primitive("argsort", abstract=lambda x, *, axis, index_dtype: Aval(x.shape, np.dtype(index_dtype)),
+                      category="scan",
                       impl=lambda xp, k, x, *, axis, index_dtype: xp.argsort(x, axis=axis + k, kind="stable").astype(index_dtype))
 argsort_p.jvp = ad_util.zero_jvp(argsort_p)
 for _p in (cumsum_p, cumprod_p, cummax_p, cummin_p, sort_p, argsort_p):
@@ -688,7 +696,7 @@ def _dot_batch(vals, dims, *, contract, batch):
 
 
 dot_general_p = Primitive("dot_general", abstract=_dot_abstract, impl=_dot_impl, category="contraction",
-                          jvp=_dot_jvp, transpose=_dot_transpose, batch=_dot_batch)
+                          multilinear=(0, 1), jvp=_dot_jvp, transpose=_dot_transpose, batch=_dot_batch)
 
 # ---------------------------------------------------------------------------------------------
 # indexing
@@ -747,7 +755,7 @@ def _take_batch(vals, dims, *, axis):
 
 
 take_p = Primitive("take", abstract=_take_abstract, impl=_take_impl, category="gather",
-                   jvp=_take_jvp, transpose=_take_transpose, batch=_take_batch)
+                   multilinear=(0,), jvp=_take_jvp, transpose=_take_transpose, batch=_take_batch)
 
 
 def _dynamic_slice_abstract(x, *starts, sizes):
@@ -795,8 +803,8 @@ def _dynamic_slice_jvp(primals, tangents, *, sizes):
 
 
 dynamic_slice_p = Primitive(
-    "dynamic_slice", abstract=_dynamic_slice_abstract, impl=_dynamic_slice_impl, category="gather",
-    jvp=_dynamic_slice_jvp,
+    "dynamic_slice", abstract=_dynamic_slice_abstract, impl=_dynamic_slice_impl, category="window",
+    multilinear=(0,), jvp=_dynamic_slice_jvp,
     transpose=lambda ct, x, *starts, sizes: [bind(dynamic_update_slice_p, ad_util.full(x.aval, 0), ct, *starts)]
     + [None] * len(starts))
 
@@ -931,7 +939,7 @@ def _dus_batch(vals, dims):
 
 
 dynamic_update_slice_p = Primitive("dynamic_update_slice", abstract=_dus_abstract,
-                                   impl=_dus_impl, category="scatter", jvp=_dus_jvp, transpose=_dus_transpose,
+                                   impl=_dus_impl, category="window_update", jvp=_dus_jvp, transpose=_dus_transpose,
                                    batch=_dus_batch)
 
 

@@ -11,6 +11,7 @@ import math
 
 import optree
 
+from . import _cache
 from .core import Aval, Primitive, Program, aval_of, bind, current_builder, hooks, trace
 from .errors import ShardingError, VmaError
 from .mesh import AbstractMesh, get_mesh
@@ -39,8 +40,22 @@ def _shard_map_vma(*avals, **_):
     return frozenset()                     # per output, from the body: see _shard_map_abstract
 
 
+def _shard_map_execute(run, *, body, mesh, in_specs, out_specs, manual_axes, check_vma, name):
+    return run.manual(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                      manual_axes=manual_axes, check_vma=check_vma)
+
+
+def _shard_map_manual(params):
+    """Over all of its mesh with checked types, a shard_map is a per-device region that the
+    sharding compiler keeps as it is (see ``Primitive.RULES['manual']``)."""
+    p = params
+    if set(p["manual_axes"]) != set(p["mesh"].axis_names) or not p["check_vma"]:
+        return None
+    return p["mesh"], p["in_specs"], p["out_specs"], p["body"]
+
+
 shard_map_p = Primitive("shard_map", abstract=_shard_map_abstract, multiple_results=True,
-                        vma=_shard_map_vma)
+                        vma=_shard_map_vma, execute=_shard_map_execute, manual=_shard_map_manual)
 
 
 # Autodiff: the JVP, the partial evaluation and the transpose of a shard_map are shard_maps of
@@ -190,7 +205,7 @@ def _shard_map_batch(vals, dims, *, body, mesh, in_specs, out_specs, manual_axes
 shard_map_p.jvp = _shard_map_jvp
 shard_map_p.transpose = _shard_map_transpose
 shard_map_p.batch = _shard_map_batch
-shard_map_p.rules["partial_eval"] = _shard_map_partial_eval
+shard_map_p.partial_eval = _shard_map_partial_eval
 
 
 def _fn_name(f) -> str:
@@ -223,7 +238,7 @@ def shard_map(f=None, /, *, out_specs, in_specs=None, mesh=None, axis_names=None
         check_vma = check_rep
     name = _fn_name(f)
 
-    eager = {}                 # (mesh, specs taken from the arguments) -> the jit that runs it
+    eager = _cache.LRU()       # (mesh, specs taken from the arguments) -> the jit that runs it
 
     @functools.wraps(f)
     def wrapped(*args, **kwargs):
@@ -249,11 +264,13 @@ def shard_map(f=None, /, *, out_specs, in_specs=None, mesh=None, axis_names=None
             key = (m, None if in_specs is not None else
                    (optree.tree_structure(args, none_is_leaf=False), tuple(optree.tree_leaves(
                        specs, is_leaf=lambda x: isinstance(x, PartitionSpec), none_is_leaf=False))))
-            if key not in eager:
-                eager[key] = hooks.jit(lambda *a: _bind_shard_map(f, name, m, a, specs, out_specs,
+            run = eager.get(key)
+            if run is None:
+                run = hooks.jit(lambda *a: _bind_shard_map(f, name, m, a, specs, out_specs,
                                                            axis_names, check_vma),
-                                 _name=f"shard_map({name})")
-            return eager[key](*args)
+                                _name=f"shard_map({name})")
+                eager.put(key, run)
+            return run(*args)
         return _bind_shard_map(f, name, m, args, in_specs, out_specs, axis_names, check_vma)
 
     return wrapped

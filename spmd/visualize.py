@@ -26,6 +26,11 @@ import itertools
 import math
 
 import numpy as np
+from rich import box
+from rich.console import Console, Group
+from rich.padding import Padding
+from rich.table import Table
+from rich.text import Text
 
 from .errors import ShardingError
 from .mesh import AbstractMesh, Mesh
@@ -228,11 +233,6 @@ def _colours(index: int) -> tuple[str, str]:
 
 
 def _rich(picture: _Picture):
-    from rich import box
-    from rich.console import Group
-    from rich.padding import Padding
-    from rich.table import Table
-    from rich.text import Text
 
     parts = [Text(line) for line in picture.lines]
     for panel in picture.panels:
@@ -277,7 +277,6 @@ def _to_html(picture: _Picture) -> str:
 
 
 def _plain(picture: _Picture, width: int) -> str:
-    from rich.console import Console
     buf = io.StringIO()
     Console(file=buf, width=width, color_system=None, force_terminal=False, force_jupyter=False,
             legacy_windows=False).print(_rich(picture))
@@ -301,10 +300,9 @@ def visualize_sharding(x, shape=None, *, _html: bool = False):
 
 
 def _show(picture: _Picture) -> None:
-    from rich.console import Console
     console = Console()
     if console.is_jupyter:
-        from IPython.display import HTML, display
+        from IPython.display import HTML, display  # optional: only inside a Jupyter kernel
         display(HTML(_to_html(picture)))
     else:
         console.print(_rich(picture))

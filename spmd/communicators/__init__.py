@@ -19,9 +19,9 @@ they are host NumPy arrays.
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
+
+from .. import _cache
 
 # Bytes each rank sends over the slowest link, per byte of its input: the nccl-tests "bus"
 # factors.  The cost model and the bandwidth reports both use this one table.
@@ -61,7 +61,7 @@ def rank_in(mesh, axes, position) -> int:
     return r
 
 
-@functools.lru_cache(maxsize=None)
+@_cache.memoize
 def group_of(mesh, axes, groups, position) -> tuple[int, ...]:
     """The positions of ``position``'s group in a collective over ``axes``, in rank order (for
     communicators that hold one position per process)."""

@@ -25,7 +25,7 @@ from .placements import Sharding
 from .redistribute import Step, apply, axis_index, plan
 from .rules import category
 
-_FILL = {"sum": 0, "max": -np.inf, "min": np.inf, "prod": 1}
+_FILL = {"sum": 0, "max": -np.inf, "min": np.inf, "prod": 1, "and": True, "or": False}
 
 
 @dataclasses.dataclass
@@ -91,33 +91,30 @@ def lower_equation(e, s, args, sizes):
     if cat == "constraint":
         return [args[0]]
     if s.variant == "inline":
-        return _inline(p["body"], args)
+        return _inline(e.prim.manual(e.params)[3], args)
     if cat in ("reshape", "broadcast"):
         p["shape"] = local_out
     elif cat == "slice":
         p["index"] = tuple((0, li, 1) if sl == (0, n, 1) else sl
                            for sl, n, li in zip(p["index"], ins[0].shape, local_in[0]))
-    elif e.prim.name == "dynamic_slice":
+    elif cat == "window":
         p["sizes"] = tuple(li if sz == n else sz for sz, n, li in zip(p["sizes"], ins[0].shape, local_in[0]))
     elif cat == "reduction":
-        op = e.prim.rules.get("monoid") or {"reduce_and": "prod", "reduce_or": "sum"}.get(e.prim.name, "sum")
-        if e.prim.name in ("reduce_and", "reduce_or"):
-            op = "max" if e.prim.name == "reduce_or" else "min"
-        args[0] = mask_padding(args[0], s.ins[0], ins[0].shape, p["axes"], sizes, op)
+        args[0] = mask_padding(args[0], s.ins[0], ins[0].shape, p["axes"], sizes, e.prim.monoid)
     elif cat == "contraction":
         (xc, yc), _ = p["contract"], p["batch"]
         args[0] = mask_padding(args[0], s.ins[0], ins[0].shape, xc, sizes, "sum")
         args[1] = mask_padding(args[1], s.ins[1], ins[1].shape, yc, sizes, "sum")
-    if s.variant == "masked" and e.prim.name == "take":
+    if s.variant == "masked" and cat == "gather":
         return [_masked_take(args, s, ins, sizes, p["axis"])]
-    if s.variant == "masked" and e.prim.name == "scatter_add":
+    if s.variant == "masked" and cat == "scatter":
         return [_masked_scatter_add(args, s, ins, sizes, p["axis"])]
     out_vals = bind(e.prim, *args, **p)
     return out_vals if e.prim.multiple_results else [out_vals]
 
 
 def _inline(body: Program, args):
-    """The equations of a shard_map body over the same mesh, applied to our blocks."""
+    """The equations of a per-device region's body over the same mesh, on our blocks."""
     env = {id(v): a for v, a in zip(body.in_vars, args)}
     read = lambda a: a.val if isinstance(a, Literal) else env[id(a)]
     for e in body.eqns:
@@ -264,7 +261,12 @@ def lower(program: Program, prop, mesh, cm: CostModel, name: str):
     return manual, inserted
 
 
-_SCALINGS = {"mul": (0, 1), "div": (0,), "neg": (0,)}     # operands a scaling is linear in
+def _scaled_operands(f) -> tuple:
+    """The operands that elementwise equation ``f`` scales: linear in each one alone."""
+    if category(f.prim) != "elementwise":
+        return ()
+    alone = f.prim.linear_operands(1, f.params) if len(f.inputs) == 1 else ()
+    return tuple(f.prim.multilinear) + alone
 
 
 def reduce_before_scaling(body: Program, records: dict) -> Program:
@@ -288,7 +290,7 @@ def reduce_before_scaling(body: Program, records: dict) -> Program:
         f = eqns[producer[id(x)]]
         axes = set(e.params["axes"])
         varying = [k for k, a in enumerate(f.inputs) if axes & a.aval.vma]
-        if (len(varying) != 1 or varying[0] not in _SCALINGS.get(f.prim.name, ())
+        if (len(varying) != 1 or varying[0] not in _scaled_operands(f)
                 or not axes <= f.inputs[varying[0]].aval.vma
                 or f.inputs[varying[0]].aval.dtype != f.outputs[0].aval.dtype):
             return None
@@ -482,7 +484,8 @@ def _pending(sh):
 def _why(e, j, cur, req):
     def why(st):
         if cur.partial and st.kind in ("psum", "pmax", "pmin", "psum_scatter"):
-            lin = "is not linear" if not e.prim.linear else "needs its operands reduced"
+            linear = j in e.prim.linear_operands(len(e.inputs), e.params) + tuple(e.prim.multilinear)
+            lin = "needs its operands reduced" if linear else "is not linear"
             return (f"operand {j} of {e.prim.name} is pending a {_pending(cur)}; "
                     f"{e.prim.name} {lin}, so it is reduced first")
         return f"operand {j} of {e.prim.name} is {cur}; the cheapest strategy needs {req}"

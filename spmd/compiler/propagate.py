@@ -105,23 +105,20 @@ def propagate(program: Program, in_shardings: list, out_shardings: list, sizes: 
     return Propagation(ins, chosen, outs, hints)
 
 
-# Primitives that only wrap a sub-program of global ops (their own semantics matter to
-# autodiff, which has already run): the compiler sees through them.
-_TRANSPARENT = {"checkpoint"}
-
-
 def inline_calls(program: Program) -> Program:
-    """``program`` with the bodies of transparent call primitives inlined (fresh variables)."""
-    if not any(e.prim.name in _TRANSPARENT for e in program.eqns):
+    """``program`` with the equations of primitives that declare an ``inline`` rule replaced by
+    their sub-program, with fresh variables (``checkpoint``: its meaning matters to autodiff,
+    which has already run)."""
+    if not any(e.prim.inline is not None for e in program.eqns):
         return program
     subst: dict[int, object] = {}
     read = lambda a: subst.get(id(a), a) if isinstance(a, Var) else a
     eqns = []
     for e in program.eqns:
-        if e.prim.name not in _TRANSPARENT:
+        if e.prim.inline is None:
             eqns.append(Eqn(e.prim, [read(a) for a in e.inputs], e.params, e.outputs))
             continue
-        body = inline_calls(e.params["body"])
+        body = inline_calls(e.prim.inline(e.params))
         inner = {id(v): read(a) for v, a in zip(body.in_vars, e.inputs)}
         bread = lambda a: inner.get(id(a), a) if isinstance(a, Var) else a
         for be in body.eqns:

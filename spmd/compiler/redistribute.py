@@ -24,14 +24,13 @@ different padding of the same dim are left to the planner's gather-then-slice ro
 from __future__ import annotations
 
 import dataclasses
-import functools
 import heapq
 import itertools
 import math
 
 import numpy as np
 
-from .. import lax
+from .. import _cache, lax
 from ..collectives import (all_gather_p, all_to_all_p, axis_index_p, pmax_p, pmin_p,
                            ppermute_p, psum_p, psum_scatter_p)
 from ..core import bind
@@ -174,7 +173,7 @@ def _padded_bytes(local, d, n, itemsize):
     return math.prod(shape) * itemsize
 
 
-@functools.lru_cache(maxsize=65536)
+@_cache.memoize
 def plan(shape: tuple, itemsize: int, src: Sharding, dst: Sharding, mesh_sizes: tuple,
          cm: CostModel) -> Plan:
     """The cheapest sequence of table rows turning ``src`` into ``dst``.

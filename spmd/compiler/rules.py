@@ -1,14 +1,19 @@
-"""Sharding rules, derived from each primitive's category (``prim.rules["category"]``).
+"""Sharding rules, derived from what each primitive declares (``spmd.core.Primitive.RULES``):
+its ``category``, ``linear``, ``multilinear`` and ``monoid``, and for a per-device region its
+``manual`` rule.  No primitive is named here.
 
 A rule proposes *strategies*: the sharding each input must have and the sharding of each
 output.  Most categories are described by a **dim map** (which output dim each input dim
 becomes; unmapped dims must be replicated), from which forward images and backward
 requirements follow mechanically.  Pending reductions follow the algebra:
 
-- linear in all operands jointly (add, sub, neg, reshape, transpose, slice, concatenate,
-  reduce_sum, ...): all operands pending the same sum -> the result pends that sum;
-- multilinear (mul, div by a replicated value, dot_general, take, ...): one operand pending ->
-  the result pends;
+- jointly linear (``linear``: add, sub, neg, reshape, transpose, slice, pad, concatenate,
+  reduce_sum, ...): all linear operands pending the same sum -> the result pends that sum (a
+  literal zero is the parts of any sum);
+- linear in one operand at a time (``multilinear``: mul, div by a replicated value,
+  dot_general, take, ...): one operand pending -> the result pends;
+- the ``monoid`` max or min itself (max, reduce_max, ...): all operands pending the same max
+  -> the result pends it;
 - anything else forces the reduction first (the planner inserts the psum).
 
 Reductions over a sharded dim, contractions over a dim sharded on both sides, and lookups in
@@ -22,6 +27,7 @@ import math
 
 import numpy as np
 
+from .. import _cache
 from ..core import Literal
 from .placements import Sharding
 
@@ -36,29 +42,16 @@ class Strategy:
         return max(math.prod(sizes[a] for a in o.used_axes | o.partial_axes) for o in self.outs) if self.outs else 1
 
 
-_BY_NAME = {"copy": "elementwise", "cumsum": "scan", "cumprod": "scan", "cummax": "scan",
-            "cummin": "scan", "sort": "scan", "argsort": "scan", "argmax": "arg", "argmin": "arg",
-            "iota": "iota", "sharding_constraint": "constraint"}
-
-# how pending reductions flow through each primitive (see the module docstring)
-_JOINT_LINEAR = {"add", "sub", "neg", "conj", "real", "imag", "copy", "transpose", "reshape",
-                 "broadcast_in_dim", "slice", "concatenate", "reduce_sum", "cumsum",
-                 "convert_element_type", "select"}
-_ONE_LINEAR = {"mul": (0, 1), "div": (0,), "dot_general": (0, 1), "take": (0,),
-               "dynamic_slice": (0,), "pad": (0,)}
-_MONOTONE = {"max": "max", "min": "min", "reduce_max": "max", "reduce_min": "min"}
-
-
 def category(prim) -> str:
-    return prim.rules.get("category") or _BY_NAME.get(prim.name, "opaque")
+    return prim.category or "opaque"
 
 
 def _rank(a):
     return len(a.aval.shape)
 
 
-def _is_scalar_lit(a):
-    return isinstance(a, Literal) and np.ndim(a.val) == 0
+def _is_zero_lit(a):
+    return isinstance(a, Literal) and np.ndim(a.val) == 0 and a.val == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,20 +123,20 @@ def dim_maps(e) -> list[tuple]:
     if cat == "arg":
         ax = p["axis"]
         return [tuple(None if d == ax else d - (d > ax) for d in range(_rank(ins[0])))]
-    if cat == "gather" and e.prim.name == "take":
+    if cat == "gather":            # take: the index's dims replace the axis
         ax, ni = p["axis"], _rank(ins[1])
         xm = tuple(None if d == ax else d if d < ax else d + ni - 1 for d in range(_rank(ins[0])))
         return [xm, tuple(ax + j for j in range(ni))]
-    if cat == "gather":            # dynamic_slice
+    if cat == "window":            # dynamic_slice: dims cut to a window must be whole
         x = ins[0].aval
         return [tuple(d if s == n else None for d, (s, n) in enumerate(zip(p["sizes"], x.shape)))] + \
             [()] * (len(ins) - 1)
-    if cat == "scatter" and e.prim.name == "scatter_add":
+    if cat == "scatter":           # scatter_add along an axis
         ax, ni = p["axis"], _rank(ins[1])
         xm = tuple(None if d == ax else d for d in range(_rank(ins[0])))
         um = tuple(d if d < ax else None if d < ax + ni else d - ni + 1 for d in range(_rank(ins[2])))
         return [xm, none(ins[1]), um]
-    if cat == "scatter":           # dynamic_update_slice
+    if cat == "window_update":     # dynamic_update_slice
         x, u = ins[0].aval, ins[1].aval
         m = tuple(d if u.shape[d] == x.shape[d] else None for d in range(x.ndim))
         return [m, m] + [()] * (len(ins) - 2)
@@ -190,7 +183,7 @@ def backward_hints(e, out_hints) -> list:
     if category(e.prim) == "contraction":
         xm, ym = _dot_maps(e)
         return [Sharding(_preimage(h.dims, xm, fill=UNKNOWN)), Sharding(_preimage(h.dims, ym, fill=UNKNOWN))]
-    if category(e.prim) in ("opaque", "iota"):
+    if category(e.prim) == "opaque":
         return [None] * len(e.inputs)
     return [Sharding(_preimage(h.dims, m, fill=UNKNOWN)) if len(m) else None for m in dim_maps(e)]
 
@@ -211,51 +204,40 @@ def _partial_choices(e, cur) -> list[tuple]:
     inputs' current pending reductions; the first is always 'reduce everything first'."""
     n = len(e.inputs)
     choices = [((),) * n + ((),)]
-    name = e.prim.name
     parts = [c.partial if c is not None else () for c in cur]
-    traced = [i for i, a in enumerate(e.inputs) if not _is_scalar_lit(a)]
-    if name == "select":
-        traced = [1, 2]
-    if name in _JOINT_LINEAR:
-        if name == "convert_element_type" and np.dtype(e.params["dtype"]).kind not in "fc":
-            return choices
-        literals = [a for a in e.inputs if isinstance(a, Literal)] if name != "select" else []
-        ps = {parts[i] for i in traced}
-        if len(ps) == 1 and ps != {()} and not literals and all(op == "sum" for _, op in next(iter(ps))):
+    joint = [("sum", e.prim.linear_operands(n, e.params))]
+    if e.prim.monoid in ("max", "min"):
+        joint.append((e.prim.monoid, tuple(range(n))))
+    for op, operands in joint:
+        pending = [i for i in operands if not (op == "sum" and _is_zero_lit(e.inputs[i]))]
+        ps = {parts[i] for i in pending}
+        if len(ps) == 1 and ps != {()} and all(o == op for _, o in next(iter(ps))):
             p = next(iter(ps))
-            choices.append(tuple(p if i in traced else () for i in range(n)) + (p,))
-    elif name in _ONE_LINEAR:
-        for i in _ONE_LINEAR[name]:
-            if i < n and parts[i] and all(op == "sum" for _, op in parts[i]) and \
-                    not any(parts[j] for j in range(n) if j != i):
-                choices.append(tuple(parts[i] if j == i else () for j in range(n)) + (parts[i],))
-    elif name in _MONOTONE:
-        ps = {parts[i] for i in traced}
-        op = _MONOTONE[name]
-        if len(ps) == 1 and ps != {()} and all(o == op for _, o in next(iter(ps))) and \
-                len(traced) == n:
-            p = next(iter(ps))
-            choices.append((p,) * n + (p,))
+            choices.append(tuple(p if i in pending else () for i in range(n)) + (p,))
+    for i in e.prim.multilinear:
+        if i < n and parts[i] and all(op == "sum" for _, op in parts[i]) and \
+                not any(parts[j] for j in range(n) if j != i):
+            choices.append(tuple(parts[i] if j == i else () for j in range(n)) + (parts[i],))
     return choices
 
 
-_MEMO: dict = {}
+_MEMO = _cache.LRU()
 
 
 def strategies(e, cur: list, hints: list, sizes: dict) -> list[Strategy]:
     """Candidate strategies for equation ``e`` whose inputs currently have shardings ``cur``
     (memoized: programs repeat the same layer many times)."""
     try:
-        key = (e.prim, e.params, tuple((isinstance(a, Literal), a.aval) for a in e.inputs),
+        key = (e.prim, e.params,
+               tuple((isinstance(a, Literal), _is_zero_lit(a), a.aval) for a in e.inputs),
                tuple(v.aval for v in e.outputs), tuple(cur), tuple(hints), tuple(sizes.items()))
         hash(key)
     except TypeError:
         return _strategies(e, cur, hints, sizes)
     hit = _MEMO.get(key)
     if hit is None:
-        if len(_MEMO) > 100_000:
-            _MEMO.clear()
-        hit = _MEMO[key] = _strategies(e, cur, hints, sizes)
+        hit = _strategies(e, cur, hints, sizes)
+        _MEMO.put(key, hit)
     return hit
 
 
@@ -265,13 +247,14 @@ def _strategies(e, cur: list, hints: list, sizes: dict) -> list[Strategy]:
         return _dot_strategies(e, cur, hints, sizes)
     outs = [v.aval for v in e.outputs]
     ins = [a.aval for a in e.inputs]
-    if e.prim.name == "shard_map" and _whole_mesh(e.params, sizes):
-        # a manual region over the same mesh: its specs are its strategy, its body is inlined
-        p = e.params
-        return [Strategy(tuple(Sharding.from_spec(sp, a.ndim) for sp, a in zip(p["in_specs"], ins)),
-                         tuple(Sharding.from_spec(sp, o.ndim) for sp, o in zip(p["out_specs"], outs)),
+    region = e.prim.manual(e.params) if e.prim.manual is not None else None
+    if region is not None and dict(zip(region[0].axis_names, region[0].axis_sizes)) == sizes:
+        # a per-device region over the same mesh: its specs are its strategy, its body is inlined
+        _, in_specs, out_specs, _ = region
+        return [Strategy(tuple(Sharding.from_spec(sp, a.ndim) for sp, a in zip(in_specs, ins)),
+                         tuple(Sharding.from_spec(sp, o.ndim) for sp, o in zip(out_specs, outs)),
                          "inline")]
-    if cat in ("opaque", "iota"):
+    if cat == "opaque":
         return [Strategy(tuple(Sharding.replicated(a.ndim) for a in ins),
                          tuple(Sharding.replicated(o.ndim) for o in outs))]
     if cat == "constraint":
@@ -290,9 +273,9 @@ def _strategies(e, cur: list, hints: list, sizes: dict) -> list[Strategy]:
             for c, m in zip(cur, maps):
                 if c is not None and len(m):
                     cands.append(resolve_hint(h, Sharding(_image(c, m, out.ndim))).dims)
-    reduce_op = e.prim.rules.get("monoid") if cat == "reduction" else None
-    masked_take = e.prim.name == "take"
-    scatter_add = e.prim.name == "scatter_add"
+    reduce_op = e.prim.monoid if cat == "reduction" else None
+    masked_take = cat == "gather"
+    scatter_add = cat == "scatter"
     pchoices = _partial_choices(e, cur)
     result = []
     seen = set()
@@ -433,8 +416,3 @@ def contraction_flops(e, s: Strategy, sizes) -> float:
     xl = s.ins[0].local_shape(e.inputs[0].aval.shape, sizes)
     return 2.0 * math.prod(out) * math.prod(xl[i] for i in xc)
 
-
-def _whole_mesh(params, sizes) -> bool:
-    m = params["mesh"]
-    return (dict(zip(m.axis_names, m.axis_sizes)) == sizes and set(params["manual_axes"]) == set(sizes)
-            and params["check_vma"])

@@ -178,7 +178,7 @@ def plan_fusions(program, k: int, xp) -> dict:
         if e.prim is not psum_p or e.params.get("groups") is not None:
             continue
         d = producer.get(id(e.inputs[0]))
-        if d is not None and d.prim.name == "dot_general" and uses[id(e.inputs[0])] == 1 \
+        if d is not None and d.prim.category == "contraction" and uses[id(e.inputs[0])] == 1 \
                 and d.params["contract"][0]:
             plan[id(d)] = "skip"
             plan[id(e)] = Fused("dot_then_psum", list(d.inputs), list(e.outputs),
@@ -194,7 +194,7 @@ def _elementwise_groups(program, taken):
     can run where its last equation was)."""
     groups, members, made, aval = [], [], set(), None
     for e in program.eqns:
-        fn = e.prim.rules.get("elementwise")
+        fn = e.prim.elementwise
         if id(e) in taken:
             fn = None
         reads = any(id(a) in made for a in e.inputs)
@@ -224,7 +224,7 @@ def _plan_group(group, uses, plan):
                 inputs.append(a)
     inside = {}
     for e in group:
-        members.append((e.prim.rules["elementwise"], tuple(refs[id(a)] for a in e.inputs)))
+        members.append((e.prim.elementwise, tuple(refs[id(a)] for a in e.inputs)))
         refs[id(e.outputs[0])] = len(inputs) + len(members) - 1
         for a in e.inputs:
             inside[id(a)] = inside.get(id(a), 0) + 1

@@ -41,21 +41,8 @@ class PerDeviceExecutor:
         read = lambda a: a.val if isinstance(a, Literal) else env[id(a)]
         for e in program.eqns:
             vals = [read(a) for a in e.inputs]
-            if e.prim.name == "shard_map":
-                comm = self.comm(e.params["mesh"])
-                split = getattr(comm, "multi_process", False)
-                bufs = [v.bufs if isinstance(v, _Blocks) and v.fits(e.params["mesh"], spec)
-                        else {p: self._whole(v) for p in comm.local_positions}
-                        for v, spec in zip(vals, e.params["in_specs"])]
-                outs = self._shard_map(comm, bufs, outer_axes=(), gather=not split, **e.params)
-                if split:
-                    outs = [_Blocks(o, comm, e.params["mesh"], spec, v.aval.shape)
-                            for o, spec, v in zip(outs, e.params["out_specs"], e.outputs)]
-                else:
-                    any_pos = comm.local_positions[0]
-                    outs = [_placement(comm).to_host(o[any_pos]) for o in outs]
-            elif e.prim.rules.get("call"):              # checkpoint: run the body inline
-                outs = self._eval_global(e.params["body"], vals)
+            if e.prim.execute is not None:              # higher-order: runs its sub-programs
+                outs = e.prim.execute(_Run(self), **e.params)(*vals)
             else:
                 outs = e.prim.rule("impl")(np, 0, *[self._whole(v) for v in vals], **e.params)
                 if not e.prim.multiple_results:
@@ -63,6 +50,23 @@ class PerDeviceExecutor:
             for v, o in zip(e.outputs, outs):
                 env[id(v)] = o
         return [read(a) for a in program.out_vars]
+
+    def _manual_global(self, body, vals, *, mesh, in_specs, out_specs, manual_axes, check_vma):
+        """A manual region at the top level: whole values in, whole values out (across
+        processes, this process's blocks out)."""
+        comm = self.comm(mesh)
+        split = getattr(comm, "multi_process", False)
+        bufs = [v.bufs if isinstance(v, _Blocks) and v.fits(mesh, spec)
+                else {p: self._whole(v) for p in comm.local_positions}
+                for v, spec in zip(vals, in_specs)]
+        outs = self._shard_map(comm, bufs, outer_axes=(), gather=not split, body=body, mesh=mesh,
+                               in_specs=in_specs, out_specs=out_specs, manual_axes=manual_axes,
+                               check_vma=check_vma)
+        if split:
+            return [_Blocks(o, comm, mesh, spec, _global_shape(a, spec, mesh))
+                    for o, spec, a in zip(outs, out_specs, body.out_avals)]
+        any_pos = comm.local_positions[0]
+        return [_placement(comm).to_host(o[any_pos]) for o in outs]
 
     def _whole(self, v):
         if isinstance(v, _Blocks):
@@ -82,12 +86,10 @@ class PerDeviceExecutor:
 
         for e in program.eqns:
             vals = [read(a) for a in e.inputs]
-            if e.prim.name == "shard_map":
-                outs = self._shard_map(comm, vals, outer_axes=manual, **e.params)
-            elif e.prim.rules.get("call"):
-                outs = self._eval_local(comm, e.params["body"], vals, manual)
-            elif "per_device" in e.prim.rules:
-                outs = e.prim.rules["per_device"](comm, *vals, **e.params)
+            if e.prim.execute is not None:
+                outs = e.prim.execute(_Run(self, comm, manual), **e.params)(*vals)
+            elif e.prim.per_device is not None:
+                outs = e.prim.per_device(comm, *vals, **e.params)
                 if e.prim.multiple_results is False:
                     outs = [outs]
             else:
@@ -101,7 +103,7 @@ class PerDeviceExecutor:
         return [read(a) for a in program.out_vars]
 
     def _shard_map(self, comm, bufs, *, outer_axes, body, mesh, in_specs, out_specs,
-                   manual_axes, check_vma, name, gather=True):
+                   manual_axes, check_vma, gather=True):
         """``bufs``: per input, {position: whole value}, or a ``_Blocks``' own blocks.  With
         ``gather=False`` the outputs stay as blocks (the caller wraps them)."""
         positions = comm.local_positions
@@ -142,6 +144,34 @@ class PerDeviceExecutor:
                          for p, g in gathered.items()}
             results.append(o)
         return results
+
+
+class _Run:
+    """The per-device executor at one place of a program, as ``Primitive.execute`` rules see
+    it: the top level (whole values; ``comm`` None) or inside a manual region (per-device
+    dicts through ``comm``, with ``manual_axes`` manual)."""
+
+    def __init__(self, executor: PerDeviceExecutor, comm=None, manual_axes=()):
+        self.executor, self.comm, self.manual_axes = executor, comm, manual_axes
+
+    def call(self, program: Program):
+        ex, comm = self.executor, self.comm
+        if comm is None:
+            return lambda *vals: ex._eval_global(program, list(vals))
+        return lambda *vals: ex._eval_local(comm, program, list(vals), self.manual_axes)
+
+    def manual(self, program: Program, **region):
+        ex, comm = self.executor, self.comm
+        if comm is None:
+            return lambda *vals: ex._manual_global(program, list(vals), **region)
+        return lambda *vals: ex._shard_map(comm, list(vals), outer_axes=self.manual_axes,
+                                           body=program, **region)
+
+
+def _global_shape(aval, spec, mesh) -> tuple:
+    """The global shape of a manual region's output whose blocks are ``aval``."""
+    return tuple(d * int(np.prod([mesh.axis_size(a) for a in axes]))
+                 for d, axes in zip(aval.shape, _dim_axes(spec, aval.ndim)))
 
 
 class _LocalBlocks(dict):

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
 
 import numpy as np
 
-from .. import layout
+from .. import _cache, layout
 from ..layout import GlobalValue
 from ..core import Literal, Program
 from ..sharding import NamedSharding
@@ -32,18 +31,19 @@ class StackedExecutor:
 
     def __init__(self, xp=np):
         self.xp = xp
-        self._plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._plans = _cache.LRU()               # Program -> its plan
 
     def run(self, program: Program, args) -> list:
         plan = self._plans.get(program)
         if plan is None:
-            plan = self._plans[program] = self._compile(program, mesh=None)
+            plan = self._compile(program, mesh=None)
+            self._plans.put(program, plan)
         return plan(args)
 
     def _stacked_rule(self, prim):
         """A collective's implementation on the stacked layout (the GPU executor swaps in
         kernel-backed ones: ``spmd.gpu.stacked``)."""
-        return prim.rules["stacked"]
+        return prim.stacked
 
     # values at top level are global arrays (np.ndarray or spmd.Array, kept sharded as long
     # as possible); inside shard_map they are stacked arrays.
@@ -116,19 +116,16 @@ class StackedExecutor:
 
     def _step(self, e, xp, mesh, k):
         """Equation ``e`` as a function of its input values."""
-        if e.prim.name == "shard_map":
-            return self._compile_shard_map(mesh, **e.params)
-        if e.prim.rules.get("call"):                    # checkpoint: run the body inline
-            run_body = self._compile(e.params["body"], mesh)
-            return lambda *vals: run_body(list(vals))
-        if "stacked" in e.prim.rules:
+        if e.prim.execute is not None:                  # higher-order: runs its sub-programs
+            return e.prim.execute(_Run(self, mesh), **e.params)
+        if e.prim.stacked is not None:
             return functools.partial(self._stacked_rule(e.prim), xp, mesh, **e.params)
         if k == 0:
             return functools.partial(_on_global, e.prim.rule("impl"), xp, e.params)
         return functools.partial(e.prim.rule("impl"), xp, k, **e.params)
 
-    def _compile_shard_map(self, outer_mesh, *, body, mesh, in_specs, out_specs, manual_axes,
-                           check_vma, name):
+    def _compile_manual(self, outer_mesh, body, *, mesh, in_specs, out_specs, manual_axes,
+                        check_vma):
         xp = self.xp
         sizes, names = mesh.axis_sizes, mesh.axis_names
         m = len(sizes)
@@ -197,6 +194,21 @@ class StackedExecutor:
             outs = run_body([f(v) for f, v in zip(stackers, vals)])
             return [f(z) for f, z in zip(unstackers, outs)]
         return run
+
+
+class _Run:
+    """The stacked executor at one place of a program (top level, or inside a manual region
+    over ``mesh``), as ``Primitive.execute`` rules see it."""
+
+    def __init__(self, executor: StackedExecutor, mesh):
+        self.executor, self.mesh = executor, mesh
+
+    def call(self, program: Program):
+        run = self.executor._compile(program, self.mesh)
+        return lambda *vals: run(list(vals))
+
+    def manual(self, program: Program, **region):
+        return self.executor._compile_manual(self.mesh, program, **region)
 
 
 def _on_global(impl, xp, params, *vals):

@@ -131,8 +131,8 @@ def partial_eval_program(program: Program, unknown_ins, ctx):
         u = [is_unknown(a) for a in e.inputs]
         if not any(u):
             known_eqns.append(e)
-        elif not all(u) and "partial_eval" in e.prim.rules:
-            k, ue, out_unknown = e.prim.rules["partial_eval"](e, u, ctx)
+        elif not all(u) and e.prim.partial_eval is not None:
+            k, ue, out_unknown = e.prim.partial_eval(e, u, ctx)
             known_eqns += k
             unknown_eqns.append(ue)
             unknown |= {id(v) for v, uo in zip(e.outputs, out_unknown) if uo}
@@ -146,7 +146,7 @@ def partial_eval_program(program: Program, unknown_ins, ctx):
     while todo:
         a = todo.pop()
         e = made_by.get(id(a)) if isinstance(a, Var) else None
-        if e is not None and e.prim.rules.get("free") and e not in recomputed:
+        if e is not None and e.prim.free and e not in recomputed:
             recomputed.append(e)
             todo += e.inputs
     if recomputed:

@@ -36,7 +36,7 @@ class checkpoint_policies:
     @staticmethod
     def dots_saveable(prim, *avals, **params) -> bool:
         """Save the matmul outputs, recompute the cheap elementwise work around them."""
-        return prim.name == "dot_general"
+        return prim.category == "contraction"
 
     @staticmethod
     def everything_saveable(prim, *avals, **params) -> bool:
@@ -119,10 +119,12 @@ def _batch(vals, dims, *, body, policy, name):
     return outs, [0] * len(outs)
 
 
+# Outside autodiff a checkpoint is its body: executors run it in place, the compiler inlines it.
 checkpoint_p = Primitive("checkpoint", abstract=lambda *avals, body, policy, name: body.out_avals,
                          multiple_results=True, vma=lambda *avals, **params: frozenset(),
-                         jvp=_jvp, transpose=_transpose, batch=_batch, call=True,
-                         partial_eval=_partial_eval)
+                         jvp=_jvp, transpose=_transpose, batch=_batch, partial_eval=_partial_eval,
+                         execute=lambda run, *, body, policy, name: run.call(body),
+                         inline=lambda params: params["body"])
 
 
 def checkpoint(fun=None, *, policy=None, prevent_cse=True, static_argnums=()):
