@@ -331,7 +331,7 @@ class Primitive:
         specs give (``shard_map``).
 
       ``execute`` returns the function of the equation's operands that returns the list of
-      its results; executors compile it once per program.
+      its results (the stacked executor asks once per compiled program and reuses it).
     - ``inline`` and ``manual`` tell the sharding compiler how to see through the primitive.
     """
 

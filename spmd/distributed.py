@@ -20,54 +20,29 @@ flight recorder (``spmd.flight_recorder``) dumps the last collectives of the pro
 from __future__ import annotations
 
 import atexit
-import contextlib
-import contextvars
 import dataclasses
 import os
-import socket
-import threading
-import time
 
 import numpy as np
+import optree
 
+from . import flight_recorder, runtime
 from .array import Array, make_array_from_callback  # noqa: F401 (make_array_from_callback: public here)
+from .comm_protocol import rank_in
+from .communicators.mpi import MPICommunicator, announce_exit, mpi4py_world
+from .communicators.nccl import NcclCommunicator
 from .core import hooks
+from .devices import devices
 from .errors import SpmdError
+from .executors import PerDeviceExecutor
+from .executors.per_device import _Blocks, gather_blocks
+from .mesh import make_mesh
+from .runtime import (DEFAULT_COLLECTIVE_TIMEOUT, Store, _State, collective_timeout,  # noqa: F401
+                      collective_timeout_seconds, is_initialized, process_count, process_index,
+                      state, store)
+from .sharding import as_sharding
 
 BACKENDS = ("mpi", "nccl")
-DEFAULT_COLLECTIVE_TIMEOUT = 300.0
-
-
-@dataclasses.dataclass(frozen=True)
-class _State:
-    process_index: int = 0
-    process_count: int = 1
-    backend: str | None = None
-    coordinator: str | None = None
-    local_rank: int = 0
-    launcher: str | None = None
-
-
-_state = _State()
-_store = None          # the coordinator's key-value store, when one is used
-
-
-def state() -> _State:
-    return _state
-
-
-def process_index() -> int:
-    """This process's index, 0 .. process_count() - 1."""
-    return _state.process_index
-
-
-def process_count() -> int:
-    """The number of processes of the job (1 without ``initialize()``)."""
-    return _state.process_count
-
-
-def is_initialized() -> bool:
-    return _state.process_count > 1 or _state.backend is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,11 +130,11 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     ``mpiexec``/``srun``/``spmd-run``) or ``"nccl"`` (one GPU per process; the NCCL unique id
     goes through the coordinator, or MPI when that is how the job was started).
     """
-    global _state, _store
     if is_initialized():
+        st = state()
         raise SpmdError(f"spmd.distributed.initialize() was already called (process "
-                        f"{_state.process_index} of {_state.process_count}, backend "
-                        f"{_state.backend!r}); call it once per process.")
+                        f"{st.process_index} of {st.process_count}, backend "
+                        f"{st.backend!r}); call it once per process.")
     found = detect_environment()
     launcher = found.launcher if found else "manual"
     if found is not None:
@@ -171,8 +146,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if backend is not None and backend not in BACKENDS:
         raise SpmdError(f"initialize(backend={backend!r}): use one of {BACKENDS}.")
     if backend == "mpi":
-        comm = _mpi_world()
-        from .communicators.mpi import announce_exit
+        comm = mpi4py_world()
         atexit.register(announce_exit)     # runs before mpi4py's MPI_Finalize
         if num_processes is not None and num_processes != comm.Get_size():
             raise SpmdError(f"initialize: num_processes={num_processes} but MPI_COMM_WORLD has "
@@ -191,162 +165,19 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         raise SpmdError("initialize(backend='nccl'): the NCCL unique id needs a coordinator "
                         "('host:port' of process 0, from MASTER_ADDR/MASTER_PORT or "
                         "SPMD_COORDINATOR) or an MPI launch.")
-    _state = _State(process_id, num_processes, backend, coordinator, local_rank, launcher)
+    st = runtime.set_state(_State(process_id, num_processes, backend, coordinator, local_rank,
+                                  launcher))
     if coordinator is not None and backend != "mpi" and num_processes > 1:
-        _store = Store(coordinator, process_id == 0, num_processes)
-        atexit.register(_store.leave)
-    from . import flight_recorder
+        runtime.set_store(Store(coordinator, process_id == 0, num_processes))
     flight_recorder.install_signal_handler()
-    return _state
+    return st
 
 
 def shutdown():
     """Leave the job (tests and restarts); afterwards this is a single process again."""
-    global _state, _store, _executor
-    if _store is not None:
-        atexit.unregister(_store.leave)
-        _store.close()
-        _store = None
-    _state, _executor = _State(), None
-
-
-def _mpi_world():
-    try:
-        from mpi4py import MPI
-    except ImportError:
-        raise SpmdError("backend 'mpi' needs mpi4py: pip install 'spmd[mpi]' (mpi4py and "
-                        "mpich).") from None
-    return MPI.COMM_WORLD
-
-
-def store():
-    """The coordinator's key-value store (``set(key, bytes)``, ``get(key, timeout)``)."""
-    if _store is None:
-        raise SpmdError("no coordinator store: initialize() was called without a coordinator "
-                        "(or with the mpi backend, which does not need one).")
-    return _store
-
-
-class Store:
-    """A tiny key-value store over TCP: process 0 serves, every process sets and waits for keys.
-    Enough to hand out an NCCL unique id and to meet at a barrier."""
-
-    def __init__(self, address: str, serve: bool, num_processes: int, timeout: float | None = None):
-        host, port = address.rsplit(":", 1)
-        self.address = (host, int(port))
-        self.timeout = timeout if timeout is not None else collective_timeout_seconds()
-        self._data: dict[str, bytes] = {}
-        self._cond = threading.Condition()
-        self._server = None
-        if serve:
-            self._server = socket.create_server(("", int(port)), reuse_port=False)
-            threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn):
-        with conn, conn.makefile("rwb") as f:
-            for line in f:
-                cmd, key, *rest = line.decode().split()
-                if cmd == "SET":
-                    with self._cond:
-                        self._data[key] = bytes.fromhex(rest[0]) if rest else b""
-                        self._cond.notify_all()
-                    f.write(b"OK\n")
-                else:
-                    with self._cond:
-                        ok = self._cond.wait_for(lambda: key in self._data, float(rest[0]))
-                        value = self._data.get(key)
-                    f.write(b"V " + value.hex().encode() + b"\n" if ok else b"TIMEOUT\n")
-                f.flush()
-
-    def _request(self, line: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with socket.create_connection(self.address, timeout=max(timeout, 1.0)) as s:
-                    s.sendall(line.encode() + b"\n")
-                    with s.makefile("rb") as f:
-                        return f.readline().decode().strip()
-            except (ConnectionRefusedError, socket.timeout, OSError):
-                if time.monotonic() > deadline:
-                    raise SpmdError(f"the coordinator {self.address[0]}:{self.address[1]} did not "
-                                    f"answer within {timeout:g} s; is process 0 running and the "
-                                    f"address reachable?") from None
-                time.sleep(0.05)
-
-    def set(self, key: str, value: bytes):
-        self._request(f"SET {key} {value.hex()}", self.timeout)
-
-    def get(self, key: str, timeout: float | None = None) -> bytes:
-        timeout = self.timeout if timeout is None else timeout
-        reply = self._request(f"GET {key} {timeout}", timeout + 5)
-        kind, _, value = reply.partition(" ")
-        if kind != "V":
-            from .errors import CollectiveTimeoutError
-            raise CollectiveTimeoutError(f"store.get({key!r}): no process set it within {timeout:g} s.")
-        return bytes.fromhex(value)
-
-    def barrier(self, name: str, timeout: float | None = None):
-        """Wait until every process reached ``barrier(name)``."""
-        self.set(f"{name}/{process_index()}", b"")
-        for r in range(process_count()):
-            self.get(f"{name}/{r}", timeout)
-
-    def leave(self):
-        """At exit: say so, and on process 0 (which serves the store) wait for everyone to say
-        so, so that no process is left talking to a store that is gone."""
-        try:
-            self.set(f"_exit/{process_index()}", b"")
-            if self._server is not None:
-                for r in range(process_count()):
-                    self.get(f"_exit/{r}")
-        except SpmdError:
-            pass
-
-    def close(self):
-        if self._server is not None:
-            self._server.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# deadlines
-# ---------------------------------------------------------------------------------------------
-
-_timeout_override: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-    "spmd_collective_timeout", default=None)
-
-
-def collective_timeout_seconds() -> float:
-    """The deadline of a collective started now, in seconds."""
-    t = _timeout_override.get()
-    if t is not None:
-        return t
-    raw = os.environ.get("SPMD_COLLECTIVE_TIMEOUT")
-    if raw:
-        try:
-            return float(raw)
-        except ValueError:
-            raise SpmdError(f"SPMD_COLLECTIVE_TIMEOUT={raw!r} is not a number of seconds.") from None
-    return DEFAULT_COLLECTIVE_TIMEOUT
-
-
-@contextlib.contextmanager
-def collective_timeout(seconds: float):
-    """``with collective_timeout(10): f(x)`` gives every collective that ``f`` runs 10 s."""
-    if not seconds > 0:
-        raise ValueError(f"collective_timeout({seconds!r}): the timeout must be positive seconds.")
-    token = _timeout_override.set(float(seconds))
-    try:
-        yield
-    finally:
-        _timeout_override.reset(token)
+    global _executor
+    runtime.reset()
+    _executor = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,8 +192,6 @@ def make_array_from_process_local_data(sharding, local_data, global_shape=None):
     number of blocks there over the number this process holds.  Dims this process holds whole
     are replicated: every process must pass the same data there.
     """
-    from .communicators import rank_in
-    from .sharding import as_sharding
     sharding = as_sharding(sharding, what="make_array_from_process_local_data")
     local_data = np.asarray(local_data)
     mesh, ndim = sharding.mesh, local_data.ndim
@@ -392,8 +221,6 @@ def process_allgather(x, tiled: bool = True):
 
     A non-Array leaf is this process's data: the result stacks (``tiled=False``) or
     concatenates (``tiled=True``) every process's value in process order."""
-    import optree
-    from .array import Array
     return optree.tree_map(lambda a: _gather_array(a) if isinstance(a, Array)
                            else _gather_host(np.asarray(a), tiled), x)
 
@@ -408,7 +235,6 @@ def _communicator(mesh):
 def _gather_array(a):
     if a.is_fully_addressable or a.is_fully_replicated:
         return np.asarray(a)
-    from .executors.per_device import _Blocks, gather_blocks
     blocks = _Blocks.of(a)
     return gather_blocks(_communicator(blocks.mesh), blocks.mesh, blocks.spec, blocks.shape, blocks.bufs)
 
@@ -416,8 +242,6 @@ def _gather_array(a):
 def _gather_host(x, tiled):
     if process_count() == 1:
         return x if tiled and x.ndim else x[None]
-    from .devices import devices
-    from .mesh import make_mesh
     mesh = make_mesh((process_count(),), ("processes",), devices=devices())
     comm = _communicator(mesh)
     g = comm.all_gather({p: x for p in comm.local_positions}, ("processes",), None)
@@ -431,16 +255,16 @@ _executor = None
 def executor():
     """The per-device executor over this job's backend (what ``jit`` runs on after initialize)."""
     global _executor
-    if _executor is None or _executor.backend != _state.backend:
-        from .executors import PerDeviceExecutor
-        if _state.backend == "mpi":
-            from .communicators.mpi import MPICommunicator as make
-        elif _state.backend == "nccl":
-            from .communicators.nccl import NcclProcessCommunicator as make
+    st = state()
+    if _executor is None or _executor.backend != st.backend:
+        if st.backend == "mpi":
+            make = MPICommunicator
+        elif st.backend == "nccl":
+            make = NcclCommunicator.one_gpu_per_process
         else:
-            raise SpmdError(f"process {_state.process_index} of {_state.process_count} has no "
+            raise SpmdError(f"process {st.process_index} of {st.process_count} has no "
                             f"collective backend; pass backend='mpi' (CPU) or 'nccl' (GPU) to "
                             f"spmd.distributed.initialize().")
         _executor = PerDeviceExecutor(make)
-        _executor.backend = _state.backend
+        _executor.backend = st.backend
     return _executor

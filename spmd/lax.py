@@ -480,8 +480,10 @@ reduce_min_p = reduction("reduce_min", lambda xp, x, a: xp.min(x, axis=a), monoi
                          jvp=lambda p, t, *, axes: _reduce_chooser_jvp(p, t, axes=axes, prim=reduce_min_p))
 reduce_prod_p = reduction("reduce_prod", lambda xp, x, a: xp.prod(x, axis=a, dtype=x.dtype), monoid="prod",
                           jvp=_reduce_prod_jvp)
-reduce_and_p = reduction("reduce_and", lambda xp, x, a: xp.all(x, axis=a), monoid="and", out_dtype=_bool)
-reduce_or_p = reduction("reduce_or", lambda xp, x, a: xp.any(x, axis=a), monoid="or", out_dtype=_bool)
+reduce_and_p = reduction("reduce_and", lambda xp, x, a: xp.all(x, axis=a), monoid="and",
+                         out_dtype=_bool)
+reduce_or_p = reduction("reduce_or", lambda xp, x, a: xp.any(x, axis=a), monoid="or",
+                        out_dtype=_bool)
 reduce_and_p.jvp, reduce_or_p.jvp = ad_util.zero_jvp(reduce_and_p), ad_util.zero_jvp(reduce_or_p)
 
 
@@ -558,8 +560,8 @@ cummin_p = Primitive("cummin", abstract=_same, impl=_cum_impl(lambda xp, x, a: x
                      category="scan")
 cummax_p.jvp, cummin_p.jvp = _cum_record_jvp(cummax_p), _cum_record_jvp(cummin_p)
 
-sort_p = Primitive("sort", abstract=_same, impl=lambda xp, k, x, *, axis: xp.sort(x, axis=axis + k), jvp=_sort_jvp,
-                   category="scan")
+sort_p = Primitive("sort", abstract=_same, impl=lambda xp, k, x, *, axis: xp.sort(x, axis=axis + k),
+                   category="scan", jvp=_sort_jvp)
 argsort_p = Primitive("argsort", abstract=lambda x, *, axis, index_dtype: Aval(x.shape, np.dtype(index_dtype)),
                       category="scan",
                       impl=lambda xp, k, x, *, axis, index_dtype: xp.argsort(x, axis=axis + k, kind="stable").astype(index_dtype))

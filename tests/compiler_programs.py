@@ -157,6 +157,13 @@ ROWS = [
         (("x",),), ("x",), []),
     Row("partial through linear ops", lambda xp, x, w, v: 2 * (x @ w) - x @ v, ((8, 16), (16, 8), (16, 8)), MESH2,
         ((None, "model"), ("model",), ("model",)), (), ["psum(model)"]),
+    Row("pad a partial sum with zeros", lambda xp, x, w: xp.pad(x @ w, ((0, 0), (2, 2))),
+        ((8, 64), (64, 64)), MESH2, ((None, "model"), ("model",)), (None, "model"),
+        ["psum_scatter(model)"], jax=False),      # JAX all-reduces first: fewer bytes, more time
+    Row("pad a partial sum with a constant: reduced first",
+        lambda xp, x, w: xp.pad(x @ w, ((0, 0), (2, 2)), constant_values=5.0),
+        ((8, 64), (64, 64)), MESH2, ((None, "model"), ("model",)), (None, "model"),
+        ["psum(model)"]),
     Row("mismatched elementwise", lambda xp, x, y: x + y, ((8, 8), (8, 8)), MESH1,
         (("x",), (None, "x")), ("x",), ["all_to_all(x)"]),
     Row("bias broadcast", lambda xp, x, b: x + b, ((8, 16), (16,)), MESH2,

@@ -484,8 +484,8 @@ def _pending(sh):
 def _why(e, j, cur, req):
     def why(st):
         if cur.partial and st.kind in ("psum", "pmax", "pmin", "psum_scatter"):
-            linear = j in e.prim.linear_operands(len(e.inputs), e.params) + tuple(e.prim.multilinear)
-            lin = "needs its operands reduced" if linear else "is not linear"
+            linear = e.prim.linear_operands(len(e.inputs), e.params) + tuple(e.prim.multilinear)
+            lin = "needs its operands reduced" if j in linear else "is not linear"
             return (f"operand {j} of {e.prim.name} is pending a {_pending(cur)}; "
                     f"{e.prim.name} {lin}, so it is reduced first")
         return f"operand {j} of {e.prim.name} is {cur}; the cheapest strategy needs {req}"
