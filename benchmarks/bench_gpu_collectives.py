@@ -111,7 +111,7 @@ def _multi_gpu_rows(sizes, timing, n_gpus):
 
     import spmd
     from spmd.gpu import index_math as im
-    from spmd.gpu.nccl import NcclCommunicator
+    from spmd.communicators.nccl import NcclCommunicator
 
     saved = os.environ.pop("SPMD_VIRTUAL_DEVICES", None)
     n = min(n_gpus, 8)

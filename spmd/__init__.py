@@ -25,5 +25,6 @@ from .transforms.checkpoint import checkpoint, checkpoint_policies, remat
 from . import numpy, lax, executors, distributed
 from .inspect import collectives_of, print_collectives
 from .visualize import visualize_sharding
+from . import gpu  # noqa: F401  (plug-in: registers the "gpu" platform; CuPy loads on first use)
 
 __version__ = "0.1.0"

@@ -33,9 +33,24 @@ def batch_size(vals, dims):
 
 
 def _all_front(vals, dims):
+    """Every operand batched at the front, Python and 0-d constants left to broadcast.  An
+    operand of lower rank (elementwise primitives broadcast as NumPy does: ``x * np.ones(3)``)
+    gets its missing leading dims as 1s after the batch dim, where NumPy would put them."""
     size = batch_size(vals, dims)
-    return [to_front(v, d, size) if d is not None or np.ndim(v) or isinstance(v, Tracer) else v
-            for v, d in zip(vals, dims)]
+    rank = max(aval_of(v).ndim - (d is not None) for v, d in zip(vals, dims))
+    out = []
+    for v, d in zip(vals, dims):
+        if d is None and not np.ndim(v) and not isinstance(v, Tracer):
+            out.append(v)
+            continue
+        v = to_front(v, d, size)
+        lead = rank - (aval_of(v).ndim - 1)
+        if lead:
+            shape = aval_of(v).shape
+            v = bind(hooks.broadcast_in_dim, v, shape=shape[:1] + (1,) * lead + shape[1:],
+                     dims=(0,) + tuple(range(1 + lead, 1 + rank)))
+        out.append(v)
+    return out
 
 
 def require_unbatched(prim, what, dims):

@@ -18,7 +18,7 @@ import numpy as np
 import optree
 
 from . import _cache, _host_parallel
-from .communicators import placement  # -> comm_protocol
+from .comm_protocol import placement
 from .core import Aval, Primitive, Tracer, bind, current_builder, hooks
 from .errors import VmaError
 from .lax import dynamic_slice_p, reshape_p

@@ -551,6 +551,20 @@ def _implicit_pvary(builder: Builder, atoms):
     return out
 
 
+def implicit_pvary(xs: Sequence) -> list:
+    """``xs`` with the traced ones ``pvary``'d to the vma of them all, as ``bind`` does to the
+    operands of one equation.  The NumPy mapping calls it before it broadcasts operands for an
+    equation (``x * g``, ``x @ w``), so that the pvary sits on the operand as the user passed
+    it (a parameter): its transpose, the psum of the gradient, then reduces a parameter-sized
+    cotangent instead of one the size of the broadcast activation."""
+    builder = current_builder()
+    if builder is None or not builder.manual_axes or not builder.check_vma:
+        return list(xs)
+    union = frozenset().union(*[x.aval.vma for x in xs if isinstance(x, Tracer)])
+    return [bind(hooks.pvary, x, axes=_ordered(builder, union - x.aval.vma))
+            if isinstance(x, Tracer) and x.aval.vma != union else x for x in xs]
+
+
 def _ordered(builder: Builder, axes) -> tuple[str, ...]:
     return tuple(a for a in builder.mesh.axis_names if a in axes)
 

@@ -1,12 +1,16 @@
-"""Devices: simulated CPU devices (the default) and, where present, GPUs.
+"""Devices: simulated CPU devices (the default) and the platforms that plug-ins register.
 
 On the CPU, ``SPMD_NUM_CPU_DEVICES`` simulated devices (default 8) live in this one process.
+Other platforms register a function listing their devices with :func:`register_platform`
+(``spmd.gpu`` registers ``"gpu"``, alias ``"cuda"``, when it is imported).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Callable, Sequence
 
+from . import runtime
 from .errors import MeshError
 
 DEFAULT_NUM_CPU_DEVICES = 8
@@ -49,9 +53,8 @@ _cpu_cache: dict[tuple[int, int, int], tuple[Device, ...]] = {}
 
 
 def _cpu_devices() -> tuple[Device, ...]:
-    from . import distributed
     n = _num_cpu_devices()
-    state = distributed.state()
+    state = runtime.state()
     key = (n, state.process_index, state.process_count)
     if key not in _cpu_cache:
         if state.process_count == 1:
@@ -64,24 +67,36 @@ def _cpu_devices() -> tuple[Device, ...]:
     return _cpu_cache[key]
 
 
+# platform name -> the function listing its devices; filled by the plug-ins at import
+_platforms: dict[str, Callable[[], Sequence[Device]]] = {"cpu": _cpu_devices}
+_aliases: dict[str, str] = {}
+
+
+def register_platform(name: str, list_devices: Callable[[], Sequence[Device]],
+                      aliases: Sequence[str] = ()) -> None:
+    """Make ``devices(name)`` (and ``devices(alias)``) call ``list_devices()``."""
+    _platforms[name] = list_devices
+    for a in aliases:
+        _aliases[a] = name
+
+
 def devices(platform: str | None = None) -> list[Device]:
-    """All devices of ``platform`` (``"cpu"`` by default, or ``"gpu"``), across processes.
+    """All devices of ``platform`` (``"cpu"`` by default, or a registered one such as
+    ``"gpu"``), across processes.
 
     >>> len(devices()) == device_count()
     True
     """
-    if platform in (None, "cpu"):
-        return list(_cpu_devices())
-    if platform in ("gpu", "cuda"):
-        from .gpu import gpu_devices
-        return list(gpu_devices())
-    raise MeshError(f"unknown platform {platform!r}; use 'cpu' or 'gpu'.")
+    name = "cpu" if platform is None else _aliases.get(platform, platform)
+    if name not in _platforms:
+        raise MeshError(f"unknown platform {platform!r}; use one of "
+                        f"{sorted(set(_platforms) | set(_aliases))!r}.")
+    return list(_platforms[name]())
 
 
 def local_devices(platform: str | None = None) -> list[Device]:
     """The devices this process can address."""
-    from . import distributed
-    me = distributed.state().process_index
+    me = runtime.process_index()
     return [d for d in devices(platform) if d.process_index == me]
 
 

@@ -26,6 +26,9 @@ import sys
 import tempfile
 import time
 
+from . import runtime
+from .errors import CollectiveMismatchError
+
 DEFAULT_SIZE = 2000
 
 
@@ -56,8 +59,7 @@ class FlightRecorder:
         entry["end"] = time.time()
 
     def dump(self, reason: str, directory: str | None = None) -> str:
-        from . import distributed
-        st = distributed.state()
+        st = runtime.state()
         directory = directory or dump_dir()
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, f"rank{st.process_index}.json")
@@ -97,7 +99,6 @@ def check_same_calls(entry: dict, ranks, theirs: dict) -> None:
     key = lambda s: (s["op"], tuple(s["axes"]), tuple(s["shape"]), s["dtype"], tuple(s.get("ranks", ())))
     if len({key(s) for s in theirs.values()}) <= 1:
         return
-    from .errors import CollectiveMismatchError
     recorder().finish(entry, "mismatch")
     calls = "; ".join(f"rank {r}: #{s['seq']} {s['op']}(axes={tuple(s['axes'])}, "
                       f"shape={tuple(s['shape'])}, dtype={s['dtype']}"
@@ -144,8 +145,7 @@ def install_signal_handler():
             except OSError:
                 pass
         previous(kind, value, tb)
-        from . import distributed
-        if distributed.process_count() > 1:
+        if runtime.process_count() > 1:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(1)

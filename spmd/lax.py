@@ -14,8 +14,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import optree
 
-from .core import Aval, Primitive, bind, hooks
+from .core import Aval, Primitive, aval_of, bind, current_builder, hooks
 from . import _host_parallel
 from . import ad_util, batching
 
@@ -276,6 +277,20 @@ convert_element_type_p = Primitive(
     jvp=_convert_jvp,
     transpose=lambda ct, x, *, dtype: [bind(convert_element_type_p, ct, dtype=x.aval.dtype)])
 convert_element_type_p.batch = batching.elementwise_batch(convert_element_type_p)
+
+
+def _bitcast_abstract(x, *, dtype):
+    if np.dtype(dtype).itemsize != np.dtype(x.dtype).itemsize:
+        raise TypeError(f"bitcast_convert_type: {x.dtype} and {np.dtype(dtype)} differ in width")
+    return Aval(x.shape, np.dtype(dtype))
+
+
+# the same bits read as another dtype of the same width (``x.view(dtype)``)
+bitcast_convert_type_p = Primitive(
+    "bitcast_convert_type", abstract=_bitcast_abstract, category="elementwise",
+    impl=lambda xp, k, x, *, dtype: xp.asarray(x).view(dtype))
+bitcast_convert_type_p.jvp = ad_util.zero_jvp(bitcast_convert_type_p)
+bitcast_convert_type_p.batch = batching.elementwise_batch(bitcast_convert_type_p)
 
 # ---------------------------------------------------------------------------------------------
 # shape and layout
@@ -976,6 +991,86 @@ sharding_constraint_p.transpose = _constraint_transpose
 # under vmap the new leading dim is not split
 sharding_constraint_p.batch = batching.shifted_batch(sharding_constraint_p, lambda p, n: dict(
     p, sharding=p["sharding"].with_dims(((),) + tuple(p["sharding"].dims))))
+
+
+# ---------------------------------------------------------------------------------------------
+# stop_gradient: the identity whose derivative is zero (of every order)
+# ---------------------------------------------------------------------------------------------
+
+stop_gradient_p = Primitive("stop_gradient", abstract=lambda x: Aval(x.shape, x.dtype),
+                            impl=lambda xp, k, x: x, category="elementwise")
+stop_gradient_p.jvp = ad_util.zero_jvp(stop_gradient_p)
+stop_gradient_p.batch = batching.elementwise_batch(stop_gradient_p)
+
+
+def stop_gradient(x):
+    """``x`` (a pytree) unchanged, as a constant to differentiation: ``grad`` and ``jvp`` see a
+    zero derivative through it (JAX's ``lax.stop_gradient``).  Outside a trace it returns ``x``.
+
+    >>> import spmd
+    >>> float(spmd.grad(lambda x: x * spmd.stop_gradient(x))(3.0))
+    3.0
+    """
+    if current_builder() is None:
+        return x
+    return optree.tree_map(lambda a: bind(stop_gradient_p, a), x)
+
+
+# ---------------------------------------------------------------------------------------------
+# threefry2x32: the counter-based hash under spmd.random (Salmon et al. 2011, 20 rounds), as
+# JAX computes it, so that spmd.random gives JAX's bits.  Elementwise in its counters; the key
+# words are usually scalars that broadcast against them.
+# ---------------------------------------------------------------------------------------------
+
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _threefry_abstract(k1, k2, x1, x2):
+    ops = (k1, k2, x1, x2)
+    if any(a.dtype != np.uint32 for a in ops):
+        raise TypeError(f"threefry2x32: operands must be uint32, got {[str(a.dtype) for a in ops]}")
+    out = Aval(_ew_shape(*ops), np.dtype(np.uint32))
+    return [out, out]
+
+
+def _threefry_impl(xp, k, *ops):
+    """In wrapping uint32 arithmetic.  With ``k`` leading batch dims an operand of lower
+    per-device rank (a scalar key word) broadcasts against the trailing dims of the others."""
+    ops = [xp.asarray(a, dtype=xp.uint32) for a in ops]
+    if k:
+        ops = [a.reshape((1,) * k + a.shape) if a.ndim < k else a for a in ops]  # Python scalars
+        r = max(a.ndim for a in ops)
+        ops = [a.reshape(a.shape[:k] + (1,) * (r - a.ndim) + a.shape[k:]) for a in ops]
+    k1, k2, x1, x2 = ops
+    with np.errstate(over="ignore"):              # 0-d operands compute as NumPy scalars
+        ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
+        x0, x1 = x1 + ks[0], x2 + ks[1]
+        for i in range(5):
+            for rot in _THREEFRY_ROTATIONS[i % 2]:
+                x0 = x0 + x1
+                x1 = x0 ^ ((x1 << np.uint32(rot)) | (x1 >> np.uint32(32 - rot)))
+            x0 = x0 + ks[(i + 1) % 3]
+            x1 = x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
+    return [xp.asarray(x0), xp.asarray(x1)]
+
+
+def _threefry_batch(vals, dims):
+    """Batch dims to the front; a batched operand of lower rank than the others (a key word)
+    gets size-1 dims after its batch dim, so it broadcasts against them."""
+    rank = max(aval_of(v).ndim - (d is not None) for v, d in zip(vals, dims))
+    out = []
+    for v, d in zip(vals, dims):
+        if d is not None:
+            v = batching.moveaxis(v, d, 0)
+            shape = aval_of(v).shape
+            v = bind(reshape_p, v, shape=shape[:1] + (1,) * (rank + 1 - len(shape)) + shape[1:])
+        out.append(v)
+    return bind(threefry2x32_p, *out), [0, 0]
+
+
+threefry2x32_p = Primitive("threefry2x32", abstract=_threefry_abstract, impl=_threefry_impl,
+                           multiple_results=True, category="elementwise", batch=_threefry_batch)
+threefry2x32_p.jvp = ad_util.zero_jvp(threefry2x32_p)
 
 
 # the primitives that core and the rule helpers build with (spmd.core.Hooks)

@@ -11,6 +11,11 @@ import numpy as np
 
 from .devices import Device, devices as _all_devices
 from .errors import MeshError
+from .runtime import process_index
+
+# How a Mesh draws itself in a notebook: filled by spmd.visualize at import (it sits above this
+# module and draws with rich).  None: no HTML picture (the notebook shows the repr).
+_html_renderer = None
 
 
 def _check_axis_names(axis_names, where: str) -> tuple[str, ...]:
@@ -137,7 +142,6 @@ class Mesh(AbstractMesh):
 
     @property
     def local_devices(self) -> list[Device]:
-        from .distributed import process_index
         me = process_index()
         return [d for d in self.devices.flat if d.process_index == me]
 
@@ -190,8 +194,7 @@ class Mesh(AbstractMesh):
         return f"Mesh({{{inner}}}, {self.size} {platform} devices)"
 
     def _repr_html_(self):
-        from .visualize import mesh_html
-        return mesh_html(self)
+        return None if _html_renderer is None else _html_renderer(self)
 
 
 def make_mesh(axis_shapes: Sequence[int], axis_names: Sequence[str], *,

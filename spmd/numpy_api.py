@@ -15,7 +15,7 @@ import numpy as np
 
 from . import lax
 from .collectives import pvary
-from .core import Tracer, bind, current_builder, hooks
+from .core import Tracer, bind, current_builder, hooks, implicit_pvary
 from .errors import TracingError
 
 HANDLED_FUNCTIONS: dict = {}
@@ -203,7 +203,7 @@ def apply_ufunc(ufunc, *operands):
                 for x, dt in zip(operands, _loop_dtypes(ufunc, operands))]
     if prim is None:
         return operands[0]
-    operands = _broadcast_operands(operands)
+    operands = _broadcast_operands(implicit_pvary(operands))
     return bind(prim, *operands)
 
 
@@ -725,7 +725,7 @@ def where(cond, x=None, y=None):
                                   "pass both x and y")
     cond = astype(_operand(cond), np.bool_)
     x, y = _same_dtype([x, y])
-    cond, x, y = _broadcast_operands([cond, x, y])
+    cond, x, y = _broadcast_operands(implicit_pvary([cond, x, y]))
     return bind(lax.select_p, cond, x, y)
 
 
@@ -879,7 +879,7 @@ def _dot(x, y, contract, batch):
 
 
 def matmul(a, b):
-    a, b = _operand(a), _operand(b)
+    a, b = implicit_pvary([_operand(a), _operand(b)])
     sa, sb = tuple(_shape(a)), tuple(_shape(b))
     if not sa or not sb:
         raise ValueError("matmul: Input operand does not have enough dimensions")
@@ -890,11 +890,13 @@ def matmul(a, b):
         raise ValueError(f"matmul: Input operand 1 has a mismatch in its core dimension 0 "
                          f"(size {sb2[-2]} is different from {sa2[-1]})")
     batch = np.broadcast_shapes(sa2[:-2], sb2[:-2])
+    shape = batch + ((sa2[-2],) if len(sa) > 1 else ()) + ((sb2[-1],) if len(sb) > 1 else ())
+    if len(sb2) == 2:       # x @ w: the leading dims of x are free dims, w is not broadcast
+        return reshape(_dot(a2, b2, ((len(sa2) - 1,), (0,)), ((), ())), shape)
     a2 = broadcast_to(a2, batch + sa2[-2:]) if sa2[:-2] != batch else a2
     b2 = broadcast_to(b2, batch + sb2[-2:]) if sb2[:-2] != batch else b2
     nb = len(batch)
     out = _dot(a2, b2, ((nb + 1,), (nb,)), (tuple(range(nb)), tuple(range(nb))))
-    shape = batch + ((sa2[-2],) if len(sa) > 1 else ()) + ((sb2[-1],) if len(sb) > 1 else ())
     return reshape(out, shape)
 
 
@@ -949,7 +951,7 @@ def einsum(subscripts, *operands, out=None, dtype=None, optimize=False, **kw):
         operands = args[0:2 * n:2]
     if out is not None:
         raise TypeError("np.einsum(..., out=...): traced values are immutable; use the returned value.")
-    ops = [_operand(o) for o in operands]
+    ops = implicit_pvary([_operand(o) for o in operands])
     ops = _same_dtype([astype(o, dtype) for o in ops] if dtype is not None else ops)
     subscripts = subscripts.replace(" ", "")
     ins, arrow, out = subscripts.partition("->")
@@ -1077,10 +1079,9 @@ def getitem(x, key):
     used = builtins.sum(1 for k in key if k is not None and k is not Ellipsis)
     if used > x.ndim:
         raise IndexError(f"too many indices for a value of rank {x.ndim}: {key}")
-    if n_ellipsis:
-        i = next(i for i, k in enumerate(key) if k is Ellipsis)
-        key = key[:i] + (slice(None),) * (x.ndim - used) + key[i + 1:]
-    key = key + (slice(None),) * (x.ndim - used)
+    # The dims no index names are sliced whole: where the ellipsis stands, else at the end.
+    i = next((i for i, k in enumerate(key) if k is Ellipsis), len(key))
+    key = key[:i] + (slice(None),) * (x.ndim - used) + key[i + n_ellipsis:]
     if builtins.any(k is None for k in key):      # None: a new dim of size 1, sliced whole
         dims = iter(x.shape)
         x = reshape(x, tuple(1 if k is None else next(dims) for k in key))

@@ -33,6 +33,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import ShardingError
+from . import mesh as _mesh_module
 from .mesh import AbstractMesh, Mesh
 from . import sharding as _sharding_module
 from .sharding import NamedSharding, block_size, shard_range
@@ -324,3 +325,4 @@ def mesh_text(mesh: AbstractMesh, *, width: int = 200) -> str:
 
 
 _sharding_module._pictures["html"] = lambda s: visualize_sharding(s, _html=True)
+_mesh_module._html_renderer = mesh_html

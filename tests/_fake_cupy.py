@@ -3,18 +3,43 @@ the GPU layer's Python (NCCL communicator, placements, executors) on a machine w
 
 It checks plumbing, not CUDA: arrays are host NumPy arrays tagged with a device id, "device
 pointers" are host addresses, and an NCCL collective runs when every rank of its communicator
-has posted it (as NCCL completes a collective when all ranks arrive).  The kernels are never
+has posted it (as NCCL completes a collective when all ranks arrive); until then the streams it
+was posted on are not ``done``.  Ranks may be threads of this process standing for processes
+(one GPU per process: ``get_unique_id`` and ``NcclCommunicator(n, uid, rank)``): the current
+device and stream are per thread, and a group runs under a lock.  The kernels are never
 launched (``SPMD_GPU_KERNELS=0`` makes ``spmd.gpu.ops`` use array ops instead).
 """
 from __future__ import annotations
 
 import ctypes
+import itertools
+import os
 import sys
+import threading
 import types
 
 import numpy as np
 
-_current = [0]
+
+class _PerThread(threading.local):
+    device = 0
+    stream = None
+
+
+_here = _PerThread()
+
+
+class _Current:
+    """``_current[0]``: this thread's current device."""
+
+    def __getitem__(self, i):
+        return _here.device
+
+    def __setitem__(self, i, value):
+        _here.device = value
+
+
+_current = _Current()
 
 
 class Device:
@@ -32,6 +57,46 @@ class Device:
 
     def use(self):
         _current[0] = self.id
+
+
+_streams: dict = {}
+_stream_ids = itertools.count(1)
+
+
+class Stream:
+    """A stream: ``done`` once every NCCL call posted on it has run."""
+
+    def __init__(self, non_blocking=False, ptr=None):
+        self.ptr = next(_stream_ids) if ptr is None else ptr
+        self.pending = 0
+        self._saved = []
+        _streams[self.ptr] = self
+
+    @property
+    def done(self):
+        return self.pending == 0
+
+    def synchronize(self):
+        if self.pending:
+            raise RuntimeError("the stand-in stream would wait forever: its NCCL calls never ran")
+
+    def __enter__(self):
+        self._saved.append(_here.stream)
+        _here.stream = self
+        return self
+
+    def __exit__(self, *exc):
+        _here.stream = self._saved.pop()
+
+    def use(self):
+        _here.stream = self
+
+
+_null_stream = Stream(ptr=0)
+
+
+def get_current_stream():
+    return _here.stream or _null_stream
 
 
 class _Ptr:
@@ -84,10 +149,22 @@ _NCCL_TYPES = {0: np.int8, 1: np.uint8, 2: np.int32, 3: np.uint32, 4: np.int64, 
 class _Group:
     def __init__(self, n):
         self.n, self.posted = n, []
+        self.lock = threading.RLock()
 
-    def post(self, rank, op, args):
-        self.posted.append((rank, op, args))
-        self._run()
+    def post(self, rank, op, args, stream):
+        with self.lock:
+            _streams[stream].pending += 1
+            self.posted.append((rank, op, args + (stream,)))
+            self._run()
+
+    def _ran(self, entries):
+        for entry in entries:
+            self.posted.remove(entry)
+            _streams[entry[2][-1]].pending -= 1
+
+    def abort(self, rank):
+        with self.lock:
+            self._ran([p for p in self.posted if p[0] == rank])
 
     def _run(self):
         ops = {}
@@ -97,17 +174,18 @@ class _Group:
             if op in ("send", "recv"):
                 continue
             if len(by_rank) == self.n:
-                getattr(self, "_" + op)(by_rank)
-                self.posted = [p for p in self.posted if p[1] != op]
+                getattr(self, "_" + op)({r: a[:-1] for r, a in by_rank.items()})
+                self._ran([p for p in self.posted if p[1] == op])
         sends = [(r, a) for r, o, a in self.posted if o == "send"]
         recvs = [(r, a) for r, o, a in self.posted if o == "recv"]
-        for sr, (sptr, count, dt, peer) in sends:
-            for rr, (rptr, rcount, rdt, rpeer) in recvs:
+        for sr, sargs in sends:
+            sptr, count, dt, peer, _ = sargs
+            for rr, rargs in recvs:
+                rptr, rcount, rdt, rpeer, _ = rargs
                 if peer == rr and rpeer == sr:
                     nbytes = count * np.dtype(_NCCL_TYPES[dt]).itemsize
                     _host_memory(rptr, nbytes)[:] = _host_memory(sptr, nbytes)
-                    self.posted.remove((sr, "send", (sptr, count, dt, peer)))
-                    self.posted.remove((rr, "recv", (rptr, rcount, rdt, rpeer)))
+                    self._ran([(sr, "send", sargs), (rr, "recv", rargs)])
                     return self._run()
 
     @staticmethod
@@ -142,32 +220,60 @@ class _Group:
             self._arr(r, count, dt)[:] = data
 
 
+_by_uid: dict = {}
+_uid_lock = threading.Lock()
+
+
+def get_unique_id():
+    return tuple(int(b) - 128 for b in os.urandom(128))
+
+
 class NcclCommunicator:
-    def __init__(self, group, rank):
-        self._group, self._rank, self.destroyed = group, rank, False
+    """``NcclCommunicator(n, uid, rank)``: rank ``rank`` of the group that every rank created
+    with the same ``uid`` meets in (as ``ncclCommInitRank``); ``initAll`` makes a whole group."""
+
+    def __init__(self, ndev, uid, rank):
+        with _uid_lock:
+            group = _by_uid.setdefault(tuple(uid), _Group(ndev))
+        if group.n != ndev:
+            raise NcclError(f"ranks of one unique id disagree on the group size ({group.n}, {ndev})")
+        self._group, self._rank, self.destroyed, self.aborted = group, rank, False, False
 
     @staticmethod
     def initAll(devices):
-        g = _Group(len(devices))
-        return [NcclCommunicator(g, r) for r in range(len(devices))]
+        uid = get_unique_id()
+        return [NcclCommunicator(len(devices), uid, r) for r in range(len(devices))]
+
+    def _post(self, op, args, stream):
+        if self.destroyed or self.aborted:
+            raise NcclError(5)
+        self._group.post(self._rank, op, args, stream)
 
     def allReduce(self, s, r, count, dt, op, stream):
-        self._group.post(self._rank, "allReduce", (s, r, count, dt, op))
+        self._post("allReduce", (s, r, count, dt, op), stream)
 
     def allGather(self, s, r, count, dt, stream):
-        self._group.post(self._rank, "allGather", (s, r, count, dt))
+        self._post("allGather", (s, r, count, dt), stream)
 
     def reduceScatter(self, s, r, count, dt, op, stream):
-        self._group.post(self._rank, "reduceScatter", (s, r, count, dt, op))
+        self._post("reduceScatter", (s, r, count, dt, op), stream)
 
     def broadcast(self, s, r, count, dt, root, stream):
-        self._group.post(self._rank, "broadcast", (s, r, count, dt, root))
+        self._post("broadcast", (s, r, count, dt, root), stream)
 
     def send(self, s, count, dt, peer, stream):
-        self._group.post(self._rank, "send", (s, count, dt, peer))
+        self._post("send", (s, count, dt, peer), stream)
 
     def recv(self, r, count, dt, peer, stream):
-        self._group.post(self._rank, "recv", (r, count, dt, peer))
+        self._post("recv", (r, count, dt, peer), stream)
+
+    def check_async_error(self):
+        pass
+
+    def abort(self):
+        """Drop this rank's calls that never ran (their streams become done)."""
+        self.aborted = True
+        self._group.abort(self._rank)
 
     def destroy(self):
         self.destroyed = True
@@ -185,6 +291,7 @@ def install(monkeypatch, n_gpus: int):
     runtime = types.ModuleType("cupy.cuda.runtime")
     nccl.__dict__.update(NcclCommunicator=NcclCommunicator, NcclError=NcclError, available=True,
                          groupStart=lambda: None, groupEnd=lambda: None,
+                         get_unique_id=get_unique_id,
                          NCCL_SUM=0, NCCL_MAX=2, NCCL_MIN=3, NCCL_INT8=0, NCCL_UINT8=1,
                          NCCL_INT32=2, NCCL_UINT32=3, NCCL_INT64=4, NCCL_UINT64=5,
                          NCCL_FLOAT16=6, NCCL_FLOAT32=7, NCCL_FLOAT64=8)
@@ -194,9 +301,8 @@ def install(monkeypatch, n_gpus: int):
     runtime.__dict__.update(CUDARuntimeError=CUDARuntimeError, runtimeGetVersion=lambda: 12090,
                             getDeviceCount=lambda: n_gpus,
                             getDeviceProperties=lambda i: {"multiProcessorCount": 4})
-    stream = types.SimpleNamespace(ptr=0, synchronize=lambda: None, done=True)
-    cuda.__dict__.update(Device=Device, nccl=nccl, runtime=runtime,
-                         get_current_stream=lambda: stream)
+    cuda.__dict__.update(Device=Device, nccl=nccl, runtime=runtime, Stream=Stream,
+                         get_current_stream=get_current_stream)
     for name in dir(np):
         obj = getattr(np, name)
         if callable(obj) and not isinstance(obj, type) and not name.startswith("_"):

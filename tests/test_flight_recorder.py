@@ -3,10 +3,16 @@ dumps written by hand (the multi-process tests check them on real jobs)."""
 from __future__ import annotations
 
 import json
+import re
 
+import numpy as np
 import pytest
 
 from spmd import flight_recorder as fr
+from spmd.communicators.frame import CollectiveFrame, signature_check
+from spmd.errors import (CollectiveMismatchError, CollectiveTimeoutError, ProcessExitedError,
+                         SpmdError)
+from spmd.runtime import collective_timeout
 
 
 def entry(seq, op="psum", axes=("i",), shape=(4,), dtype="float32", state="completed",
@@ -100,3 +106,54 @@ def test_cli(tmp_path, capsys):
     assert "rank 1 differs" in text and f"trace: {out}" in text
     assert json.loads(out.read_text())["traceEvents"]
     assert fr.main([str(tmp_path / "nowhere")]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# the collective frame every multi-process communicator (MPI, NCCL) runs its collectives in
+# ---------------------------------------------------------------------------------------------
+
+def test_collective_frame_records_completes_and_dumps(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPMD_FLIGHT_RECORDER_DIR", str(tmp_path))
+    monkeypatch.delenv("SPMD_COLLECTIVE_TIMEOUT", raising=False)
+    x = np.zeros((2, 3), np.float32)
+    with CollectiveFrame("psum", ("i",), (0, 1), x, me=0) as frame:       # completes
+        assert frame.entry["state"] == "started" and frame.timeout == 300
+        assert frame.signature() == {"seq": frame.seq, "op": "psum", "axes": ["i"], "shape": [2, 3],
+                                     "dtype": "float32", "ranks": [0, 1]}
+        frame.check({0: frame.signature(), 1: frame.signature()})
+    assert frame.entry["state"] == "completed" and frame.entry["nbytes"] == 24
+    # a deadline: the wait gives up, the cleanup says why, the frame records and dumps
+    with collective_timeout(0.05), pytest.raises(CollectiveTimeoutError) as err:
+        with CollectiveFrame("all_gather", ("i",), (0, 1), x, me=0) as frame:
+            frame.wait(lambda: False, on_timeout=lambda: "ranks [1] did not arrive")
+    assert frame.entry["state"] == "timeout"
+    assert re.search(r"all_gather over axes \('i',\) \(collective #\d+ of rank 0, shape \(2, 3\), "
+                     r"group ranks \[0, 1\]\) did not complete within 0.05 s: ranks \[1\] did not "
+                     r"arrive\. Flight recorder: .*rank0\.json", str(err.value))
+    assert fr.load(str(tmp_path))[0]["entries"][-1]["state"] == "timeout"
+    # another rank called something else
+    with pytest.raises(CollectiveMismatchError, match="rank 1: #7 pmax"):
+        with CollectiveFrame("psum", ("i",), (0, 1), x, me=0) as frame:
+            frame.check({0: frame.signature(), 1: {**frame.signature(), "seq": 7, "op": "pmax"}})
+    assert frame.entry["state"] == "mismatch"
+    # any other error inside the frame: recorded as an error, dumped
+    with pytest.raises(KeyError):
+        with CollectiveFrame("ppermute", ("i",), (0, 1), x, me=0) as frame:
+            raise KeyError("boom")
+    assert frame.entry["state"] == "error"
+    assert "KeyError in ppermute" in fr.load(str(tmp_path))[0]["reason"]
+    # a peer that exited
+    def gone():
+        raise frame.exited([1])
+    with pytest.raises(ProcessExitedError, match=r"rank\(s\) \[1\] exited"):
+        with CollectiveFrame("psum", ("i",), (0, 1), x, me=0) as frame:
+            frame.wait(lambda: False, on_timeout=lambda: "never", poll=gone)
+    assert frame.entry["state"] == "error"
+    # the check's setting
+    monkeypatch.delenv("SPMD_COLLECTIVE_CHECK", raising=False)
+    assert signature_check(True) and not signature_check(False)
+    monkeypatch.setenv("SPMD_COLLECTIVE_CHECK", "0")
+    assert not signature_check(True)
+    monkeypatch.setenv("SPMD_COLLECTIVE_CHECK", "yes")
+    with pytest.raises(SpmdError, match="SPMD_COLLECTIVE_CHECK='yes'"):
+        signature_check(True)

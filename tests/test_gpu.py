@@ -342,7 +342,7 @@ def test_peer_all_reduce(cupy, algorithm, dtype, nbytes):
 
 def test_nccl_communicator_matches_in_process(cupy):
     from spmd.communicators.inprocess import InProcessCommunicator
-    from spmd.gpu.nccl import NcclCommunicator
+    from spmd.communicators.nccl import NcclCommunicator
     ex = EXECUTORS[1]
     n = min(_n_gpus(), 4)
     if n < 2:

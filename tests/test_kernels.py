@@ -414,7 +414,7 @@ def test_stacked_executor_takes_collective_rules_from_the_hook():
 @pytest.mark.parametrize("status, words", [(2, "shm-size"), (4, "another GPU"), (6, "remote rank"),
                                            (99, "NCCL_DEBUG=WARN")])
 def test_nccl_errors_say_what_to_do(status, words):
-    from spmd.gpu.nccl import describe_nccl_error
+    from spmd.communicators.nccl import describe_nccl_error
     msg = describe_nccl_error(status, "all_reduce(sum) over ('i',) on mesh position 3 (GPU 3)")
     assert msg.startswith("all_reduce(sum) over ('i',) on mesh position 3 (GPU 3) failed with NCCL error")
     assert words in msg
@@ -482,6 +482,178 @@ def test_gpu_executors_run_the_collective_table_on_a_stand_in(fake_gpus, monkeyp
     for c in comms:
         c.close()
         assert all(nc.destroyed for nc in c._world.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# the one NCCL communicator in both of its modes on the stand-in: every GPU of the mesh in this
+# process (grouped calls), and one GPU per process (threads standing for the processes: unique
+# ids through a store, the shared collective frame's signature check, deadline and recorder)
+# ---------------------------------------------------------------------------------------------
+
+class _MemoryStore:
+    """The coordinator store's interface (``set``, ``get`` with a timeout), in memory."""
+
+    def __init__(self):
+        import threading
+        self._data, self._cond = {}, threading.Condition()
+
+    def set(self, key, value):
+        with self._cond:
+            self._data[key] = bytes(value)
+            self._cond.notify_all()
+
+    def get(self, key, timeout=None):
+        import spmd
+        with self._cond:
+            if not self._cond.wait_for(lambda: key in self._data, timeout):
+                raise spmd.CollectiveTimeoutError(f"store.get({key!r}): no process set it within "
+                                                  f"{timeout:g} s.")
+            return self._data[key]
+
+
+def _process_mesh(shape, names):
+    """A mesh of GPU devices, device ``p`` on process ``p`` (one GPU per process)."""
+    import math
+
+    from spmd import Device, Mesh
+    devs = [Device(p, "gpu", p, 0) for p in range(math.prod(shape))]
+    return Mesh(np.array(devs, dtype=object).reshape(shape), names)
+
+
+def _as_processes(n, fn):
+    """``fn(rank)`` on ``n`` threads standing for processes: {rank: result or exception}."""
+    import threading
+    out = {}
+
+    def run(r):
+        try:
+            out[r] = fn(r)
+        except BaseException as e:           # the test looks at every rank's outcome
+            out[r] = e
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a rank hung"
+    return out
+
+
+_PROCESS_CALLS = [("all_reduce", (("b",), None, "sum")), ("all_reduce", (("a", "b"), None, "max")),
+                  ("all_reduce", (("b",), ((0, 1), (2, 3)), "min")), ("all_gather", (("b",), None)),
+                  ("all_gather", (("a",), None)), ("reduce_scatter", (("b",), None, "sum")),
+                  ("all_to_all", (("b",), None)),
+                  ("permute", (("b",), [(0, 1), (1, 2), (2, 3), (3, 0)])),
+                  ("broadcast", (("a", "b"), None, 2)), ("all_reduce", (("a",), None, "sum"))]
+
+
+@pytest.mark.parametrize("check", [False, True])
+def test_nccl_communicator_one_gpu_per_process_on_a_stand_in(fake_gpus, tmp_path, monkeypatch, check):
+    import ml_dtypes
+
+    import spmd
+    from spmd import flight_recorder
+    from spmd.communicators.inprocess import InProcessCommunicator
+    from spmd.communicators.nccl import NcclCommunicator
+    monkeypatch.setenv("SPMD_FLIGHT_RECORDER_DIR", str(tmp_path))
+    mesh = _process_mesh((2, 4), ("a", "b"))
+    ref = InProcessCommunicator(spmd.make_mesh((2, 4), ("a", "b")))
+    host = {p: np.random.default_rng(p).integers(-5, 5, (4, 3)).astype(np.float32) for p in range(8)}
+    bf16 = {p: (host[p] / 4).astype(ml_dtypes.bfloat16) for p in range(8)}
+    store = _MemoryStore()
+    first = flight_recorder.recorder().seq
+
+    def rank(r):
+        comm = NcclCommunicator.one_gpu_per_process(mesh, me=r, local_rank=r, store=store, check=check)
+        assert comm.multi_process and comm.local_positions == [r] and comm.check == check
+        got = [getattr(comm, name)({r: host[r]}, *args, timeout=20)[r] for name, args in _PROCESS_CALLS]
+        got.append(comm.all_gather({r: bf16[r]}, ("b",), None, timeout=20)[r])   # as uint16
+        comm.barrier(timeout=20)
+        comm.close()
+        return got
+
+    results = _as_processes(8, rank)
+    for r, got in results.items():
+        assert not isinstance(got, BaseException), f"rank {r}: {got!r}"
+        for (name, args), g in zip(_PROCESS_CALLS, got):
+            assert type(g) is np.ndarray                  # host data comes back to the host
+            np.testing.assert_array_equal(g, getattr(ref, name)(host, *args)[r], err_msg=f"{name}{args}")
+        assert got[-1].dtype == ml_dtypes.bfloat16
+        np.testing.assert_array_equal(got[-1], ref.all_gather(bf16, ("b",), None)[r])
+    entries = [e for e in flight_recorder.recorder().entries if e["seq"] >= first]
+    assert {e["op"] for e in entries} == {"psum", "pmax", "pmin", "all_gather", "psum_scatter",
+                                          "all_to_all", "ppermute", "pbroadcast"}
+    assert all(e["state"] == "completed" for e in entries)
+    assert len(entries) == 8 * (len(_PROCESS_CALLS) + 2)        # + the bf16 gather and the barrier
+    assert sorted({tuple(e["ranks"]) for e in entries if e["axes"] == ["b"]}) == [
+        (0, 1), (0, 1, 2, 3), (2, 3), (4, 5), (4, 5, 6, 7), (6, 7)]
+
+
+def test_nccl_communicator_one_gpu_per_process_mismatch_and_timeouts(fake_gpus, tmp_path, monkeypatch):
+    import spmd
+    from spmd import flight_recorder
+    from spmd.communicators.nccl import NcclCommunicator
+    from spmd.errors import CollectiveMismatchError
+    monkeypatch.setenv("SPMD_FLIGHT_RECORDER_DIR", str(tmp_path))
+    mesh = _process_mesh((4,), ("i",))
+    x = np.ones(3, np.float32)
+
+    def job(check, odd):
+        store = _MemoryStore()
+
+        def rank(r):
+            comm = NcclCommunicator.one_gpu_per_process(mesh, me=r, local_rank=r, store=store,
+                                                        check=check)
+            if r == 1:
+                return odd(comm)
+            return comm.all_reduce({r: x}, ("i",), None, "sum", timeout=1.0)
+        return _as_processes(4, rank)
+
+    # rank 1 calls something else: every rank says so, before any data moves
+    out = job(True, lambda comm: comm.all_gather({1: x}, ("i",), None, timeout=5))
+    assert all(isinstance(e, CollectiveMismatchError) for e in out.values()), out
+    assert "rank 1: #" in str(out[0]) and "all_gather" in str(out[0]) and "psum" in str(out[0])
+    # rank 1 never arrives: with the check, the others name it ...
+    out = job(True, lambda comm: None)
+    for r in (0, 2, 3):
+        assert isinstance(out[r], spmd.CollectiveTimeoutError), out[r]
+        assert re.search(r"psum over axes \('i',\) \(collective #\d+ of rank \d, shape \(3,\), "
+                         r"group ranks \[0, 1, 2, 3\]\) did not complete within 1 s: ranks \[1\] "
+                         r"did not arrive", str(out[r])), str(out[r])
+    # ... without it, NCCL never finishes: the deadline aborts the communicator
+    out = job(False, lambda comm: None)
+    for r in (0, 2, 3):
+        assert isinstance(out[r], spmd.CollectiveTimeoutError), out[r]
+        assert "NCCL did not finish" in str(out[r]) and "aborted" in str(out[r])
+    last = list(flight_recorder.recorder().entries)[-3:]
+    assert [e["state"] for e in last] == ["timeout"] * 3 and all(e["op"] == "psum" for e in last)
+    assert (tmp_path / "rank0.json").exists()                  # dumped
+
+
+def test_nccl_communicator_modes_and_their_checks(fake_gpus):
+    import spmd
+    from spmd import flight_recorder
+    from spmd.communicators.nccl import GpuPlacement, NcclCommunicator
+    from spmd.errors import SpmdError
+    # every GPU of the mesh in this process: grouped calls, CuPy placement, the frame records
+    mesh = spmd.make_mesh((4,), ("i",), devices=spmd.devices("gpu")[:4])
+    with NcclCommunicator.for_mesh(mesh) as comm:
+        assert not comm.multi_process and comm.local_positions == [0, 1, 2, 3]
+        assert isinstance(comm.placement, GpuPlacement)
+        bufs = {p: comm.placement.to_local(p, np.full(2, p, np.float32)) for p in range(4)}
+        got = comm.all_reduce(bufs, ("i",), None, "sum", timeout=5)
+        assert all((comm.placement.to_host(got[p]) == 6).all() for p in range(4))
+        e = flight_recorder.recorder().entries[-1]
+        assert (e["op"], e["ranks"], e["state"]) == ("psum", [0], "completed")
+        np.testing.assert_array_equal(comm.axis_index(("i",))[3], 3)
+        comm.barrier()
+    assert comm._closed and all(c.destroyed for c in comm._world.values())
+    # one GPU per process needs exactly one device of the mesh on this process
+    with pytest.raises(SpmdError, match="one GPU per process.*puts 4 devices on process 0"):
+        NcclCommunicator.one_gpu_per_process(mesh, me=0, local_rank=0, store=_MemoryStore())
+    with pytest.raises(SpmdError, match="SPMD_COLLECTIVE_CHECK=1.*coordinator's store"):
+        NcclCommunicator.one_gpu_per_process(_process_mesh((2,), ("i",)), me=0, local_rank=0,
+                                             check=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -783,7 +955,7 @@ def test_ops_launchers_drive_the_kernels(launch_on_host, dtype):
 def test_nccl_communicator_peer_path_drives_the_all_reduce_kernels(launch_on_host, nbytes):
     import spmd
     from spmd.gpu import index_math
-    from spmd.gpu.nccl import NcclCommunicator
+    from spmd.communicators.nccl import NcclCommunicator
     mesh = spmd.make_mesh((2, 4), ("a", "b"), devices=spmd.devices("gpu")[:8])
     host = {p: np.random.default_rng(p).integers(-9, 9, nbytes // 4).astype(np.float32) for p in range(8)}
     assert index_math.choose_all_reduce(nbytes, 4, 4, peer_ok=True, aligned=True) != "nccl"

@@ -34,7 +34,9 @@ def test_shard_map_body_prints_per_device_types_with_vma():
     text = str(spmd.make_program(f)(np.ones((8, 4), f32), np.ones((1,), f32)))
     assert "shard_map[mesh={data:2,model:4} in_specs=(P(data,model),P()) out_specs=(P(data),)" in text
     assert "body={ lambda d:f32[4,1]{data,model} e:f32[1] ;" in text       # per-device blocks
-    assert "g:f32[4,1]{data,model} = pvary[axes=(data,model)] f" in text  # the implicit pvary
+    # the implicit pvary, on the parameter before its broadcast
+    assert "f:f32[1]{data,model} = pvary[axes=(data,model)] e" in text
+    assert "g:f32[4,1]{data,model} = broadcast_in_dim[shape=(4,1) dims=(1,)] f" in text
     assert "f32[4]{data} = psum[axes=(model,)]" in text
     assert "groups" not in text                                     # None params are not shown
     assert "c:f32[8] = shard_map" in text                           # global result type

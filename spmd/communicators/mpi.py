@@ -4,8 +4,9 @@ Mesh position ``p`` lives in process ``mesh.devices.flat[p].process_index``.  A 
 mesh ``axes`` (and ``axis_index_groups``) runs on the sub-communicator of this process's group,
 made once with ``Create_group`` (collective over the group only) and cached.
 
-Every call is non-blocking and polled against a deadline (``SPMD_COLLECTIVE_TIMEOUT``), so no
-collective can hang silently.  Before the data moves, the members of the group exchange a
+Every call is non-blocking and runs in the shared collective frame
+(``spmd.communicators.frame``: flight recorder, signature check, dump on failure), polled
+against a deadline (``SPMD_COLLECTIVE_TIMEOUT``), so no collective can hang silently.  Before the data moves, the members of the group exchange a
 small signature (op, axes, shape, dtype) point-to-point on a control communicator: this tells
 *which* ranks have not arrived when the deadline passes, and catches ranks that call different
 collectives at the same point (``CollectiveMismatchError`` on every rank, instead of a hang or
@@ -26,9 +27,10 @@ import time
 import ml_dtypes
 import numpy as np
 
-from ..errors import CollectiveMismatchError, CollectiveTimeoutError, ProcessExitedError, SpmdError
-from ..flight_recorder import check_same_calls, dump_quietly, recorder
-from . import group_of, rank_in
+from ..comm_protocol import Communicator, group_of
+from ..errors import SpmdError
+from ..runtime import collective_timeout_seconds
+from .frame import CollectiveFrame, signature_check
 
 _SIGNATURE_BYTES = 512
 _SIGNATURE_TAG = 7071
@@ -38,16 +40,26 @@ _control = None
 _subcomms: dict[tuple[int, ...], object] = {}
 
 
-def _mpi():
-    from mpi4py import MPI
+def mpi():
+    """mpi4py's ``MPI`` module: the one place that imports mpi4py (an optional dependency)."""
+    try:
+        from mpi4py import MPI  # optional: mpi4py is the 'mpi' extra, needed only by backend='mpi'
+    except ImportError:
+        raise SpmdError("backend 'mpi' needs mpi4py: pip install 'spmd[mpi]' (mpi4py and "
+                        "mpich).") from None
     return MPI
+
+
+def mpi4py_world():
+    """``MPI.COMM_WORLD`` (initializes MPI on first use)."""
+    return mpi().COMM_WORLD
 
 
 def _control_comm():
     """A duplicate of COMM_WORLD for the signature messages, so they never match user traffic."""
     global _control
     if _control is None:
-        _control = _mpi().COMM_WORLD.Dup()
+        _control = mpi().COMM_WORLD.Dup()
     return _control
 
 
@@ -59,13 +71,13 @@ def _from_bytes(b: np.ndarray, dtype, shape) -> np.ndarray:
     return b.view(dtype).reshape(shape)
 
 
-class MPICommunicator:
-    """The communicator protocol of ``spmd.communicators`` over MPI processes."""
+class MPICommunicator(Communicator):
+    """The communicator protocol of ``spmd.comm_protocol`` over MPI processes."""
 
     multi_process = True
 
     def __init__(self, mesh, *, check: bool | None = None):
-        MPI = _mpi()
+        MPI = mpi()
         self.world = MPI.COMM_WORLD
         self.control = _control_comm()
         self.me = self.world.Get_rank()
@@ -79,7 +91,7 @@ class MPICommunicator:
         if max(self.process_of, default=0) >= self.world.Get_size():
             raise SpmdError(f"{mesh!r} names process {max(self.process_of)}, but MPI_COMM_WORLD "
                             f"has {self.world.Get_size()} processes.")
-        self.check = (os.environ.get("SPMD_COLLECTIVE_CHECK", "1") != "0") if check is None else check
+        self.check = signature_check(default=True) if check is None else check
 
     # -- groups ----------------------------------------------------------------------------------
     def _my_group(self, axes, groups):
@@ -95,95 +107,60 @@ class MPICommunicator:
             group.Free()
         return comm
 
-    # -- the frame around every collective: record, check, wait with a deadline ------------------
+    # -- one collective in the shared frame: record, check, wait with a deadline ---------------
     def _run(self, op, axes, groups, x, start, *, timeout=None):
         """Run one collective: ``start(comm, index)`` posts the non-blocking calls of this rank
         (``index`` = its rank in the group) and returns (requests, finish) where ``finish()``
         gives the result once the requests are done."""
-        from ..distributed import collective_timeout_seconds
-        timeout = collective_timeout_seconds() if timeout is None else timeout
-        positions = self._my_group(axes, groups)
-        ranks = tuple(self.process_of[p] for p in positions)
-        entry = recorder().start(op, axes, ranks, x.shape, x.dtype, x.nbytes)
-        deadline = time.monotonic() + timeout
-        try:
+        ranks = tuple(self.process_of[p] for p in self._my_group(axes, groups))
+        with CollectiveFrame(op, axes, ranks, x, me=self.me, timeout=timeout) as frame:
             if self.check and len(ranks) > 1:
-                self._arrive(entry, ranks, deadline, timeout)
-            comm = self._subcomm(ranks)
-            requests, finish = start(comm, ranks.index(self.me))
-            self._wait(requests, entry, deadline, timeout, ranks, "exchange data")
-            result = finish()
-        except (CollectiveTimeoutError, CollectiveMismatchError, ProcessExitedError):
-            raise
-        except BaseException as e:
-            recorder().finish(entry, "error")
-            dump_quietly(f"{type(e).__name__} in {op}: {e}")
-            raise
-        recorder().finish(entry)
-        return result
+                self._arrive(frame)
+            requests, finish = start(self._subcomm(ranks), ranks.index(self.me))
+            self._wait(frame, requests)
+            return finish()
 
-    def _arrive(self, entry, ranks, deadline, timeout):
-        mine = {k: entry[k] for k in ("seq", "op", "axes", "shape", "dtype")}
-        mine["ranks"] = list(ranks)
+    def _arrive(self, frame):
+        """Exchange call signatures with the group point-to-point on the control communicator;
+        names the ranks that do not arrive and those that call something else."""
+        mine = frame.signature()
         sig = np.zeros(_SIGNATURE_BYTES, np.uint8)
         raw = json.dumps(mine).encode()[:_SIGNATURE_BYTES]
         sig[:len(raw)] = np.frombuffer(raw, np.uint8)
-        peers = [r for r in ranks if r != self.me]
+        peers = [r for r in frame.ranks if r != self.me]
         inbox = {r: np.zeros(_SIGNATURE_BYTES, np.uint8) for r in peers}
         recvs = {r: self.control.Irecv(inbox[r], source=r, tag=_SIGNATURE_TAG) for r in peers}
         sends = [self.control.Isend(sig, dest=r, tag=_SIGNATURE_TAG) for r in peers]
-        self._wait(list(recvs.values()) + sends, entry, deadline, timeout, ranks, "arrive",
-                   pending=recvs)
+        self._wait(frame, list(recvs.values()) + sends, pending=recvs)
         theirs = {self.me: mine}
         for r in peers:
             theirs[r] = json.loads(bytes(inbox[r]).rstrip(b"\0").decode())
-        check_same_calls(entry, ranks, theirs)
+        frame.check(theirs)
 
-    def _wait(self, requests, entry, deadline, timeout, ranks, phase, pending=None):
-        MPI = _mpi()
-        spins, nap = 0, 1e-4
-        while not MPI.Request.Testall(requests):
-            if pending is not None and spins % 64 == 63:
-                gone = [r for r, q in pending.items()
-                        if self.control.Iprobe(source=r, tag=_EXIT_TAG) and not q.Test()]
-                if gone:
-                    recorder().finish(entry, "error")
-                    path = dump_quietly(f"rank(s) {gone} exited during {entry['op']} #{entry['seq']}")
-                    raise ProcessExitedError(
-                        f"{entry['op']} over axes {tuple(entry['axes'])} (collective #{entry['seq']} "
-                        f"of rank {self.me}, group ranks {list(ranks)}) cannot complete: rank(s) "
-                        f"{gone} exited before arriving. Flight recorder: {path}")
-            if time.monotonic() > deadline:
-                recorder().finish(entry, "timeout")
-                missing = ([r for r, q in pending.items() if not q.Test()] if pending is not None
-                           else None)
-                for q in requests:
-                    try:
-                        q.Cancel()
-                    except MPI.Exception:
-                        pass
-                path = dump_quietly(f"timeout in {entry['op']} #{entry['seq']}")
-                who = (f"ranks {missing} did not arrive" if missing else
-                       "every rank arrived but the data exchange did not finish (a peer may "
-                       "have died)" if self.check else
-                       "SPMD_COLLECTIVE_CHECK=0, so the ranks that did not arrive are unknown")
-                raise CollectiveTimeoutError(
-                    f"{entry['op']} over axes {tuple(entry['axes'])} (collective #{entry['seq']} "
-                    f"of rank {self.me}, shape {tuple(entry['shape'])}, group ranks "
-                    f"{list(ranks)}) did not complete within {timeout:g} s: {who}. "
-                    f"Flight recorder: {path}; run `python -m spmd.flight_recorder "
-                    f"{os.path.dirname(path) if path else 'DIR'}` over every rank's dump. "
-                    f"Raise the limit with SPMD_COLLECTIVE_TIMEOUT or "
-                    f"spmd.distributed.collective_timeout(seconds).")
-            spins += 1
-            # Spin first (a peer on its own core answers in microseconds), then give the core
-            # away (ranks that share cores need it to make progress), then nap on long waits.
-            if spins > 64:
-                if spins < 20000:
-                    time.sleep(0)
-                else:
-                    time.sleep(nap)
-                    nap = min(nap * 2, 1e-3)
+    def _wait(self, frame, requests, pending=None):
+        """Wait for ``requests`` within the frame's deadline.  ``pending``: {rank: receive} of
+        the signature exchange, to name the ranks that never arrived or exited."""
+        MPI = mpi()
+
+        def gone():
+            exited = [r for r, q in pending.items()
+                      if self.control.Iprobe(source=r, tag=_EXIT_TAG) and not q.Test()]
+            if exited:
+                raise frame.exited(exited)
+
+        def cancel():
+            missing = [r for r, q in pending.items() if not q.Test()] if pending is not None else None
+            for q in requests:
+                try:
+                    q.Cancel()
+                except MPI.Exception:
+                    pass
+            return (f"ranks {missing} did not arrive" if missing else
+                    "every rank arrived but the data exchange did not finish (a peer may "
+                    "have died)" if self.check else
+                    "SPMD_COLLECTIVE_CHECK=0, so the ranks that did not arrive are unknown")
+        frame.wait(lambda: MPI.Request.Testall(requests), on_timeout=cancel,
+                   poll=gone if pending is not None else None)
 
     # -- the protocol ----------------------------------------------------------------------------
     def _one(self, bufs):
@@ -192,7 +169,7 @@ class MPICommunicator:
 
     def all_reduce(self, bufs, axes, groups, op, *, timeout=None):
         p, x = self._one(bufs)
-        MPI = _mpi()
+        MPI = mpi()
         work, mpi_op = _reduction(x.dtype, op)
         if work is None:              # no MPI reduction for this dtype: gather, reduce in order
             g = self.all_gather(bufs, axes, groups, timeout=timeout)[p]
@@ -257,9 +234,6 @@ class MPICommunicator:
             return [comm.Ibcast(buf, root=source)], lambda: _from_bytes(buf, x.dtype, x.shape)
         return {p: self._run("pbroadcast", axes, groups, x, start, timeout=timeout)}
 
-    def axis_index(self, axes):
-        return {p: np.int32(rank_in(self.mesh, axes, p)) for p in self.local_positions}
-
     def barrier(self, *, timeout=None):
         x = np.zeros(0, np.uint8)
 
@@ -274,7 +248,7 @@ _NUMPY_REDUCE = {"sum": np.add, "max": np.maximum, "min": np.minimum}
 
 def _reduction(dtype, op):
     """(dtype to reduce in, MPI op), or (None, None) when MPI cannot reduce this dtype."""
-    MPI = _mpi()
+    MPI = mpi()
     dtype = np.dtype(dtype)
     if dtype == np.bool_:
         return np.dtype(np.uint8), {"sum": MPI.LOR, "max": MPI.LOR, "min": MPI.LAND}[op]
@@ -289,8 +263,7 @@ def announce_exit():
     """At exit: tell every process this one is leaving (so a peer that waits for it in a
     collective fails at once), then meet the others at a barrier with a deadline, so that
     ``MPI_Finalize`` does not wait forever for a peer that is stuck."""
-    from ..distributed import collective_timeout_seconds
-    MPI = _mpi()
+    MPI = mpi()
     if MPI.Is_finalized():
         return
     control = _control_comm()

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from ..communicators import BUS_FACTOR as FACTORS
+from ..comm_protocol import BUS_FACTOR as FACTORS
 @dataclasses.dataclass(frozen=True)
 class CostModel:
     """``alpha`` seconds per message step, ``bandwidth`` bytes/s; ``axes`` overrides per axis."""

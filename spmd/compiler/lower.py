@@ -333,8 +333,21 @@ def combine_psums(body: Program, records: dict, inserted: list, sizes, cm) -> Pr
     of their concatenated buffers (XLA's all-reduce combiner): one collective call instead of
     several, for the buffers small enough that the copy costs less than a call
     (``CostModel.worth_combining``).  The merged psum runs where the last of them ran; what used the earlier ones
-    moves after it."""
+    moves after it.
+
+    One batch is merged at a time, and the next is found on the program that merge left:
+    merging reorders equations and makes every user of the merged psum depend on all its
+    operands, so batches planned together (by index, on the old dependencies) could point at
+    moved equations or close a cycle between two batches."""
     eqns = body.eqns
+    while (found := _next_batch(eqns, records, cm)) is not None:
+        eqns = _merge(eqns, *found, records, inserted, sizes, cm)
+    return body if eqns is body.eqns else Program(body.in_vars, eqns, body.out_vars)
+
+
+def _next_batch(eqns, records, cm):
+    """(indices, their dependents) of the first inserted psums over the same axes, dtype and
+    vma that do not depend on each other and are worth combining; None when there are none."""
     producer = {id(v): i for i, e in enumerate(eqns) for v in e.outputs}
     users: dict[int, list] = {}
     for i, e in enumerate(eqns):
@@ -358,24 +371,19 @@ def combine_psums(body: Program, records: dict, inserted: list, sizes, cm) -> Pr
             if not cm.worth_combining(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize, e.params["axes"]):
                 continue
             groups.setdefault((e.params["axes"], np.dtype(x.dtype), x.vma), []).append(i)
-    batches = []
     for idx in groups.values():
         batch, after = [], set()
         for i in idx:
             if batch and i not in after:
                 batch.append(i)
                 after |= dependents(i)
+            elif len(batch) > 1:
+                return batch, after
             else:
-                if len(batch) > 1:
-                    batches.append((batch, after))
                 batch, after = [i], dependents(i)
         if len(batch) > 1:
-            batches.append((batch, after))
-    if not batches:
-        return body
-    for batch, after in reversed(batches):      # later batches first: indices stay valid
-        eqns = _merge(eqns, batch, after, records, inserted, sizes, cm)
-    return Program(body.in_vars, eqns, body.out_vars)
+            return batch, after
+    return None
 
 
 def _merge(eqns, batch, after, records, inserted, sizes, cm):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..communicators import placement as _placement, rank_in
+from ..comm_protocol import placement as _placement, rank_in
 from ..communicators.inprocess import InProcessCommunicator
 from ..core import Literal, Program
 from ..layout import GlobalValue

@@ -1,13 +1,17 @@
-"""GPUs through CuPy: devices, the CuPy executors, the NCCL communicator and the CUDA kernels.
+"""GPUs through CuPy (a plug-in): the ``gpu`` platform, the CuPy executors and the CUDA kernels.
 
-Nothing here imports CuPy at import time, so ``import spmd`` works with the ``cuda12`` extra
-installed on a machine without a driver; asking for GPU devices then says why there are none.
+Importing this package (``import spmd`` does) registers the ``gpu`` platform with
+``spmd.devices`` and the kernels with the NCCL communicator (``spmd.communicators.nccl.hooks``).
+Nothing here imports CuPy at import time (``spmd.communicators.cuda`` does, on first use), so
+``import spmd`` works with the ``cuda12`` extra installed on a machine without a driver; asking
+for GPU devices then says why there are none.
 
 - ``spmd.devices("gpu")``: one device per visible GPU, or ``SPMD_VIRTUAL_DEVICES=N`` virtual
   devices on GPU 0 (for the stacked executor: the whole mesh as one array on one GPU).
 - :func:`stacked_executor`: virtual devices on one GPU (``spmd.gpu.stacked``).
-- :func:`nccl_executor`: one process, one array per GPU, collectives through NCCL
-  (``spmd.gpu.nccl``) and, for small all-reduces, the peer-memory kernels (``spmd.gpu.peer``).
+- :func:`nccl_executor`: one process, one array per GPU, collectives through the NCCL
+  communicator (``spmd.communicators.nccl.NcclCommunicator``, the class that also serves one GPU
+  per process) and, for small all-reduces, the peer-memory kernels (``spmd.gpu.peer``).
 """
 from __future__ import annotations
 
@@ -15,21 +19,16 @@ import ctypes
 import functools
 import os
 
+from ..communicators import nccl as _nccl
+from ..communicators.cuda import GpuUnavailableError, cupy as _cupy  # noqa: F401 (public here)
+from ..communicators.nccl import NcclCommunicator, NcclError, describe_nccl_error  # noqa: F401
+from ..devices import Device, register_platform
 from ..errors import MeshError
-
-
-class GpuUnavailableError(MeshError):
-    """No usable GPU; the message says which piece is missing."""
-
-
-def _cupy():
-    try:
-        import cupy
-    except ImportError as e:
-        raise GpuUnavailableError(
-            f"GPU devices need CuPy, which is not installed ({e}); install spmd with the cuda12 "
-            f"extra: pip install 'spmd[cuda12]'.") from None
-    return cupy
+from ..executors.per_device import PerDeviceExecutor
+from . import index_math as im
+from . import kernels, ops
+from .peer import PeerAllReduce
+from .stacked import CupyStackedExecutor
 
 
 def _driver_cuda_version() -> int | None:
@@ -95,7 +94,6 @@ def gpu_devices():
 
     A device's ``local_id`` is its CUDA ordinal in this process (always 0 for virtual ones:
     see :func:`cuda_ordinal`)."""
-    from ..devices import Device
     n_gpus = gpu_count()
     virtual = _virtual_devices()
     key = (n_gpus, virtual)
@@ -125,13 +123,34 @@ def available() -> tuple[bool, str]:
 
 def stacked_executor():
     """The stacked executor on GPU 0 (virtual devices): see :mod:`spmd.gpu.stacked`."""
-    from .stacked import CupyStackedExecutor
     return CupyStackedExecutor()
 
 
 def nccl_executor():
-    """One process, one array per GPU, NCCL collectives: see :mod:`spmd.gpu.nccl`."""
-    from ..executors.per_device import PerDeviceExecutor
-    from .nccl import NcclCommunicator
+    """One process, one array per GPU, NCCL collectives: see :mod:`spmd.communicators.nccl`."""
     _cupy()
     return PerDeviceExecutor(NcclCommunicator.for_mesh)
+
+
+# -- what this plug-in registers below it ---------------------------------------------------------
+
+def _peer_algorithm(bufs, n: int) -> str:
+    """The NCCL communicator's question: the peer kernels ("one_shot" / "two_shot") or "nccl"
+    for an all-reduce of ``bufs`` (this process's device arrays) over groups of ``n``."""
+    if kernels.env_disabled():
+        return "nccl"
+    x = bufs[0]
+    aligned = all(b.data.ptr % 16 == 0 for b in bufs)
+    return im.choose_all_reduce(x.nbytes, n, x.itemsize, peer_ok=True,
+                                aligned=aligned and kernels.reduce_ctype(x.dtype) is not None)
+
+
+def _peer_in_process(ordinals):
+    return PeerAllReduce.in_process(ordinals, im.TWO_SHOT_MAX_BYTES)
+
+
+register_platform("gpu", gpu_devices, aliases=("cuda",))
+_nccl.hooks.cuda_ordinal = cuda_ordinal
+_nccl.hooks.pack = ops.pack
+_nccl.hooks.peer_algorithm = _peer_algorithm
+_nccl.hooks.peer_in_process = _peer_in_process

@@ -9,11 +9,10 @@ index types, the algorithm choice, bus bandwidth) only runs on the host.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
-from ..communicators import BUS_FACTOR
+from ..comm_protocol import BUS_FACTOR
 
 MAX_BLOCKS = 64          # kernels/index_math.cuh
 MAX_RANKS = 8

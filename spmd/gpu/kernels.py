@@ -16,6 +16,8 @@ import re
 
 import numpy as np
 
+from ..communicators.cuda import cupy as _cupy
+
 SOURCES = ("pack.cu", "copy.cu", "reduce.cu", "allreduce.cu")
 HEADERS = ("common.cuh", "index_math.cuh")
 TARGET_ARCHS = ("sm_80", "sm_90", "sm_100")
@@ -91,7 +93,7 @@ def reduce_ctype(dtype) -> str | None:
 def _module(name: str, device_id: int):
     """The compiled RawModule of ``name`` for the GPU ``device_id`` (CuPy compiles for that
     GPU's arch on first use and keeps the binary in its on-disk cache)."""
-    import cupy
+    cupy = _cupy()
     with cupy.cuda.Device(device_id):
         return cupy.RawModule(code=source(name), options=COMPILE_OPTIONS,
                               name_expressions=INSTANTIATIONS[name])
@@ -99,7 +101,7 @@ def _module(name: str, device_id: int):
 
 def kernel(name: str, expression: str):
     """The kernel ``expression`` (one of ``INSTANTIATIONS[name]``) on the current GPU."""
-    import cupy
+    cupy = _cupy()
     if expression not in INSTANTIATIONS[name]:
         raise KeyError(f"{expression} is not instantiated in {name}; add it to "
                        f"spmd.gpu.kernels.INSTANTIATIONS")
@@ -108,13 +110,13 @@ def kernel(name: str, expression: str):
 
 @functools.lru_cache(maxsize=None)
 def sm_count(device_id: int) -> int:
-    import cupy
+    cupy = _cupy()
     return cupy.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"]
 
 
 def grid(units: int, threads: int = 256, per_sm: int = 4) -> tuple[int, int]:
     """(blocks, threads) for a grid-stride loop over ``units`` items."""
-    import cupy
+    cupy = _cupy()
     most = sm_count(cupy.cuda.Device().id) * per_sm
     return max(1, min(most, -(-units // threads))), threads
 

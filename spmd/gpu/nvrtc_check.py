@@ -13,9 +13,14 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
+import importlib
 import os
 import pathlib
 import re
+from concurrent.futures import ThreadPoolExecutor
+
+from rich.console import Console
+from rich.table import Table
 
 from . import kernels
 
@@ -25,7 +30,6 @@ class NvrtcUnavailable(RuntimeError):
 
 
 def _wheel_dir(module: str) -> pathlib.Path:
-    import importlib
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
@@ -150,7 +154,6 @@ def compile_all(archs=kernels.TARGET_ARCHS) -> dict[str, list[KernelReport]]:
 
     One NVRTC program per (source, arch), in threads: NVRTC is thread-safe and releases the
     GIL, and ptxas (most of the time) runs once per kernel."""
-    from concurrent.futures import ThreadPoolExecutor
     jobs = [(name, arch) for arch in archs for name in kernels.SOURCES]
     with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
         done = list(pool.map(lambda job: _compile_one(*job), jobs))
@@ -161,8 +164,6 @@ def compile_all(archs=kernels.TARGET_ARCHS) -> dict[str, list[KernelReport]]:
 
 
 def main() -> None:
-    from rich.console import Console
-    from rich.table import Table
     print(f"NVRTC {nvrtc_version()}, headers {headers_version()}")
     table = Table(title="kernels/ compiled by NVRTC (registers / spill bytes per arch)")
     table.add_column("kernel")

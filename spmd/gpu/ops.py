@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..communicators.cuda import cupy as _cupy
 from . import index_math as im
 from . import kernels
-
-
-def _cupy():
-    import cupy
-    return cupy
 
 
 def _elem_strides(a) -> tuple[int, ...]:

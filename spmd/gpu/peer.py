@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..communicators.cuda import cupy as _cupy
 from . import index_math as im
 from . import kernels
 
@@ -23,7 +24,7 @@ class PeerAllReduce:
 
     def __init__(self, n: int, rank: int, ordinal: int, own_ptr: int, peer_ptrs: list[int],
                  capacity: int, opened: list[int]):
-        import cupy
+        cupy = _cupy()
         self.n, self.rank, self.ordinal, self.capacity = n, rank, ordinal, capacity
         self._own, self._opened = own_ptr, opened
         self._epoch = 0
@@ -33,7 +34,7 @@ class PeerAllReduce:
 
     @staticmethod
     def _allocate(ordinal: int, capacity: int) -> int:
-        import cupy
+        cupy = _cupy()
         rt = cupy.cuda.runtime
         with cupy.cuda.Device(ordinal):
             ptr = rt.malloc(_FLAG_BYTES + capacity)
@@ -45,7 +46,7 @@ class PeerAllReduce:
     def in_process(cls, ordinals: list[int], capacity: int) -> list["PeerAllReduce"]:
         """One per rank for GPUs ``ordinals`` of this process; enables peer access both ways.
         Raises RuntimeError where two of them cannot reach each other."""
-        import cupy
+        cupy = _cupy()
         rt = cupy.cuda.runtime
         for i in ordinals:
             for j in ordinals:
@@ -66,7 +67,7 @@ class PeerAllReduce:
     @classmethod
     def over_ipc(cls, n: int, rank: int, ordinal: int, capacity: int, allgather_bytes) -> "PeerAllReduce":
         """This process's rank of a group spread over processes of one node."""
-        import cupy
+        cupy = _cupy()
         rt = cupy.cuda.runtime
         own = cls._allocate(ordinal, capacity)
         handles = allgather_bytes(bytes(rt.ipcGetMemHandle(own)))
@@ -82,7 +83,7 @@ class PeerAllReduce:
         return cls(n, rank, ordinal, own, ptrs, capacity, opened)
 
     def __call__(self, x, out, op: str, algorithm: str, scale: float | None = None):
-        import cupy
+        cupy = _cupy()
         if x.nbytes > self.capacity or x.nbytes % 16:
             raise ValueError(f"peer all-reduce of {x.nbytes} bytes: needs a multiple of 16 bytes "
                              f"up to {self.capacity}")
@@ -101,7 +102,7 @@ class PeerAllReduce:
 
     def close(self):
         """Unmap the peers' regions and free this rank's (after the device is idle)."""
-        import cupy
+        cupy = _cupy()
         rt = cupy.cuda.runtime
         with cupy.cuda.Device(self.ordinal):
             rt.deviceSynchronize()

@@ -10,8 +10,12 @@ works as on the CPU.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from ..collectives import pmax_p, pmin_p, psum_p
+from ..communicators.cuda import cupy as _cupy
 from ..executors.stacked import StackedExecutor
+from ..layout import GlobalValue
 from . import kernels, ops
 
 
@@ -30,38 +34,34 @@ def _all_reduce_rule(prim, op):
     return stacked
 
 
-KERNEL_RULES = {p.name: _all_reduce_rule(p, op) for p, op in ((psum_p, "sum"), (pmax_p, "max"),
+KERNEL_RULES = {p: _all_reduce_rule(p, op) for p, op in ((psum_p, "sum"), (pmax_p, "max"),
                                                              (pmin_p, "min"))}
 
 
 class CupyStackedExecutor(StackedExecutor):
     def __init__(self):
-        import cupy
-        super().__init__(xp=cupy)
+        super().__init__(xp=_cupy())
 
     def _stacked_rule(self, prim):
-        return KERNEL_RULES.get(prim.name) or super()._stacked_rule(prim)
+        return KERNEL_RULES.get(prim) or super()._stacked_rule(prim)
 
     def run(self, program, args) -> list:
         return [_to_host(o) for o in super().run(program, [_to_device(a) for a in args])]
 
 
 def _to_device(a):
-    import cupy
-    import numpy as np
-    from ..array import Array
-    if isinstance(a, Array) and isinstance(a._storage, np.ndarray):
-        return Array(cupy.asarray(a._storage), a.shape, a.sharding)
+    cupy = _cupy()
+    if isinstance(a, GlobalValue) and isinstance(a._storage, np.ndarray):
+        return GlobalValue(cupy.asarray(a._storage), a.shape, a.sharding)
     if isinstance(a, np.ndarray):
         return cupy.asarray(a)
     return a
 
 
 def _to_host(o):
-    import cupy
-    from ..array import Array
-    if isinstance(o, Array) and isinstance(o._storage, cupy.ndarray):
-        return Array(o._storage.get(), o.shape, o.sharding)
+    cupy = _cupy()
+    if isinstance(o, GlobalValue) and isinstance(o._storage, cupy.ndarray):
+        return GlobalValue(o._storage.get(), o.shape, o.sharding)
     if isinstance(o, cupy.ndarray):
         return o.get()
     return o

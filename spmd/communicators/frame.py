@@ -1,0 +1,141 @@
+"""The frame around every collective of a communicator: flight recorder, cross-rank signature
+check, deadline, dump on failure.  The MPI and NCCL communicators run each collective inside
+one :class:`CollectiveFrame`; only posting the calls and testing for completion are theirs::
+
+    with CollectiveFrame(op, axes, ranks, x, me=rank, timeout=timeout) as frame:
+        if check:
+            frame.check(exchange(frame.signature()))   # every rank's signature: same call?
+        post()
+        frame.wait(done, on_timeout=cancel)             # polls done() until the deadline
+        return result()
+
+On leaving the frame the flight-recorder entry is completed, or, on an exception, recorded as
+``timeout`` / ``error`` and the recorder dumped (once: the frame's own timeout, mismatch and
+exited-peer errors record and dump before they raise).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+from ..errors import CollectiveTimeoutError, ProcessExitedError, SpmdError
+from ..flight_recorder import check_same_calls, dump_quietly, recorder
+from ..runtime import collective_timeout_seconds
+
+
+def signature_check(default: bool) -> bool:
+    """Whether ranks exchange call signatures before each collective: ``SPMD_COLLECTIVE_CHECK``
+    (``1``/``0``), else the backend's ``default``."""
+    raw = os.environ.get("SPMD_COLLECTIVE_CHECK", "").strip()
+    if raw == "":
+        return default
+    if raw not in ("0", "1"):
+        raise SpmdError(f"SPMD_COLLECTIVE_CHECK={raw!r}: use 1 (check every collective's "
+                        f"signature across ranks) or 0 (skip the check).")
+    return raw == "1"
+
+
+class CollectiveFrame:
+    """One collective as the flight recorder, the deadline and the cross-rank check see it.
+
+    ``ranks``: the process ranks of this process's group; ``me``: this process's rank;
+    ``x``: this rank's input (for shape, dtype and bytes); ``timeout``: seconds, default
+    :func:`spmd.runtime.collective_timeout_seconds`."""
+
+    def __init__(self, op: str, axes, ranks, x, *, me: int, timeout: float | None = None):
+        self.op, self.axes, self.ranks, self.me = op, tuple(axes), tuple(ranks), me
+        self.shape = tuple(x.shape)
+        self.timeout = collective_timeout_seconds() if timeout is None else float(timeout)
+        self.entry = recorder().start(op, self.axes, self.ranks, x.shape, x.dtype, x.nbytes)
+        self.deadline = time.monotonic() + self.timeout
+
+    # -- entering and leaving --------------------------------------------------------------------
+    def __enter__(self) -> "CollectiveFrame":
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if self.entry["state"] != "started":       # already recorded (and dumped) by the frame
+            return False
+        if kind is None:
+            recorder().finish(self.entry)
+            return False
+        recorder().finish(self.entry, "timeout" if issubclass(kind, CollectiveTimeoutError)
+                          else "error")
+        dump_quietly(f"{kind.__name__} in {self.op}: {error}")
+        return False
+
+    # -- time ------------------------------------------------------------------------------------
+    def left(self, at_least: float = 0.0) -> float:
+        """Seconds until the deadline (not less than ``at_least``)."""
+        return max(self.deadline - time.monotonic(), at_least)
+
+    def expired(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    # -- the cross-rank signature check ----------------------------------------------------------
+    @property
+    def seq(self) -> int:
+        return self.entry["seq"]
+
+    def signature(self) -> dict:
+        """What every rank of the group must agree on: op, axes, shape, dtype, group."""
+        mine = {k: self.entry[k] for k in ("seq", "op", "axes", "shape", "dtype")}
+        mine["ranks"] = list(self.ranks)
+        return mine
+
+    def check(self, theirs: dict) -> None:
+        """``theirs``: {rank: signature} of every rank of the group (this one included);
+        ``CollectiveMismatchError`` (recorded, dumped) unless they agree."""
+        check_same_calls(self.entry, self.ranks, theirs)
+
+    # -- failures ----------------------------------------------------------------------------------
+    def _describe(self) -> str:
+        return (f"{self.op} over axes {self.axes} (collective #{self.seq} of rank {self.me}, "
+                f"shape {self.shape}, group ranks {list(self.ranks)})")
+
+    def timed_out(self, why: str) -> CollectiveTimeoutError:
+        """Record and dump the timeout; the error to raise (``why``: what is known about it)."""
+        recorder().finish(self.entry, "timeout")
+        path = dump_quietly(f"timeout in {self.op} #{self.seq}")
+        return CollectiveTimeoutError(
+            f"{self._describe()} did not complete within {self.timeout:g} s: {why}. "
+            f"Flight recorder: {path}; run `python -m spmd.flight_recorder "
+            f"{os.path.dirname(path) if path else 'DIR'}` over every rank's dump. "
+            f"Raise the limit with SPMD_COLLECTIVE_TIMEOUT or "
+            f"spmd.distributed.collective_timeout(seconds).")
+
+    def not_arrived(self, missing) -> CollectiveTimeoutError:
+        return self.timed_out(f"ranks {sorted(missing)} did not arrive")
+
+    def exited(self, gone) -> ProcessExitedError:
+        """Record and dump a peer's exit; the error to raise."""
+        recorder().finish(self.entry, "error")
+        path = dump_quietly(f"rank(s) {list(gone)} exited during {self.op} #{self.seq}")
+        return ProcessExitedError(
+            f"{self.op} over axes {self.axes} (collective #{self.seq} of rank {self.me}, group "
+            f"ranks {list(self.ranks)}) cannot complete: rank(s) {list(gone)} exited before "
+            f"arriving. Flight recorder: {path}")
+
+    # -- waiting ---------------------------------------------------------------------------------
+    def wait(self, done: Callable[[], bool], *, on_timeout: Callable[[], str],
+             poll: Callable[[], None] | None = None) -> None:
+        """Poll ``done()`` until it is true or the deadline passes.  On expiry ``on_timeout()``
+        cleans up (cancels requests, aborts a communicator) and says what is known; the frame
+        then raises ``CollectiveTimeoutError``.  ``poll()``, called now and then, may raise
+        (e.g. :meth:`exited` when a peer is gone)."""
+        spins, nap = 0, 1e-4
+        while not done():
+            if poll is not None and spins % 64 == 63:
+                poll()
+            if time.monotonic() > self.deadline:
+                raise self.timed_out(on_timeout())
+            spins += 1
+            # Spin first (a peer on its own core answers in microseconds), then give the core
+            # away (ranks that share cores need it to make progress), then nap on long waits.
+            if spins > 64:
+                if spins < 20000:
+                    time.sleep(0)
+                else:
+                    time.sleep(nap)
+                    nap = min(nap * 2, 1e-3)
