@@ -263,12 +263,7 @@ class Jitted:
                     f"is for an argument that does not exist.")
             spec = spec + (None,) * (len(dyn_args) - len(spec))
             for i, (s, a) in enumerate(zip(spec, dyn_args)):
-                try:
-                    full = optree.tree_broadcast_prefix(s, a, is_leaf=_is_sharding_leaf, none_is_leaf=True)
-                except ValueError as e:
-                    raise ShardingError(f"jit({self.name}): in_shardings[{i}] {s!r} does not match the "
-                                        f"structure of args[{i}] ({e}).") from None
-                sub = optree.tree_leaves(full, is_leaf=_is_sharding_leaf, none_is_leaf=True)
+                sub = self._sharding_leaves(s, a, f"in_shardings[{i}]", f"args[{i}]")
                 start = sum(optree.tree_structure(x, none_is_leaf=False).num_leaves for x in dyn_args[:i])
                 for k, sh in enumerate(sub):
                     if sh is not None:
@@ -304,6 +299,15 @@ class Jitted:
             final.append(g)
         return mesh, final, paths
 
+    def _sharding_leaves(self, spec, value, what, of):
+        """One sharding (or None) per leaf of ``value`` from ``spec``, a prefix of its structure."""
+        try:
+            full = optree.tree_broadcast_prefix(spec, value, is_leaf=_is_sharding_leaf, none_is_leaf=True)
+        except ValueError as e:
+            raise ShardingError(f"jit({self.name}): {what} {spec!r} does not match the structure "
+                                f"of {of} ({e}).") from None
+        return optree.tree_leaves(full, is_leaf=_is_sharding_leaf, none_is_leaf=True)
+
     def _out_specs(self, out_tree, out_avals, mesh):
         if self.out_shardings is None:
             return [None] * len(out_avals)
@@ -312,12 +316,8 @@ class Jitted:
             spec_leaves = [spec] * out_tree.num_leaves
         else:
             out_struct = optree.tree_unflatten(out_tree, list(range(out_tree.num_leaves)))
-            try:
-                full = optree.tree_broadcast_prefix(spec, out_struct, is_leaf=_is_sharding_leaf, none_is_leaf=True)
-            except ValueError as e:
-                raise ShardingError(f"jit({self.name}): out_shardings {spec!r} does not match the "
-                                    f"structure of the outputs ({out_tree}): {e}") from None
-            spec_leaves = optree.tree_leaves(full, is_leaf=_is_sharding_leaf, none_is_leaf=True)
+            spec_leaves = self._sharding_leaves(spec, out_struct, "out_shardings",
+                                                f"the outputs ({out_tree})")
         out = []
         for k, (s, a) in enumerate(zip(spec_leaves, out_avals)):
             if s is None:
