@@ -23,6 +23,8 @@ from .transforms.api import grad, value_and_grad, vjp, jvp, linearize, jacfwd, j
 from .transforms.vmap import vmap
 from .transforms.checkpoint import checkpoint, checkpoint_policies, remat
 from . import numpy, lax, executors, distributed
+from . import random, tree_util, nn
+from .lax import stop_gradient
 from .inspect import collectives_of, print_collectives
 from .visualize import visualize_sharding
 from . import gpu  # noqa: F401  (plug-in: registers the "gpu" platform; CuPy loads on first use)

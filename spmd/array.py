@@ -78,12 +78,14 @@ class Array(layout.GlobalValue):
         return self.sharding.device_set
 
     def block_until_ready(self):
+        if self.is_deleted():
+            raise RuntimeError(layout._DELETED)
         return self
 
     # -- shards ------------------------------------------------------------------------------
     @property
     def addressable_shards(self) -> list[Shard]:
-        mesh = self.sharding.mesh
+        mesh = self.sharding._concrete_mesh("Array.addressable_shards")
         local = {d.id for d in mesh.local_devices}
         out = []
         replicas: dict[tuple, int] = {}

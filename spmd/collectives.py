@@ -232,8 +232,10 @@ def _psum_transpose(ct, x, *, axes, groups):
 psum_p.jvp, psum_p.transpose = ad_util.linear_jvp(psum_p), _psum_transpose
 for _p in (pmax_p, pmin_p):
     _p.jvp = ad_util.no_jvp(_p, f"{_p.name} has no gradient (which device's value wins is not a smooth "
-                           f"function); take the gradient of a psum-based formulation, or compute "
-                           f"the {_p.name} outside the differentiated function.")
+                           f"function); wrap its operand in spmd.stop_gradient (lax.stop_gradient) if "
+                           f"no gradient should flow through it, take the gradient of a psum-based "
+                           f"formulation, or compute the {_p.name} outside the differentiated "
+                           f"function.")
 del _p
 
 
@@ -245,6 +247,16 @@ def _all_reduce(prim, op_name, x, axis_name, axis_index_groups):
 
     def one(leaf):
         leaf = _as_traced(b, leaf)
+        if prim is not psum_p:
+            # max and min are idempotent: over the axes the value is the same on, it is its own
+            # reduction (JAX reduces over the varying axes only, and returns an invariant value)
+            varying = tuple(a for a in axes if a in leaf.aval.vma)
+            if groups is not None and varying != axes:
+                leaf = _vary(b, leaf, axes)      # the groups number devices along all of axes
+            elif not varying:
+                return leaf
+            else:
+                return bind(prim, leaf, axes=varying, groups=groups)
         _require_varying(op_name, b, leaf, axes,
                          f"If you mean n·x, write {op_name}(spmd.pvary(x, {spelled}), "
                          f"{spelled}); if the value is already the same everywhere, drop the "

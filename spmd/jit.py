@@ -79,6 +79,24 @@ def _as_array(x):
     return device_put(np.asarray(x))
 
 
+def _on_devices(outs, leaves):
+    """Outputs of a ``shard_map(mesh=mesh.abstract_mesh)`` carry a mesh without devices; as in
+    JAX they land on the concrete mesh of that shape the arguments are on, or else the one of
+    ``with spmd.set_mesh(mesh):`` (if neither gives one, they keep the abstract mesh, and the
+    methods that need devices say so)."""
+    if all(o.sharding.mesh.abstract_mesh is not o.sharding.mesh for o in outs):
+        return outs
+    meshes = [x.sharding.mesh for x in leaves if type(x) is Array] + [get_mesh()]
+    for i, o in enumerate(outs):
+        abstract = o.sharding.mesh
+        if abstract.abstract_mesh is abstract:
+            m = next((m for m in meshes if m is not None and m.abstract_mesh is not m
+                      and m.abstract_mesh == abstract), None)
+            if m is not None and o._blocks is None:
+                outs[i] = Array(o._storage, o.shape, NamedSharding(m, o.sharding.spec))
+    return outs
+
+
 def execute(program, args) -> list:
     """Run ``program`` on concrete arguments with the default executor; ``Array`` results."""
     return [_as_array(o) for o in default_executor().run(program, list(args))]
@@ -370,16 +388,14 @@ class Jitted:
             paths = optree.tree_paths((args, kwargs), none_is_leaf=False)
             path = next(p for p, x in zip(paths, leaves) if isinstance(x, Array) and x.is_deleted())
             where = ("args" if path[0] == 0 else "kwargs") + "".join(f"[{k!r}]" for k in path[1:])
-            raise RuntimeError(f"jit({self.name}): {where} was donated to an earlier call and its "
-                               f"buffer is gone; pass a fresh array (donated arrays cannot be "
-                               f"reused).")
+            raise _deleted_argument(self.name, where)
         key, traced, leaves = self._trace(args, kwargs)
         program, _, out_tree = traced
         if not self._uses_compiler(program, leaves):
             executor = self.executor or default_executor()
             leaves = [np.asarray(x) if type(x) in (bool, int, float, complex) else x for x in leaves]
-            outs = executor.run(program, leaves)
-            return optree.tree_unflatten(out_tree, [_as_array(o) for o in outs])
+            outs = [_as_array(o) for o in executor.run(program, leaves)]
+            return optree.tree_unflatten(out_tree, _on_devices(outs, leaves))
         comp, paths = self._compile(args, kwargs, key, traced, leaves)
         outs = run_compiled(comp, leaves, paths, self.executor)
         for i in self._donated_leaves(args):
@@ -449,6 +465,12 @@ def _gradients_like_parameters(args, jitted, out_tree, program, ins, outs):
     return outs
 
 
+def _deleted_argument(name, where) -> RuntimeError:
+    return RuntimeError(f"jit({name}): {where} was donated to an earlier call (donate_argnums) "
+                        f"or deleted (Array.delete()), and its buffer is gone; pass a fresh array "
+                        f"(donated and deleted arrays cannot be reused).")
+
+
 def run_compiled(comp: Compiled, leaves, paths, executor=None):
     """Place the arguments as the compiled program expects, run it, wrap the outputs."""
     mesh = comp.mesh
@@ -457,8 +479,7 @@ def run_compiled(comp: Compiled, leaves, paths, executor=None):
         want = NamedSharding(mesh, sh.spec)
         if isinstance(x, Array):
             if x.is_deleted():
-                raise RuntimeError(f"jit({comp.name}): {p} was donated to an earlier call and its "
-                                   f"buffer is gone; pass a fresh array (donated arrays cannot be reused).")
+                raise _deleted_argument(comp.name, p)
             if not (x.sharding.mesh == mesh and x.sharding.is_equivalent_to(want, x.ndim)):
                 x = device_put(x, want)
         else:

@@ -148,12 +148,14 @@ class GlobalValue:
 
     def delete(self):
         """Free the buffers (``jit(..., donate_argnums=...)`` does this to donated arguments)."""
-        self._storage, self._deleted = None, True
+        self._storage, self._blocks, self._deleted = None, None, True
 
     def is_deleted(self) -> bool:
         return getattr(self, "_deleted", False)
 
     def _block_at(self, mesh_index: tuple[int, ...]) -> np.ndarray:
+        if self.is_deleted():
+            raise RuntimeError(_DELETED)
         if self._blocks is not None:
             return self._blocks[int(np.ravel_multi_index(mesh_index, self.sharding.mesh.axis_sizes))]
         m = len(mesh_index)

@@ -22,7 +22,7 @@ in float64 they agree with JAX to a few ulps.
 >>> spmd.random.key_data(spmd.random.split(k)).tolist()
 [[1797259609, 2579123966], [928981903, 3453687069]]
 >>> spmd.random.randint(k, (4,), 0, 10).tolist()
-[1, 9, 4, 7]
+[9, 0, 2, 3]
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import ml_dtypes
 import numpy as np
 
-from . import lax, tree_util
+from . import _xla_math as xm, lax, numpy_api, tree_util
 from .core import Tracer, aval_of, bind, hooks
 
 __all__ = ["PRNGKeyArray", "key", "PRNGKey", "key_data", "wrap_key_data", "split", "fold_in",
@@ -250,189 +250,6 @@ def bits(key, shape=(), dtype=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# float32 math as XLA computes it on the CPU (fused multiply-adds included), so that the
-# samplers below give JAX's bits; float64 uses NumPy's (a few ulps from XLA's)
-# ---------------------------------------------------------------------------------------------
-
-def _astype(x, dtype):
-    return x.astype(dtype) if isinstance(x, (np.ndarray, np.generic, Tracer)) else np.asarray(x, dtype)
-
-
-def _fma(a, b, c):
-    """``a * b + c`` rounded once (float32 and narrower), as XLA contracts it on the CPU."""
-    dt = np.result_type(*(aval_of(v).dtype for v in (a, b, c)))
-    if dt.itemsize >= 8:
-        return a * b + c
-    f64 = np.float64
-    return _astype(_astype(a, f64) * _astype(b, f64) + _astype(c, f64), dt)
-
-
-def _horner(coefficients, x):
-    p = np.asarray(coefficients[0], x.dtype)
-    for c in coefficients[1:]:
-        p = _fma(p, x, np.asarray(c, x.dtype))
-    return p
-
-
-def _f32_upcast(fn):
-    """Narrow floats are computed in float32 (as XLA does)."""
-    def wrapped(x):
-        dt = aval_of(x).dtype
-        if dt.itemsize < 4:
-            return _astype(fn(_astype(x, np.float32)), dt)
-        return fn(x)
-    return wrapped
-
-
-def _bitcast(x, dtype):
-    return bind(lax.bitcast_convert_type_p, x, dtype=np.dtype(dtype))
-
-
-_LOG_P = (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
-          -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1)
-
-
-@_f32_upcast
-def _log(x):
-    """Cephes' logf, evaluated as XLA's CPU backend does."""
-    if aval_of(x).dtype == np.float64:
-        return np.log(x)
-    f32 = np.float32
-    tiny = x < f32(2.0 ** -126)                                 # subnormal: scale it up
-    xs = np.where(tiny, x * f32(2.0 ** 23), x)
-    b = _bitcast(xs, _U32)
-    e = ((b >> 23) & 0xFF).astype(f32) - np.where(tiny, f32(149), f32(126))
-    m = _bitcast((b & 0x007FFFFF) | 0x3F000000, f32)             # x = m * 2**e, m in [0.5, 1)
-    small = m < f32(0.707106781186547524)
-    tmp = np.where(small, m, f32(0))
-    m = m - f32(1)
-    e = e - np.where(small, f32(1), f32(0))
-    m = m + tmp
-    m2 = m * m
-    m3 = m2 * m
-    p = [f32(c) for c in _LOG_P]
-    y, y1, y2 = _fma(p[0], m, p[1]), _fma(p[3], m, p[4]), _fma(p[6], m, p[7])
-    y, y1, y2 = _fma(y, m, p[2]), _fma(y1, m, p[5]), _fma(y2, m, p[8])
-    y = _fma(_fma(y, m3, y1), m3, y2)
-    y = _fma(y, m3, e * f32(-2.12194440e-4))
-    out = (m - m2 * f32(0.5)) + y + e * f32(0.693359375)
-    special = np.where(x == 0, f32(-np.inf), np.where(x == np.inf, f32(np.inf), f32(np.nan)))
-    return np.where((x > 0) & (x < np.inf), out, special)
-
-
-_LOG1P_NUM = (4.5270000862445199635215e-5, 4.9854102823193375972212e-1, 6.5787325942061044846969,
-              2.9911919328553073277375e1, 6.0949667980987787057556e1, 5.7112963590585538103336e1,
-              2.0039553499201281259648e1)
-_LOG1P_DEN = (1., 1.5062909083469192043167e1, 8.3047565967967209469434e1, 2.2176239823732856465394e2,
-              3.0909872225312059774938e2, 2.1642788614495947685003e2, 6.0118660497603843919306e1)
-
-
-@_f32_upcast
-def _log1p(x):
-    """``log(1 + x)``: Cephes' rational function near 0, ``log`` elsewhere (XLA's CPU)."""
-    if aval_of(x).dtype == np.float64:
-        return np.log1p(x)
-    f32 = np.float32
-    x2 = x * x
-    near0 = (x * x2) * (_horner(_LOG1P_NUM, x) / _horner(_LOG1P_DEN, x))
-    near0 = x + (f32(-0.5) * x2 + near0)
-    return np.where(np.abs(x) < f32(0.41421356237309504880), near0, _log(x + f32(1)))
-
-
-_ERF_NUM = (0.00022905065861350646, 0.0034082910107109506, 0.050955695062380861,
-            0.18520832239976145, 1.128379143519084)
-_ERF_DEN = (-1.1791602954361697e-7, 0.000023547966471313185, 0.0010179625278914885,
-            0.014070470171167667, 0.11098505178285362, 0.49746925110067538, 1.0)
-_ERF64_T = (9.60497373987051638749e0, 9.00260197203842689217e1, 2.23200534594684319226e3,
-            7.00332514112805075473e3, 5.55923013010394962768e4)
-_ERF64_U = (1., 3.35617141647503099647e1, 5.21357949780152679795e2, 4.59432382970980127987e3,
-            2.26290000613890934246e4, 4.92673942608635921086e4)
-_ERFC64_P = (2.46196981473530512524e-10, 5.64189564831068821977e-1, 7.46321056442269912687e0,
-             4.86371970985681366614e1, 1.96520832956077098242e2, 5.26445194995477358631e2,
-             9.34528527171957607540e2, 1.02755188689515710272e3, 5.57535335369399327526e2)
-_ERFC64_Q = (1., 1.32281951154744992508e1, 8.67072140885989742329e1, 3.54937778887819891062e2,
-             9.75708501743205489753e2, 1.82390916687909736289e3, 2.24633760818710981792e3,
-             1.65666309194161350182e3, 5.57535340817727675546e2)
-_ERFC64_R = (5.64189583547755073984e-1, 1.27536670759978104416e0, 5.01905042251180477414e0,
-             6.16021097993053585195e0, 7.40974269950448939160e0, 2.97886665372100240670e0)
-_ERFC64_S = (1., 2.26052863220117276590e0, 9.39603524938001434673e0, 1.20489539808096656605e1,
-             1.70814450747565897222e1, 9.60896809063285878198e0, 3.36907645100081516050e0)
-
-
-@_f32_upcast
-def _erf(x):
-    """A rational approximation in float32 (XLA's CPU); Cephes' in float64."""
-    if aval_of(x).dtype == np.float64:
-        z = x * x
-        near0 = x * _horner(_ERF64_T, z) / _horner(_ERF64_U, z)
-        ax = np.abs(x)
-        tail = np.exp(-z) * np.where(ax < 8, _horner(_ERFC64_P, ax) / _horner(_ERFC64_Q, ax),
-                                     _horner(_ERFC64_R, ax) / _horner(_ERFC64_S, ax))
-        tail = np.where(-z < -7.09782712893383996843e2, 0.0, tail)
-        erfc = np.where(x < 0, 2.0 - tail, tail)
-        return np.where(ax < 1, near0, 1.0 - erfc)
-    x2 = x * x
-    p = x * _horner(_ERF_NUM, x2)
-    q = _horner(_ERF_DEN, x2)
-    return np.where(np.abs(x) >= np.float32(3.832506856900711), np.copysign(np.float32(1), x), p / q)
-
-
-_ERFINV32 = ((2.81022636e-08, 3.43273939e-07, -3.5233877e-06, -4.39150654e-06, 0.00021858087,
-              -0.00125372503, -0.00417768164, 0.246640727, 1.50140941),
-             (-0.000200214257, 0.000100950558, 0.00134934322, -0.00367342844, 0.00573950773,
-              -0.0076224613, 0.00943887047, 1.00167406, 2.83297682))
-_ERFINV64 = (
-    (-3.6444120640178196996e-21, -1.685059138182016589e-19, 1.2858480715256400167e-18,
-     1.115787767802518096e-17, -1.333171662854620906e-16, 2.0972767875968561637e-17,
-     6.6376381343583238325e-15, -4.0545662729752068639e-14, -8.1519341976054721522e-14,
-     2.6335093153082322977e-12, -1.2975133253453532498e-11, -5.4154120542946279317e-11,
-     1.051212273321532285e-09, -4.1126339803469836976e-09, -2.9070369957882005086e-08,
-     4.2347877827932403518e-07, -1.3654692000834678645e-06, -1.3882523362786468719e-05,
-     0.0001867342080340571352, -0.00074070253416626697512, -0.0060336708714301490533,
-     0.24015818242558961693, 1.6536545626831027356),
-    (2.2137376921775787049e-09, 9.0756561938885390979e-08, -2.7517406297064545428e-07,
-     1.8239629214389227755e-08, 1.5027403968909827627e-06, -4.013867526981545969e-06,
-     2.9234449089955446044e-06, 1.2475304481671778723e-05, -4.7318229009055733981e-05,
-     6.8284851459573175448e-05, 2.4031110387097893999e-05, -0.0003550375203628474796,
-     0.00095328937973738049703, -0.0016882755560235047313, 0.0024914420961078508066,
-     -0.0037512085075692412107, 0.005370914553590063617, 1.0052589676941592334,
-     3.0838856104922207635),
-    (-2.7109920616438573243e-11, -2.5556418169965252055e-10, 1.5076572693500548083e-09,
-     -3.7894654401267369937e-09, 7.6157012080783393804e-09, -1.4960026627149240478e-08,
-     2.9147953450901080826e-08, -6.7711997758452339498e-08, 2.2900482228026654717e-07,
-     -9.9298272942317002539e-07, 4.5260625972231537039e-06, -1.9681778105531670567e-05,
-     7.5995277030017761139e-05, -0.00021503011930044477347, -0.00013871931833623122026,
-     1.0103004648645343977, 4.8499064014085844221))
-
-
-@_f32_upcast
-def _erf_inv(x):
-    """Giles' approximation of the inverse error function (XLA's)."""
-    dt = aval_of(x).dtype
-    w = -_log1p(x * -x)
-    if dt == np.float64:
-        # three ranges of w, one polynomial each (of 23, 19 and 17 coefficients)
-        mid, low = w < 6.25, w < 16
-        w = np.where(mid, w - 3.125, np.sqrt(w) - np.where(low, 3.25, 5.0))
-        c_mid, c_low, c_high = _ERFINV64
-        coefficient = lambda i: np.where(mid, c_mid[i], np.where(low, c_low[i], c_high[i])
-                                         if i < 17 else c_low[i] if i < 19 else 0.0)
-        p = coefficient(0)
-        for i in range(1, 23):
-            step = coefficient(i) + p * w
-            p = step if i < 17 else np.where(low if i < 19 else mid, step, p)
-    else:
-        f32 = np.float32
-        small = w < f32(5)
-        w = np.where(small, w - f32(2.5), np.sqrt(w) - f32(3))
-        c_small, c_big = _ERFINV32
-        p = np.where(small, f32(c_small[0]), f32(c_big[0]))
-        for i in range(1, 9):
-            p = _fma(p, w, np.where(small, f32(c_small[i]), f32(c_big[i])))
-    return np.where(np.abs(x) == 1, x * np.asarray(np.inf, dt), p * x)
-
-
-# ---------------------------------------------------------------------------------------------
 # samplers
 # ---------------------------------------------------------------------------------------------
 
@@ -473,8 +290,13 @@ def _uniform(data, shape, dtype, minval, maxval):
     rng_bits = 8 if nmant < 8 else nbits
     raw = _bits(data, rng_bits, shape).astype(f"uint{nbits}")
     floats = (raw >> (rng_bits - nmant)).astype(dtype) * np.asarray(2.0 ** -nmant, dtype)
-    minval, maxval = _astype(minval, dtype), _astype(maxval, dtype)
-    return np.maximum(minval, _fma(floats, maxval - minval, minval))
+    minval, maxval = xm.astype(minval, dtype), xm.astype(maxval, dtype)
+    span = maxval - minval
+    power_of_2 = not isinstance(span, Tracer) and np.all(
+        np.abs(np.frexp(span.astype(np.float64))[0]) == 0.5)
+    # XLA fuses the multiply-add; with a power-of-2 span the product is exact anyway
+    scaled = floats * span + minval if power_of_2 else xm.fma(floats, span, minval)
+    return np.maximum(minval, scaled)
 
 
 def uniform(key, shape=(), dtype=None, minval=0., maxval=1.):
@@ -485,15 +307,20 @@ def uniform(key, shape=(), dtype=None, minval=0., maxval=1.):
     return _uniform(data, shape, dtype, minval, maxval)
 
 
+def _inverse_sqrt2(dtype):
+    """XLA divides by a constant as it multiplies by its rounded reciprocal."""
+    return np.asarray(1, dtype) / np.asarray(np.sqrt(2), dtype)
+
+
 def _normal(data, shape, dtype):
     if dtype.kind == "c":
         real = np.dtype(f"float{dtype.itemsize * 4}")
         k_re, k_im = _split(data, (2,))
         re, im = _normal(k_re, shape, real), _normal(k_im, shape, real)
-        return (re.astype(dtype) + 1j * im.astype(dtype)) / np.asarray(np.sqrt(2), dtype)
+        return (re.astype(dtype) + 1j * im.astype(dtype)) * _inverse_sqrt2(dtype)
     lo = np.asarray(-1 + _finfo(dtype).epsneg, dtype)            # nextafter(-1, 0)
     u = _uniform(data, shape, dtype, lo, np.asarray(1, dtype))
-    return np.asarray(np.sqrt(2), dtype) * _erf_inv(u)
+    return np.asarray(np.sqrt(2), dtype) * xm.erf_inv(u)
 
 
 def normal(key, shape=(), dtype=None):
@@ -503,19 +330,6 @@ def normal(key, shape=(), dtype=None):
     if dt not in _FLOATS + (np.dtype(np.complex64), np.dtype(np.complex128)):
         raise ValueError(f"dtype argument to `normal` must be a float or complex dtype, got {dt}")
     return _normal(data, _shape("normal", shape), dt)
-
-
-def _next_toward(x, up: bool):
-    """``nextafter(x, +inf if up else -inf)``, from the bits."""
-    dt = aval_of(x).dtype
-    uint = np.dtype(f"uint{dt.itemsize * 8}")
-    b = _bitcast(x, uint)
-    one = np.asarray(1, uint)
-    away = _bitcast(b + one, dt)                 # one ulp further from zero
-    toward = _bitcast(b - one, dt)               # one ulp nearer zero
-    smallest = np.asarray(_finfo(dt).smallest_subnormal * (1 if up else -1), dt)
-    moved = np.where(x > 0, away if up else toward, np.where(x < 0, toward if up else away, smallest))
-    return np.where(np.isnan(x) | (x == (np.inf if up else -np.inf)), x, moved)
 
 
 def truncated_normal(key, lower, upper, shape=None, dtype=None):
@@ -528,13 +342,13 @@ def truncated_normal(key, lower, upper, shape=None, dtype=None):
     else:
         shape = _shape("truncated_normal", shape)
         _check_shape("truncated_normal", shape, *bounds)
-    sqrt2 = np.asarray(np.sqrt(2), dtype)
-    lower, upper = _astype(lower, dtype), _astype(upper, dtype)
-    u = _uniform(data, shape, dtype, _erf(lower / sqrt2), _erf(upper / sqrt2))
-    out = sqrt2 * _erf_inv(u)
+    lower, upper = xm.astype(lower, dtype), xm.astype(upper, dtype)
+    u = _uniform(data, shape, dtype, xm.erf(lower * _inverse_sqrt2(dtype)),
+                 xm.erf(upper * _inverse_sqrt2(dtype)))
+    out = np.asarray(np.sqrt(2), dtype) * xm.erf_inv(u)
     # rounding (or drawing the lower end itself) must not leave the open interval
-    lo = _next_toward(lax.stop_gradient(lower), up=True)
-    hi = _next_toward(lax.stop_gradient(upper), up=False)
+    lo = xm.next_toward(lax.stop_gradient(lower), up=True)
+    hi = xm.next_toward(lax.stop_gradient(upper), up=False)
     return np.minimum(np.maximum(out, lo), hi)
 
 
@@ -569,12 +383,12 @@ def _gumbel(data, shape, dtype, mode):
                                   "fixed-point variant); use mode='high'")
     if mode == "low":
         u = _uniform(data, shape, dtype, np.asarray(info.tiny, dtype), 1.)
-        return -_log(-_log(u))
+        return -xm.log(-xm.log(u))
     u = _uniform(data, (2,) + shape, dtype, 0., 1.)
     high, low = u[0], u[1]
     x = np.where(high >= 0.5, high, high + np.asarray(2.0 ** -info.nmant, dtype) * low
                  + np.asarray(info.tiny, dtype))
-    return -_log(-_log1p(-x))
+    return -xm.log(-xm.log1p(-x))
 
 
 def gumbel(key, shape=(), dtype=None, mode=None):
@@ -608,7 +422,8 @@ def categorical(key, logits, axis=-1, shape=None, replace=True, mode=None):
         logits_shape.insert(axis, a.shape[axis])
         g = _gumbel(data, prefix + tuple(logits_shape), a.dtype, mode)
         lead = len(prefix)
-        return np.argmax(g + np.reshape(logits, (1,) * lead + a.shape), axis=lead + axis).astype(np.int32)
+        noisy = g + np.reshape(logits, (1,) * lead + a.shape)
+        return np.argmax(noisy, axis=lead + axis).astype(np.int32)
     k = math.prod(prefix)
     if k > a.shape[axis]:
         raise ValueError(f"Number of samples without replacement ({k}) cannot exceed number of "
@@ -634,9 +449,10 @@ def _rem(x, y):
 
 def _randint(data, shape, minval, maxval, dtype):
     # Python ints as int64 (JAX's 32-bit ones would overflow), clipped into dtype below
-    minval, maxval = [np.asarray(v) if isinstance(v, int) else _operand(v) for v in (minval, maxval)]
-    minval = minval if aval_of(minval).dtype.kind in "iu" else _astype(minval, np.int32)
-    maxval = maxval if aval_of(maxval).dtype.kind in "iu" else _astype(maxval, np.int32)
+    minval, maxval = (np.asarray(v) if isinstance(v, int) else _operand(v)
+                      for v in (minval, maxval))
+    minval = minval if aval_of(minval).dtype.kind in "iu" else xm.astype(minval, np.int32)
+    maxval = maxval if aval_of(maxval).dtype.kind in "iu" else xm.astype(maxval, np.int32)
     # maxval past dtype's largest value: the span reaches one further (randint(.., 256, uint8))
     too_high = maxval > _clip_to(np.asarray(np.iinfo(dtype).max, dtype), aval_of(maxval).dtype)
     minval, maxval = _clip_to(minval, dtype), _clip_to(maxval, dtype)
@@ -663,7 +479,21 @@ def randint(key, shape, minval, maxval, dtype=None):
         raise TypeError(f"randint only accepts integer dtypes, got {dtype}")
     shape = _shape("randint", shape)
     _check_shape("randint", shape, aval_of(minval).shape, aval_of(maxval).shape)
-    return _randint(data, shape, minval, maxval, dtype)
+    if dtype.itemsize >= 4:
+        return _randint(data, shape, minval, maxval, dtype)
+    # narrower integers are drawn in 32 bits (less bias), then cast
+    info, i32 = np.iinfo(dtype), np.dtype(np.int32)
+    low = np.clip(xm.astype(_operand(minval), i32), info.min, info.max)
+    high = np.clip(xm.astype(_operand(maxval), i32), info.min, info.max + 1)
+    return _randint(data, shape, low, high, i32).astype(dtype)
+
+
+def _take(x, indices, axis):
+    """``np.take`` that also traces when only the indices are traced (NumPy dispatches
+    ``np.take`` on its first argument alone)."""
+    if isinstance(indices, Tracer):
+        return numpy_api.take(x, indices, axis=axis)
+    return np.take(x, indices, axis=axis)
 
 
 def _shuffle(data, x, axis):
@@ -686,7 +516,7 @@ def _permutation(data, x, axis, independent=False):
     axis = axis if axis >= 0 else axis + a.ndim
     if independent or a.ndim == 1:
         return _shuffle(data, x, axis)
-    return np.take(x, _shuffle(data, np.arange(a.shape[axis], dtype=np.int32), 0), axis=axis)
+    return _take(x, _shuffle(data, np.arange(a.shape[axis], dtype=np.int32), 0), axis)
 
 
 def permutation(key, x, axis=0, independent=False):
@@ -721,14 +551,14 @@ def choice(key, a, shape=(), replace=True, p=None, axis=0, mode=None):
     if p is None:
         if replace:
             ind = _randint(data, shape, 0, n_inputs, np.dtype(np.int32))
-            result = ind if ar.ndim == 0 else np.take(arr, ind, axis=axis)
+            result = ind if ar.ndim == 0 else _take(arr, ind, axis)
         else:
             shuffled = _permutation(data, np.asarray(n_inputs) if ar.ndim == 0 else arr, axis)
             result = shuffled[(slice(None),) * axis + (slice(n_draws),)]
     else:
         p = _operand(p)
         if aval_of(p).dtype.kind not in "f" and aval_of(p).dtype not in _FLOATS:
-            p = _astype(p, np.float32)
+            p = xm.astype(p, np.float32)
         if aval_of(p).shape != (n_inputs,):
             raise ValueError(f"p must be None or a 1D vector with the same size as a.shape[axis]. "
                              f"p has shape {aval_of(p).shape} and a.shape[axis] is {n_inputs}.")
@@ -737,7 +567,8 @@ def choice(key, a, shape=(), replace=True, p=None, axis=0, mode=None):
             u = _uniform(data, shape, aval_of(p).dtype, 0., 1.)
             ind = np.searchsorted(cumulative, cumulative[-1] * (1 - u)).astype(np.int32)
         else:
-            g = _gumbel(data, (n_inputs,), aval_of(p).dtype, mode) + _log(p)
+            g = _gumbel(data, (n_inputs,), aval_of(p).dtype, mode) + xm.log(p)
             ind = _top_k_indices(g, n_draws)
-        result = ind if ar.ndim == 0 else np.take(arr, ind, axis=axis)
-    return np.reshape(result, shape if ar.ndim == 0 else ar.shape[:axis] + shape + ar.shape[axis + 1:])
+        result = ind if ar.ndim == 0 else _take(arr, ind, axis)
+    return np.reshape(result, shape if ar.ndim == 0 else
+                      ar.shape[:axis] + shape + ar.shape[axis + 1:])

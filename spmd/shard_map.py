@@ -257,6 +257,8 @@ def shard_map(f=None, /, *, out_specs, in_specs=None, mesh=None, axis_names=None
                                 f"`with spmd.set_mesh(mesh):`.")
         if b is None:
             # Called eagerly: trace and run the one shard_map through jit (cached per layout).
+            if m.abstract_mesh is m:                    # an AbstractMesh: no devices
+                m = _concrete_mesh(name, m, args)
             specs = in_specs
             if specs is None:
                 specs = optree.tree_unflatten(optree.tree_structure(args, none_is_leaf=False),
@@ -274,6 +276,22 @@ def shard_map(f=None, /, *, out_specs, in_specs=None, mesh=None, axis_names=None
         return _bind_shard_map(f, name, m, args, in_specs, out_specs, axis_names, check_vma)
 
     return wrapped
+
+
+def _concrete_mesh(name, abstract, args):
+    """An eager call runs on devices: the mesh of ``abstract``'s shape that the arguments are
+    on, or else the one of ``with spmd.set_mesh(mesh):`` (JAX takes it from the same places)."""
+    arg_meshes = [leaf.sharding.mesh for leaf in optree.tree_leaves(args, none_is_leaf=False)
+                  if isinstance(leaf, hooks.array_types)]
+    for m in arg_meshes + [get_mesh()]:
+        if m is not None and m.abstract_mesh is not m and m.abstract_mesh == abstract:
+            return m
+    raise ShardingError(
+        f"shard_map({name}): mesh={abstract!r} is an AbstractMesh (axis names and sizes, no "
+        f"devices), and an eager call must run on devices, but no argument is an spmd.Array on "
+        f"a mesh of that shape and no `with spmd.set_mesh(mesh):` gives one. Pass the concrete "
+        f"mesh (mesh=mesh instead of mesh.abstract_mesh), device_put the arguments onto it, or "
+        f"call inside `with spmd.set_mesh(mesh):`.")
 
 
 def _arg_specs(ctx, args, sharding=False):
@@ -308,6 +326,12 @@ def _bind_shard_map(f, name, mesh, args, in_specs, out_specs, axis_names, check_
         specs = _arg_specs(ctx, args)
     else:
         specs = _broadcast_specs(ctx, "in_specs", in_specs, args, tree, len(leaves))
+    # An in_specs entry None passes its argument into the body as it is (JAX): closed over,
+    # so the same on every device, not split and not an operand of the shard_map.
+    passed = {i: leaf for i, (leaf, spec) in enumerate(zip(leaves, specs)) if spec is None}
+    if passed:
+        leaves, specs, paths = ([x for i, x in enumerate(xs) if i not in passed]
+                                for xs in (leaves, specs, paths))
     in_avals = []
     for leaf, spec, path in zip(leaves, specs, paths):
         aval = aval_of(leaf)
@@ -330,7 +354,9 @@ def _bind_shard_map(f, name, mesh, args, in_specs, out_specs, axis_names, check_
     out_tree_box = []
 
     def body_flat(*tracers):
-        out = f(*optree.tree_unflatten(tree, list(tracers)))
+        mapped = iter(tracers)
+        full = [passed[i] if i in passed else next(mapped) for i in range(tree.num_leaves)]
+        out = f(*optree.tree_unflatten(tree, full))
         out_leaves, out_tree = optree.tree_flatten(out, none_is_leaf=False)
         out_tree_box.append((out, out_tree))
         return out_leaves
@@ -378,14 +404,18 @@ def _broadcast_specs(ctx, which, specs, struct, tree, n):
     if which == "in_specs" and not isinstance(specs, (tuple, PartitionSpec)):
         specs = (specs,)
     is_spec = lambda x: isinstance(x, PartitionSpec)
+    none_leaf = which == "in_specs"    # an in_specs None passes its arguments through
     try:
-        full = optree.tree_broadcast_prefix(specs, struct, is_leaf=is_spec, none_is_leaf=False)
+        full = optree.tree_broadcast_prefix(specs, struct, is_leaf=is_spec, none_is_leaf=none_leaf)
     except ValueError as e:
         what = "arguments" if which == "in_specs" else "outputs"
         raise ShardingError(
             f"{ctx}: {which} {specs!r} does not match the structure of the {what} ({tree}); "
             f"give one spec per {what[:-1]}, or a single P for all. ({e})") from None
-    out = optree.tree_leaves(full, is_leaf=is_spec, none_is_leaf=False)
+    out = optree.tree_leaves(full, is_leaf=is_spec, none_is_leaf=none_leaf)
+    if none_leaf:                      # the specs of the value's leaves, not of its Nones
+        values = optree.tree_leaves(struct, none_is_leaf=True)
+        out = [s for s, v in zip(out, values) if v is not None]
     if len(out) != n:
         raise ShardingError(f"{ctx}: {which} gives {len(out)} specs for {n} values.")
     return out

@@ -30,6 +30,8 @@ class PartitionSpec(tuple):
     """
 
     def __new__(cls, *entries):
+        # a list of names is the tuple of them (JAX: ``P(['x', 'y']) == P(('x', 'y'))``)
+        entries = tuple(tuple(e) if isinstance(e, list) else e for e in entries)
         for e in entries:
             ok = e is None or isinstance(e, str) or (
                 isinstance(e, tuple) and all(isinstance(a, str) for a in e))
@@ -171,7 +173,12 @@ class NamedSharding:
 
     def _concrete_mesh(self, what: str) -> Mesh:
         if not isinstance(self.mesh, Mesh):
-            raise ShardingError(f"{what} needs a Mesh with devices; this sharding has {self.mesh!r}.")
+            raise ShardingError(
+                f"{what} needs a Mesh with devices; this sharding has {self.mesh!r} (axis names "
+                f"and sizes only), as the outputs of shard_map(mesh=mesh.abstract_mesh) have "
+                f"when no argument or `with spmd.set_mesh(mesh):` gave a concrete mesh of that "
+                f"shape. Pass the concrete mesh (mesh=mesh), device_put the arguments onto it, "
+                f"or call inside `with spmd.set_mesh(mesh):`.")
         return self.mesh
 
     @property

@@ -45,6 +45,9 @@ class DictKey:
     def __str__(self):
         return f"[{self.key!r}]"
 
+    def _simple(self):
+        return self.key
+
 
 @dataclasses.dataclass(frozen=True)
 class SequenceKey:
@@ -52,6 +55,9 @@ class SequenceKey:
 
     def __str__(self):
         return f"[{self.idx}]"
+
+    def _simple(self):
+        return self.idx
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +67,9 @@ class GetAttrKey:
     def __str__(self):
         return f".{self.name}"
 
+    def _simple(self):
+        return self.name
+
 
 @dataclasses.dataclass(frozen=True)
 class FlattenedIndexKey:
@@ -69,12 +78,17 @@ class FlattenedIndexKey:
     def __str__(self):
         return f"[<flat index {self.key}>]"
 
+    def _simple(self):
+        return self.key
+
 
 _KEYS = (DictKey, SequenceKey, GetAttrKey, FlattenedIndexKey)
 
 
 def _key_of(entry) -> Any:
     """JAX's key for one step of an optree accessor."""
+    if isinstance(entry.entry, _KEYS):              # a node registered with its own keys
+        return entry.entry
     if isinstance(entry, optree.MappingEntry):
         return DictKey(entry.key)
     if isinstance(entry, (optree.NamedTupleEntry, optree.StructSequenceEntry)):
@@ -83,8 +97,6 @@ def _key_of(entry) -> Any:
         return SequenceKey(entry.index)
     if isinstance(entry, optree.GetAttrEntry):
         return GetAttrKey(entry.name)
-    if isinstance(entry.entry, _KEYS):              # a node registered with its own keys
-        return entry.entry
     return FlattenedIndexKey(entry.entry)
 
 
@@ -98,10 +110,7 @@ def keystr(keys, *, simple: bool = False, separator: str = "") -> str:
     ``w``) joined by ``separator``."""
     if not simple:
         return separator.join(map(str, keys))
-    bare = lambda k: str(k.key if isinstance(k, (DictKey, FlattenedIndexKey)) else
-                         k.idx if isinstance(k, SequenceKey) else k.name if isinstance(k, GetAttrKey)
-                         else k)
-    return separator.join(map(bare, keys))
+    return separator.join(str(k._simple() if isinstance(k, _KEYS) else k) for k in keys)
 
 
 # ---------------------------------------------------------------------------------------------

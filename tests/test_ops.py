@@ -512,6 +512,20 @@ def _np_dynamic_update_slice(x, u, s):
     return out
 
 
+def _np_threefry2x32(k1, k2, x1, x2):
+    """Threefry-2x32, 20 rounds, in wrapping uint32 arithmetic (Salmon et al. 2011)."""
+    rotl = lambda v, r: (v << np.uint32(r)) | (v >> np.uint32(32 - r))
+    k1, k2, x1, x2 = np.broadcast_arrays(*[np.asarray(a, np.uint32) for a in (k1, k2, x1, x2)])
+    ks = [k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA)]
+    a, b = x1 + ks[0], x2 + ks[1]
+    for i in range(5):
+        for r in ((13, 15, 26, 6), (17, 29, 16, 24))[i % 2]:
+            a = a + b
+            b = a ^ rotl(b, r)
+        a, b = a + ks[(i + 1) % 3], b + ks[(i + 2) % 3] + np.uint32(i + 1)
+    return a, b
+
+
 def _np_scatter_add(x, i, u, axis):
     out = x.copy()
     np.add.at(out, (slice(None),) * axis + (i,), u)
@@ -541,6 +555,12 @@ ROWS += [
        ref=lambda x, i, u: _np_scatter_add(x, i, u, 0)),
     op("lax.scatter_add", lambda x, i, u: lax.scatter_add_p(x, i, u, axis=1),
        [((2, 5), In((3,), i64, 0, 5), (2, 3))], FLOAT, ref=lambda x, i, u: _np_scatter_add(x, i, u, 1)),
+    op("lax.stop_gradient", lambda x: lax.stop_gradient_p(x), U_SHAPES, ALL, ref=lambda x: x),
+    op("lax.bitcast_convert_type", lambda x: lax.bitcast_convert_type_p(x, dtype=np.dtype(np.uint32)), U_SHAPES,
+       [f32, i32], ref=lambda x: x.view(np.uint32)),
+    op("lax.threefry2x32", lambda k1, k2, x1, x2: tuple(lax.threefry2x32_p(k1, k2, x1, x2)),
+       [((), (), (5,), (5,)), ((2, 3), (2, 3), (2, 3), (2, 3)), ((), (3,), (2, 3), (1, 3))],
+       [np.dtype(np.uint32)], low=0, high=2 ** 32 - 1, ref=lambda *a: _np_threefry2x32(*a)),
 ]
 
 

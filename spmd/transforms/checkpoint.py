@@ -59,14 +59,27 @@ def _partial_eval(eqn, unknown_ins, ctx):
     body, policy = eqn.params["body"], eqn.params["policy"] or checkpoint_policies.nothing_saveable
     unknown = {id(v) for v, u in zip(body.in_vars, unknown_ins) if u}
     known_eqns, unknown_eqns, saved = [], [], []
+
+    def keep(e):
+        known_eqns.append(e)
+        if policy(e.prim, *[a.aval for a in e.inputs], **e.params):
+            saved.extend(e.outputs)
+
     for e in body.eqns:
-        if any(isinstance(a, Var) and id(a) in unknown for a in e.inputs):
+        u = [isinstance(a, Var) and id(a) in unknown for a in e.inputs]
+        if not any(u):
+            keep(e)
+        elif not all(u) and e.prim.partial_eval is not None:
+            # a sub-program (the JVP of a shard_map): its own rule splits it, so its primal
+            # outputs stay known (and are recomputed below unless the policy saves them)
+            known_parts, unknown_part, out_unknown = e.prim.partial_eval(e, u, ctx)
+            for k in known_parts:
+                keep(k)
+            unknown_eqns.append(unknown_part)
+            unknown |= {id(v) for v, uo in zip(e.outputs, out_unknown) if uo}
+        else:
             unknown_eqns.append(e)
             unknown |= {id(v) for v in e.outputs}
-        else:
-            known_eqns.append(e)
-            if policy(e.prim, *[a.aval for a in e.inputs], **e.params):
-                saved += e.outputs
     out_unknown = [isinstance(a, Var) and id(a) in unknown for a in body.out_vars]
     saved_ids = {id(v) for v in saved}
     known_in = [v for v, u in zip(body.in_vars, unknown_ins) if not u]
