@@ -15,9 +15,11 @@ import contextvars
 import dataclasses
 import difflib
 import itertools
+import linecache
 import math
 import os
 import re
+import sys
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -168,10 +170,42 @@ class Params(dict):
 
 @dataclasses.dataclass(eq=False)
 class Eqn:
+    """``outputs = prim(inputs, **params)``; ``source``: ``(code, line)`` of the user's line it
+    came from (the first frame outside spmd when it was bound; what a transformation makes of
+    an equation keeps the equation's), for messages -- see :func:`source_text`."""
     prim: "Primitive"
     inputs: list
     params: Params
     outputs: list
+    source: Any = None
+
+
+_SPMD_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_inside_spmd: dict = {}        # code object -> whether it is spmd's own (asked once per code)
+
+
+def _user_source():
+    """``(code, line)`` of the innermost frame outside the spmd package, or None.  Cheap: only
+    the code object and line are kept; the text is looked up when a message needs it."""
+    f = sys._getframe(2)
+    while f is not None:
+        code = f.f_code
+        inside = _inside_spmd.get(code)
+        if inside is None:
+            inside = _inside_spmd[code] = os.path.abspath(code.co_filename).startswith(_SPMD_DIR)
+        if not inside:
+            return code, f.f_lineno
+        f = f.f_back
+    return None
+
+
+def source_text(source) -> str:
+    """``file:line (function): the line`` for an equation's ``source``; '' when unknown."""
+    if source is None:
+        return ""
+    code, line = source
+    text = linecache.getline(code.co_filename, line).strip()
+    return f"{code.co_filename}:{line} ({code.co_name})" + (f": {text}" if text else "")
 
 
 @dataclasses.dataclass(eq=False)
@@ -469,6 +503,9 @@ class Builder:
         self.check_vma = check_vma
         self.context = context
         self.captured: dict[int, tuple[Tracer, Var]] = {}
+        # the source of the equation a transformation is replaying (see ``attributed``); None
+        # while the user's own code runs: ``bind`` then looks at the stack
+        self.source = parent.source if parent is not None else None
 
     def new_input(self, aval: Aval) -> "Tracer":
         return Tracer(self, Var(aval))
@@ -523,18 +560,36 @@ def bind(prim: Primitive, *args, **params):
         out = prim.rule("impl")(np, 0, *arrays, **params)
         return out
     atoms = [builder.atom(a) for a in args]
+    source = builder.source or _user_source()
     if builder.manual_axes and prim.vma is None and builder.check_vma:
-        atoms = _implicit_pvary(builder, atoms)
+        atoms = _implicit_pvary(builder, atoms, source)
     avals = [a.aval for a in atoms]
     out = prim.abstract_eval(*avals, **params)
     outs = out if prim.multiple_results else [out]
     out_vars = [Var(o) for o in outs]
-    builder.eqns.append(Eqn(prim, atoms, params, out_vars))
+    builder.eqns.append(Eqn(prim, atoms, params, out_vars, source))
     tracers = [Tracer(builder, v) for v in out_vars]
     return tracers if prim.multiple_results else tracers[0]
 
 
-def _implicit_pvary(builder: Builder, atoms):
+def attributed(eqns):
+    """``eqns`` one by one, with what is bound meanwhile attributed to the source line of the
+    equation at hand: for the interpreters that replay a program (JVP, transposition, vmap,
+    inlining), so the equations they make point at the user's line, not at the transform."""
+    b = current_builder()
+    if b is None:
+        yield from eqns
+        return
+    outer = b.source
+    try:
+        for e in eqns:
+            b.source = e.source or outer
+            yield e
+    finally:
+        b.source = outer
+
+
+def _implicit_pvary(builder: Builder, atoms, source):
     """Ordinary ops on operands of mixed vma first ``pvary`` the less varying ones (explicit in
     the program, so autodiff sees the psum that ``pvary`` transposes to)."""
     vmas = [a.aval.vma for a in atoms if isinstance(a, Var)]
@@ -545,7 +600,8 @@ def _implicit_pvary(builder: Builder, atoms):
     for a in atoms:
         if isinstance(a, Var) and a.aval.vma != union:
             v = Var(a.aval.update(vma=union))
-            builder.eqns.append(Eqn(hooks.pvary, [a], Params(axes=_ordered(builder, union - a.aval.vma)), [v]))
+            axes = _ordered(builder, union - a.aval.vma)
+            builder.eqns.append(Eqn(hooks.pvary, [a], Params(axes=axes), [v], source))
             a = v
         out.append(a)
     return out

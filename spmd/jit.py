@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
+from inspect import signature
 
 import numpy as np
 import optree
@@ -38,7 +39,7 @@ from .errors import ShardingError
 from .executors import StackedExecutor, reference_executor
 from .lax import sharding_constraint_p
 from .layout import GlobalValue
-from .mesh import get_mesh
+from .mesh import Mesh, get_mesh
 from .sharding import NamedSharding, PartitionSpec, as_sharding, check_spec
 from .transforms.ad import dce
 
@@ -84,13 +85,13 @@ def _on_devices(outs, leaves):
     JAX they land on the concrete mesh of that shape the arguments are on, or else the one of
     ``with spmd.set_mesh(mesh):`` (if neither gives one, they keep the abstract mesh, and the
     methods that need devices say so)."""
-    if all(o.sharding.mesh.abstract_mesh is not o.sharding.mesh for o in outs):
+    if all(isinstance(o.sharding.mesh, Mesh) for o in outs):
         return outs
     meshes = [x.sharding.mesh for x in leaves if type(x) is Array] + [get_mesh()]
     for i, o in enumerate(outs):
         abstract = o.sharding.mesh
-        if abstract.abstract_mesh is abstract:
-            m = next((m for m in meshes if m is not None and m.abstract_mesh is not m
+        if not isinstance(abstract, Mesh):
+            m = next((m for m in meshes if isinstance(m, Mesh)
                       and m.abstract_mesh == abstract), None)
             if m is not None and o._blocks is None:
                 outs[i] = Array(o._storage, o.shape, NamedSharding(m, o.sharding.spec))
@@ -259,6 +260,26 @@ class Jitted:
         # shard_map inside already says where everything lives
         return _sharded_arguments(leaves) and not _has_manual_subprogram(program)
 
+    def _argument_names(self, args, kwargs) -> list[str]:
+        """Each dynamic argument leaf as ``explain()`` names it: its pytree path under the name
+        of its parameter (``params['layers'][0]['w1']``; ``args[2]`` where the signature
+        gives no name)."""
+        try:
+            params = signature(self.f).parameters.values()
+        except (TypeError, ValueError):
+            params = ()
+        positional = [p.name for p in params
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        _, _, dyn_args, dyn_kwargs = self._split(args, kwargs)
+        dynamic = [i for i in range(len(args)) if i not in self.static_argnums]
+
+        def name(path):
+            if path[0] == 1:                                # a keyword argument
+                return str(path[1]) + _path_text(path[2:])
+            i = dynamic[path[1]]
+            return (positional[i] if i < len(positional) else f"args[{i}]") + _path_text(path[2:])
+        return [name(p) for p in optree.tree_paths((dyn_args, dyn_kwargs), none_is_leaf=False)]
+
     def _arg_shardings(self, args, kwargs, leaves):
         """(mesh, per-leaf NamedSharding or None, leaf paths) for the dynamic arguments."""
         _, _, dyn_args, dyn_kwargs = self._split(args, kwargs)
@@ -368,7 +389,9 @@ class Jitted:
             if self.out_shardings is None:
                 outs = _gradients_like_parameters(args, self, out_tree, program, ins, outs)
             comp = compile_program(program, ins, outs, mesh, name=self.name,
-                                   cost_model=self.cost_model, out_tree=out_tree)
+                                   cost_model=self.cost_model, out_tree=out_tree,
+                                   in_names=self._argument_names(args, kwargs),
+                                   out_names=_output_names(out_tree))
             self._compiled.put(ckey, comp)
         return comp, paths
 
@@ -417,6 +440,16 @@ class Jitted:
 
     def _cache_size(self) -> int:
         return len(self._traces)
+
+
+def _path_text(path) -> str:
+    return "".join(f"[{p!r}]" for p in path)
+
+
+def _output_names(out_tree) -> list[str]:
+    """Each output leaf as ``explain()`` names it: ``output[1]['layers'][0]['w1']``."""
+    struct = optree.tree_unflatten(out_tree, [0] * out_tree.num_leaves)
+    return ["output" + _path_text(p) for p in optree.tree_paths(struct, none_is_leaf=False)]
 
 
 def _signature(x):

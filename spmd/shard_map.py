@@ -14,7 +14,7 @@ import optree
 from . import _cache
 from .core import Aval, Primitive, Program, aval_of, bind, current_builder, hooks, trace
 from .errors import ShardingError, VmaError
-from .mesh import AbstractMesh, get_mesh
+from .mesh import Mesh, get_mesh
 from .sharding import PartitionSpec, check_spec
 from . import lax
 from .batching import batch_size, moveaxis, to_front
@@ -257,7 +257,7 @@ def shard_map(f=None, /, *, out_specs, in_specs=None, mesh=None, axis_names=None
                                 f"`with spmd.set_mesh(mesh):`.")
         if b is None:
             # Called eagerly: trace and run the one shard_map through jit (cached per layout).
-            if m.abstract_mesh is m:                    # an AbstractMesh: no devices
+            if not isinstance(m, Mesh):                 # an AbstractMesh: no devices
                 m = _concrete_mesh(name, m, args)
             specs = in_specs
             if specs is None:
@@ -284,7 +284,7 @@ def _concrete_mesh(name, abstract, args):
     arg_meshes = [leaf.sharding.mesh for leaf in optree.tree_leaves(args, none_is_leaf=False)
                   if isinstance(leaf, hooks.array_types)]
     for m in arg_meshes + [get_mesh()]:
-        if m is not None and m.abstract_mesh is not m and m.abstract_mesh == abstract:
+        if isinstance(m, Mesh) and m.abstract_mesh == abstract:
             return m
     raise ShardingError(
         f"shard_map({name}): mesh={abstract!r} is an AbstractMesh (axis names and sizes, no "

@@ -31,7 +31,8 @@ class PartitionSpec(tuple):
 
     def __new__(cls, *entries):
         # a list of names is the tuple of them (JAX: ``P(['x', 'y']) == P(('x', 'y'))``)
-        entries = tuple(tuple(e) if isinstance(e, list) else e for e in entries)
+        entries = tuple(tuple(e) if isinstance(e, list) and all(isinstance(a, str) for a in e)
+                        else e for e in entries)
         for e in entries:
             ok = e is None or isinstance(e, str) or (
                 isinstance(e, tuple) and all(isinstance(a, str) for a in e))

@@ -282,3 +282,35 @@ def test_using_a_deleted_or_donated_array_says_so(how, use):
     assert a.is_deleted()
     with pytest.raises(RuntimeError, match="deleted.*donated|donated.*deleted"):
         _USES[use](a)
+
+
+# --- explain(): argument and output paths, the user's source line -------------------------------
+
+def _sgd(p, g):
+    return p - 0.1 * g
+
+
+def test_explain_names_pytree_paths_and_the_users_line():
+    mesh = spmd.make_mesh((2, 4), ("data", "model"))
+    rng = np.random.default_rng(0)
+    params = {"layers": [{"w1": rng.normal(size=(8, 16)), "w2": rng.normal(size=(16, 8))}
+                         for _ in range(2)]}
+    x = rng.normal(size=(16, 8))
+
+    def loss(params, x):
+        h = x
+        for layer in params["layers"]:
+            h = np.tanh(h @ layer["w1"]) @ layer["w2"]
+        return np.mean(h ** 2)
+
+    def step(params, x):
+        value, grads = spmd.value_and_grad(loss)(params, x)
+        return value, grads, spmd.tree_util.tree_map(_sgd, params, grads)
+
+    put = lambda s: spmd.NamedSharding(mesh, s)
+    text = spmd.jit(step, in_shardings=(put(P()), put(P("data")))).lower(params, x).explain()
+    assert "output[1]['layers'][0]['w1']" in text          # was "output 1"
+    assert "params['layers'][0]['w1']" in text              # an argument read by an equation
+    line = _sgd.__code__.co_firstlineno + 1
+    assert f"{__file__}:{line} (_sgd): return p - 0.1 * g" in text
+    assert "eqn " in text and " = sub params['layers']" in text

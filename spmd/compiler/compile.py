@@ -50,15 +50,17 @@ class Compiled:
 
 
 def compile_program(program: Program, in_shardings, out_shardings, mesh, *, name="function",
-                    cost_model: CostModel | None = None, out_shapes=None, out_tree=None) -> Compiled:
+                    cost_model: CostModel | None = None, out_shapes=None, out_tree=None,
+                    in_names=None, out_names=None) -> Compiled:
     """Propagate shardings through ``program`` (``None``: the compiler chooses), insert the
-    collectives by the cost model, and lower it to the per-device form."""
+    collectives by the cost model, and lower it to the per-device form.  ``in_names`` /
+    ``out_names`` name the inputs and outputs in ``explain()`` (pytree paths)."""
     cm = cost_model or default_cost_model()
     program = inline_calls(program)
     check_constraints(program, name)
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
     prop = propagate(program, list(in_shardings), list(out_shardings), sizes, cm)
-    manual, inserted = lower(program, prop, mesh, cm, name)
+    manual, inserted = lower(program, prop, mesh, cm, name, in_names, out_names)
     padded = any(not sh.is_even(v.aval.shape, sizes)
                  for e, st in zip(program.eqns, prop.strategies)
                  for v, sh in zip(list(e.inputs) + list(e.outputs), list(st.ins) + list(st.outs)))

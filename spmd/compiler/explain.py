@@ -1,7 +1,7 @@
 """Readable views of a compiled program: ``as_text`` and ``explain``."""
 from __future__ import annotations
 
-from ..core import Program, _ProgramPrinter, _fmt_param
+from ..core import Program, _ProgramPrinter, _fmt_param, source_text
 
 
 def _fmt_bytes(n: int) -> str:
@@ -44,6 +44,8 @@ def explain_text(inserted, mesh, name: str) -> str:
         st = i.step
         at = f"eqn {i.eqn_index}" if i.eqn_index is not None else "output"
         lines.append(f"  [{k}] {st.kind}({','.join(st.axes)}) at {at}: {i.where}")
+        if i.source is not None:
+            lines.append(f"      from {source_text(i.source)}")
         lines.append(f"      {st.src} -> {st.dst}; {_fmt_bytes(st.nbytes)} per device, est. "
                      f"{_fmt_time(st.time)}")
         lines.append(f"      why: {i.why}")

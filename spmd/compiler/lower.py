@@ -17,8 +17,8 @@ import numpy as np
 
 from .. import lax
 from ..collectives import psum_p, psum_scatter_p
-from ..core import (Aval, Eqn, Literal, Params, Program, Var, _fmt_param, _ProgramPrinter, bind,
-                    current_builder, trace)
+from ..core import (Aval, Eqn, Literal, Params, Program, Var, _fmt_param, _ProgramPrinter,
+                    attributed, bind, current_builder, trace)
 from ..shard_map import shard_map_p
 from .cost import CostModel
 from .placements import Sharding
@@ -35,6 +35,7 @@ class Inserted:
     _where: object             # the equation, printed on demand: str or () -> str
     _why: object               # str or () -> str
     step: Step
+    source: object = None      # the equation's user line (core.Eqn.source)
 
     @property
     def where(self) -> str:
@@ -160,8 +161,12 @@ def _spec_aval(aval: Aval, sh: Sharding, sizes) -> Aval:
     return Aval(sh.local_shape(aval.shape, sizes), aval.dtype, frozenset(sh.used_axes))
 
 
-def lower(program: Program, prop, mesh, cm: CostModel, name: str):
-    """The manual Program and the list of inserted collectives."""
+def lower(program: Program, prop, mesh, cm: CostModel, name: str, in_names=None, out_names=None):
+    """The manual Program and the list of inserted collectives.  ``in_names`` / ``out_names``:
+    how messages name the program's inputs and outputs (their pytree paths: ``params['w1']``,
+    ``output[1]``); by default ``output 3`` and letters."""
+    in_names = dict(zip(map(id, program.in_vars), in_names or ()))
+    out_name = lambda k: out_names[k] if out_names else f"output {k}"
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
     mesh_sizes = tuple(sizes.items())
     inserted: list[Inserted] = []
@@ -172,6 +177,7 @@ def lower(program: Program, prop, mesh, cm: CostModel, name: str):
             printer = _ProgramPrinter()
             for v in program.in_vars:
                 printer.name(v)
+            printer.names.update(in_names)       # arguments by their paths
             texts.extend(_eqn_text(printer, e) for e in program.eqns)
         return texts[i]
 
@@ -186,7 +192,8 @@ def lower(program: Program, prop, mesh, cm: CostModel, name: str):
         pl = plan(tuple(a.aval.shape), a.aval.dtype.itemsize, src, dst, mesh_sizes, cm)
         records = []
         for st in pl.collectives:
-            records.append(Inserted(eqn_index, where, (lambda st: lambda: why(st))(st), st))
+            source = program.eqns[eqn_index].source if eqn_index is not None else None
+            records.append(Inserted(eqn_index, where, (lambda st: lambda: why(st))(st), st, source))
             inserted.append(records[-1])
         builder = current_builder()
         start = len(builder.eqns)
@@ -206,12 +213,14 @@ def lower(program: Program, prop, mesh, cm: CostModel, name: str):
                 return a.val, Sharding.replicated(len(a.aval.shape))
             return env[id(a)]
 
-        for i, (e, s) in enumerate(zip(program.eqns, prop.strategies)):
+        # the per-device equations keep the user's lines of the global ones (and binding them
+        # looks at no stack)
+        for i, (e, s) in enumerate(zip(attributed(program.eqns), prop.strategies)):
             where = (lambda i: lambda: eqn_text(i))(i)
             args = []
             for j, (a, req) in enumerate(zip(e.inputs, s.ins)):
                 x, cur = read(a)
-                why = _why(e, j, cur, req)
+                why = _why(e, j, cur, req, in_names.get(id(a)))
                 args.append(reshard(x, a, cur, req, i, where, why))
             outs = lower_equation(e, s, args, sizes)
             for v, o, sh in zip(e.outputs, outs, s.outs):
@@ -221,21 +230,22 @@ def lower(program: Program, prop, mesh, cm: CostModel, name: str):
         for k, (a, want) in enumerate(zip(program.out_vars, prop.out_shardings)):
             x, cur = read(a)
             why = (lambda cur, want, k: lambda st: (
-                f"output {k} is {cur} but must be {want}" + (" (out_shardings)" if cur.partial == () else
-                                                              f"; its pending {_pending(cur)} is reduced")))(cur, want, k)
+                f"{out_name(k)} is {cur} but must be {want}"
+                + (" (out_shardings)" if cur.partial == () else
+                   f"; its pending {_pending(cur)} is reduced")))(cur, want, k)
             key = _combinable(a, cur, want, sizes, mesh_sizes, cm)
             if key is not None:
                 batches.setdefault(key, []).append((k, x, a, cur, want, why))
             else:
-                results[k] = reshard(x, a, cur, want, None, f"output {k}", why)
+                results[k] = reshard(x, a, cur, want, None, out_name(k), why)
         for key, members in batches.items():
             if len(members) == 1:
                 k, x, a, cur, want, why = members[0]
-                results[k] = reshard(x, a, cur, want, None, f"output {k}", why)
+                results[k] = reshard(x, a, cur, want, None, out_name(k), why)
                 continue
             outs, step = _combined(key, members, sizes, cm)
-            ks = ", ".join(str(m[0]) for m in members)
-            inserted.append(Inserted(None, f"outputs {ks}", f"the pending sums of outputs {ks} over the same "
+            ks = ", ".join(out_name(m[0]) for m in members)
+            inserted.append(Inserted(None, ks, f"the pending sums of {ks} over the same "
                                      f"axes are reduced together (one {step.kind} of their concatenation)", step))
             for (k, *_), o in zip(members, outs):
                 results[k] = o
@@ -422,7 +432,7 @@ def _merge(eqns, batch, after, records, inserted, sizes, cm):
     at = min(inserted.index(r) for r in recs)
     for r in recs:
         inserted.remove(r)
-    inserted.insert(at, Inserted(recs[0].eqn_index, recs[0]._where, why, step))
+    inserted.insert(at, Inserted(recs[0].eqn_index, recs[0]._where, why, step, recs[0].source))
     return out
 
 
@@ -489,14 +499,16 @@ def _pending(sh):
     return ", ".join(f"{op} over {a!r}" for a, op in sh.partial)
 
 
-def _why(e, j, cur, req):
+def _why(e, j, cur, req, arg_name=None):
+    operand = f"operand {j} of {e.prim.name}" + (f" ({arg_name})" if arg_name else "")
+
     def why(st):
         if cur.partial and st.kind in ("psum", "pmax", "pmin", "psum_scatter"):
             linear = e.prim.linear_operands(len(e.inputs), e.params) + tuple(e.prim.multilinear)
             lin = "needs its operands reduced" if j in linear else "is not linear"
-            return (f"operand {j} of {e.prim.name} is pending a {_pending(cur)}; "
+            return (f"{operand} is pending a {_pending(cur)}; "
                     f"{e.prim.name} {lin}, so it is reduced first")
-        return f"operand {j} of {e.prim.name} is {cur}; the cheapest strategy needs {req}"
+        return f"{operand} is {cur}; the cheapest strategy needs {req}"
     return why
 
 

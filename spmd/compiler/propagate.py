@@ -116,14 +116,15 @@ def inline_calls(program: Program) -> Program:
     eqns = []
     for e in program.eqns:
         if e.prim.inline is None:
-            eqns.append(Eqn(e.prim, [read(a) for a in e.inputs], e.params, e.outputs))
+            eqns.append(Eqn(e.prim, [read(a) for a in e.inputs], e.params, e.outputs, e.source))
             continue
         body = inline_calls(e.prim.inline(e.params))
         inner = {id(v): read(a) for v, a in zip(body.in_vars, e.inputs)}
         bread = lambda a: inner.get(id(a), a) if isinstance(a, Var) else a
         for be in body.eqns:
             outs = [Var(v.aval) for v in be.outputs]
-            eqns.append(Eqn(be.prim, [bread(a) for a in be.inputs], be.params, outs))
+            eqns.append(Eqn(be.prim, [bread(a) for a in be.inputs], be.params, outs,
+                            be.source or e.source))
             inner.update({id(v): o for v, o in zip(be.outputs, outs)})
         for v, o in zip(e.outputs, body.out_vars):
             subst[id(v)] = bread(o)

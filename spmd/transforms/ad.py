@@ -26,7 +26,8 @@ import numpy as np
 from ..ad_util import (UndefinedPrimal, Zero, add_tangents, aval_of_value, deriv_jvp,  # noqa: F401
                        differentiable, full, instantiate, is_undefined, is_zero, linear_jvp,
                        no_jvp, zero_jvp)
-from ..core import Aval, Eqn, Literal, Params, Program, Var, bind, current_builder, hooks, trace
+from ..core import (Aval, Eqn, Literal, Params, Program, Var, attributed, bind, current_builder,
+                    hooks, trace)
 
 
 def context() -> dict:
@@ -44,7 +45,7 @@ def _read(env, a):
 def eval_program(program: Program, args) -> list:
     """Inline ``program`` into the current trace (each equation re-bound)."""
     env = {id(v): x for v, x in zip(program.in_vars, args)}
-    for e in program.eqns:
+    for e in attributed(program.eqns):
         outs = bind(e.prim, *[_read(env, a) for a in e.inputs], **e.params)
         for v, o in zip(e.outputs, outs if e.prim.multiple_results else [outs]):
             env[id(v)] = o
@@ -69,7 +70,7 @@ def jvp_eval(program: Program, primals, tangents):
         env[id(v)] = p
         tenv[id(v)] = t
     read_t = lambda a: tenv.get(id(a), Zero(a.aval)) if isinstance(a, Var) else Zero(a.aval)
-    for e in program.eqns:
+    for e in attributed(program.eqns):
         ps = [_read(env, a) for a in e.inputs]
         ts = [read_t(a) for a in e.inputs]
         if all(is_zero(t) for t in ts):
@@ -133,6 +134,8 @@ def partial_eval_program(program: Program, unknown_ins, ctx):
             known_eqns.append(e)
         elif not all(u) and e.prim.partial_eval is not None:
             k, ue, out_unknown = e.prim.partial_eval(e, u, ctx)
+            for part in k + [ue]:
+                part.source = part.source or e.source
             known_eqns += k
             unknown_eqns.append(ue)
             unknown |= {id(v) for v, uo in zip(e.outputs, out_unknown) if uo}
@@ -181,7 +184,7 @@ def backward_pass(program: Program, linear, consts, cts):
     lin = {id(v) for v, l in zip(program.in_vars, linear) if l}
     env = {id(v): c for v, c in zip([v for v, l in zip(program.in_vars, linear) if not l], consts)}
     lin_eqns = []
-    for e in program.eqns:
+    for e in attributed(program.eqns):
         if any(isinstance(a, Var) and id(a) in lin for a in e.inputs):
             lin_eqns.append(e)
             lin |= {id(v) for v in e.outputs}
@@ -199,7 +202,7 @@ def backward_pass(program: Program, linear, consts, cts):
     for v, ct in zip(program.out_vars, cts):
         if isinstance(v, Var) and id(v) in lin:
             accumulate(v, ct)
-    for e in reversed(lin_eqns):
+    for e in attributed(reversed(lin_eqns)):
         cts_out = [ct_env.pop(id(v), Zero(v.aval)) for v in e.outputs]
         if all(is_zero(c) for c in cts_out):
             continue

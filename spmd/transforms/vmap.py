@@ -14,7 +14,7 @@ import functools
 import numpy as np
 import optree
 
-from ..core import Literal, Tracer, aval_of, bind, current_builder, hooks, trace
+from ..core import Literal, Tracer, attributed, aval_of, bind, current_builder, hooks, trace
 from . import ad
 from ..batching import batch_rule, batch_size, moveaxis, to_front  # noqa: F401
 
@@ -27,7 +27,7 @@ def batch_eval(program, args, dims, size):
     """Inline the batched ``program``; returns (outputs, their batch dims)."""
     env = {id(v): (x, d) for v, x, d in zip(program.in_vars, args, dims)}
     read = lambda a: (a.val, None) if isinstance(a, Literal) else env[id(a)]
-    for e in program.eqns:
+    for e in attributed(program.eqns):
         vals, ds = zip(*[read(a) for a in e.inputs]) if e.inputs else ((), ())
         if all(d is None for d in ds):
             outs = bind(e.prim, *vals, **e.params)
