@@ -139,7 +139,8 @@ def test_sigusr1_is_forwarded_and_every_rank_dumps(tmp_path):
             time.sleep(0.05)
         dumped = flight_recorder.load(str(dumps))
         assert sorted(dumped) == [0, 1]
-        assert all(d["reason"] == "SIGUSR1" and len(d["entries"]) >= 3 for d in dumped.values())
+        assert all(d["reason"] == "SIGUSR1" and len(d["entries"]) >= 3 for d in dumped.values()), \
+            {r: (d["reason"], len(d["entries"])) for r, d in dumped.items()}
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=15) != 0
     finally:
