@@ -75,9 +75,15 @@ def _as_array(x):
     if type(x) is Array:
         return x
     if isinstance(x, GlobalValue):
-        return (Array(x._storage, x.shape, x.sharding) if x._blocks is None else
-                Array.from_blocks(x._blocks, x.shape, x.sharding))
+        return _array_of(x, x.shape, x.sharding)
     return device_put(np.asarray(x))
+
+
+def _array_of(value: GlobalValue, shape, sharding) -> Array:
+    """The ``Array`` over an executor's ``GlobalValue`` (its storage, or across processes its
+    blocks), with the global ``shape`` and ``sharding`` given."""
+    return (Array(value._storage, tuple(shape), sharding) if value._blocks is None else
+            Array.from_blocks(value._blocks, tuple(shape), sharding))
 
 
 def _on_devices(outs, leaves):
@@ -228,6 +234,8 @@ class Jitted:
         else:
             static, static_kw, dyn_args, dyn_kwargs = (), (), list(args), kwargs
         leaves, in_tree = optree.tree_flatten((dyn_args, dyn_kwargs), none_is_leaf=False)
+        if any(isinstance(x, Array) and x.is_deleted() for x in leaves):
+            self._refuse_deleted(args, kwargs)
         key = (in_tree, tuple(map(_signature, leaves)), static, static_kw)
         hit = self._traces.get(key)
         if hit is None:
@@ -251,6 +259,14 @@ class Jitted:
             hit = (program, in_tree, out_box[0])
             self._traces.put(key, hit)
         return key, hit, leaves
+
+    def _refuse_deleted(self, args, kwargs):
+        """Raise naming the (first) argument whose buffer was donated or deleted."""
+        leaves = optree.tree_leaves((args, kwargs), none_is_leaf=False)
+        paths = optree.tree_paths((args, kwargs), none_is_leaf=False)
+        path = next(p for p, x in zip(paths, leaves) if isinstance(x, Array) and x.is_deleted())
+        where = ("args" if path[0] == 0 else "kwargs") + "".join(f"[{k!r}]" for k in path[1:])
+        raise _deleted_argument(self.name, where)
 
     # -- shardings -------------------------------------------------------------------------------
     def _uses_compiler(self, program, leaves) -> bool:
@@ -406,12 +422,6 @@ class Jitted:
     def __call__(self, *args, **kwargs):
         if current_builder() is not None:          # inside another trace: inline
             return self.f(*args, **kwargs)
-        leaves = optree.tree_leaves((args, kwargs), none_is_leaf=False)
-        if any(isinstance(x, Array) and x.is_deleted() for x in leaves):
-            paths = optree.tree_paths((args, kwargs), none_is_leaf=False)
-            path = next(p for p, x in zip(paths, leaves) if isinstance(x, Array) and x.is_deleted())
-            where = ("args" if path[0] == 0 else "kwargs") + "".join(f"[{k!r}]" for k in path[1:])
-            raise _deleted_argument(self.name, where)
         key, traced, leaves = self._trace(args, kwargs)
         program, _, out_tree = traced
         if not self._uses_compiler(program, leaves):
@@ -535,8 +545,7 @@ def run_compiled(comp: Compiled, leaves, paths, executor=None):
     for o, shape, sh in zip(outs, comp.out_shapes, comp.prop.out_shardings):
         ns = NamedSharding(mesh, sh.spec)
         if isinstance(o, GlobalValue):
-            result.append(Array(o._storage, tuple(shape), ns) if o._blocks is None else
-                          Array.from_blocks(o._blocks, tuple(shape), ns))   # across processes
+            result.append(_array_of(o, shape, ns))
         else:
             arr = np.asarray(o)
             result.append(device_put(arr[tuple(slice(0, d) for d in shape)], ns))
