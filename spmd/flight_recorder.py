@@ -139,6 +139,12 @@ def install_signal_handler():
     previous = sys.excepthook
 
     def excepthook(kind, value, tb):
+        # This rank is failing on its own: finish the dump and the traceback even if the launcher,
+        # told of another rank's failure, asks it to stop meanwhile (it kills after a grace time).
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        except ValueError:
+            pass
         if _recorder.entries:
             try:
                 dump(f"uncaught {kind.__name__}: {value}")

@@ -32,7 +32,11 @@ import threading
 import time
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
-GRACE_S = 3.0
+# After the first rank fails the others get SETTLE_S to end on their own (ranks waiting in the
+# same collective time out and say who did not arrive), then SIGTERM (they dump their flight
+# recorders), then SIGKILL after GRACE_S more.
+SETTLE_S = 2.0
+GRACE_S = 2.0
 _out_lock = threading.Lock()
 
 
@@ -201,18 +205,21 @@ class _Job:
     def watch(self) -> tuple[int, str | None]:
         """Wait for the job; returns (exit code, one-line summary of the first failure)."""
         first = None
-        stopping_since = None
+        failed_at = None
+        terminated = False
         while True:
             statuses = _read_statuses(self.status_dir)
             failed = [s for s in statuses.values() if s["returncode"] != 0]
             if failed and first is None:
                 first = min(failed, key=lambda s: s["end"])
-                stopping_since = time.monotonic()
-                self.signal(signal.SIGTERM)
-            alive = self._alive()
-            if not alive:
+                failed_at = time.monotonic()
+            if not self._alive():
                 break
-            if stopping_since is not None and time.monotonic() - stopping_since > GRACE_S:
+            since = None if failed_at is None else time.monotonic() - failed_at
+            if since is not None and since > SETTLE_S and not terminated:
+                terminated = True
+                self.signal(signal.SIGTERM)
+            if since is not None and since > SETTLE_S + GRACE_S:
                 self._kill()
             time.sleep(0.05)
         if self.launcher is not None:
@@ -310,6 +317,14 @@ def _rank_main(status_dir: str, cmd: list[str]) -> int:
     rank_proc = _Rank(rank, cmd, env, status_dir, pass_fds=fds)
     proc_box.append(rank_proc)
     code = rank_proc.wait()
+    if code != 0:
+        # mpiexec kills every rank as soon as this process exits with an error: first give the
+        # others SETTLE_S to end on their own (ranks waiting for this one in a collective time
+        # out and report it); spmd-run stops them after that.
+        deadline = time.monotonic() + SETTLE_S
+        n = int(os.environ.get("SPMD_NUM_PROCESSES", "1"))
+        while len(_read_statuses(status_dir)) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
     return 128 - code if code < 0 else code
 
 
