@@ -22,9 +22,9 @@ from .collectives import (psum, pmean, pmax, pmin, all_gather, psum_scatter, all
 from .transforms.api import grad, value_and_grad, vjp, jvp, linearize, jacfwd, jacrev
 from .transforms.vmap import vmap
 from .transforms.checkpoint import checkpoint, checkpoint_policies, remat
-from . import numpy, lax, executors, distributed
-from . import random, tree_util, nn
-from .lax import stop_gradient
+from . import numpy, prims, executors, distributed
+from . import random, tree_util, nn, lax
+from .prims import stop_gradient
 from .inspect import collectives_of, print_collectives
 from .visualize import visualize_sharding
 from . import gpu  # noqa: F401  (plug-in: registers the "gpu" platform; CuPy loads on first use)

@@ -202,7 +202,7 @@ def concatenate(xp, arrays, axis: int):
 def elementwise(xp, fn, *args):
     """``fn(xp, *args)`` for an elementwise ``fn`` (operands broadcast), block by block over
     the host threads when the result is big: NumPy runs a ufunc on one core.  A ``fn`` that
-    can write into an array (``spmd.lax.ufunc``) writes each block straight into the result."""
+    can write into an array (``spmd.prims.ufunc``) writes each block straight into the result."""
     if xp is not np or not _big(args):
         return fn(xp, *args)
     probe = fn(xp, *_one_element(args))

@@ -15,7 +15,7 @@ import functools
 import ml_dtypes
 import numpy as np
 
-from . import lax
+from . import prims
 from .core import Tracer, aval_of, bind
 
 
@@ -69,7 +69,7 @@ def _f32_upcast(fn):
 
 
 def bitcast(x, dtype):
-    return bind(lax.bitcast_convert_type_p, x, dtype=np.dtype(dtype))
+    return bind(prims.bitcast_convert_type_p, x, dtype=np.dtype(dtype))
 
 
 _LOG_P = (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,

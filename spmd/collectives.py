@@ -21,7 +21,7 @@ from . import _cache, _host_parallel
 from .comm_protocol import placement
 from .core import Aval, Primitive, Tracer, bind, current_builder, hooks
 from .errors import VmaError
-from .lax import dynamic_slice_p, reshape_p
+from .prims import dynamic_slice_p, reshape_p
 from . import ad_util, batching
 
 # ---------------------------------------------------------------------------------------------

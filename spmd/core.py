@@ -37,10 +37,10 @@ class Hooks:
     beside it; reading an empty slot says which import is missing."""
 
     pvary: "Primitive"            # spmd.collectives: the implicit pvary of mixed-vma operands
-    add: "Primitive"              # spmd.lax: adding cotangents
-    broadcast_in_dim: "Primitive"  # spmd.lax: zeros of a type; unbatched operands under vmap
-    transpose: "Primitive"        # spmd.lax: moving a batch dim
-    reshape: "Primitive"          # spmd.lax: scalars lifted to rank 1 across sub-programs
+    add: "Primitive"              # spmd.prims: adding cotangents
+    broadcast_in_dim: "Primitive"  # spmd.prims: zeros of a type; unbatched operands under vmap
+    transpose: "Primitive"        # spmd.prims: moving a batch dim
+    reshape: "Primitive"          # spmd.prims: scalars lifted to rank 1 across sub-programs
     handle_ufunc: Callable        # spmd.numpy_api: NEP 13 on tracers
     handle_function: Callable     # spmd.numpy_api: NEP 18 on tracers
     array_namespace: Any          # spmd.numpy: ``__array_namespace__`` of tracers

@@ -37,7 +37,7 @@ from .compiler.explain import explain_text
 from .core import Aval, aval_of, bind, current_builder, hooks, trace
 from .errors import ShardingError
 from .executors import StackedExecutor, reference_executor
-from .lax import sharding_constraint_p
+from .prims import sharding_constraint_p
 from .layout import GlobalValue
 from .mesh import Mesh, get_mesh
 from .sharding import NamedSharding, PartitionSpec, as_sharding, check_spec

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _xla_math, lax
+from . import _xla_math, prims
 from .core import Tracer, aval_of, hooks
 
 __all__ = ["relu", "gelu", "silu", "swish", "sigmoid", "softmax", "log_softmax", "logsumexp",
@@ -72,7 +72,7 @@ def softmax(x, axis=-1, where=None):
     """``exp(x) / sum(exp(x))`` along ``axis`` (an int, a tuple or None), shifted by the
     maximum; entries outside ``where`` are 0."""
     x = _array(x)
-    x_max = lax.stop_gradient(_max(x, axis, where, keepdims=True))
+    x_max = prims.stop_gradient(_max(x, axis, where, keepdims=True))
     x_safe = x if where is None else np.where(where, x, -np.inf)
     unnormalized = np.exp(x_safe - x_max)
     result = unnormalized / _sum(unnormalized, axis, where, keepdims=True)
@@ -82,7 +82,7 @@ def softmax(x, axis=-1, where=None):
 def log_softmax(x, axis=-1, where=None):
     """``x - logsumexp(x)`` along ``axis``; entries outside ``where`` are ``-inf``."""
     x = _array(x)
-    x_max = lax.stop_gradient(_max(x, axis, where, keepdims=True))
+    x_max = prims.stop_gradient(_max(x, axis, where, keepdims=True))
     shifted = (x if where is None else np.where(where, x, -np.inf)) - x_max
     result = shifted - np.log(_sum(np.exp(shifted), axis, where, keepdims=True))
     return result if where is None else np.where(where, result, -np.inf)
@@ -101,7 +101,7 @@ def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False, where=Non
     axes = tuple(range(ndim)) if axis is None else tuple(
         d % ndim for d in (axis if isinstance(axis, tuple) else (axis,)))
     amax = _max(a, axes, where, keepdims)
-    amax = lax.stop_gradient(np.where(np.isfinite(amax), amax, 0))
+    amax = prims.stop_gradient(np.where(np.isfinite(amax), amax, 0))
     exp_a = np.exp(a - (amax if keepdims else np.expand_dims(amax, axes)))
     if b is not None:
         exp_a = exp_a * b

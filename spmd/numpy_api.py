@@ -1,6 +1,6 @@
 """NumPy on traced values: the NEP 13/18 tables and the ``spmd.numpy`` namespace.
 
-Every NumPy function here is a few lines over primitives (``spmd.lax``); a NumPy function
+Every NumPy function here is a few lines over primitives (``spmd.prims``); a NumPy function
 with no entry raises ``NotImplementedError`` naming it -- never a silent fallback to the host.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import string
 
 import numpy as np
 
-from . import lax
+from . import prims
 from .collectives import pvary
 from .core import Tracer, bind, current_builder, hooks, implicit_pvary
 from .errors import TracingError
@@ -78,7 +78,7 @@ def astype(x, dtype):
         return x
     if not isinstance(x, Tracer):
         return np.asarray(x).astype(dtype)
-    return bind(lax.convert_element_type_p, x, dtype=dtype)
+    return bind(prims.convert_element_type_p, x, dtype=dtype)
 
 
 def broadcast_to(x, shape):
@@ -91,7 +91,7 @@ def broadcast_to(x, shape):
     lead = len(shape) - x.ndim
     if lead < 0 or any(s not in (1, t) for s, t in zip(x.shape, shape[lead:])):
         raise ValueError(f"cannot broadcast a value of shape {x.shape} to {shape}")
-    return bind(lax.broadcast_in_dim_p, x, shape=shape, dims=tuple(range(lead, len(shape))))
+    return bind(prims.broadcast_in_dim_p, x, shape=shape, dims=tuple(range(lead, len(shape))))
 
 
 def _broadcast_operands(xs):
@@ -111,34 +111,34 @@ def _broadcast_operands(xs):
 # ufunc -> primitive.  Operands are cast to the dtypes of the loop NumPy itself would pick
 # (``ufunc.resolve_dtypes``), so promotion is NumPy's, ml_dtypes' bfloat16 loops included.
 _UFUNCS = {
-    np.add: lax.add_p, np.subtract: lax.sub_p, np.multiply: lax.mul_p,
-    np.true_divide: lax.div_p, np.floor_divide: lax.floordiv_p,
-    np.remainder: lax.rem_p, np.fmod: lax.fmod_p, np.power: lax.pow_p,
-    np.maximum: lax.max_p, np.minimum: lax.min_p, np.fmax: lax.fmax_p,
-    np.fmin: lax.fmin_p, np.arctan2: lax.atan2_p, np.hypot: lax.hypot_p,
-    np.copysign: lax.copysign_p, np.logaddexp: lax.logaddexp_p,
-    np.bitwise_and: lax.and_p, np.bitwise_or: lax.or_p,
-    np.bitwise_xor: lax.xor_p, np.left_shift: lax.shift_left_p,
-    np.right_shift: lax.shift_right_p,
-    np.logical_and: lax.and_p, np.logical_or: lax.or_p,
-    np.logical_xor: lax.xor_p, np.logical_not: lax.not_p,
-    np.equal: lax.eq_p, np.not_equal: lax.ne_p, np.less: lax.lt_p,
-    np.less_equal: lax.le_p, np.greater: lax.gt_p,
-    np.greater_equal: lax.ge_p,
-    np.negative: lax.neg_p, np.positive: None, np.exp: lax.exp_p,
-    np.exp2: lax.exp2_p, np.log: lax.log_p, np.log2: lax.log2_p,
-    np.log10: lax.log10_p, np.log1p: lax.log1p_p, np.expm1: lax.expm1_p,
-    np.tanh: lax.tanh_p, np.sinh: lax.sinh_p, np.cosh: lax.cosh_p,
-    np.sin: lax.sin_p, np.cos: lax.cos_p, np.tan: lax.tan_p,
-    np.arcsin: lax.asin_p, np.arccos: lax.acos_p, np.arctan: lax.atan_p,
-    np.arcsinh: lax.asinh_p, np.arccosh: lax.acosh_p,
-    np.arctanh: lax.atanh_p, np.sqrt: lax.sqrt_p, np.cbrt: lax.cbrt_p,
-    np.square: lax.square_p, np.reciprocal: lax.reciprocal_p,
-    np.absolute: lax.abs_p, np.sign: lax.sign_p, np.floor: lax.floor_p,
-    np.ceil: lax.ceil_p, np.trunc: lax.trunc_p, np.rint: lax.rint_p,
-    np.conjugate: lax.conj_p, np.invert: lax.invert_p,
-    np.isnan: lax.isnan_p, np.isinf: lax.isinf_p,
-    np.isfinite: lax.isfinite_p, np.signbit: lax.signbit_p,
+    np.add: prims.add_p, np.subtract: prims.sub_p, np.multiply: prims.mul_p,
+    np.true_divide: prims.div_p, np.floor_divide: prims.floordiv_p,
+    np.remainder: prims.rem_p, np.fmod: prims.fmod_p, np.power: prims.pow_p,
+    np.maximum: prims.max_p, np.minimum: prims.min_p, np.fmax: prims.fmax_p,
+    np.fmin: prims.fmin_p, np.arctan2: prims.atan2_p, np.hypot: prims.hypot_p,
+    np.copysign: prims.copysign_p, np.logaddexp: prims.logaddexp_p,
+    np.bitwise_and: prims.and_p, np.bitwise_or: prims.or_p,
+    np.bitwise_xor: prims.xor_p, np.left_shift: prims.shift_left_p,
+    np.right_shift: prims.shift_right_p,
+    np.logical_and: prims.and_p, np.logical_or: prims.or_p,
+    np.logical_xor: prims.xor_p, np.logical_not: prims.not_p,
+    np.equal: prims.eq_p, np.not_equal: prims.ne_p, np.less: prims.lt_p,
+    np.less_equal: prims.le_p, np.greater: prims.gt_p,
+    np.greater_equal: prims.ge_p,
+    np.negative: prims.neg_p, np.positive: None, np.exp: prims.exp_p,
+    np.exp2: prims.exp2_p, np.log: prims.log_p, np.log2: prims.log2_p,
+    np.log10: prims.log10_p, np.log1p: prims.log1p_p, np.expm1: prims.expm1_p,
+    np.tanh: prims.tanh_p, np.sinh: prims.sinh_p, np.cosh: prims.cosh_p,
+    np.sin: prims.sin_p, np.cos: prims.cos_p, np.tan: prims.tan_p,
+    np.arcsin: prims.asin_p, np.arccos: prims.acos_p, np.arctan: prims.atan_p,
+    np.arcsinh: prims.asinh_p, np.arccosh: prims.acosh_p,
+    np.arctanh: prims.atanh_p, np.sqrt: prims.sqrt_p, np.cbrt: prims.cbrt_p,
+    np.square: prims.square_p, np.reciprocal: prims.reciprocal_p,
+    np.absolute: prims.abs_p, np.sign: prims.sign_p, np.floor: prims.floor_p,
+    np.ceil: prims.ceil_p, np.trunc: prims.trunc_p, np.rint: prims.rint_p,
+    np.conjugate: prims.conj_p, np.invert: prims.invert_p,
+    np.isnan: prims.isnan_p, np.isinf: prims.isinf_p,
+    np.isfinite: prims.isfinite_p, np.signbit: prims.signbit_p,
 }
 
 
@@ -230,8 +230,8 @@ def handle_ufunc(ufunc, method, inputs, kwargs):
         kw.setdefault("axis", 0)
         return red(inputs[0], **kw)
     if method == "accumulate" and ufunc in (np.add, np.multiply, np.maximum, np.minimum):
-        p = {np.add: lax.cumsum_p, np.multiply: lax.cumprod_p, np.maximum: lax.cummax_p,
-             np.minimum: lax.cummin_p}[ufunc]
+        p = {np.add: prims.cumsum_p, np.multiply: prims.cumprod_p, np.maximum: prims.cummax_p,
+             np.minimum: prims.cummin_p}[ufunc]
         return _cum(p, inputs[0], kwargs.get("axis", 0), kwargs.get("dtype"))
     raise NotImplementedError(f"numpy.{ufunc.__name__}.{method} on traced values")
 
@@ -299,7 +299,7 @@ def reshape(x, shape=None, order="C", *, newshape=None, copy=None):
         shape = tuple(x.size // rest if s == -1 else s for s in shape)
     if math.prod(shape) != x.size:
         raise ValueError(f"cannot reshape a value of shape {x.shape} into shape {shape}")
-    return x if shape == x.shape else bind(lax.reshape_p, x, shape=shape)
+    return x if shape == x.shape else bind(prims.reshape_p, x, shape=shape)
 
 
 @implements(np.ravel)
@@ -315,7 +315,7 @@ def transpose(x, axes=None):
     perm = tuple(reversed(range(x.ndim))) if axes is None else tuple(_axis(a, x.ndim) for a in axes)
     if sorted(perm) != list(range(x.ndim)):
         raise ValueError(f"transpose: axes {axes} don't match the value's rank {x.ndim}")
-    return x if perm == tuple(range(x.ndim)) else bind(lax.transpose_p, x, perm=perm)
+    return x if perm == tuple(range(x.ndim)) else bind(prims.transpose_p, x, perm=perm)
 
 
 @implements(np.swapaxes)
@@ -410,7 +410,7 @@ def concatenate(arrays, axis=0, out=None, dtype=None, casting="same_kind"):
     ax = _axis(axis, nd)
     if not any(isinstance(x, Tracer) for x in xs):
         return np.concatenate(xs, axis=ax)
-    return bind(lax.concatenate_p, *xs, axis=ax)
+    return bind(prims.concatenate_p, *xs, axis=ax)
 
 
 @implements(np.stack)
@@ -466,7 +466,7 @@ def _slice_axis(x, axis, start, stop, step=1):
                   for i, d in enumerate(_shape(x)))
     if not isinstance(x, Tracer):
         return x[tuple(slice(*s) for s in index)]
-    return bind(lax.slice_p, x, index=index)
+    return bind(prims.slice_p, x, index=index)
 
 
 @implements(np.flip)
@@ -517,14 +517,14 @@ def pad(x, pad_width, mode="constant", constant_values=0):
                                   f"reflect, symmetric and wrap are supported)")
     values = np.asarray(constant_values, dtype=_dtype(x))
     if values.ndim == 0:
-        return bind(lax.pad_p, x, values, config=config)
+        return bind(prims.pad_p, x, values, config=config)
     values = np.broadcast_to(values, (nd, 2))           # one value per side of each dim
     for d, (lo, hi) in enumerate(config):
         for side, width in ((0, lo), (1, hi)):
             if width:
                 one = tuple((width, 0) if e == d and side == 0 else (0, width) if e == d else (0, 0)
                             for e in range(nd))
-                x = bind(lax.pad_p, x, values[d, side], config=one)
+                x = bind(prims.pad_p, x, values[d, side], config=one)
     return x
 
 
@@ -567,14 +567,14 @@ def _accumulator_dtype(dt):
     return dt
 
 
-_IDENTITY = {lax.reduce_sum_p: 0, lax.reduce_prod_p: 1, lax.reduce_and_p: True, lax.reduce_or_p: False}
+_IDENTITY = {prims.reduce_sum_p: 0, prims.reduce_prod_p: 1, prims.reduce_and_p: True, prims.reduce_or_p: False}
 
 
 def _reduce(prim, x, axis, keepdims, dtype=None, initial=None, where=None):
     x = _operand(x)
     if dtype is not None:
         x = astype(x, dtype)
-    elif prim in (lax.reduce_sum_p, lax.reduce_prod_p):
+    elif prim in (prims.reduce_sum_p, prims.reduce_prod_p):
         x = astype(x, _accumulator_dtype(_dtype(x)))
     if where is not None and where is not True:      # masked out elements become the identity
         identity = _IDENTITY.get(prim, initial)
@@ -584,12 +584,12 @@ def _reduce(prim, x, axis, keepdims, dtype=None, initial=None, where=None):
         x = globals()["where"](where, x, np.asarray(identity, _dtype(x)))
     shape = _shape(x)
     axes = _axes(axis, len(shape))
-    if prim in (lax.reduce_max_p, lax.reduce_min_p) and any(shape[a] == 0 for a in axes) and initial is None:
+    if prim in (prims.reduce_max_p, prims.reduce_min_p) and any(shape[a] == 0 for a in axes) and initial is None:
         raise ValueError("zero-size array to reduction operation which has no identity")
     out = bind(prim, x, axes=axes)
     if initial is not None:
-        op = {lax.reduce_sum_p: np.add, lax.reduce_prod_p: np.multiply, lax.reduce_max_p: np.maximum,
-              lax.reduce_min_p: np.minimum}[prim]
+        op = {prims.reduce_sum_p: np.add, prims.reduce_prod_p: np.multiply, prims.reduce_max_p: np.maximum,
+              prims.reduce_min_p: np.minimum}[prim]
         out = apply_ufunc(op, out, np.asarray(initial, _dtype(out)))
     if keepdims:
         out = reshape(out, tuple(1 if i in axes else s for i, s in enumerate(shape)))
@@ -598,32 +598,32 @@ def _reduce(prim, x, axis, keepdims, dtype=None, initial=None, where=None):
 
 @implements(np.sum)
 def sum(x, axis=None, dtype=None, out=None, keepdims=False, initial=None, where=None):
-    return _reduce(lax.reduce_sum_p, x, axis, keepdims, dtype, initial, where)
+    return _reduce(prims.reduce_sum_p, x, axis, keepdims, dtype, initial, where)
 
 
 @implements(np.prod)
 def prod(x, axis=None, dtype=None, out=None, keepdims=False, initial=None, where=None):
-    return _reduce(lax.reduce_prod_p, x, axis, keepdims, dtype, initial, where)
+    return _reduce(prims.reduce_prod_p, x, axis, keepdims, dtype, initial, where)
 
 
 @implements(np.max, np.amax)
 def amax(x, axis=None, out=None, keepdims=False, initial=None, where=None):
-    return _reduce(lax.reduce_max_p, x, axis, keepdims, None, initial, where)
+    return _reduce(prims.reduce_max_p, x, axis, keepdims, None, initial, where)
 
 
 @implements(np.min, np.amin)
 def amin(x, axis=None, out=None, keepdims=False, initial=None, where=None):
-    return _reduce(lax.reduce_min_p, x, axis, keepdims, None, initial, where)
+    return _reduce(prims.reduce_min_p, x, axis, keepdims, None, initial, where)
 
 
 @implements(np.all)
 def all_(x, axis=None, out=None, keepdims=False, *, where=None):
-    return _reduce(lax.reduce_and_p, astype(_operand(x), np.bool_), axis, keepdims, where=where)
+    return _reduce(prims.reduce_and_p, astype(_operand(x), np.bool_), axis, keepdims, where=where)
 
 
 @implements(np.any)
 def any_(x, axis=None, out=None, keepdims=False, *, where=None):
-    return _reduce(lax.reduce_or_p, astype(_operand(x), np.bool_), axis, keepdims, where=where)
+    return _reduce(prims.reduce_or_p, astype(_operand(x), np.bool_), axis, keepdims, where=where)
 
 
 def _count(shape, axes):
@@ -651,7 +651,7 @@ def var(x, axis=None, dtype=None, out=None, ddof=0, keepdims=False, *, where=Non
     d = apply_ufunc(np.subtract, x, mu)
     sq = apply_ufunc(np.multiply, d, apply_ufunc(np.conjugate, d)) if _dtype(d).kind == "c" else apply_ufunc(np.square, d)
     if _dtype(sq).kind == "c":
-        sq = bind(lax.real_p, sq)
+        sq = bind(prims.real_p, sq)
     total = sum(sq, axis, keepdims=keepdims, where=where)
     if where is not None and where is not True:
         n = sum(broadcast_to(_operand(where), _shape(x)), axis, keepdims=keepdims)
@@ -679,23 +679,23 @@ def _arg(prim, x, axis, keepdims):
     return expand_dims(out, ax) if keepdims else out
 
 
-implements(np.argmax)(lambda x, axis=None, out=None, *, keepdims=False: _arg(lax.argmax_p, x, axis, keepdims))
-implements(np.argmin)(lambda x, axis=None, out=None, *, keepdims=False: _arg(lax.argmin_p, x, axis, keepdims))
+implements(np.argmax)(lambda x, axis=None, out=None, *, keepdims=False: _arg(prims.argmax_p, x, axis, keepdims))
+implements(np.argmin)(lambda x, axis=None, out=None, *, keepdims=False: _arg(prims.argmin_p, x, axis, keepdims))
 
 
 def _cum(prim, x, axis, dtype):
     x = _operand(x)
     if dtype is not None:
         x = astype(x, dtype)
-    elif prim in (lax.cumsum_p, lax.cumprod_p):
+    elif prim in (prims.cumsum_p, prims.cumprod_p):
         x = astype(x, _accumulator_dtype(_dtype(x)))
     if axis is None:
         x, axis = ravel(x), 0
     return bind(prim, x, axis=_axis(axis, len(_shape(x))), reverse=False)
 
 
-implements(np.cumsum)(lambda x, axis=None, dtype=None, out=None: _cum(lax.cumsum_p, x, axis, dtype))
-implements(np.cumprod)(lambda x, axis=None, dtype=None, out=None: _cum(lax.cumprod_p, x, axis, dtype))
+implements(np.cumsum)(lambda x, axis=None, dtype=None, out=None: _cum(prims.cumsum_p, x, axis, dtype))
+implements(np.cumprod)(lambda x, axis=None, dtype=None, out=None: _cum(prims.cumprod_p, x, axis, dtype))
 
 
 @implements(np.sort)
@@ -703,7 +703,7 @@ def sort(x, axis=-1, kind=None, order=None, *, stable=None):
     x = _operand(x)
     if axis is None:
         x, axis = ravel(x), 0
-    return bind(lax.sort_p, x, axis=_axis(axis, len(_shape(x))))
+    return bind(prims.sort_p, x, axis=_axis(axis, len(_shape(x))))
 
 
 @implements(np.argsort)
@@ -711,7 +711,7 @@ def argsort(x, axis=-1, kind=None, order=None, *, stable=None):
     x = _operand(x)
     if axis is None:
         x, axis = ravel(x), 0
-    return bind(lax.argsort_p, x, axis=_axis(axis, len(_shape(x))), index_dtype=np.dtype(np.int64))
+    return bind(prims.argsort_p, x, axis=_axis(axis, len(_shape(x))), index_dtype=np.dtype(np.int64))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -726,7 +726,7 @@ def where(cond, x=None, y=None):
     cond = astype(_operand(cond), np.bool_)
     x, y = _same_dtype([x, y])
     cond, x, y = _broadcast_operands(implicit_pvary([cond, x, y]))
-    return bind(lax.select_p, cond, x, y)
+    return bind(prims.select_p, cond, x, y)
 
 
 @implements(np.clip)
@@ -747,13 +747,13 @@ def round_(x, decimals=0, out=None):
     if _dtype(x).kind in "biu":
         return astype(round_(astype(x, np.float64), decimals), _dtype(x))
     if decimals == 0:
-        return bind(lax.round_p, _operand(x)) if _dtype(x).kind in "fc" else _operand(x)
+        return bind(prims.round_p, _operand(x)) if _dtype(x).kind in "fc" else _operand(x)
     s = 10.0 ** decimals
-    return apply_ufunc(np.true_divide, bind(lax.round_p, apply_ufunc(np.multiply, x, s)), s)
+    return apply_ufunc(np.true_divide, bind(prims.round_p, apply_ufunc(np.multiply, x, s)), s)
 
 
-implements(np.real)(lambda x: bind(lax.real_p, _operand(x)) if _dtype(x).kind == "c" else _operand(x))
-implements(np.imag)(lambda x: bind(lax.imag_p, _operand(x)) if _dtype(x).kind == "c" else apply_ufunc(np.multiply, x, 0))
+implements(np.real)(lambda x: bind(prims.real_p, _operand(x)) if _dtype(x).kind == "c" else _operand(x))
+implements(np.imag)(lambda x: bind(prims.imag_p, _operand(x)) if _dtype(x).kind == "c" else apply_ufunc(np.multiply, x, 0))
 implements(np.conj, np.conjugate)(lambda x: apply_ufunc(np.conjugate, x))
 implements(np.abs, np.absolute)(lambda x: apply_ufunc(np.absolute, x))
 implements(np.nan_to_num)(lambda x, copy=True, nan=0.0, posinf=None, neginf=None: _nan_to_num(x, nan, posinf, neginf))
@@ -806,7 +806,7 @@ def layer_norm(x, axis=-1, eps=1e-5):
 def rsqrt(x):
     """``1 / sqrt(x)``, one primitive (typed like ``np.sqrt(x)``)."""
     x = _operand(x)
-    return bind(lax.rsqrt_p, astype(x, _result_dtype(np.sqrt, [x])))
+    return bind(prims.rsqrt_p, astype(x, _result_dtype(np.sqrt, [x])))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -875,7 +875,7 @@ def _tri_mask(x, k, lower):
 
 def _dot(x, y, contract, batch):
     x, y = _same_dtype([x, y])
-    return bind(lax.dot_general_p, x, y, contract=contract, batch=batch)
+    return bind(prims.dot_general_p, x, y, contract=contract, batch=batch)
 
 
 def matmul(a, b):
@@ -1038,7 +1038,7 @@ def take(x, indices, axis=None, out=None, mode=None):
         if idx.size and (idx.max() >= n or idx.min() < -n):
             raise IndexError(f"index {int(idx.max() if idx.max() >= n else idx.min())} is out of "
                              f"bounds for axis {ax} with size {n}")
-    return bind(lax.take_p, x, idx, axis=ax)
+    return bind(prims.take_p, x, idx, axis=ax)
 
 
 @implements(np.take_along_axis)
@@ -1111,7 +1111,7 @@ def getitem(x, key):
         arrays.append((d, k))
     y = x
     if builtins.any(s != (0, d, 1) for s, d in zip(index, x.shape)):
-        y = bind(lax.slice_p, x, index=tuple(index))
+        y = bind(prims.slice_p, x, index=tuple(index))
     if squeeze_dims:
         y = reshape(y, tuple(s for i, s in enumerate(_shape(y)) if i not in squeeze_dims))
     return _gather(y, arrays) if arrays else y
@@ -1199,8 +1199,8 @@ def _cumulative_fn(prim, identity):
     return cumulative
 
 
-implements(np.cumulative_sum)(_cumulative_fn(lax.cumsum_p, 0))
-implements(np.cumulative_prod)(_cumulative_fn(lax.cumprod_p, 1))
+implements(np.cumulative_sum)(_cumulative_fn(prims.cumsum_p, 0))
+implements(np.cumulative_prod)(_cumulative_fn(prims.cumprod_p, 1))
 
 
 def _nan_reduction(reduce, fill):
@@ -1527,10 +1527,10 @@ def _install_methods():
     T.min = lambda s, axis=None, out=None, keepdims=False, **k: amin(s, axis, keepdims=keepdims, **k)
     T.all = lambda s, axis=None, out=None, keepdims=False: all_(s, axis, keepdims=keepdims)
     T.any = lambda s, axis=None, out=None, keepdims=False: any_(s, axis, keepdims=keepdims)
-    T.argmax = lambda s, axis=None, out=None, keepdims=False: _arg(lax.argmax_p, s, axis, keepdims)
-    T.argmin = lambda s, axis=None, out=None, keepdims=False: _arg(lax.argmin_p, s, axis, keepdims)
-    T.cumsum = lambda s, axis=None, dtype=None, out=None: _cum(lax.cumsum_p, s, axis, dtype)
-    T.cumprod = lambda s, axis=None, dtype=None, out=None: _cum(lax.cumprod_p, s, axis, dtype)
+    T.argmax = lambda s, axis=None, out=None, keepdims=False: _arg(prims.argmax_p, s, axis, keepdims)
+    T.argmin = lambda s, axis=None, out=None, keepdims=False: _arg(prims.argmin_p, s, axis, keepdims)
+    T.cumsum = lambda s, axis=None, dtype=None, out=None: _cum(prims.cumsum_p, s, axis, dtype)
+    T.cumprod = lambda s, axis=None, dtype=None, out=None: _cum(prims.cumprod_p, s, axis, dtype)
     T.reshape = lambda s, *shape, order="C": reshape(s, shape[0] if len(shape) == 1 else shape, order)
     T.transpose = lambda s, *axes: transpose(s, (axes[0] if len(axes) == 1 and not isinstance(axes[0], int) else axes) or None)
     T.swapaxes = swapaxes

@@ -8,7 +8,7 @@ draw needs no communication), and JAX's 32-bit default dtypes (``float32``, ``in
 
 Keys are typed (``key(seed)``, an array of keys) or raw (``PRNGKey(seed)``, uint32 data of
 shape ``(2,)``), as in JAX; ``key_data`` and ``wrap_key_data`` convert.  Either kind is
-an ordinary traced value: the hash is the primitive ``spmd.lax.threefry2x32_p``, every sampler
+an ordinary traced value: the hash is the primitive ``spmd.prims.threefry2x32_p``, every sampler
 is NumPy code over it, so they run eagerly, under ``jit``, ``vmap`` and inside ``shard_map``,
 where ``fold_in(key, axis_index("x"))`` gives each device its own stream.
 
@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import ml_dtypes
 import numpy as np
 
-from . import _xla_math as xm, lax, numpy_api, tree_util
+from . import _xla_math as xm, prims, numpy_api, tree_util
 from .core import Tracer, aval_of, bind, hooks
 
 __all__ = ["PRNGKeyArray", "key", "PRNGKey", "key_data", "wrap_key_data", "split", "fold_in",
@@ -195,7 +195,7 @@ def _shape(name, shape) -> tuple:
 
 def _hash(data, c_high, c_low):
     """threefry2x32 of the counters ``(c_high, c_low)`` under key ``data``."""
-    return bind(lax.threefry2x32_p, data[0], data[1], c_high, c_low)
+    return bind(prims.threefry2x32_p, data[0], data[1], c_high, c_low)
 
 
 def _counters(shape):
@@ -204,7 +204,7 @@ def _counters(shape):
     n = math.prod(shape)
     if n >= 2 ** 32:
         raise NotImplementedError(f"spmd.random: {n} random values in one draw (at most 2**32)")
-    low = bind(lax.iota_p, dtype=_U32, shape=(n,), dimension=0).reshape(shape)
+    low = bind(prims.iota_p, dtype=_U32, shape=(n,), dimension=0).reshape(shape)
     return np.uint32(0), low
 
 
@@ -347,8 +347,8 @@ def truncated_normal(key, lower, upper, shape=None, dtype=None):
                  xm.erf(upper * _inverse_sqrt2(dtype)))
     out = np.asarray(np.sqrt(2), dtype) * xm.erf_inv(u)
     # rounding (or drawing the lower end itself) must not leave the open interval
-    lo = xm.next_toward(lax.stop_gradient(lower), up=True)
-    hi = xm.next_toward(lax.stop_gradient(upper), up=False)
+    lo = xm.next_toward(prims.stop_gradient(lower), up=True)
+    hi = xm.next_toward(prims.stop_gradient(upper), up=False)
     return np.minimum(np.maximum(out, lo), hi)
 
 

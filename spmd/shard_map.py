@@ -16,7 +16,7 @@ from .core import Aval, Primitive, Program, aval_of, bind, current_builder, hook
 from .errors import ShardingError, VmaError
 from .mesh import Mesh, get_mesh
 from .sharding import PartitionSpec, check_spec
-from . import lax
+from . import prims
 from .batching import batch_size, moveaxis, to_front
 from .collectives import psum_p
 from .transforms import ad
@@ -101,7 +101,7 @@ def _shard_map_partial_eval(eqn, unknown_ins, ctx):
     def known_body(*args):
         outs = ad.eval_program(known, args)
         res = outs[n_known_out:]
-        return outs[:n_known_out] + [bind(lax.reshape_p, res[i], shape=(1,)) if specs[i][1] else res[i]
+        return outs[:n_known_out] + [bind(prims.reshape_p, res[i], shape=(1,)) if specs[i][1] else res[i]
                                      for i in computed]
     kbody, _ = trace(known_body, known.in_avals, **bctx)
     kin = [a for a, u in zip(eqn.inputs, unknown_ins) if not u]
@@ -125,7 +125,7 @@ def _shard_map_partial_eval(eqn, unknown_ins, ctx):
             res_avals.append(r.aval.update(shape=(1,)) if specs[i][1] else r.aval)
 
     def unknown_body(*args):
-        res = [bind(lax.reshape_p, a, shape=()) if i in specs and specs[i][1] else a
+        res = [bind(prims.reshape_p, a, shape=()) if i in specs and specs[i][1] else a
                for i, a in enumerate(args[:n_res])]
         return ad.eval_program(unknown, res + list(args[n_res:]))
     uin_avals = [v.aval for v, u in zip(body.in_vars, unknown_ins) if u]

@@ -73,9 +73,9 @@ def grad_dp(xp, x, w, y):
 
 def scatter_add(xp, t, i, u):
     """``t`` with rows ``u`` added at ``i`` (the embedding gradient's primitive)."""
-    from spmd import lax
+    from spmd import prims
     from spmd.core import bind
-    return bind(lax.scatter_add_p, t, i, u, axis=0)
+    return bind(prims.scatter_add_p, t, i, u, axis=0)
 
 
 ROWS = [

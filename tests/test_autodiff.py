@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import spmd
-from spmd import lax
+from spmd import prims
 from spmd.transforms.check import check_grads
 
 rng = np.random.default_rng(0)
@@ -93,13 +93,13 @@ ROWS = [
     ("dot_contract2", "dot_general", lambda x, y: np.einsum("ijk,kjl->li", x, y), (r(2, 3, 4), r(4, 3, 2))),
     ("take", "take", lambda x: np.take(x, np.array([2, 0, 2]), axis=1) ** 2, (r(3, 4),)),
     ("getitem", "take", lambda x: x[np.array([1, 1, 0])] * x[0], (r(3, 2),)),
-    ("dynamic_slice", "dynamic_slice", lambda x: spmd.lax.dynamic_slice_p(x, 1, 0, sizes=(2, 2)) ** 2
+    ("dynamic_slice", "dynamic_slice", lambda x: spmd.prims.dynamic_slice_p(x, 1, 0, sizes=(2, 2)) ** 2
         if not isinstance(x, np.ndarray) else x[1:3, 0:2] ** 2, (r(4, 3),)),
     ("dynamic_update_slice", "dynamic_update_slice",
-     lambda x, u: spmd.lax.dynamic_update_slice_p(x, u * u, 1, 1) if not isinstance(x, np.ndarray)
+     lambda x, u: spmd.prims.dynamic_update_slice_p(x, u * u, 1, 1) if not isinstance(x, np.ndarray)
      else _dus(x, u * u, 1, 1), (r(4, 3), r(2, 2))),
     ("scatter_add", "scatter_add",
-     lambda x, u: spmd.lax.scatter_add_p(x, np.array([0, 2, 0]), u * u, axis=0) if not isinstance(x, np.ndarray)
+     lambda x, u: spmd.prims.scatter_add_p(x, np.array([0, 2, 0]), u * u, axis=0) if not isinstance(x, np.ndarray)
      else _scatter(x, np.array([0, 2, 0]), u * u), (r(3, 2), r(3, 2))),
     ("mlp", "dot_general tanh add", lambda w, b, x: np.sum(np.tanh(x @ w + b) ** 2), (r(3, 4), r(4), r(5, 3))),
     ("softmax_xent", "exp log reduce_max", lambda z: -np.sum(z[:, 0] - np.log(np.sum(np.exp(z - np.max(z, 1, keepdims=True)), 1)) - np.max(z, 1)), (r(4, 3),)),
@@ -133,7 +133,7 @@ def test_every_differentiable_primitive_has_a_row():
                "gt", "ge", "not", "invert", "isnan", "isinf", "isfinite", "signbit", "sign", "floor",
                "ceil", "trunc", "round", "rint", "reduce_and", "reduce_or", "argmax", "argmin",
                "argsort", "iota", "conj", "real", "imag", "bitcast_convert_type", "threefry2x32"}
-    every = {p.name for p in map(lambda n: getattr(lax, n), lax.__all__)}
+    every = {p.name for p in map(lambda n: getattr(prims, n), prims.__all__)}
     missing = every - covered - nondiff
     assert not missing, f"primitives without a gradient row: {sorted(missing)}"
 

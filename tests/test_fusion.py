@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 
 import spmd
-from spmd import NamedSharding, P, _host_parallel, lax
+from spmd import NamedSharding, P, _host_parallel, prims
 from spmd.compiler import cost
 from spmd.executors import fusion, reference_executor
 from spmd.executors.stacked import StackedExecutor
@@ -80,7 +80,7 @@ def test_dot_then_psum_of_invariant_operands_counts_each_device():
     """Neither operand varies over the axis (check_vma off): the psum counts the product once
     per device, fused or not."""
     a, b = rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=(4, 2)).astype(np.float32)
-    out = fusion.dot_then_psum(np, MESH, lax.dot_general_p.rule("impl"), a[None, None], b[None, None],
+    out = fusion.dot_then_psum(np, MESH, prims.dot_general_p.rule("impl"), a[None, None], b[None, None],
                                contract=((1,), (0,)), batch=((), ()), axes=("model",))
     np.testing.assert_allclose(out[0, 0], 4 * (a @ b), rtol=1e-5)
 
@@ -113,7 +113,7 @@ def test_elementwise_chains_match_the_reference(row, paths):
 def test_chain_writes_results_and_keeps_intermediates_in_scratch():
     """Registers: a member that is a result writes into the result; the others share scratch
     slots once their values are dead."""
-    add, tanh, mul, sub = (p.rules["elementwise"] for p in (lax.add_p, lax.tanh_p, lax.mul_p, lax.sub_p))
+    add, tanh, mul, sub = (p.rules["elementwise"] for p in (prims.add_p, prims.tanh_p, prims.mul_p, prims.sub_p))
     # refs: 0 x, 1 b, 2 one; 3 s=x+b, 4 t=tanh(s), 5 u=t*t, 6 v=1-u
     members = ((add, (0, 1)), (tanh, (3,)), (mul, (4, 4)), (sub, (2, 5)))
     ops = fusion._registers(members, (4, 6), 3)

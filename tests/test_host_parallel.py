@@ -142,7 +142,7 @@ def test_matmul_with_devices_folded(big_paths, monkeypatch, xs, ys, contract):
     """dot_general of operands that vary over different mesh axes (one big product, cut into
     row blocks over the threads) equals the per-device products."""
     monkeypatch.setattr(_host_parallel, "MATMUL_MIN_FLOPS", 0)
-    from spmd import lax
+    from spmd import prims as lax
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=xs), rng.normal(size=ys)
     got = lax.dot_general_p.impl(np, 2, x, y, contract=contract, batch=((), ()))
@@ -156,7 +156,7 @@ def test_matmul_with_devices_folded(big_paths, monkeypatch, xs, ys, contract):
 def test_elementwise_blocks_match_one_call(big_paths, monkeypatch, shapes):
     """Elementwise ops on stacked values, cut into blocks over the threads (operands broadcast)."""
     monkeypatch.setattr(_host_parallel, "BLOCK_BYTES", 16)
-    from spmd import lax
+    from spmd import prims as lax
     rng = np.random.default_rng(0)
     x, y = (rng.normal(size=s).astype(np.float32) for s in shapes)
     for p, args in ((lax.mul_p, (x, y)), (lax.sub_p, (x, 1.5)), (lax.tanh_p, (x,)), (lax.lt_p, (x, y))):
@@ -175,7 +175,7 @@ def test_concatenate_pieces_match_one_call(big_paths):
 
 
 def _writing_ufuncs():
-    from spmd import lax
+    from spmd import prims as lax
     prims = list(lax.UNARY.values()) + list(lax.BINARY.values())
     return [(p.name, p.rules["elementwise"], p in lax.BINARY.values()) for p in prims
             if getattr(p.rules["elementwise"], "writes_into", False)]

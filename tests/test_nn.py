@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import spmd
-from spmd import P, lax, nn
+from spmd import P, prims, nn
 from spmd.transforms.check import check_grads
 
 jax = pytest.importorskip("jax")
@@ -134,7 +134,7 @@ def test_stop_gradient_blocks_every_order():
     np.testing.assert_array_equal(np.asarray(t), 0.0)
     out = spmd.stop_gradient({"a": np.ones(2), "b": (3,)})
     assert out["b"] == (3,)
-    g = spmd.grad(lambda p: np.sum(p["w"] * lax.stop_gradient(p)["w"] ** 2))({"w": np.arange(3.)})
+    g = spmd.grad(lambda p: np.sum(p["w"] * prims.stop_gradient(p)["w"] ** 2))({"w": np.arange(3.)})
     np.testing.assert_allclose(np.asarray(g["w"]), np.arange(3.) ** 2)
 
 

@@ -27,7 +27,7 @@ import pytest
 
 import spmd
 import spmd.numpy as snp
-from spmd import P, lax
+from spmd import P, prims
 from spmd.core import Tracer
 from spmd.executors import reference_executor
 from spmd.numpy_api import _COMPOSITE_UFUNCS, _GUFUNCS, _UFUNCS, HANDLED_FUNCTIONS
@@ -534,31 +534,31 @@ def _np_scatter_add(x, i, u, axis):
 
 # Primitives no NumPy function above reaches (autodiff and vmap use them), bound directly.
 ROWS += [
-    op("lax.logistic", lambda x: lax.logistic_p(x), U_SHAPES, FLOAT_ALL, ref=lambda x: 1 / (1 + np.exp(-x))),
-    op("lax.sharding_constraint", lambda x: spmd.with_sharding_constraint(x, spmd.NamedSharding(MESH, P())),
+    op("prims.logistic", lambda x: prims.logistic_p(x), U_SHAPES, FLOAT_ALL, ref=lambda x: 1 / (1 + np.exp(-x))),
+    op("prims.sharding_constraint", lambda x: spmd.with_sharding_constraint(x, spmd.NamedSharding(MESH, P())),
        [(2, 3)], [f32, i32], ref=lambda x: x),
-    op("lax.iota", lambda x: x + lax.iota_p(dtype=x.dtype, shape=x.shape, dimension=1), [(2, 3)], [f32, i32],
+    op("prims.iota", lambda x: x + prims.iota_p(dtype=x.dtype, shape=x.shape, dimension=1), [(2, 3)], [f32, i32],
        ref=lambda x: x + np.arange(3, dtype=x.dtype)),
-    op("lax.cumsum", lambda x: (lax.cumsum_p(x, axis=1, reverse=True), lax.cummax_p(x, axis=0, reverse=True)), R3, NUM,
+    op("prims.cumsum", lambda x: (prims.cumsum_p(x, axis=1, reverse=True), prims.cummax_p(x, axis=0, reverse=True)), R3, NUM,
        ref=lambda x: (np.flip(np.cumsum(np.flip(x, 1), 1, dtype=x.dtype), 1),
                       np.flip(np.maximum.accumulate(np.flip(x, 0), 0), 0))),
-    op("lax.dynamic_slice", lambda x, s: lax.dynamic_slice_p(x, s, sizes=(3,)),
+    op("prims.dynamic_slice", lambda x, s: prims.dynamic_slice_p(x, s, sizes=(3,)),
        [((6,), In((), i64, -2, 7)), ((5,), In((), i32, 0, 3))], [f32, i32], ref=lambda x, s: _np_dynamic_slice(x, s, 3)),
-    op("lax.dynamic_slice", lambda x, s, t: lax.dynamic_slice_p(x, s, t, sizes=(2, 3)),
+    op("prims.dynamic_slice", lambda x, s, t: prims.dynamic_slice_p(x, s, t, sizes=(2, 3)),
        [((4, 5), In((), i64, -1, 4), In((), i64, 0, 3))], FLOAT,
        ref=lambda x, s, t: _np_dynamic_slice(_np_dynamic_slice(x, s, 2).T, t, 3).T),
-    op("lax.dynamic_update_slice", lambda x, u, s: lax.dynamic_update_slice_p(x, u, s),
+    op("prims.dynamic_update_slice", lambda x, u, s: prims.dynamic_update_slice_p(x, u, s),
        [((6,), (2,), In((), i64, -1, 7)), ((5, 2), (3, 2), In((), i32, 0, 3))], [f32, i32],
        ref=_np_dynamic_update_slice),
-    op("lax.scatter_add", lambda x, i, u: lax.scatter_add_p(x, i, u, axis=0),
+    op("prims.scatter_add", lambda x, i, u: prims.scatter_add_p(x, i, u, axis=0),
        [((5,), In((4,), i64, -5, 5), (4,)), ((4, 3), In((2, 2), i64, 0, 4), (2, 2, 3))], [f32, f64, i32],
        ref=lambda x, i, u: _np_scatter_add(x, i, u, 0)),
-    op("lax.scatter_add", lambda x, i, u: lax.scatter_add_p(x, i, u, axis=1),
+    op("prims.scatter_add", lambda x, i, u: prims.scatter_add_p(x, i, u, axis=1),
        [((2, 5), In((3,), i64, 0, 5), (2, 3))], FLOAT, ref=lambda x, i, u: _np_scatter_add(x, i, u, 1)),
-    op("lax.stop_gradient", lambda x: lax.stop_gradient_p(x), U_SHAPES, ALL, ref=lambda x: x),
-    op("lax.bitcast_convert_type", lambda x: lax.bitcast_convert_type_p(x, dtype=np.dtype(np.uint32)), U_SHAPES,
+    op("prims.stop_gradient", lambda x: prims.stop_gradient_p(x), U_SHAPES, ALL, ref=lambda x: x),
+    op("prims.bitcast_convert_type", lambda x: prims.bitcast_convert_type_p(x, dtype=np.dtype(np.uint32)), U_SHAPES,
        [f32, i32], ref=lambda x: x.view(np.uint32)),
-    op("lax.threefry2x32", lambda k1, k2, x1, x2: tuple(lax.threefry2x32_p(k1, k2, x1, x2)),
+    op("prims.threefry2x32", lambda k1, k2, x1, x2: tuple(prims.threefry2x32_p(k1, k2, x1, x2)),
        [((), (), (5,), (5,)), ((2, 3), (2, 3), (2, 3), (2, 3)), ((), (3,), (2, 3), (1, 3))],
        [np.dtype(np.uint32)], low=0, high=2 ** 32 - 1, ref=lambda *a: _np_threefry2x32(*a)),
 ]
@@ -628,11 +628,11 @@ def test_unary_dtype_rules_match_numpy():
 
 
 def test_every_primitive_is_exercised():
-    """Every local primitive of ``spmd.lax`` ran in some row (rows not run yet run here)."""
+    """Every local primitive of ``spmd.prims`` ran in some row (rows not run yet run here)."""
     for row in ROWS:
         if id(row) not in RAN:
             run_row(row)
-    primitives = {v.name for v in vars(lax).values() if isinstance(v, spmd.Primitive)}
+    primitives = {v.name for v in vars(prims).values() if isinstance(v, spmd.Primitive)}
     assert primitives <= EXERCISED, sorted(primitives - EXERCISED)
 
 
@@ -679,7 +679,7 @@ def test_stacked_dynamic_slice_matches_per_device_slices(lead, starts_shape, bro
     if broadcast:                                   # a broadcast dim (stride 0): a view comes back
         x = np.broadcast_to(x[..., :1, :], x.shape)
     starts = rng.integers(-2, 9, size=starts_shape)
-    got = lax._dynamic_slice_impl(np, k, x, starts, np.int64(1), sizes=(4, 3))
+    got = prims._dynamic_slice_impl(np, k, x, starts, np.int64(1), sizes=(4, 3))
     out_lead = np.broadcast_shapes(lead, np.shape(starts) if starts_shape else ())
     assert got.shape == out_lead + (4, 3)
     xs = np.broadcast_to(x, out_lead + x.shape[k:])

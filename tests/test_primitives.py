@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import spmd
-from spmd import P, lax
+from spmd import P, prims
 from spmd.core import Aval, Primitive, aval_of, trace
 from spmd.executors import reference_executor
 from spmd.transforms import ad
@@ -71,10 +71,10 @@ def test_a_missing_rule_names_the_rule_and_the_primitive():
 
 
 def test_linear_operands():
-    assert lax.add_p.linear_operands(2, {}) == (0, 1)
-    assert lax.select_p.linear_operands(3, {}) == (1, 2)             # not the predicate
-    assert lax.mul_p.linear_operands(2, {}) == () and lax.mul_p.multilinear == (0, 1)
-    convert = lax.convert_element_type_p
+    assert prims.add_p.linear_operands(2, {}) == (0, 1)
+    assert prims.select_p.linear_operands(3, {}) == (1, 2)             # not the predicate
+    assert prims.mul_p.linear_operands(2, {}) == () and prims.mul_p.multilinear == (0, 1)
+    convert = prims.convert_element_type_p
     assert convert.linear_operands(1, {"dtype": np.float32}) == (0,)
     assert convert.linear_operands(1, {"dtype": np.int32}) == ()     # rounding is not linear
 

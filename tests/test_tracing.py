@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import spmd
-from spmd import P, lax, psum, shard_map
+from spmd import P, prims, psum, shard_map
 from spmd.core import Aval, Eqn, Params, Program, Var
 
 MESH = spmd.make_mesh((2, 4), ("data", "model"))
@@ -59,7 +59,7 @@ def test_constants_print_by_value_when_small_and_by_type_when_large():
 
 def _exp_program(out_aval=Aval((3,), f32)):
     x, y = Var(Aval((3,), f32)), Var(out_aval)
-    return Program([x], [Eqn(lax.exp_p, [x], Params(), [y])], [y]), x, y
+    return Program([x], [Eqn(prims.exp_p, [x], Params(), [y])], [y]), x, y
 
 
 def test_check_accepts_traced_programs():
@@ -79,14 +79,14 @@ def test_check_catches_wrong_output_type(bad):
 
 def test_check_catches_use_before_definition():
     x, y, z = Var(Aval((3,), f32)), Var(Aval((3,), f32)), Var(Aval((3,), f32))
-    prog = Program([x], [Eqn(lax.exp_p, [y], Params(), [z]), Eqn(lax.exp_p, [x], Params(), [y])], [z])
+    prog = Program([x], [Eqn(prims.exp_p, [y], Params(), [z]), Eqn(prims.exp_p, [x], Params(), [y])], [z])
     with pytest.raises(TypeError, match=r"equation 0 \(exp\).*used before it is defined"):
         prog.check()
 
 
 def test_check_catches_redefinition():
     prog, x, _ = _exp_program()
-    prog.eqns.append(Eqn(lax.exp_p, [x], Params(), [x]))
+    prog.eqns.append(Eqn(prims.exp_p, [x], Params(), [x]))
     with pytest.raises(TypeError, match=r"equation 1 \(exp\) redefines"):
         prog.check()
 

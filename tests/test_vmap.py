@@ -147,12 +147,12 @@ def test_matmul_over_simulated_devices_matches_numpy():
 def test_dynamic_slice_with_batched_starts():
     x = rng.standard_normal((5, 6))
     starts = np.array([0, 3, 4, 1])           # 4 is clipped to 3, as dynamic_slice does
-    f = lambda s, c: spmd.lax.dynamic_slice_p(x, s, c, sizes=(2, 3))
+    f = lambda s, c: spmd.prims.dynamic_slice_p(x, s, c, sizes=(2, 3))
     out = spmd.vmap(f, in_axes=(0, None))(starts, np.int64(2))
     want = np.stack([x[min(s, 3):min(s, 3) + 2, 2:5] for s in starts])
     np.testing.assert_allclose(np.asarray(out), want)
     xs = rng.standard_normal((4, 5, 6))
-    out = spmd.vmap(lambda x, s: spmd.lax.dynamic_slice_p(x, 1, s, sizes=(2, 2)))(xs, np.array([0, 4, 2, 1]))
+    out = spmd.vmap(lambda x, s: spmd.prims.dynamic_slice_p(x, 1, s, sizes=(2, 2)))(xs, np.array([0, 4, 2, 1]))
     want = np.stack([xb[1:3, s:s + 2] for xb, s in zip(xs, [0, 4, 2, 1])])
     np.testing.assert_allclose(np.asarray(out), want)
 
@@ -168,7 +168,7 @@ def test_per_example_gradients_of_an_embedding_lookup():
     np.testing.assert_allclose(got, want)
     x, upd = rng.standard_normal((B, 2, 5)), rng.standard_normal((B, 2, 4))
     idx = rng.integers(0, 5, (B, 4))
-    out = spmd.vmap(lambda x, i, u: spmd.lax.scatter_add_p(x, i, u, axis=1))(x, idx, upd)
+    out = spmd.vmap(lambda x, i, u: spmd.prims.scatter_add_p(x, i, u, axis=1))(x, idx, upd)
     want = np.stack([x[b].copy() for b in range(B)])
     for b in range(B):
         np.add.at(want[b], (slice(None), idx[b]), upd[b])
@@ -178,13 +178,13 @@ def test_per_example_gradients_of_an_embedding_lookup():
 def test_dynamic_update_slice_with_batched_starts_and_per_example_gradients():
     x, upd = rng.standard_normal((B, 5, 4)), rng.standard_normal((B, 2, 3))
     starts = np.array([3, 0, 9])                       # 9 is clipped to 3
-    f = lambda x, u, s: spmd.lax.dynamic_update_slice_p(x, u, s, 1)
+    f = lambda x, u, s: spmd.prims.dynamic_update_slice_p(x, u, s, 1)
     out = np.asarray(spmd.vmap(f)(x, upd, starts))
     for b, s in enumerate(starts):
         want = x[b].copy()
         want[min(s, 3):min(s, 3) + 2, 1:4] = upd[b]
         np.testing.assert_allclose(out[b], want)
-    loss = lambda v, s: np.sum(np.sin(spmd.lax.dynamic_slice_p(v, s, sizes=(2,))))
+    loss = lambda v, s: np.sum(np.sin(spmd.prims.dynamic_slice_p(v, s, sizes=(2,))))
     v = rng.standard_normal(6)
     got = np.asarray(spmd.vmap(spmd.grad(loss), in_axes=(None, 0))(v, np.array([0, 3, 4])))
     want = np.stack([np.asarray(spmd.grad(loss)(v, np.int64(s))) for s in [0, 3, 4]])

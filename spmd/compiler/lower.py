@@ -15,7 +15,7 @@ import dataclasses
 
 import numpy as np
 
-from .. import lax
+from .. import prims
 from ..collectives import psum_p, psum_scatter_p
 from ..core import (Aval, Eqn, Literal, Params, Program, Var, _fmt_param, _ProgramPrinter,
                     attributed, bind, current_builder, trace)
@@ -78,7 +78,7 @@ def mask_padding(x, sh: Sharding, shape, dims, sizes, op):
 
 
 def _iota(n):
-    return bind(lax.iota_p, dtype=np.dtype(np.int32), shape=(n,), dimension=0)
+    return bind(prims.iota_p, dtype=np.dtype(np.int32), shape=(n,), dimension=0)
 
 
 def lower_equation(e, s, args, sizes):
@@ -139,7 +139,7 @@ def _masked_take(args, s, ins, sizes, axis):
     axes = s.ins[0].dims[axis]
     blk = x.shape[axis]
     local, inside = _local_indices(idx, axes, blk, ins[0].shape[axis], sizes)
-    y = bind(lax.take_p, x, local, axis=axis)
+    y = bind(prims.take_p, x, local, axis=axis)
     ni = idx.ndim
     shape = tuple(idx.shape[d - axis] if axis <= d < axis + ni else 1 for d in range(y.ndim))
     return np.where(inside.reshape(shape), y, np.zeros((), y.dtype))
@@ -154,7 +154,7 @@ def _masked_scatter_add(args, s, ins, sizes, axis):
     ni = idx.ndim
     shape = tuple(idx.shape[d - axis] if axis <= d < axis + ni else 1 for d in range(upd.ndim))
     upd = np.where(inside.reshape(shape), upd, np.zeros((), upd.dtype))
-    return bind(lax.scatter_add_p, x, local, upd, axis=axis)
+    return bind(prims.scatter_add_p, x, local, upd, axis=axis)
 
 
 def _spec_aval(aval: Aval, sh: Sharding, sizes) -> Aval:
@@ -403,19 +403,19 @@ def _merge(eqns, batch, after, records, inserted, sizes, cm):
     flat, new = [], []
     for e in members:
         v = Var(Aval((int(np.prod(e.inputs[0].aval.shape)),), x0.dtype, x0.vma))
-        new.append(Eqn(lax.reshape_p, [e.inputs[0]], Params(shape=v.aval.shape), [v]))
+        new.append(Eqn(prims.reshape_p, [e.inputs[0]], Params(shape=v.aval.shape), [v]))
         flat.append(v)
     total = sum(v.aval.shape[0] for v in flat)
     cat = Var(Aval((total,), x0.dtype, x0.vma))
-    new.append(Eqn(lax.concatenate_p, flat, Params(axis=0), [cat]))
+    new.append(Eqn(prims.concatenate_p, flat, Params(axis=0), [cat]))
     red = Var(Aval((total,), x0.dtype, x0.vma - set(axes)))
     new.append(Eqn(psum_p, [cat], Params(axes=axes, groups=None), [red]))
     start = 0
     for e, v in zip(members, flat):
         n = v.aval.shape[0]
         piece = Var(Aval((n,), x0.dtype, red.aval.vma))
-        new.append(Eqn(lax.slice_p, [red], Params(index=((start, start + n, 1),)), [piece]))
-        new.append(Eqn(lax.reshape_p, [piece], Params(shape=e.outputs[0].aval.shape), [e.outputs[0]]))
+        new.append(Eqn(prims.slice_p, [red], Params(index=((start, start + n, 1),)), [piece]))
+        new.append(Eqn(prims.reshape_p, [piece], Params(shape=e.outputs[0].aval.shape), [e.outputs[0]]))
         start += n
     last = batch[-1]
     members_set = set(batch)
@@ -461,32 +461,32 @@ def _combined(key, members, sizes, cm):
     rows, dims = [], []
     for k, x, a, cur, want, why in members:
         if kind == "psum":
-            rows.append(bind(lax.reshape_p, x, shape=(int(np.prod(x.shape)),)))
+            rows.append(bind(prims.reshape_p, x, shape=(int(np.prod(x.shape)),)))
             dims.append(None)
         else:
             d = next(i for i, (c, w) in enumerate(zip(cur.dims, want.dims)) if c != w)
             perm = (d,) + tuple(i for i in range(x.ndim) if i != d)
-            y = bind(lax.transpose_p, x, perm=perm) if d else x
-            rows.append(bind(lax.reshape_p, y, shape=(n, int(np.prod(x.shape)) // n)))
+            y = bind(prims.transpose_p, x, perm=perm) if d else x
+            rows.append(bind(prims.reshape_p, y, shape=(n, int(np.prod(x.shape)) // n)))
             dims.append((d, perm, y.shape))
     axis = 0 if kind == "psum" else 1
-    cat = bind(lax.concatenate_p, *rows, axis=axis)
+    cat = bind(prims.concatenate_p, *rows, axis=axis)
     if kind == "psum":
         red = bind(psum_p, cat, axes=axes, groups=None)
     else:
         red = bind(psum_scatter_p, cat, axes=axes, scatter_dimension=0, tiled=True, groups=None, size=n)
-        red = bind(lax.reshape_p, red, shape=(red.shape[1],))
+        red = bind(prims.reshape_p, red, shape=(red.shape[1],))
     outs, start = [], 0
     for (k, x, a, cur, want, why), r, dd in zip(members, rows, dims):
         size = int(np.prod(r.shape)) // (n if kind == "psum_scatter" else 1)
-        piece = bind(lax.slice_p, red, index=((start, start + size, 1),))
+        piece = bind(prims.slice_p, red, index=((start, start + size, 1),))
         start += size
         if dd is None:
-            outs.append(bind(lax.reshape_p, piece, shape=x.shape))
+            outs.append(bind(prims.reshape_p, piece, shape=x.shape))
         else:
             d, perm, yshape = dd
-            block = bind(lax.reshape_p, piece, shape=(yshape[0] // n,) + tuple(yshape[1:]))
-            outs.append(bind(lax.transpose_p, block, perm=tuple(int(i) for i in np.argsort(perm))) if d else block)
+            block = bind(prims.reshape_p, piece, shape=(yshape[0] // n,) + tuple(yshape[1:]))
+            outs.append(bind(prims.transpose_p, block, perm=tuple(int(i) for i in np.argsort(perm))) if d else block)
     nbytes = int(np.prod(cat.shape)) * np.dtype(dtype).itemsize
     collective = "all_reduce" if kind == "psum" else "reduce_scatter"
     src = members[0][3]

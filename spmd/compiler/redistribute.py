@@ -30,7 +30,7 @@ import math
 
 import numpy as np
 
-from .. import _cache, lax
+from .. import _cache, prims
 from ..collectives import (all_gather_p, all_to_all_p, axis_index_p, pmax_p, pmin_p,
                            ppermute_p, psum_p, psum_scatter_p)
 from ..core import bind
@@ -212,17 +212,17 @@ def axis_index(axes):
 def _pad_to(x, dim, size):
     if x.shape[dim] == size:
         return x
-    # concatenate zeros rather than lax.pad: NumPy's pad has no cast for bfloat16
+    # concatenate zeros rather than prims.pad: NumPy's pad has no cast for bfloat16
     shape = tuple(size - n if i == dim else n for i, n in enumerate(x.shape))
-    zeros = bind(lax.broadcast_in_dim_p, np.zeros((), x.dtype), shape=shape, dims=())
-    return bind(lax.concatenate_p, x, zeros, axis=dim)
+    zeros = bind(prims.broadcast_in_dim_p, np.zeros((), x.dtype), shape=shape, dims=())
+    return bind(prims.concatenate_p, x, zeros, axis=dim)
 
 
 def _trim(x, dim, size):
     if x.shape[dim] == size:
         return x
     index = tuple((0, size if i == dim else n, 1) for i, n in enumerate(x.shape))
-    return bind(lax.slice_p, x, index=index)
+    return bind(prims.slice_p, x, index=index)
 
 
 def slice_block(x, dim, axes, blk):
@@ -231,7 +231,7 @@ def slice_block(x, dim, axes, blk):
     starts = [np.int32(0)] * x.ndim
     starts[dim] = start
     sizes = tuple(blk if i == dim else n for i, n in enumerate(x.shape))
-    return bind(lax.dynamic_slice_p, x, *starts, sizes=sizes)
+    return bind(prims.dynamic_slice_p, x, *starts, sizes=sizes)
 
 
 def apply(x, p: Plan, shape, sizes: dict):
