@@ -16,6 +16,7 @@ the ranks disagree (op, shape or order)::
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
 import dataclasses
 import glob
@@ -25,6 +26,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 
 from . import runtime
 from .errors import CollectiveMismatchError
@@ -65,6 +67,8 @@ class FlightRecorder:
         path = os.path.join(directory, f"rank{st.process_index}.json")
         data = {"rank": st.process_index, "world_size": st.process_count, "pid": os.getpid(),
                 "backend": st.backend, "reason": reason, "time": time.time(),
+                "job": os.environ.get("SPMD_JOB_ID"),
+                "attempt": int(os.environ.get("SPMD_RESTART_COUNT", "0") or 0),
                 "entries": list(self.entries)}
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
@@ -136,6 +140,10 @@ def install_signal_handler():
             signal.signal(signal.SIGTERM, on_sigterm)
     except ValueError:          # not the main thread: no signal handler, the rest still works
         pass
+    if os.environ.get("SPMD_RUN_DIR") and runtime.process_count() > 1:
+        # Under spmd-run every rank leaves its last collectives at a normal exit too, so that a
+        # rank that left early (or one that ran an extra collective) shows in the analysis.
+        atexit.register(lambda: _recorder.entries and dump_quietly("exited"))
     previous = sys.excepthook
 
     def excepthook(kind, value, tb):
@@ -145,12 +153,18 @@ def install_signal_handler():
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         except ValueError:
             pass
-        if _recorder.entries:
+        if _recorder.entries or runtime.process_count() > 1:
             try:
                 dump(f"uncaught {kind.__name__}: {value}")
             except OSError:
                 pass
-        previous(kind, value, tb)
+        if issubclass(kind, KeyboardInterrupt) and runtime.process_count() > 1:
+            # Ctrl-C reaches every rank: one line each, not N tracebacks.
+            frame = traceback.extract_tb(tb)[-1] if tb is not None else None
+            where = f" in {frame.name} ({frame.filename}:{frame.lineno})" if frame else ""
+            sys.stderr.write(f"KeyboardInterrupt{where}\n")
+        else:
+            previous(kind, value, tb)
         if runtime.process_count() > 1:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -162,23 +176,53 @@ def install_signal_handler():
 # analysis of the dumps of every rank
 # ---------------------------------------------------------------------------------------------
 
-def load(directory: str) -> dict[int, dict]:
-    """Every rank's dump in ``directory``: {rank: dump}."""
+_PEER_ERRORS = ("CollectiveTimeoutError", "CollectiveMismatchError", "CollectivePeerError",
+                "SIGTERM", "exited")
+
+
+def load(directory: str, *, all_attempts: bool = False) -> dict[int, dict]:
+    """Every rank's dump in ``directory``: {rank: dump}.  Dumps of an earlier job or attempt
+    that shared the folder are left out (unless ``all_attempts``); so are unreadable files."""
     dumps = {}
     for path in glob.glob(os.path.join(directory, "rank*.json")):
-        with open(path) as f:
-            d = json.load(f)
-        dumps[int(d["rank"])] = d
+        try:
+            with open(path) as f:
+                d = json.load(f)
+            dumps[int(d["rank"])] = d
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    if dumps and not all_attempts:
+        newest = max(dumps.values(), key=lambda d: d.get("time", 0))
+        run = (newest.get("job"), newest.get("attempt"))
+        dumps = {r: d for r, d in dumps.items() if (d.get("job"), d.get("attempt")) == run}
     return dict(sorted(dumps.items()))
+
+
+def partial_dumps(directory: str) -> list[int]:
+    """Ranks that were killed while writing their dump (only a ``.tmp`` file is left)."""
+    ranks = set()
+    for path in glob.glob(os.path.join(directory, "rank*.json.*.tmp")):
+        name = os.path.basename(path)
+        try:
+            ranks.add(int(name[4:name.index(".")]))
+        except ValueError:
+            continue
+    return sorted(ranks)
 
 
 def _call(e: dict) -> str:
     shape = "x".join(str(s) for s in e["shape"]) or "scalar"
-    return f"{e['op']}(axes={tuple(e['axes'])}, shape={shape}, dtype={e['dtype']})"
+    extra = "".join(f", {k}={e[k]}" for k in ("groups", "perm") if e.get(k) is not None)
+    return f"{e['op']}(axes={tuple(e['axes'])}, shape={shape}, dtype={e['dtype']}{extra})"
 
 
 def _signature(e: dict):
-    return (e["op"], tuple(e["axes"]), tuple(e["shape"]), e["dtype"])
+    return (e["op"], tuple(e["axes"]), tuple(e["shape"]), e["dtype"], tuple(e.get("ranks", ())),
+            repr(e.get("groups")), repr(e.get("perm")))
+
+
+def _ranks(rs) -> str:
+    return f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}"
 
 
 @dataclasses.dataclass
@@ -188,28 +232,35 @@ class Report:
     last: dict[int, dict | None]          # each rank's latest entry
     behind: list[int]                     # ranks with no dump, else those whose latest is oldest
     disagreement: dict | None             # {"seq", "calls": {rank: call}, "odd": [ranks]}
+    reasons: dict[int, str] = dataclasses.field(default_factory=dict)   # why each rank dumped
+    partial: list[int] = dataclasses.field(default_factory=list)        # killed while dumping
+    ahead: list[int] = dataclasses.field(default_factory=list)          # ran collectives no other did
+    culprit: list[int] = dataclasses.field(default_factory=list)
+    summary: str = ""                     # the first line: the culprit rank(s) and the op
 
     def lines(self) -> list[str]:
-        out = [f"flight recorder: {len(self.ranks)} rank dump(s) {self.ranks}"]
-        if self.missing:
-            out.append(f"  ranks {self.missing} wrote no dump (dead, or stuck outside a collective)")
+        out = [self.summary, f"flight recorder: {len(self.ranks)} rank dump(s) {self.ranks}"]
+        for r in self.missing:
+            why = ("killed while writing it" if r in self.partial else
+                   "killed or stopped before it could write one, or it never started")
+            out.append(f"  rank {r}: no dump ({why})")
         for r in self.ranks:
             e = self.last[r]
             out.append(f"  rank {r}: " + ("no collectives" if e is None else
-                                          f"last #{e['seq']} {_call(e)} {e['state']}"))
+                                          f"last #{e['seq']} {_call(e)} {e['state']}")
+                       + (f"; dumped: {self.reasons[r]}" if self.reasons.get(r) else ""))
         if self.behind:
             seqs = {r: (self.last[r]["seq"] if self.last[r] else -1) for r in self.ranks}
-            ahead = max(seqs.values())
+            ahead = max(seqs.values()) if seqs else -1
             where = ("no dump" if self.behind[0] in self.missing else f"at #{seqs[self.behind[0]]}")
-            out.append(f"behind: rank{'s' if len(self.behind) > 1 else ''} "
-                       f"{', '.join(map(str, self.behind))} ({where}; others reached #{ahead})")
+            out.append(f"behind: {_ranks(self.behind)} ({where}; others reached #{ahead})")
         else:
             out.append("behind: no rank (all reached the same collective)")
         if self.disagreement:
             d = self.disagreement
             many = len(d["odd"]) > 1
-            out.append(f"first disagreement at collective #{d['seq']}: rank{'s' if many else ''} "
-                       f"{', '.join(map(str, d['odd']))} differ{'' if many else 's'} from the rest")
+            out.append(f"first disagreement at collective #{d['seq']}: {_ranks(d['odd'])} "
+                       f"differ{'' if many else 's'} from the rest")
             for r, call in sorted(d["calls"].items()):
                 out.append(f"  rank {r}: {call}")
         else:
@@ -220,20 +271,32 @@ class Report:
         return "\n".join(self.lines())
 
 
-def analyze(dumps: dict[int, dict]) -> Report:
+def _first_failure(reasons: dict[int, str], dumps: dict[int, dict]) -> list[int]:
+    """Ranks that failed on their own (an uncaught error that is not a peer's fault), earliest first."""
+    own = [r for r, why in reasons.items()
+           if why.startswith("uncaught") and not any(p in why for p in _PEER_ERRORS)]
+    return sorted(own, key=lambda r: dumps[r].get("time", 0))[:1]
+
+
+def analyze(dumps: dict[int, dict], *, partial=()) -> Report:
     ranks = sorted(dumps)
     world = max([d.get("world_size", 1) for d in dumps.values()] + [len(ranks)])
     missing = [r for r in range(world) if r not in dumps]
     by_seq = {r: {e["seq"]: e for e in dumps[r]["entries"]} for r in ranks}
     last = {r: (dumps[r]["entries"][-1] if dumps[r]["entries"] else None) for r in ranks}
+    reasons = {r: dumps[r].get("reason", "") for r in ranks}
     seqs = {r: (last[r]["seq"] if last[r] else -1) for r in ranks}
-    behind = []
+    behind, ahead = [], []
     if missing and ranks:
         # A rank with no dump never reached a collective that failed (it hung elsewhere, or died).
         behind = missing
     elif len(set(seqs.values())) > 1:
-        low = min(seqs.values())
+        low, high = min(seqs.values()), max(seqs.values())
         behind = [r for r in ranks if seqs[r] == low]
+        top = [r for r in ranks if seqs[r] == high]
+        if len(top) < len(ranks) - len(top) and all(reasons[r] == "exited" for r in ranks
+                                                    if r not in top):
+            behind, ahead = [], top          # the others finished: these ran extra collectives
     disagreement = None
     common = sorted(set().union(*[set(s) for s in by_seq.values()])) if ranks else []
     for s in common:
@@ -250,7 +313,49 @@ def analyze(dumps: dict[int, dict]) -> Report:
                 odd = sorted(present)
             disagreement = {"seq": s, "calls": {r: _call(e) for r, e in present.items()}, "odd": odd}
             break
-    return Report(ranks, missing, last, behind, disagreement)
+    report = Report(ranks, missing, last, behind, disagreement, reasons,
+                    [r for r in partial if r in missing], ahead)
+    report.culprit, report.summary = _blame(report, dumps)
+    return report
+
+
+def _waiting_in(report: Report, culprit) -> str:
+    """The collective the other ranks were in when the culprit failed them."""
+    others = [report.last[r] for r in report.ranks if r not in culprit and report.last[r]]
+    if not others:
+        return ""
+    e = max(others, key=lambda e: e["seq"])
+    return f"; the others waited for it in collective #{e['seq']} {_call(e)}"
+
+
+def _blame(report: Report, dumps) -> tuple[list[int], str]:
+    if report.disagreement:
+        d = report.disagreement
+        odd = d["odd"]
+        rest = sorted(set(d["calls"]) - set(odd))
+        theirs = f" where {_ranks(rest)} called {d['calls'][rest[0]]}" if rest else ""
+        return odd, (f"culprit: {_ranks(odd)}: collective #{d['seq']} called "
+                     f"{d['calls'][odd[0]]}{theirs}")
+    raised = _first_failure(report.reasons, dumps)
+    if raised:
+        r = raised[0]
+        return raised, f"culprit: rank {r} failed: {report.reasons[r]}{_waiting_in(report, raised)}"
+    if report.missing and report.ranks:
+        why = ("was killed while writing its flight-recorder dump" if report.missing[0] in report.partial
+               else "left no dump (killed, stopped or crashed)")
+        return report.missing, f"culprit: {_ranks(report.missing)} {why}{_waiting_in(report, report.missing)}"
+    if report.ahead:
+        e = report.last[report.ahead[0]]
+        return report.ahead, (f"culprit: {_ranks(report.ahead)} ran collective #{e['seq']} {_call(e)} "
+                              f"after every other rank had finished")
+    if report.behind:
+        r = report.behind[0]
+        stopped = report.reasons.get(r, "")
+        how = "left early" if stopped == "exited" else "never arrived"
+        return report.behind, (f"culprit: {_ranks(report.behind)} {how} (dumped: {stopped or '?'})"
+                               f"{_waiting_in(report, report.behind)}")
+    why = sorted(set(report.reasons.values()))
+    return [], f"no culprit: every rank reached the same collective (dumped: {', '.join(why)})"
 
 
 def chrome_trace(dumps: dict[int, dict]) -> dict:
@@ -282,7 +387,7 @@ def main(argv=None) -> int:
     if not dumps:
         print(f"no flight-recorder dumps (rank*.json) in {args.directory}", file=sys.stderr)
         return 2
-    print(analyze(dumps))
+    print(analyze(dumps, partial=partial_dumps(args.directory)))
     if args.trace:
         with open(args.trace, "w") as f:
             json.dump(chrome_trace(dumps), f)

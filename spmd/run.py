@@ -41,7 +41,7 @@ _out_lock = threading.Lock()
 
 
 def _die_with_parent():
-    """In the child: get SIGKILL when the supervising process dies, so no rank is orphaned."""
+    """In a child (or in this process): get SIGKILL when the parent dies, so nothing is orphaned."""
     try:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)          # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -50,7 +50,7 @@ def _die_with_parent():
 
 # What mpiexec (hydra) prints after a rank fails; spmd-run says it in one line instead.
 _HYDRA_NOISE = (b"=====", b"=   ", b"YOUR APPLICATION TERMINATED", b"This typically refers",
-                b"Please see the FAQ")
+                b"Please see the FAQ", b"[mpiexec@")
 
 
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Warning)(:|$)")
@@ -105,6 +105,7 @@ class _Rank:
         status = {"rank": self.rank, "returncode": code, "reason": reason, "pid": self.proc.pid,
                   "start": self.start, "end": time.time()}
         path = os.path.join(self.status_dir, f"rank{self.rank}.json")
+        os.makedirs(self.status_dir, exist_ok=True)     # another host: a folder of its own
         with open(path + ".tmp", "w") as f:
             json.dump(status, f)
         os.replace(path + ".tmp", path)
@@ -125,6 +126,63 @@ def _mpiexec() -> str:
     return found
 
 
+def _is_python_source(path: str) -> bool:
+    if path.endswith(".py"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1024)
+    except OSError:
+        return True                  # let Python say that the file is missing
+    if b"\0" in head:
+        return False                 # a compiled program
+    return not head.startswith(b"#!") or b"python" in head.split(b"\n", 1)[0]
+
+
+def _command(args) -> list[str]:
+    """What every rank runs: ``python SCRIPT ARGS``, ``python -m MODULE ARGS``, or a command as
+    given (``--no-python``, or a program such as ``python`` or a compiled binary in its place,
+    as ``mpirun`` is used: ``spmd-run -n 4 python train.py``)."""
+    if args.module:
+        return [sys.executable, "-m", args.script, *args.script_args]
+    name = os.path.basename(args.script)
+    program = (args.no_python or re.fullmatch(r"python[\d.]*", name) is not None
+               or (not os.path.exists(args.script) and shutil.which(args.script) is not None)
+               or not _is_python_source(args.script))
+    return [args.script, *args.script_args] if program else [sys.executable, args.script,
+                                                              *args.script_args]
+
+
+_LOCAL_NAMES = {"localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()}
+
+
+def _hosts(args) -> list[str]:
+    """The hosts of the job: --hosts, else --hostfile, else a SLURM allocation, else none."""
+    if args.hosts:
+        return [h.strip() for h in args.hosts.split(",") if h.strip()]
+    if args.hostfile:
+        with open(args.hostfile) as f:
+            return [line.split("#")[0].split()[0] for line in f if line.split("#")[0].strip()]
+    nodes = os.environ.get("SLURM_JOB_NODELIST")
+    if nodes and shutil.which("scontrol"):
+        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True,
+                             text=True, timeout=30)
+        return out.stdout.split() if out.returncode == 0 else []
+    return []
+
+
+def _placement(args) -> list[str]:
+    """mpiexec's arguments for where the ranks run.  Hosts that are all names of this machine
+    (a test of a many-host job on one machine) are started by fork; other hosts by mpiexec's
+    default launcher (ssh, or SLURM's inside an allocation).  No hosts: this machine, by fork
+    (sandboxes and containers often have no ssh)."""
+    hosts = _hosts(args)
+    if not hosts:
+        return ["-launcher", "fork"]
+    local = all(h in _LOCAL_NAMES for h in hosts)
+    return (["-launcher", "fork"] if local else []) + ["-hosts", ",".join(hosts)]
+
+
 def _read_statuses(status_dir: str) -> dict[int, dict]:
     out = {}
     for name in os.listdir(status_dir):
@@ -141,28 +199,32 @@ def _read_statuses(status_dir: str) -> dict[int, dict]:
 class _Job:
     """One attempt: N processes, watched until all succeed or the first one fails."""
 
-    def __init__(self, args, attempt: int):
+    def __init__(self, args, attempt: int, job_id: str):
         self.args = args
-        self.run_dir = tempfile.mkdtemp(prefix="spmd-run-")
+        base = os.environ.get("SPMD_RUN_DIR")       # a shared folder, for jobs across machines
+        if base:
+            os.makedirs(base, exist_ok=True)
+        self.run_dir = tempfile.mkdtemp(prefix="spmd-run-", dir=base or None)
         self.status_dir = os.path.join(self.run_dir, "status")
         os.makedirs(self.status_dir)
         env = dict(os.environ)
         env.update(SPMD_NUM_PROCESSES=str(args.n), SPMD_BACKEND=args.backend,
+                   SPMD_LAUNCHER_PID=str(os.getpid()), SPMD_JOB_ID=job_id,
                    SPMD_RESTART_COUNT=str(attempt), SPMD_RUN_DIR=self.run_dir,
                    PYTHONUNBUFFERED="1")
         env.setdefault("SPMD_FLIGHT_RECORDER_DIR", os.path.join(self.run_dir, "flight-recorder"))
         self.recorder_dir = env["SPMD_FLIGHT_RECORDER_DIR"]
-        script = [sys.executable, *(["-m"] if args.module else []), args.script, *args.script_args]
+        script = _command(args)
         self.ranks: list[_Rank] = []
         self.launcher = None
         if args.backend == "mpi":
             # Each rank runs this file alone (stdlib only: no need to import all of spmd), by
             # runpy so that spmd/ does not land on sys.path and shadow the stdlib's `array`.
             boot = ("import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')")
-            # -launcher fork: one host, so no ssh (sandboxes and containers often lack it).
-            cmd = [_mpiexec(), "-launcher", "fork", "-n", str(args.n), sys.executable, "-c", boot,
+            cmd = [_mpiexec(), *_placement(args), "-n", str(args.n), sys.executable, "-c", boot,
                    os.path.abspath(__file__), "--_rank", self.status_dir, "--", *script]
             self.launcher = subprocess.Popen(cmd, env=env, start_new_session=True,
+                                             preexec_fn=_die_with_parent,
                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             self.pumps = [threading.Thread(target=_pump, args=(self.launcher.stdout, sys.stdout.buffer, b""),
                                            daemon=True),
@@ -240,10 +302,32 @@ class _Job:
             return 0, None
         code = first["returncode"]
         code = 128 - code if code < 0 else code
-        dumps = [f for f in os.listdir(self.recorder_dir)] if os.path.isdir(self.recorder_dir) else []
-        more = (f"; flight recorder dumps in {self.recorder_dir} (python -m spmd.flight_recorder "
-                f"{self.recorder_dir})" if dumps else "")
-        return code, f"spmd-run: rank {first['rank']} failed first: {first['reason']}{more}"
+        return code, self.summary(first)
+
+    def summary(self, first: dict) -> str:
+        """One line, the culprit first: what the flight recorders say (the rank that differs,
+        raised, died or never arrived, and the collective), then the rank that failed first."""
+        failed = f"rank {first['rank']} failed first: {first['reason']}"
+        report = _analysis(self.recorder_dir)
+        if report is None:
+            return f"spmd-run: {failed}"
+        return (f"spmd-run: {report.summary}. ({failed}; flight recorder dumps in "
+                f"{self.recorder_dir}: python -m spmd.flight_recorder {self.recorder_dir})")
+
+    def cleanup(self, ok: bool):
+        """A job that succeeded leaves nothing behind; a failed one keeps its folder (statuses,
+        flight-recorder dumps) for a look."""
+        if ok:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def _analysis(directory: str):
+    """The flight-recorder analysis of this attempt's dumps, or None when there are none."""
+    from spmd import flight_recorder      # here: each rank runs this file without the package
+    dumps = flight_recorder.load(directory) if os.path.isdir(directory) else {}
+    if not dumps:
+        return None
+    return flight_recorder.analyze(dumps, partial=flight_recorder.partial_dumps(directory))
 
 
 def _parse(argv):
@@ -257,13 +341,24 @@ def _parse(argv):
                    help="restart the whole job up to this many times after a failure")
     p.add_argument("-m", "--module", action="store_true",
                    help="run the library module SCRIPT as a script (like python -m)")
-    p.add_argument("script", help="the Python script every process runs")
+    p.add_argument("--no-python", action="store_true",
+                   help="SCRIPT is a program to run as it is (found without this flag when it "
+                        "is python itself or not Python source: spmd-run -n 4 python x.py)")
+    p.add_argument("--hosts", help="comma-separated hosts to spread the processes over (MPI)")
+    p.add_argument("--hostfile", help="a file of hosts, one per line (MPI)")
+    p.add_argument("script", help="the Python script every process runs (or a program)")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error(f"-n {args.n}: the number of processes must be at least 1")
     if args.max_restarts < 0:
         p.error(f"--max-restarts {args.max_restarts}: must be 0 or more")
+    if (args.hosts or args.hostfile) and args.backend != "mpi":
+        p.error("--hosts/--hostfile: jobs across machines run on the mpi backend")
+    if args.hostfile and not os.path.isfile(args.hostfile):
+        p.error(f"--hostfile {args.hostfile}: no such file")
+    if args.module and args.no_python:
+        p.error("-m and --no-python: choose one")
     return args
 
 
@@ -285,18 +380,39 @@ def main(argv=None) -> int:
     for sig in FORWARDED:
         signal.signal(sig, forward)
     code = 0
+    job_id = f"{socket.gethostname()}-{os.getpid()}-{int(time.time())}"
     for attempt in range(args.max_restarts + 1):
-        job = _Job(args, attempt)
+        job = _Job(args, attempt, job_id)
         code, summary = job.watch()
+        job.cleanup(code == 0)
         if code == 0:
             return 0
+        if interrupted:
+            name = signal.Signals(interrupted[0]).name
+            summary = f"spmd-run: stopped by {name}: every rank was asked to stop"
         print(summary, file=sys.stderr, flush=True)
+        print(f"spmd-run: the job's files are kept in {job.run_dir}", file=sys.stderr, flush=True)
         if interrupted:
             break
         if attempt < args.max_restarts:
             print(f"spmd-run: restarting the job ({attempt + 1} of {args.max_restarts} restarts)",
                   file=sys.stderr, flush=True)
     return code
+
+
+def _watch_launcher(proc, period=0.25):
+    """Under mpiexec: kill the rank when spmd-run is gone (killed by any signal, SIGKILL too).
+    mpiexec and its proxies live in their own session and do not always notice."""
+    launcher = int(os.environ.get("SPMD_LAUNCHER_PID", "0"))
+    while launcher and proc.poll() is None:
+        try:
+            os.kill(launcher, 0)
+        except ProcessLookupError:
+            proc.kill()
+            return
+        except PermissionError:
+            pass
+        time.sleep(period)
 
 
 def _rank_main(status_dir: str, cmd: list[str]) -> int:
@@ -314,8 +430,10 @@ def _rank_main(status_dir: str, cmd: list[str]) -> int:
             proc_box[0].proc.send_signal(sig)
     for sig in FORWARDED:
         signal.signal(sig, forward)
+    _die_with_parent()           # mpiexec's proxy died
     rank_proc = _Rank(rank, cmd, env, status_dir, pass_fds=fds)
     proc_box.append(rank_proc)
+    threading.Thread(target=_watch_launcher, args=(rank_proc.proc,), daemon=True).start()
     code = rank_proc.wait()
     if code != 0:
         # mpiexec kills every rank as soon as this process exits with an error: first give the

@@ -22,11 +22,12 @@ def entry(seq, op="psum", axes=("i",), shape=(4,), dtype="float32", state="compl
             "end": None if state == "started" else start + seq + 0.5}
 
 
-def write_dumps(tmp_path, per_rank, world=None):
+def write_dumps(tmp_path, per_rank, world=None, reasons=None, job="j1", attempt=0, time=200.0):
     for r, entries in per_rank.items():
         (tmp_path / f"rank{r}.json").write_text(json.dumps({
             "rank": r, "world_size": world or len(per_rank), "pid": 1000 + r, "backend": "mpi",
-            "reason": "test", "time": 200.0, "entries": entries}))
+            "reason": (reasons or {}).get(r, "test"), "time": time + r * 1e-3, "job": job,
+            "attempt": attempt, "entries": entries}))
     return str(tmp_path)
 
 
@@ -80,8 +81,57 @@ def test_missing_ranks_and_two_way_ties(tmp_path):
     report = fr.analyze(fr.load(d))
     assert report.missing == [2] and report.behind == [2]
     assert report.disagreement["odd"] == [0, 1]          # no majority: both named
-    assert "ranks [2] wrote no dump" in str(report)
+    assert "rank 2: no dump (killed or stopped" in str(report)
     assert "behind: rank 2 (no dump; others reached #0)" in str(report)
+    assert str(report).splitlines()[0].startswith("culprit: ranks 0, 1: collective #0 called")
+
+
+TIMEOUT = "uncaught CollectiveTimeoutError: psum over axes ('i',) ... did not complete"
+
+
+@pytest.mark.parametrize("case, culprit, first_line", [
+    # rank 1 raised its own error; the others timed out waiting for it in psum #1
+    ({0: ([0, 1], TIMEOUT), 1: ([0], "uncaught ValueError: bad batch"), 2: ([0, 1], TIMEOUT)},
+     [1], "culprit: rank 1 failed: uncaught ValueError: bad batch; the others waited for it in "
+          "collective #1 psum("),
+    # rank 2 was SIGKILLed: no dump; the others were stopped in psum #1
+    ({0: ([0, 1], "SIGTERM"), 1: ([0, 1], "SIGTERM")},
+     [2], "culprit: rank 2 left no dump (killed, stopped or crashed); the others waited for it in "
+          "collective #1 psum("),
+    # rank 1 hung before psum #1 and was stopped by the launcher
+    ({0: ([0, 1], TIMEOUT), 1: ([0], "SIGTERM"), 2: ([0, 1], TIMEOUT)},
+     [1], "culprit: rank 1 never arrived (dumped: SIGTERM); the others waited for it in "
+          "collective #1 psum("),
+    # rank 0 returned early: the others failed in psum #1 when it left
+    ({0: ([0], "exited"), 1: ([0, 1], TIMEOUT), 2: ([0, 1], TIMEOUT)},
+     [0], "culprit: rank 0 left early (dumped: exited); the others waited for it in collective #1"),
+    # rank 2 ran one collective more than the others, who had finished
+    ({0: ([0], "exited"), 1: ([0], "exited"), 2: ([0, 1], TIMEOUT)},
+     [2], "culprit: rank 2 ran collective #1 psum("),
+    # nobody failed on its own: the job was stopped from outside
+    ({0: ([0], "SIGTERM"), 1: ([0], "SIGTERM")}, [], "no culprit: every rank reached the same"),
+])
+def test_first_line_names_the_culprit_and_the_collective(tmp_path, case, culprit, first_line):
+    d = write_dumps(tmp_path, {r: [entry(s) for s in seqs] for r, (seqs, _) in case.items()},
+                    world=3 if len(case) < 3 and culprit == [2] else len(case),
+                    reasons={r: why for r, (_, why) in case.items()})
+    report = fr.analyze(fr.load(d))
+    assert report.culprit == culprit
+    assert str(report).splitlines()[0].startswith(first_line), str(report)
+
+
+def test_dumps_of_an_earlier_attempt_are_left_out_and_partial_dumps_named(tmp_path):
+    write_dumps(tmp_path, {0: [entry(0)], 1: [entry(0)], 2: [entry(0)]}, job="j1", attempt=0,
+                time=100.0)
+    write_dumps(tmp_path, {0: [entry(0), entry(1)], 1: [entry(0), entry(1)]}, world=3, job="j1",
+                attempt=1, time=200.0)
+    (tmp_path / "rank2.json.4242.tmp").write_text("{")
+    dumps = fr.load(str(tmp_path))
+    assert sorted(dumps) == [0, 1] and len(fr.load(str(tmp_path), all_attempts=True)) == 3
+    report = fr.analyze(dumps, partial=fr.partial_dumps(str(tmp_path)))
+    assert report.missing == [2] and report.partial == [2]
+    assert report.lines()[0].startswith("culprit: rank 2 was killed while writing its")
+    assert "rank 2: no dump (killed while writing it)" in str(report)
 
 
 def test_chrome_trace(tmp_path):
