@@ -45,7 +45,7 @@ def compile_time(quick: bool) -> list[Row]:
     d, h = 16, 64
     rng = np.random.default_rng(0)
     args = [rng.normal(size=s).astype(np.float32) for s in ((8, d), (d, h), (h,), (h, d))]
-    mesh = spmd.make_mesh((2, 4), ("data", "model"))
+    mesh = spmd.make_mesh((2, 4), ("data", "model"), (spmd.AxisType.Auto,) * 2)
     specs = (P("data"), P(None, "model"), P("model"), P("model"))
     ins = tuple(NamedSharding(mesh, s) for s in specs)
     fn = lambda *a: blocks(np, *a, n_blocks)
@@ -93,7 +93,7 @@ def mlp_step(quick: bool) -> list[Row]:
     params = tuple(rng.normal(size=s).astype(np.float32) * 0.05 for s in ((d, h), (h,), (h, d)))
     x = rng.normal(size=(batch, d)).astype(np.float32)
     y = rng.normal(size=(batch, d)).astype(np.float32)
-    mesh = spmd.make_mesh((2, 4), ("data", "model"))
+    mesh = spmd.make_mesh((2, 4), ("data", "model"), (spmd.AxisType.Auto,) * 2)
     pspecs = (P(None, "model"), P("model"), P("model"))
     S = lambda s: NamedSharding(mesh, s)
 
@@ -158,7 +158,8 @@ def collectives_vs_jax(quick: bool) -> list[Row]:
             continue
         sizes, names = row.mesh
         n = int(np.prod(sizes))
-        mesh = spmd.make_mesh(sizes, names, devices=spmd.devices()[:n])
+        mesh = spmd.make_mesh(sizes, names, (spmd.AxisType.Auto,) * len(names),
+                              devices=spmd.devices()[:n])
         jmesh = jax.sharding.Mesh(np.array(jax.devices()[:n]).reshape(sizes), names)
         args = table.make_args(row)
         f = spmd.jit(lambda *a: row.fn(np, *a), in_shardings=tuple(NamedSharding(mesh, P(*s)) for s in row.in_specs),

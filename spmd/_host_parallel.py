@@ -23,6 +23,8 @@ import threading
 
 import numpy as np
 
+from ._shapes import broadcast_shapes
+
 # Below this many bytes touched, one call on one thread is faster than handing out chunks.
 PARALLEL_MIN_BYTES = 1 << 20
 # Collectives on values of at least this many bytes loop over slabs into preallocated outputs;
@@ -217,7 +219,7 @@ def elementwise(xp, fn, *args):
 
 
 def _big(args) -> bool:
-    shape = np.broadcast_shapes(*(np.shape(a) for a in args))
+    shape = broadcast_shapes(*(np.shape(a) for a in args))
     itemsize = max((a.dtype.itemsize for a in args if isinstance(a, np.ndarray)), default=8)
     return (math.prod(shape) * itemsize >= PARALLEL_MIN_BYTES and num_threads() >= 2
             and not getattr(_local, "worker", False))
@@ -254,7 +256,7 @@ def blockwise(xp, fill, args, dtypes) -> list:
     ``fill`` should write into such a block with ``copyto`` rather than a ufunc's ``out=``:
     NumPy 2.4's ``negative`` writes wrong values into a strided ``out`` whose last dim has
     size 1 (float32 and int32; contiguous ``out`` is right for every ufunc)."""
-    shape = np.broadcast_shapes(*(np.shape(a) for a in args))
+    shape = broadcast_shapes(*(np.shape(a) for a in args))
     outs = [empty(xp, shape, dt) for dt in dtypes]
     nbytes = math.prod(shape) * max(np.dtype(dt).itemsize for dt in dtypes)
     blocks = chunks(shape, max(num_threads(), nbytes // ELEMENTWISE_BLOCK_BYTES)) \
@@ -326,11 +328,13 @@ def matmul(xp, a, b, devices_folded=False):
     device).  A multi-threaded BLAS call per device is what NumPy would do; on a busy host its
     spinning threads cost up to ten times the work itself.  ``devices_folded``: the devices were
     folded into the rows or columns (fewer, bigger products), so products are also cut into
-    row blocks until every host thread has one."""
-    lead = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    row blocks until every host thread has one; so is a single product (no device dims)."""
+    lead = broadcast_shapes(a.shape[:-2], b.shape[:-2])
     blas = _openblas()
-    if xp is not np or blas is None or (math.prod(lead) < 2 and not devices_folded):
+    if xp is not np or blas is None or a.ndim < 2 or b.ndim < 2:
         return xp.matmul(a, b)
+    # one product (a weight gradient with the devices folded into its contraction): row blocks
+    devices_folded = devices_folded or math.prod(lead) < 2
     rows = a.shape[-2]
     flops = math.prod(lead) * rows * a.shape[-1] * b.shape[-1]
     get, set_ = blas

@@ -102,7 +102,29 @@ class Array(layout.GlobalValue):
             out.append(Shard(dev, index, block[true + (Ellipsis,)], rid))
         return out
 
+    def addressable_data(self, index: int):
+        """The data of addressable shard ``index`` (``addressable_shards[index].data``)."""
+        return self.addressable_shards[index].data
+
     # -- conversion ----------------------------------------------------------------------------
+    def _single_device_data(self, what: str):
+        if len(self.sharding.device_set) != 1:
+            raise BufferError(f"{what}: this spmd.Array is laid out over "
+                              f"{len(self.sharding.device_set)} devices; DLPack exchanges one "
+                              f"device's data: use x.addressable_shards[i].data (or "
+                              f"x.addressable_data(i)), or np.asarray(x) for the whole array.")
+        return self.addressable_shards[0].data
+
+    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        """The data of a single-device array, without a copy (DLPack)."""
+        data = self._single_device_data("__dlpack__")
+        kw = {k: v for k, v in dict(stream=stream, max_version=max_version, dl_device=dl_device,
+                                    copy=copy).items() if v is not None}
+        return data.__dlpack__(**kw)
+
+    def __dlpack_device__(self):
+        return self._single_device_data("__dlpack_device__").__dlpack_device__()
+
     def __array_namespace__(self, api_version=None):
         return spmd_numpy
 
@@ -182,6 +204,21 @@ def device_put(x: Any, device_or_sharding: NamedSharding | PartitionSpec | Devic
                                 f"of shardings shaped like the arguments.") from None
     out = [_device_put_one(leaf, s) for leaf, s in zip(leaves, shardings)]
     return optree.tree_unflatten(tree, out) if tree.num_leaves != 1 or not tree.is_leaf() else out[0]
+
+
+def device_get(x):
+    """``x`` (a pytree) with every ``Array`` gathered into a NumPy array on the host."""
+    return optree.tree_map(lambda a: np.asarray(a) if isinstance(a, Array) else a, x,
+                           none_is_leaf=False)
+
+
+def block_until_ready(x):
+    """Wait for every ``Array`` in the pytree ``x`` (spmd computes eagerly: they are ready, or
+    deleted, which is an error); returns ``x``."""
+    for leaf in optree.tree_leaves(x, none_is_leaf=False):
+        if isinstance(leaf, Array):
+            leaf.block_until_ready()
+    return x
 
 
 def _device_put_one(x, s) -> Array:

@@ -361,6 +361,10 @@ def all_gather(x, axis_name, *, axis_index_groups=None, axis=0, tiled=False, to=
 
     def one(leaf):
         leaf = _vary(b, _as_traced(b, leaf), axes)
+        if tiled and leaf.ndim == 0:
+            raise ValueError(f"all_gather(tiled=True) in {b.context}: the operand is a scalar, "
+                             f"which has no axis to concatenate the blocks along; gather with "
+                             f"tiled=False (a new leading axis), or reshape it to shape (1,).")
         nd = leaf.ndim + (0 if tiled else 1)
         ax = _norm_axis("all_gather", b, axis, nd if not tiled else leaf.ndim)
         return bind(all_gather_p, leaf, axes=axes, axis=ax, tiled=bool(tiled), groups=groups,
@@ -477,6 +481,16 @@ def _all_to_all_per_device(comm, bufs, *, axes, split_axis, concat_axis, tiled, 
 
 
 def _join(xp, chunks, *, tiled, axis):
+    """The gathered blocks as one value.  A communicator that returns them stacked in one array
+    (leading dim: the block) gets a view where the layout allows it (axis 0), not a copy."""
+    if hasattr(chunks, "shape"):
+        if not tiled:
+            return xp.moveaxis(chunks, 0, axis)
+        if axis == 0:
+            return chunks.reshape((chunks.shape[0] * chunks.shape[1],) + tuple(chunks.shape[2:]))
+        moved = xp.moveaxis(chunks, 0, axis)
+        shape = moved.shape
+        return moved.reshape(shape[:axis] + (shape[axis] * shape[axis + 1],) + shape[axis + 2:])
     return (xp.concatenate if tiled else xp.stack)(list(chunks), axis=axis)
 
 
@@ -554,10 +568,17 @@ def ppermute(x, axis_name, perm):
     b, axes = _context("ppermute", axis_name)
     n = _group_size(b, axes)
     try:
-        perm = tuple((int(s), int(d)) for s, d in perm)
-    except (TypeError, ValueError):
+        pairs = [tuple(pair) for pair in perm]
+    except TypeError:
+        pairs = None
+    if pairs is None or any(len(p) != 2 for p in pairs):
         raise ValueError(f"ppermute in {b.context}: perm must be a list of (source, destination) "
-                         f"pairs, got {perm!r}") from None
+                         f"pairs, got {perm!r}")
+    odd = [i for p in pairs for i in p if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
+    if odd:
+        raise TypeError(f"ppermute in {b.context}: perm {perm!r} holds {odd[0]!r} of type "
+                        f"{type(odd[0]).__name__}; device indices must be integers.")
+    perm = tuple((int(s), int(d)) for s, d in pairs)
     for what, idx in (("source", [s for s, _ in perm]), ("destination", [d for _, d in perm])):
         bad = [i for i in idx if not 0 <= i < n]
         if bad:
@@ -598,7 +619,11 @@ def pbroadcast(x, axis_name, source):
     """Every device of ``axis_name`` gets the value of device ``source``."""
     b, axes = _context("pbroadcast", axis_name)
     n = _group_size(b, axes)
-    if not isinstance(source, (int, np.integer)) or not 0 <= source < n:
+    if isinstance(source, bool) or not isinstance(source, (int, np.integer)):
+        raise TypeError(f"pbroadcast in {b.context}: source={source!r} is a "
+                        f"{type(source).__name__}; give the integer index of the sending device "
+                        f"along {axes if len(axes) > 1 else axes[0]!r}.")
+    if not 0 <= source < n:
         raise ValueError(f"pbroadcast in {b.context}: source {source!r} is out of range for axis "
                          f"{axes if len(axes) > 1 else axes[0]!r} of size {n}.")
     return _tree_map(lambda leaf: bind(pbroadcast_p, _vary(b, _as_traced(b, leaf), axes),

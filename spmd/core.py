@@ -11,6 +11,7 @@ Primitives are registered once, with every rule beside them (see ``Primitive``).
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import difflib
@@ -25,6 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .errors import TracingError, VmaError
+from .sharding import NamedSharding, sharding_type
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,6 +50,7 @@ class Hooks:
     execute: Callable             # spmd.jit: run a Program on concrete arguments
     jit: Callable                 # spmd.jit: ``jit(f, _name=...)`` for eager transformations
     reshard: Callable             # spmd.jit: an Array moved by the redistribution planner
+    sharding_rule: Callable       # spmd.sharding_rules: the output sharding type on Explicit axes
     process_allgather: Callable   # spmd.distributed: the whole of an Array across processes
     eager: Any                    # spmd.eager: NumPy on sharded Arrays, one compiled op a time
 
@@ -78,11 +81,17 @@ class Aval:
     ``weak``: the value is a Python scalar passed to a traced function; like the scalar itself
     it adopts the dtype of the arrays it meets (NEP 50, JAX's weak types): ``x_f32 * lr`` stays
     float32 for ``lr=0.1``.
+
+    ``sharding``: on a mesh with Explicit axes, how the value is split over them, as part of
+    its type (a ``NamedSharding`` on the abstract mesh, one spec entry per dim, printed
+    ``f32[8@data,4]``); every primitive computes it for its outputs by its sharding rule
+    (``spmd.sharding_rules``).  None: no Explicit axis is involved.
     """
     shape: tuple[int, ...]
     dtype: np.dtype
     vma: frozenset = frozenset()
     weak: bool = False
+    sharding: NamedSharding | None = None
 
     @property
     def ndim(self) -> int:
@@ -93,23 +102,53 @@ class Aval:
         return math.prod(self.shape)
 
     def update(self, **kw) -> "Aval":
+        if self.sharding is not None and "sharding" not in kw and \
+                len(kw.get("shape", self.shape)) != self.ndim:
+            kw["sharding"] = None     # a new rank (vmap's batch dim): the rule recomputes it
         return dataclasses.replace(self, **kw)
+
+    def dims_str(self) -> str:
+        """``8@data,4``: the dims, each with the Explicit mesh axes it is split over."""
+        if self.sharding is None:
+            return ",".join(map(str, self.shape))
+        dims = zip(self.shape, self.sharding._dim_axes(self.ndim))
+        return ",".join(f"{n}@{axes_str(axes)}" if axes else str(n) for n, axes in dims)
+
+    def unreduced_str(self) -> str:
+        """``{U:x}``: the mesh axes over which the value is a pending sum (JAX's unreduced)."""
+        axes = sorted(self.sharding.spec.unreduced) if self.sharding is not None else ()
+        return "{U:" + axes_str(axes) + "}" if axes else ""
 
     def __str__(self):
         t = _SHORT.get(np.dtype(self.dtype).name, np.dtype(self.dtype).name)
         vma = "{" + ",".join(sorted(self.vma)) + "}" if self.vma else ""
-        return f"{t}[{','.join(map(str, self.shape))}]{vma}"
+        return f"{t}[{self.dims_str()}]{vma}{self.unreduced_str()}"
+
+
+def axes_str(axes) -> str:
+    """``X`` for one mesh axis, ``(X,Y)`` for several (as JAX prints types)."""
+    return axes[0] if len(axes) == 1 else "(" + ",".join(axes) + ")"
 
 
 def aval_of(x) -> Aval:
     if isinstance(x, Tracer):
         return x.aval
     if isinstance(x, hooks.array_types):
-        return Aval(x.shape, x.dtype)
+        return Aval(x.shape, x.dtype, sharding=sharding_type(x.sharding, x.ndim))
     if type(x) in _WEAK:        # Python scalars only: NumPy scalars (np.float64 too) are strong
         return Aval((), _weak_dtype(x), weak=True)
     a = np.asarray(x)
+    if a.dtype.kind in "OUSMm" or (a.dtype.kind == "V" and a.dtype.type.__module__ != "ml_dtypes"):
+        raise TypeError(f"{type(x).__name__} {short_repr(x)} (dtype {a.dtype}) is not a value spmd "
+                        f"computes with: arguments and results are arrays of bool, integer, "
+                        f"float or complex dtype (or pytrees of them; mark other arguments "
+                        f"static).")
     return Aval(a.shape, a.dtype)
+
+
+def short_repr(x) -> str:
+    text = repr(x)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 _WEAK = {bool: np.bool_, int: np.int64, float: np.float64, complex: np.complex128}
@@ -178,6 +217,7 @@ class Eqn:
     params: Params
     outputs: list
     source: Any = None
+    untyped: bool = False     # staged with sharding types off (see ``untyped``): replays keep it
 
 
 _SPMD_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -297,13 +337,17 @@ class _ProgramPrinter:
         lines = [f"{{ lambda {ins} ;"]
         for e in p.eqns:
             outs = " ".join(self.decl(v) for v in e.outputs)
-            shown = {k: v for k, v in e.params.items() if not isinstance(v, Program) and v is not None}
+            subs = {k: ([v] if isinstance(v, Program) else v) for k, v in e.params.items()
+                    if isinstance(v, Program) or (isinstance(v, tuple) and v
+                                                  and all(isinstance(p, Program) for p in v))}
+            shown = {k: v for k, v in e.params.items() if k not in subs and v is not None}
             params = ("[" + " ".join(f"{k}={_fmt_param(v)}" for k, v in shown.items()) + "]") if shown else ""
             args = " ".join(self.name(a) for a in e.inputs)
             lines.append(f"{pad}    {outs} = {e.prim.name}{params} {args}")
-            for k, v in e.params.items():
-                if isinstance(v, Program):
-                    lines.append(f"{pad}      {k}={self.program(v, indent + 6)}")
+            for k, progs in subs.items():            # a cond's branches: one per line
+                for i, v in enumerate(progs):
+                    label = k if isinstance(e.params[k], Program) else f"{k}[{i}]"
+                    lines.append(f"{pad}      {label}={self.program(v, indent + 6)}")
         outs = " ".join(self.name(a) for a in p.out_vars)
         lines.append(f"{pad}  in ({outs}) }}")
         return "\n".join(lines)
@@ -347,8 +391,8 @@ class Primitive:
     code outside the primitive's block tests ``prim.name``.
 
     Higher-order primitives (parameters holding sub-programs: ``shard_map``, ``checkpoint``;
-    ``scan``, ``cond``, ``while_loop``, ``custom_vjp`` to come) use the same rules on their
-    sub-programs:
+    ``scan``, ``cond``, ``while`` of ``spmd.control_flow``; ``custom_vjp``) use the same rules
+    on their sub-programs:
 
     - ``subprograms(params)`` lists them (for type checking, printing and inspection; by
       default every ``Program``-valued parameter);
@@ -362,7 +406,12 @@ class Primitive:
         per iteration);
       * ``run.manual(program, *, mesh, in_specs, out_specs, manual_axes, check_vma)``:
         ``program`` run on every device of ``mesh``, on the blocks of its operands that the
-        specs give (``shard_map``).
+        specs give (``shard_map``);
+      * ``run.local(fn)``: ``fn(xp, k, *arrays) -> list of arrays`` applied to the arrays the
+        values are held as, with ``k`` leading mesh dims (a loop slices its ``xs`` and stacks
+        its ``ys`` with it);
+      * ``run.scalar(value)``: a value that is the same on every device as a Python scalar (a
+        loop's predicate, a ``cond``'s branch index).
 
       ``execute`` returns the function of the equation's operands that returns the list of
       its results (the stacked executor asks once per compiled program and reuses it).
@@ -388,6 +437,9 @@ class Primitive:
                        "fixed (mul: (0, 1); div: (0,))",
         "monoid": "'sum' | 'prod' | 'max' | 'min' | 'and' | 'or': the associative operation the "
                   "primitive is (max) or folds with (reduce_max)",
+        "sharding": "(prim, avals, out, params) -> per-dim mesh axes of the result on Explicit "
+                    "axes, where the rule of the category (spmd.sharding_rules) does not fit "
+                    "(select: its operands must agree)",
         "category": "the sharding compiler's family: elementwise, broadcast, transpose, reshape, "
                     "slice, pad, concatenate, reduction, scan, arg, gather, window, scatter, "
                     "window_update, contraction, constraint (undeclared: opaque, replicated)",
@@ -451,7 +503,11 @@ class Primitive:
             vma = frozenset().union(*[a.vma for a in avals]) if avals else frozenset()
         if self.multiple_results:
             return [o if o.vma else o.update(vma=vma) for o in out]
-        return out.update(vma=vma) if not out.vma else out
+        out = out.update(vma=vma) if not out.vma else out
+        typed = any(a.sharding is not None for a in avals)
+        if typed and out.sharding is None and not _types_off.get():
+            out = out.update(sharding=hooks.sharding_rule(self, avals, out, params))
+        return out
 
     def __call__(self, *args, **params):
         return bind(self, *args, **params)
@@ -567,7 +623,7 @@ def bind(prim: Primitive, *args, **params):
     out = prim.abstract_eval(*avals, **params)
     outs = out if prim.multiple_results else [out]
     out_vars = [Var(o) for o in outs]
-    builder.eqns.append(Eqn(prim, atoms, params, out_vars, source))
+    builder.eqns.append(Eqn(prim, atoms, params, out_vars, source, _types_off.get()))
     tracers = [Tracer(builder, v) for v in out_vars]
     return tracers if prim.multiple_results else tracers[0]
 
@@ -584,9 +640,30 @@ def attributed(eqns):
     try:
         for e in eqns:
             b.source = e.source or outer
-            yield e
+            token = _types_off.set(True) if e.untyped else None
+            try:
+                yield e
+            finally:
+                if token is not None:
+                    _types_off.reset(token)
     finally:
         b.source = outer
+
+
+# While set, ops compute no sharding types and refuse nothing on Explicit axes: an op given
+# ``out_sharding=`` (whose result the constraint after it types) and the transposes that give a
+# cotangent its primal's type.  Equations record it, so every replay stages them the same way.
+_types_off: contextvars.ContextVar[bool] = contextvars.ContextVar("spmd_types_off", default=False)
+
+
+@contextlib.contextmanager
+def untyped():
+    """Ops bound inside give untyped results (the sharding compiler chooses for them)."""
+    token = _types_off.set(True)
+    try:
+        yield
+    finally:
+        _types_off.reset(token)
 
 
 def _implicit_pvary(builder: Builder, atoms, source):

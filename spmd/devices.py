@@ -11,7 +11,7 @@ import os
 from typing import Callable, Sequence
 
 from . import runtime
-from .errors import MeshError
+from .errors import MeshError, SpmdError
 
 DEFAULT_NUM_CPU_DEVICES = 8
 
@@ -34,19 +34,15 @@ class Device:
         return f"{kind}(id={self.id})"
 
 
+MAX_CPU_DEVICES = 16384
+
+
 def _num_cpu_devices() -> int:
-    raw = os.environ.get("SPMD_NUM_CPU_DEVICES")
-    if raw is None or raw.strip() == "":
-        return DEFAULT_NUM_CPU_DEVICES
     try:
-        n = int(raw)
-    except ValueError:
-        n = 0
-    if n < 1 or str(n) != raw.strip():
-        raise MeshError(
-            f"SPMD_NUM_CPU_DEVICES={raw!r} is not a positive integer; set it to the number of "
-            f"simulated CPU devices you want (for example SPMD_NUM_CPU_DEVICES=8) or unset it.")
-    return n
+        return runtime.int_setting("SPMD_NUM_CPU_DEVICES", DEFAULT_NUM_CPU_DEVICES,
+                                   most=MAX_CPU_DEVICES, what="the number of simulated CPU devices")
+    except SpmdError as e:
+        raise MeshError(str(e)) from None
 
 
 _cpu_cache: dict[tuple[int, int, int], tuple[Device, ...]] = {}

@@ -22,6 +22,8 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import os
+import sys
+import warnings
 
 import numpy as np
 import optree
@@ -167,6 +169,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                         "SPMD_COORDINATOR) or an MPI launch.")
     st = runtime.set_state(_State(process_id, num_processes, backend, coordinator, local_rank,
                                   launcher))
+    global _joined
+    _joined = True
     if coordinator is not None and backend != "mpi" and num_processes > 1:
         runtime.set_store(Store(coordinator, process_id == 0, num_processes))
     flight_recorder.install_signal_handler()
@@ -178,6 +182,66 @@ def shutdown():
     global _executor
     runtime.reset()
     _executor = None
+
+
+# A script started by `spmd-run -n N` that never calls initialize() would run N independent
+# simulations of the whole mesh, and print N copies of its results, silently.  Computing before
+# initialize() is legitimate (a simulated run to compare the job against), so the process is not
+# stopped then: the first computation warns, and a process that computed and exits without ever
+# having called initialize() fails with the fix in its message, so that spmd-run reports it.
+def _spmd_run_job() -> LaunchEnv | None:
+    try:
+        found = detect_environment()
+    except SpmdError:            # a malformed environment: initialize() reports it
+        return None
+    return found if found and found.launcher == "spmd-run" and found.num_processes > 1 else None
+
+
+_LAUNCH = _spmd_run_job()
+UNJOINED_LAUNCH = _LAUNCH is not None     # started by `spmd-run -n N`, N > 1
+_warned_unjoined = False
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_joined = False          # has initialize() ever been called in this process
+
+
+def _unjoined_message() -> str:
+    return (f"process {_LAUNCH.process_id} of {_LAUNCH.num_processes} was started by spmd-run "
+            f"but has not called spmd.distributed.initialize(), so it computes alone on its own "
+            f"simulated devices, as every other process does; call "
+            f"spmd.distributed.initialize() at the top of the script.")
+
+
+def warn_if_unjoined() -> None:
+    """Called by ``jit`` before it runs a program when :data:`UNJOINED_LAUNCH`: warns once."""
+    global _warned_unjoined
+    if not _warned_unjoined and not is_initialized():
+        _warned_unjoined = True
+        frame, level = sys._getframe(1), 2      # point the warning at the user's line
+        while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+            frame, level = frame.f_back, level + 1
+        warnings.warn(_unjoined_message(), RuntimeWarning, stacklevel=level)
+
+
+def _fail_if_never_joined() -> None:
+    if _warned_unjoined and not _joined and not _crashed:     # it computed alone, and finished
+        sys.stdout.flush()
+        sys.stderr.write(f"spmd: error: {_unjoined_message()}\n")
+        sys.stderr.flush()
+        os._exit(1)          # an exception raised at exit would not change the exit status
+
+
+_crashed = False           # an uncaught exception ends the process: its own report says why
+
+
+def _note_crash(kind, value, tb, _previous=sys.excepthook):
+    global _crashed
+    _crashed = True
+    _previous(kind, value, tb)
+
+
+if UNJOINED_LAUNCH:
+    atexit.register(_fail_if_never_joined)
+    sys.excepthook = _note_crash
 
 
 # ---------------------------------------------------------------------------------------------

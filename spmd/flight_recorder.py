@@ -43,7 +43,8 @@ class FlightRecorder:
     """A ring buffer of this process's collectives."""
 
     def __init__(self, size: int | None = None):
-        size = size or int(os.environ.get("SPMD_FLIGHT_RECORDER_SIZE", DEFAULT_SIZE))
+        size = size or runtime.int_setting("SPMD_FLIGHT_RECORDER_SIZE", DEFAULT_SIZE, most=10**7,
+                                           what="the number of collectives the recorder keeps")
         self.entries: collections.deque = collections.deque(maxlen=size)
         self.seq = 0
 
@@ -116,6 +117,14 @@ def check_same_calls(entry: dict, ranks, theirs: dict) -> None:
 
 
 _installed = False
+_exiting = False
+
+
+def _dump_at_exit():
+    global _exiting
+    _exiting = True
+    if _recorder.entries:
+        dump_quietly("exited")
 
 
 def install_signal_handler():
@@ -129,8 +138,9 @@ def install_signal_handler():
         return
     _installed = True
     def on_sigterm(signum, frame):
-        # Stopped by the launcher because another rank failed: leave a dump, then die as asked.
-        if _recorder.entries:
+        # Stopped by the launcher because another rank failed: leave a dump, then die as asked
+        # (a rank stopped while it waits for the others at exit keeps saying that it exited).
+        if _recorder.entries and not _exiting:
             dump("SIGTERM")
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
@@ -143,7 +153,7 @@ def install_signal_handler():
     if os.environ.get("SPMD_RUN_DIR") and runtime.process_count() > 1:
         # Under spmd-run every rank leaves its last collectives at a normal exit too, so that a
         # rank that left early (or one that ran an extra collective) shows in the analysis.
-        atexit.register(lambda: _recorder.entries and dump_quietly("exited"))
+        atexit.register(_dump_at_exit)
     previous = sys.excepthook
 
     def excepthook(kind, value, tb):
@@ -176,13 +186,16 @@ def install_signal_handler():
 # analysis of the dumps of every rank
 # ---------------------------------------------------------------------------------------------
 
-_PEER_ERRORS = ("CollectiveTimeoutError", "CollectiveMismatchError", "CollectivePeerError",
+_PEER_ERRORS = ("CollectiveTimeoutError", "CollectiveMismatchError", "ProcessExitedError",
+                "KeyboardInterrupt", "SIGINT",
                 "SIGTERM", "exited")
 
 
-def load(directory: str, *, all_attempts: bool = False) -> dict[int, dict]:
-    """Every rank's dump in ``directory``: {rank: dump}.  Dumps of an earlier job or attempt
-    that shared the folder are left out (unless ``all_attempts``); so are unreadable files."""
+def load(directory: str, *, all_attempts: bool = False, job: str | None = None,
+         attempt: int | None = None) -> dict[int, dict]:
+    """Every rank's dump in ``directory``: {rank: dump}.  Only the dumps of one job attempt are
+    kept: ``job``/``attempt`` if given, else the newest (``all_attempts``: every dump);
+    unreadable files are left out."""
     dumps = {}
     for path in glob.glob(os.path.join(directory, "rank*.json")):
         try:
@@ -193,7 +206,7 @@ def load(directory: str, *, all_attempts: bool = False) -> dict[int, dict]:
             continue
     if dumps and not all_attempts:
         newest = max(dumps.values(), key=lambda d: d.get("time", 0))
-        run = (newest.get("job"), newest.get("attempt"))
+        run = (newest.get("job"), newest.get("attempt")) if job is None else (job, attempt)
         dumps = {r: d for r, d in dumps.items() if (d.get("job"), d.get("attempt")) == run}
     return dict(sorted(dumps.items()))
 
@@ -217,8 +230,9 @@ def _call(e: dict) -> str:
 
 
 def _signature(e: dict):
-    return (e["op"], tuple(e["axes"]), tuple(e["shape"]), e["dtype"], tuple(e.get("ranks", ())),
-            repr(e.get("groups")), repr(e.get("perm")))
+    # not the group's ranks: with axis_index_groups they differ between groups by design
+    return (e["op"], tuple(e["axes"]), tuple(e["shape"]), e["dtype"], repr(e.get("groups")),
+            repr(e.get("perm")))
 
 
 def _ranks(rs) -> str:

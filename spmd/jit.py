@@ -40,7 +40,8 @@ from .executors import StackedExecutor, reference_executor
 from .prims import sharding_constraint_p
 from .layout import GlobalValue
 from .mesh import Mesh, get_mesh
-from .sharding import NamedSharding, PartitionSpec, as_sharding, check_spec
+from .sharding import (NamedSharding, PartitionSpec, ShardingAssertionError, as_sharding,
+                       check_spec, sharding_type)
 from .transforms.ad import dce
 
 
@@ -57,6 +58,8 @@ def default_executor():
     ``reference``)."""
     if distributed.process_count() > 1:
         return distributed.executor()
+    if distributed.UNJOINED_LAUNCH:
+        distributed.warn_if_unjoined()
     name = os.environ.get("SPMD_EXECUTOR", "stacked")
     executor = _EXECUTORS.get(name)
     if executor is None:
@@ -113,17 +116,39 @@ def execute(program, args) -> list:
 # with_sharding_constraint
 # ---------------------------------------------------------------------------------------------
 
+def constrain(x, ns: NamedSharding, what: str):
+    """``x`` (traced) laid out by ``ns`` from here on: the constraint the compiler honours, and
+    on Explicit axes the value's new type (``reshard``).  A concrete mesh is kept in the
+    equation, so that a plain ``jit`` whose only sharding is a constraint runs on it."""
+    ndim = len(np.shape(x)) if not hasattr(x, "aval") else x.aval.ndim
+    check_spec(ns.spec, ns.mesh, ndim, what=f"{what}({ns.spec})")
+    return bind(sharding_constraint_p, x, sharding=Sharding.from_spec(ns.spec, ndim), mesh=ns.mesh)
+
+
 def with_sharding_constraint(x, sharding):
     """Ask for ``x`` (a pytree) to have ``sharding`` at this point of a ``jit`` program.
-    Outside ``jit`` it reshards an ``Array`` (or places a host array)."""
+    Outside ``jit`` it reshards an ``Array`` (or places a host array).  On a mesh whose axes
+    are all Explicit it asserts instead (as JAX): the value's type must already be
+    ``sharding``; ``spmd.reshard`` changes it."""
     def one(leaf, s):
         ns = as_sharding(s, what="with_sharding_constraint")
         if current_builder() is None:
             return device_put(leaf, ns)
-        ndim = len(np.shape(leaf)) if not hasattr(leaf, "aval") else leaf.aval.ndim
-        check_spec(ns.spec, ns.mesh, ndim, what=f"with_sharding_constraint({ns.spec})")
-        return bind(sharding_constraint_p, leaf, sharding=Sharding.from_spec(ns.spec, ndim),
-                    mesh=ns.mesh.abstract_mesh if hasattr(ns.mesh, "abstract_mesh") else ns.mesh)
+        named = [a for ax in ns.spec.axes for a in ax if a in ns.mesh.explicit_axes]
+        if isinstance(s, NamedSharding) and named:
+            raise ShardingError(
+                f"with_sharding_constraint({ns.spec}): a NamedSharding given to it may name only "
+                f"Auto mesh axes (as in JAX), but {named} are Explicit. Use spmd.reshard(x, "
+                f"sharding) to move a value on Explicit axes.")
+        typed = getattr(getattr(leaf, "aval", None), "sharding", None)
+        if typed is not None and len(ns.mesh.explicit_axes) == len(ns.mesh.axis_names):
+            if typed != sharding_type(ns, leaf.aval.ndim):
+                raise ShardingAssertionError(
+                    f"with_sharding_constraint asserts on a mesh whose axes are all Explicit: the "
+                    f"value is {leaf.aval} ({typed.spec}), not {ns.spec}. Use spmd.reshard(x, "
+                    f"{ns.spec}) to move it.")
+            return leaf
+        return constrain(leaf, ns, "with_sharding_constraint")
     if isinstance(sharding, (NamedSharding, PartitionSpec)):
         return optree.tree_map(lambda leaf: one(leaf, sharding), x)
     return optree.tree_map(one, x, sharding)
@@ -198,12 +223,34 @@ def _is_sharding_leaf(x):
     return x is None or isinstance(x, (NamedSharding, PartitionSpec))
 
 
+def _check_argnums(f, name, **argnums):
+    """``static_argnums`` / ``donate_argnums`` must name positional parameters of ``f`` (when its
+    signature says how many it takes), as JAX checks; returns them with negative ones counted
+    from the end."""
+    try:
+        params = signature(f).parameters.values()
+    except (TypeError, ValueError):
+        return tuple(argnums.values())
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return tuple(argnums.values())
+    n = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+    for what, nums in argnums.items():
+        for i in nums:
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise TypeError(f"jit({name}): {what}={nums!r} holds {i!r}; give argument positions "
+                                f"as integers.")
+            if not -n <= i < n:
+                raise ValueError(f"jit({name}): {what}={nums!r}, but {name} takes only {n} "
+                                 f"positional argument{'s' if n != 1 else ''}.")
+    return tuple(tuple(i % n for i in nums) for nums in argnums.values())
+
+
 class Jitted:
     """What ``spmd.jit`` returns: call it, ``.lower(*args)`` it."""
 
     def __init__(self, f, *, in_shardings=None, out_shardings=None, donate_argnums=(),
                  static_argnums=(), static_argnames=(), name=None, executor=None,
-                 cost_model=None):
+                 cost_model=None, donate_argnames=()):
         self.f = f
         self.static_argnums = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
         self.static_argnames = (static_argnames,) if isinstance(static_argnames, str) else tuple(static_argnames)
@@ -213,7 +260,12 @@ class Jitted:
         self.out_shardings = out_shardings
         self.donate_argnums = (donate_argnums,) if isinstance(donate_argnums, int) else tuple(donate_argnums)
         self.cost_model = cost_model
-        self.explicit = in_shardings is not None or out_shardings is not None or bool(self.donate_argnums)
+        self.static_argnums, self.donate_argnums = _check_argnums(
+            f, self.name, static_argnums=self.static_argnums, donate_argnums=self.donate_argnums)
+        self.donate_argnames, by_name = _donate_argnames(f, self.name, donate_argnames)
+        self.donate_argnums = tuple(sorted(set(self.donate_argnums) | set(by_name)))
+        self.explicit = (in_shardings is not None or out_shardings is not None
+                         or bool(self.donate_argnums) or bool(self.donate_argnames))
         self._traces = _cache.LRU()     # trace key -> (program, in_tree, out_tree)
         self._compiled = _cache.LRU()   # (trace key, mesh, specs, cost model) -> Compiled
         functools.update_wrapper(self, f)
@@ -273,8 +325,12 @@ class Jitted:
         if self.explicit:
             return True
         # sharded Arrays in: the compiler follows their shardings (as jax.jit does), unless a
-        # shard_map inside already says where everything lives
-        return _sharded_arguments(leaves) and not _has_manual_subprogram(program)
+        # shard_map inside already says where everything lives; or a sharding constraint, or
+        # results whose type (on Explicit axes) splits them over an axis a shard_map left out
+        constrained = _constraint_mesh(program) is not None
+        if _has_manual_subprogram(program) and not constrained:
+            return False
+        return _sharded_arguments(leaves) or constrained
 
     def _argument_names(self, args, kwargs) -> list[str]:
         """Each dynamic argument leaf as ``explain()`` names it: its pytree path under the name
@@ -296,7 +352,7 @@ class Jitted:
             return (positional[i] if i < len(positional) else f"args[{i}]") + _path_text(path[2:])
         return [name(p) for p in optree.tree_paths((dyn_args, dyn_kwargs), none_is_leaf=False)]
 
-    def _arg_shardings(self, args, kwargs, leaves):
+    def _arg_shardings(self, args, kwargs, leaves, program=None):
         """(mesh, per-leaf NamedSharding or None, leaf paths) for the dynamic arguments."""
         _, _, dyn_args, dyn_kwargs = self._split(args, kwargs)
         paths = ["args" + "".join(f"[{p!r}]" for p in path[1:]) if path[0] == 0 else
@@ -340,7 +396,7 @@ class Jitted:
                 raise ShardingError(f"jit({self.name}): {p} is on mesh {sh.mesh!r} but {mesh_from} is on "
                                     f"{mesh!r}; every argument and sharding of one call must use the same mesh.")
         if mesh is None:
-            mesh = get_mesh()
+            mesh = get_mesh() or (program is not None and _constraint_mesh(program)) or None
         if mesh is None:
             raise ShardingError(f"jit({self.name}): no mesh; give NamedShardings, sharded spmd.Array "
                                 f"arguments, or call inside `with spmd.set_mesh(mesh):`.")
@@ -388,7 +444,7 @@ class Jitted:
 
     def _compile(self, args, kwargs, key, traced, leaves):
         program, in_tree, out_tree = traced
-        mesh, shardings, paths = self._arg_shardings(args, kwargs, leaves)
+        mesh, shardings, paths = self._arg_shardings(args, kwargs, leaves, program)
         ckey = (key, mesh, tuple(None if s is None else s.spec for s in shardings),
                 self.cost_model or default_cost_model())
         comp = self._compiled.get(ckey)
@@ -402,6 +458,7 @@ class Jitted:
             ins = [None if s is None else Sharding.from_spec(s.spec, v.aval.ndim)
                    for s, v in zip(shardings, program.in_vars)]
             outs = self._out_specs(out_tree, program.out_avals, mesh)
+            outs = _typed_outputs(program, outs, mesh)
             if self.out_shardings is None:
                 outs = _gradients_like_parameters(args, self, out_tree, program, ins, outs)
             comp = compile_program(program, ins, outs, mesh, name=self.name,
@@ -421,7 +478,7 @@ class Jitted:
 
     def __call__(self, *args, **kwargs):
         if current_builder() is not None:          # inside another trace: inline
-            return self.f(*args, **kwargs)
+            return self._inline(args, kwargs)
         key, traced, leaves = self._trace(args, kwargs)
         program, _, out_tree = traced
         if not self._uses_compiler(program, leaves):
@@ -431,13 +488,34 @@ class Jitted:
             return optree.tree_unflatten(out_tree, _on_devices(outs, leaves))
         comp, paths = self._compile(args, kwargs, key, traced, leaves)
         outs = run_compiled(comp, leaves, paths, self.executor)
-        for i in self._donated_leaves(args):
+        for i in self._donated_leaves(args, kwargs):
             if isinstance(leaves[i], Array):
                 leaves[i].delete()
         return optree.tree_unflatten(comp.out_tree, outs)
 
-    def _donated_leaves(self, args):
-        if not self.donate_argnums:
+    def _inline(self, args, kwargs):
+        """The call inside another trace (``vmap``, ``grad``, an outer ``jit``): ``f`` itself,
+        with ``in_shardings`` / ``out_shardings`` as sharding constraints on its arguments and
+        results (under ``vmap`` the batch dim is left unsplit), as JAX's nested jit does."""
+        if self.in_shardings is not None and not (self.static_argnums or self.static_argnames):
+            spec = self.in_shardings
+            spec = (spec,) * len(args) if _is_sharding_leaf(spec) else tuple(spec)
+            args = self._constrained(tuple(args), spec + (None,) * (len(args) - len(spec)),
+                                     "in_shardings")
+        out = self.f(*args, **kwargs)
+        return out if self.out_shardings is None else self._constrained(out, self.out_shardings,
+                                                                          "out_shardings")
+
+    def _constrained(self, value, spec, what):
+        vals, tree = optree.tree_flatten(value, none_is_leaf=False)
+        specs = self._sharding_leaves(spec, value, what, what)
+        what = f"jit({self.name}) {what}"
+        return optree.tree_unflatten(tree, [
+            v if s is None else constrain(v, as_sharding(s, what=what), what)
+            for v, s in zip(vals, specs)])
+
+    def _donated_leaves(self, args, kwargs):
+        if not self.donate_argnums and not self.donate_argnames:
             return []
         idx, start = [], 0
         dyn = [i for i in range(len(args)) if i not in self.static_argnums]
@@ -446,10 +524,35 @@ class Jitted:
             if i in self.donate_argnums:
                 idx.extend(range(start, start + n))
             start += n
+        for k in sorted(set(kwargs) - set(self.static_argnames)):   # keyword arguments flatten after
+            n = optree.tree_structure(kwargs[k], none_is_leaf=False).num_leaves
+            if k in self.donate_argnames:
+                idx.extend(range(start, start + n))
+            start += n
         return idx
 
     def _cache_size(self) -> int:
         return len(self._traces)
+
+
+def _donate_argnames(f, name, names):
+    """``donate_argnames`` as names (for keyword arguments) and the positions of the positional
+    parameters they name, as JAX resolves them from ``f``'s signature."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    if not names:
+        return (), ()
+    try:
+        params = list(signature(f).parameters.values())
+    except (TypeError, ValueError):
+        return names, ()
+    known = {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params)
+    unknown = [n for n in names if n not in known and not takes_kwargs]
+    if unknown:
+        raise ValueError(f"jit({name}): donate_argnames={names!r} names {unknown[0]!r}, which is "
+                         f"not a parameter of {name} (its parameters: {', '.join(sorted(known))}).")
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return names, tuple(positional.index(n) for n in names if n in positional)
 
 
 def _path_text(path) -> str:
@@ -463,10 +566,12 @@ def _output_names(out_tree) -> list[str]:
 
 
 def _signature(x):
-    """What the program traced for argument ``x`` depends on: its shape and dtype, or, for a
-    Python scalar (weakly typed), its type."""
+    """What the program traced for argument ``x`` depends on: its shape and dtype (and, on
+    Explicit mesh axes, its sharding), or, for a Python scalar (weakly typed), its type."""
     t = type(x)
-    if t is Array or t is np.ndarray or isinstance(x, np.generic):
+    if t is Array:
+        return aval_of(x) if x.sharding.mesh.explicit_axes else (x.shape, x.dtype)
+    if t is np.ndarray or isinstance(x, np.generic):
         return x.shape, x.dtype
     if t in (bool, int, float, complex):
         return t
@@ -480,6 +585,42 @@ def _sharded_arguments(leaves) -> bool:
 
 def _has_manual_subprogram(program) -> bool:
     return any(e.prim.manual is not None for e in program.eqns)
+
+
+def _constraint_mesh(program) -> Mesh | None:
+    """The concrete mesh of the first sharding constraint of ``program`` over several devices,
+    or of a shard_map over some axes whose result's type splits it over the other Explicit
+    ones (the compiler places it there)."""
+    for e in program.eqns:
+        m = e.params.get("mesh")
+        if not isinstance(m, Mesh) or m.size == 1:
+            continue
+        if e.prim is sharding_constraint_p:
+            return m
+        if e.prim.manual is not None and any(
+                a not in e.params["manual_axes"] for v in e.outputs if v.aval.sharding is not None
+                for ax in v.aval.sharding.spec.axes for a in ax):
+            return m
+    return None
+
+
+def _typed_outputs(program, outs, mesh):
+    """Outputs with no out_shardings take the sharding their type gives on a mesh whose axes
+    are all Explicit (JAX's sharding in types), or else the ``with_sharding_constraint`` that
+    computed them, as JAX honours a final constraint."""
+    made_by = {id(v): e for e in program.eqns for v in e.outputs}
+    explicit = len(mesh.explicit_axes) == len(mesh.axis_names)
+    outs = list(outs)
+    for k, v in enumerate(program.out_vars):
+        if outs[k] is not None:
+            continue
+        t = getattr(v, "aval", None)
+        e = made_by.get(id(v))
+        if explicit and t is not None and t.sharding is not None:   # pending sums are made
+            outs[k] = Sharding.from_spec(t.sharding.spec, t.ndim).without_partial()
+        elif e is not None and e.prim is sharding_constraint_p:
+            outs[k] = e.params["sharding"].without_partial()
+    return outs
 
 
 def _gradients_like_parameters(args, jitted, out_tree, program, ins, outs):
@@ -584,7 +725,7 @@ def reshard_planned(x, sharding: NamedSharding):
 # ---------------------------------------------------------------------------------------------
 
 def jit(f=None, *, in_shardings=None, out_shardings=None, donate_argnums=(), static_argnums=(),
-        static_argnames=(), _name=None, executor=None, cost_model=None):
+        static_argnames=(), _name=None, executor=None, cost_model=None, donate_argnames=()):
     """Trace ``f`` once per argument types (and static arguments), cache the program, run it.
 
     With ``in_shardings`` / ``out_shardings`` / ``donate_argnums``, or sharded ``Array``
@@ -595,11 +736,69 @@ def jit(f=None, *, in_shardings=None, out_shardings=None, donate_argnums=(), sta
         return functools.partial(jit, in_shardings=in_shardings, out_shardings=out_shardings,
                                  donate_argnums=donate_argnums, static_argnums=static_argnums,
                                  static_argnames=static_argnames, _name=_name, executor=executor,
-                                 cost_model=cost_model)
+                                 cost_model=cost_model, donate_argnames=donate_argnames)
     return Jitted(f, in_shardings=in_shardings, out_shardings=out_shardings,
                   donate_argnums=donate_argnums, static_argnums=static_argnums,
                   static_argnames=static_argnames, name=_name, executor=executor,
-                  cost_model=cost_model)
+                  cost_model=cost_model, donate_argnames=donate_argnames)
+
+
+class ShapeDtypeStruct:
+    """A shape, a dtype and optionally a sharding, standing for an array (JAX's
+    ``jax.ShapeDtypeStruct``): what ``eval_shape`` takes and returns, and how ``pure_callback``
+    declares its results."""
+    __slots__ = ("shape", "dtype", "sharding", "weak_type")
+
+    def __init__(self, shape, dtype, *, sharding=None, weak_type=False):
+        self.shape, self.dtype = tuple(int(d) for d in shape), np.dtype(dtype)
+        self.sharding, self.weak_type = sharding, bool(weak_type)
+
+    ndim = property(lambda self: len(self.shape))
+    size = property(lambda self: int(np.prod(self.shape)))
+
+    def _key(self):
+        return (self.shape, self.dtype, self.sharding, self.weak_type)
+
+    def __eq__(self, other):
+        return isinstance(other, ShapeDtypeStruct) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __repr__(self):
+        extra = (f", sharding={self.sharding}" if self.sharding is not None else "") + \
+            (", weak_type=True" if self.weak_type else "")
+        return f"ShapeDtypeStruct(shape={self.shape}, dtype={self.dtype.name}{extra})"
+
+
+def eval_shape(fun, *args, **kwargs):
+    """The shapes, dtypes (and, on Explicit mesh axes, shardings) of ``fun(*args, **kwargs)``
+    as ``ShapeDtypeStruct``s, by tracing only: nothing runs.  Arguments may be arrays or
+    ``ShapeDtypeStruct``s.
+
+    >>> import numpy as np, spmd
+    >>> spmd.eval_shape(lambda x, y: x @ y, spmd.ShapeDtypeStruct((4, 3), np.float32), np.ones((3, 2), np.float32))
+    ShapeDtypeStruct(shape=(4, 2), dtype=float32)
+    """
+    leaves, tree = optree.tree_flatten((args, kwargs), none_is_leaf=False)
+
+    def aval(x):
+        if isinstance(x, ShapeDtypeStruct):
+            return Aval(x.shape, x.dtype, weak=x.weak_type, sharding=sharding_type(x.sharding, x.ndim)
+                        if isinstance(x.sharding, NamedSharding) else None)
+        return aval_of(x)
+    box = []
+
+    def flat(*xs):
+        a, kw = optree.tree_unflatten(tree, list(xs))
+        out, out_tree = optree.tree_flatten(fun(*a, **kw), none_is_leaf=False)
+        box.append(out_tree)
+        return out
+    name = getattr(fun, "__name__", "function")
+    program, _ = trace(flat, [aval(x) for x in leaves], context=f"eval_shape({name})")
+    return optree.tree_unflatten(box[0], [
+        ShapeDtypeStruct(v.aval.shape, v.aval.dtype, sharding=v.aval.sharding, weak_type=v.aval.weak)
+        for v in program.out_vars])
 
 
 def make_program(f, *, static_argnums=()):

@@ -1,8 +1,15 @@
-"""Named device meshes: ``Mesh``, ``make_mesh``, ``AbstractMesh`` and ``set_mesh``."""
+"""Named device meshes: ``Mesh``, ``make_mesh``, ``AbstractMesh``, ``AxisType`` and ``set_mesh``.
+
+Every mesh axis has a type, as in JAX: **Explicit** (a value's sharding over it is part of its
+type, and every op computes the output sharding by a rule at trace time), **Auto** (the
+compiler chooses) or **Manual** (inside ``shard_map``: programs see per-device blocks).
+``make_mesh`` makes Explicit axes unless told otherwise; ``Mesh(...)`` and ``AbstractMesh(...)``
+make Auto ones.
+"""
 from __future__ import annotations
 
-import contextlib
 import contextvars
+import enum
 import math
 from collections import OrderedDict
 from typing import Iterable, Sequence
@@ -47,15 +54,47 @@ def _check_axis_sizes(shape, where: str) -> tuple[int, ...]:
     return tuple(int(s) for s in sizes)
 
 
-class AbstractMesh:
-    """A mesh's shape and axis names without devices: enough for tracing and shard shapes."""
+class AxisType(enum.Enum):
+    """How programs see a mesh axis (``jax.sharding.AxisType``)."""
+    Auto = enum.auto()
+    Explicit = enum.auto()
+    Manual = enum.auto()
 
-    def __init__(self, axis_sizes: Sequence[int], axis_names: Sequence[str]):
+    def __repr__(self):
+        return self.name
+
+    __str__ = __repr__
+
+
+def _check_axis_types(axis_types, names, default: AxisType, where: str) -> tuple[AxisType, ...]:
+    """One AxisType per axis: ``None`` gives ``default`` to every axis, one AxisType is taken
+    for all of them only when there is one axis (as JAX: otherwise the counts must match)."""
+    if axis_types is None:
+        return (default,) * len(names)
+    types = (axis_types,) if isinstance(axis_types, AxisType) else tuple(axis_types)
+    if len(types) != len(names):
+        raise MeshError(f"{where}: {len(names)} axis names {names} but {len(types)} axis_types "
+                        f"{types}; give one AxisType per axis, e.g. axis_types="
+                        f"{(AxisType.Explicit,) * len(names)}.")
+    for t in types:
+        if not isinstance(t, AxisType):
+            raise MeshError(f"{where}: axis type {t!r} is not an spmd.AxisType (Auto, Explicit "
+                            f"or Manual).")
+    return types
+
+
+class AbstractMesh:
+    """A mesh's shape, axis names and axis types without devices: enough for tracing and
+    shard shapes (``jax.sharding.AbstractMesh``).  Axis types default to Auto."""
+
+    def __init__(self, axis_sizes: Sequence[int], axis_names: Sequence[str], axis_types=None):
         self.axis_names = _check_axis_names(axis_names, "AbstractMesh")
         self.axis_sizes = _check_axis_sizes(axis_sizes, "AbstractMesh")
         if len(self.axis_names) != len(self.axis_sizes):
             raise MeshError(f"AbstractMesh: {len(self.axis_sizes)} sizes {self.axis_sizes} but "
                             f"{len(self.axis_names)} names {self.axis_names}.")
+        self.axis_types = _check_axis_types(axis_types, self.axis_names, AxisType.Auto,
+                                            type(self).__name__)
 
     @property
     def shape(self) -> "OrderedDict[str, int]":
@@ -71,11 +110,29 @@ class AbstractMesh:
 
     @property
     def empty(self) -> bool:
-        return False
+        return not self.axis_names
 
     @property
     def abstract_mesh(self) -> "AbstractMesh":
         return self
+
+    def _axes_of(self, kind: AxisType) -> tuple[str, ...]:
+        return tuple(n for n, t in zip(self.axis_names, self.axis_types) if t is kind)
+
+    explicit_axes = property(lambda self: self._axes_of(AxisType.Explicit))
+    auto_axes = property(lambda self: self._axes_of(AxisType.Auto))
+    manual_axes = property(lambda self: self._axes_of(AxisType.Manual))
+
+    def axis_type(self, name: str) -> AxisType:
+        self.axis_size(name)
+        return self.axis_types[self.axis_names.index(name)]
+
+    def update_axis_types(self, types: dict) -> "AbstractMesh":
+        """This mesh's shape with the axes named in ``types`` ({name: AxisType}) retyped."""
+        for n in types:
+            self.axis_size(n)
+        retyped = tuple(types.get(n, t) for n, t in zip(self.axis_names, self.axis_types))
+        return AbstractMesh(self.axis_sizes, self.axis_names, retyped)
 
     def axis_size(self, name: str) -> int:
         try:
@@ -84,7 +141,7 @@ class AbstractMesh:
             raise MeshError(f"axis {name!r} is not in the mesh; its axes are {self.axis_names}.") from None
 
     def _key(self):
-        return ("abstract", self.axis_names, self.axis_sizes)
+        return ("abstract", self.axis_names, self.axis_sizes, self.axis_types)
 
     def __eq__(self, other):
         return type(other) is type(self) and other._key() == self._key()
@@ -92,9 +149,12 @@ class AbstractMesh:
     def __hash__(self):
         return hash(self._key())
 
+    def _types_str(self) -> str:
+        return f"axis_types={self.axis_types!r}"
+
     def __repr__(self):
         inner = ", ".join(f"{n!r}: {s}" for n, s in zip(self.axis_names, self.axis_sizes))
-        return f"AbstractMesh({{{inner}}})"
+        return f"AbstractMesh({{{inner}}}, {self._types_str()})"
 
     def _ir_str(self) -> str:
         """The short form in printed programs: ``{data:2,model:4}``."""
@@ -110,7 +170,8 @@ class Mesh(AbstractMesh):
     {'data': 2, 'model': 4}
     """
 
-    def __init__(self, devices: np.ndarray | Sequence[Device], axis_names: Sequence[str]):
+    def __init__(self, devices: np.ndarray | Sequence[Device], axis_names: Sequence[str],
+                 axis_types=None):
         names = _check_axis_names(axis_names, "Mesh")
         arr = np.empty(np.shape(np.asarray(devices, dtype=object)), dtype=object)
         arr[...] = np.asarray(devices, dtype=object)
@@ -126,7 +187,7 @@ class Mesh(AbstractMesh):
             dup = next(d for d in flat if ids.count(d.id) > 1)
             raise MeshError(f"Mesh: device {dup!r} appears more than once; each device may hold one "
                             f"mesh position.")
-        super().__init__(arr.shape, names)
+        super().__init__(arr.shape, names, axis_types)
         arr.flags.writeable = False
         self.devices = arr
         self.device_ids = np.vectorize(lambda d: d.id, otypes=[np.int64])(arr) if arr.size else np.zeros(arr.shape, np.int64)
@@ -134,7 +195,7 @@ class Mesh(AbstractMesh):
     # -- properties mirroring jax.sharding.Mesh --------------------------------------------
     @property
     def abstract_mesh(self) -> AbstractMesh:
-        return AbstractMesh(self.axis_sizes, self.axis_names)
+        return AbstractMesh(self.axis_sizes, self.axis_names, self.axis_types)
 
     @property
     def device_list(self) -> list[Device]:
@@ -175,7 +236,7 @@ class Mesh(AbstractMesh):
                     raise MeshError(f"Mesh.submesh: index {i!r} for axis {n!r} is outside 0..{s - 1}.")
                 index.append(int(i))
         kept = tuple(n for n in self.axis_names if n in keep)
-        return Mesh(self.devices[tuple(index)], kept)
+        return Mesh(self.devices[tuple(index)], kept, tuple(self.axis_type(n) for n in kept))
 
     def __enter__(self):
         self._ctx = set_mesh(self)
@@ -186,55 +247,67 @@ class Mesh(AbstractMesh):
         self._ctx.__exit__(*exc)
 
     def _key(self):
-        return ("mesh", self.axis_names, self.device_ids.shape, tuple(self.device_ids.flat))
+        return ("mesh", self.axis_names, self.device_ids.shape, tuple(self.device_ids.flat),
+                self.axis_types)
 
     def __repr__(self):
         inner = ", ".join(f"{n!r}: {s}" for n, s in zip(self.axis_names, self.axis_sizes))
         platform = self.devices.flat[0].platform if self.size else "none"
-        return f"Mesh({{{inner}}}, {self.size} {platform} devices)"
+        return f"Mesh({{{inner}}}, {self.size} {platform} devices, {self._types_str()})"
 
     def _repr_html_(self):
         return None if _html_renderer is None else _html_renderer(self)
 
 
-def make_mesh(axis_shapes: Sequence[int], axis_names: Sequence[str], *,
+def make_mesh(axis_shapes: Sequence[int], axis_names: Sequence[str], axis_types=None, *,
               devices: Sequence[Device] | None = None) -> Mesh:
-    """A mesh of the given shape over ``devices`` (default: all devices).
+    """A mesh of the given shape over the first ``prod(axis_shapes)`` of ``devices`` (default:
+    all devices), with Explicit axes unless ``axis_types`` says otherwise (as JAX's).
 
-    >>> dict(make_mesh((2, 4), ("data", "model")).shape)
-    {'data': 2, 'model': 4}
+    >>> mesh = make_mesh((2, 4), ("data", "model"))
+    >>> dict(mesh.shape), mesh.axis_types
+    ({'data': 2, 'model': 4}, (Explicit, Explicit))
+    >>> make_mesh((4,), ("x",)).device_ids.tolist()
+    [0, 1, 2, 3]
     """
     names = _check_axis_names(axis_names, "make_mesh")
     sizes = _check_axis_sizes(axis_shapes, "make_mesh")
     if len(names) != len(sizes):
         raise MeshError(f"make_mesh: axis_shapes {sizes} has {len(sizes)} entries but axis_names "
                         f"{names} has {len(names)}.")
+    types = _check_axis_types(axis_types, names, AxisType.Explicit, "make_mesh")
     devs = list(_all_devices() if devices is None else devices)
-    if math.prod(sizes) != len(devs):
-        hint = (" Set SPMD_NUM_CPU_DEVICES to change the number of simulated devices, or pass "
-                "devices=spmd.devices()[:n].")
+    if math.prod(sizes) > len(devs):
+        hint = (" Set SPMD_NUM_CPU_DEVICES to change the number of simulated devices, or make a "
+                "smaller mesh.")
         raise MeshError(f"make_mesh: mesh shape {sizes} needs {math.prod(sizes)} devices but "
                         f"{len(devs)} were given.{hint}")
-    arr = np.empty(len(devs), dtype=object)
-    arr[:] = devs
-    return Mesh(arr.reshape(sizes), names)
+    arr = np.empty(math.prod(sizes), dtype=object)
+    arr[:] = devs[:math.prod(sizes)]
+    return Mesh(arr.reshape(sizes), names, types)
 
 
 _current_mesh: contextvars.ContextVar[AbstractMesh | None] = contextvars.ContextVar("spmd_mesh", default=None)
 
 
-@contextlib.contextmanager
-def set_mesh(mesh: AbstractMesh):
-    """``with set_mesh(mesh):`` makes ``mesh`` the default for shard_map, jit and bare ``P`` specs."""
-    if not isinstance(mesh, AbstractMesh):
-        raise MeshError(f"set_mesh expects a Mesh, got {type(mesh).__name__} {mesh!r}.")
-    token = _current_mesh.set(mesh)
-    try:
-        yield mesh
-    finally:
-        _current_mesh.reset(token)
+class set_mesh:
+    """Make ``mesh`` the default for shard_map, jit and bare ``P`` specs: for the rest of the
+    program (``spmd.set_mesh(mesh)``) or, as a context manager, for a block
+    (``with spmd.set_mesh(mesh):``), as ``jax.set_mesh``."""
+
+    def __init__(self, mesh: AbstractMesh):
+        if not isinstance(mesh, AbstractMesh):
+            raise MeshError(f"set_mesh expects a Mesh, got {type(mesh).__name__} {mesh!r}.")
+        self.mesh = mesh
+        self._token = _current_mesh.set(mesh)
+
+    def __enter__(self):
+        return self.mesh
+
+    def __exit__(self, *exc):
+        _current_mesh.reset(self._token)
 
 
 def get_mesh() -> AbstractMesh | None:
-    """The mesh of the innermost ``with set_mesh(...)``, or None."""
+    """The mesh of the innermost ``set_mesh``, or None."""
     return _current_mesh.get()

@@ -16,6 +16,9 @@ import types
 import numpy as np
 
 from . import core as _core, numpy_api as _api
+from .compiler import Sharding as _Sharding
+from .prims import sharding_constraint_p as _constraint_p
+from .sharding import as_sharding as _as_sharding
 from .numpy_api import (logsumexp, softmax, layer_norm, rsqrt, full, arange)  # noqa: F401 (composites)
 
 
@@ -60,6 +63,37 @@ _export(np.linalg, _table(), vars(linalg))
 zeros = lambda shape, dtype=np.float64: np.zeros(shape, dtype)
 ones = lambda shape, dtype=np.float64: np.ones(shape, dtype)
 asarray = _api._asarray
+empty = zeros
+
+
+def _with_out_sharding(fn):
+    """``fn`` taking JAX's ``out_sharding=`` (a NamedSharding, or a P under ``set_mesh``): the
+    result laid out by it, its type on Explicit axes, where the op's own sharding rule would
+    be ambiguous or choose otherwise.  Outside a traced function it runs as one compiled op."""
+    def f(*args, out_sharding=None, **kwargs):
+        if out_sharding is None:
+            return fn(*args, **kwargs)
+        if _core.current_builder() is None:   # arrays traced, the rest (shapes, subscripts) static
+            kinds = (np.ndarray, *_core.hooks.array_types)
+            arrays = [i for i, a in enumerate(args) if isinstance(a, kinds)]
+
+            def op(*xs):
+                full = list(args)
+                for i, x in zip(arrays, xs):
+                    full[i] = x
+                return f(*full, out_sharding=out_sharding, **kwargs)
+            return _core.hooks.jit(op, _name=fn.__name__)(*[args[i] for i in arrays])
+        ns = _as_sharding(out_sharding, what=f"spmd.numpy.{fn.__name__}(out_sharding=...)")
+        with _core.untyped():
+            out = fn(*args, **kwargs)
+        return _core.bind(_constraint_p, out, sharding=_Sharding.from_spec(ns.spec, np.ndim(out)),
+                          mesh=ns.mesh)
+    f.__name__, f.__qualname__, f.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+    return f
+
+
+for _name in ("einsum", "dot", "matmul", "reshape", "zeros", "ones", "empty", "full", "arange"):
+    globals()[_name] = _with_out_sharding(globals()[_name])
 float16, float32, float64 = np.float16, np.float32, np.float64
 int8, int16, int32, int64 = np.int8, np.int16, np.int32, np.int64
 uint8, uint16, uint32, uint64 = np.uint8, np.uint16, np.uint32, np.uint64

@@ -13,7 +13,14 @@ import string
 
 import numpy as np
 
-from . import prims
+try:
+    import scipy.special as _scipy_special      # optional: its ufuncs get rules when present
+except ImportError:
+    _scipy_special = None
+
+from ._shapes import broadcast_shapes
+
+from . import _xla_math, prims
 from .collectives import pvary
 from .core import Tracer, bind, current_builder, hooks, implicit_pvary
 from .errors import TracingError
@@ -97,7 +104,7 @@ def broadcast_to(x, shape):
 def _broadcast_operands(xs):
     shapes = [_shape(x) for x in xs]
     try:
-        out = np.broadcast_shapes(*shapes)
+        out = broadcast_shapes(*shapes)
     except ValueError:
         raise ValueError(f"operands could not be broadcast together with shapes "
                          f"{' '.join(str(s) for s in shapes)}") from None
@@ -156,6 +163,9 @@ _COMPOSITE_UFUNCS = {
     np.divmod: lambda x, y: (apply_ufunc(np.floor_divide, x, y), apply_ufunc(np.remainder, x, y)),
 }
 
+if _scipy_special is not None:       # scipy.special.erf(x) on traced values: XLA's float math
+    _COMPOSITE_UFUNCS[_scipy_special.erf] = _xla_math.erf
+
 
 def _logaddexp2(x, y):
     m = apply_ufunc(np.maximum, x, y)
@@ -172,6 +182,8 @@ def _loop_dtypes(ufunc, operands):
     key = tuple(type(d) if type(d) in (int, float, complex) else _dtype(x)
                 for x, d in ((x, _dummy(x)) for x in operands))
     dts = ufunc.resolve_dtypes(key + (None,) * ufunc.nout)[:ufunc.nin]
+    if builtins.any(dt.kind == "O" for dt in dts):     # only Python scalars: their default dtypes
+        dts = ufunc.resolve_dtypes(tuple(_dtype(x) for x in operands) + (None,) * ufunc.nout)[:ufunc.nin]
     if builtins.any(type(x) is int and dt.kind in "iu" and not np.iinfo(dt).min <= x <= np.iinfo(dt).max
                     for x, dt in zip(operands, dts)):
         dts = tuple(np.promote_types(dt, np.int64) for dt in dts)   # NumPy compares int8 with 300
@@ -500,9 +512,11 @@ def roll(x, shift, axis=None):
 
 
 @implements(np.pad)
-def pad(x, pad_width, mode="constant", constant_values=0):
+def pad(x, pad_width, mode="constant", constant_values=0, stat_length=None, end_values=0):
     """'constant' is the pad primitive; the modes that copy elements ('edge', 'reflect',
-    'symmetric', 'wrap') are a ``take`` per dim at the indices NumPy's pad gives ``arange(n)``."""
+    'symmetric', 'wrap') are a ``take`` per dim at the indices NumPy's pad gives ``arange(n)``;
+    the statistic modes ('maximum', 'minimum', 'mean', 'median') and 'linear_ramp' concatenate
+    what they compute per dim, in NumPy's order of dims ('empty' pads with zeros)."""
     x = _operand(x)
     nd = len(_shape(x))
     pw = np.broadcast_to(np.asarray(pad_width, dtype=np.int64), (nd, 2))
@@ -512,9 +526,14 @@ def pad(x, pad_width, mode="constant", constant_values=0):
             if lo or hi:
                 x = take(x, np.pad(np.arange(_shape(x)[d]), (lo, hi), mode=mode), axis=d)
         return x
+    if mode in _PAD_STATISTICS or mode == "linear_ramp":
+        return _pad_computed(x, config, mode, stat_length, end_values)
+    if mode == "empty":
+        mode, constant_values = "constant", 0
     if mode != "constant":
         raise NotImplementedError(f"numpy.pad with mode={mode!r} on traced values (constant, edge, "
-                                  f"reflect, symmetric and wrap are supported)")
+                                  f"reflect, symmetric, wrap, maximum, minimum, mean, median, "
+                                  f"linear_ramp and empty are supported)")
     values = np.asarray(constant_values, dtype=_dtype(x))
     if values.ndim == 0:
         return bind(prims.pad_p, x, values, config=config)
@@ -525,6 +544,48 @@ def pad(x, pad_width, mode="constant", constant_values=0):
                 one = tuple((width, 0) if e == d and side == 0 else (0, width) if e == d else (0, 0)
                             for e in range(nd))
                 x = bind(prims.pad_p, x, values[d, side], config=one)
+    return x
+
+
+_PAD_STATISTICS = {"maximum": lambda v, d: amax(v, d, keepdims=True),
+                   "minimum": lambda v, d: amin(v, d, keepdims=True),
+                   "mean": lambda v, d: mean(v, d, keepdims=True),
+                   "median": lambda v, d: median(v, d, keepdims=True)}
+
+
+def _pad_computed(x, config, mode, stat_length, end_values):
+    nd = len(_shape(x))
+    lengths = np.broadcast_to(np.asarray(stat_length if stat_length is not None else -1), (nd, 2))
+    ends = np.broadcast_to(np.asarray(end_values), (nd, 2))
+    integer = _dtype(x).kind in "iub"
+    for d, (lo, hi) in enumerate(config):
+        n = _shape(x)[d]
+        parts = []
+        for side, width in ((0, lo), (1, hi)):
+            if not width:
+                continue
+            edge = _slice_axis(x, d, 0, 1) if side == 0 else _slice_axis(x, d, n - 1, n)
+            if mode == "linear_ramp":
+                steps = (np.arange(width) / width if side == 0 else np.arange(1, width + 1) / width)
+                shape = [1] * nd
+                shape[d] = width
+                steps = steps.reshape(shape)
+                start, stop = (ends[d, 0], edge) if side == 0 else (edge, ends[d, 1])
+                v = apply_ufunc(np.add, start, apply_ufunc(np.multiply, apply_ufunc(
+                    np.subtract, stop, start), steps))
+            else:
+                k = int(lengths[d, side])
+                k = n if k < 0 else builtins.min(builtins.max(k, 1), n)
+                window = _slice_axis(x, d, 0, k) if side == 0 else _slice_axis(x, d, n - k, n)
+                v = _PAD_STATISTICS[mode](window, d)
+            if integer and _dtype(v) != _dtype(x):   # NumPy: ramps floor, statistics round
+                v = apply_ufunc(np.floor if mode == "linear_ramp" else np.rint, v)
+            v = astype(v, _dtype(x))
+            parts.append((side, broadcast_to(v, tuple(width if e == d else s
+                                                      for e, s in enumerate(_shape(x))))))
+        if parts:
+            x = concatenate([p for side, p in parts if side == 0] + [x]
+                            + [p for side, p in parts if side == 1], axis=d)
     return x
 
 
@@ -889,7 +950,7 @@ def matmul(a, b):
     if sa2[-1] != sb2[-2]:
         raise ValueError(f"matmul: Input operand 1 has a mismatch in its core dimension 0 "
                          f"(size {sb2[-2]} is different from {sa2[-1]})")
-    batch = np.broadcast_shapes(sa2[:-2], sb2[:-2])
+    batch = broadcast_shapes(sa2[:-2], sb2[:-2])
     shape = batch + ((sa2[-2],) if len(sa) > 1 else ()) + ((sb2[-1],) if len(sb) > 1 else ())
     if len(sb2) == 2:       # x @ w: the leading dims of x are free dims, w is not broadcast
         return reshape(_dot(a2, b2, ((len(sa2) - 1,), (0,)), ((), ())), shape)
@@ -1052,7 +1113,7 @@ def take_along_axis(x, indices, axis=-1):
         raise ValueError("`indices` and `arr` must have the same number of dimensions")
     ax = _axis(axis, len(shape))
     others = lambda s, v: tuple(v if i == ax else d for i, d in enumerate(s))
-    out_shape = np.broadcast_shapes(others(shape, 1), others(ishape, 1))
+    out_shape = broadcast_shapes(others(shape, 1), others(ishape, 1))
     x = broadcast_to(x, others(out_shape, shape[ax]))
     out_shape = others(out_shape, ishape[ax])
     idx = _index_in_range(broadcast_to(idx, out_shape), shape[ax], ax)
@@ -1329,6 +1390,94 @@ def searchsorted(a, v, side="left", sorter=None):
         a = take(a, sorter)
     before = apply_ufunc(np.less if side == "left" else np.less_equal, a, expand_dims(v, -1))
     return sum(before, axis=-1)
+
+
+@implements(np.insert)
+def insert(arr, obj, values, axis=None):
+    """NumPy's insert with concrete positions ``obj``: NumPy itself inserts the (negated) flat
+    positions of ``values`` among those of ``arr``, and the result gathers from both."""
+    if isinstance(obj, Tracer):
+        raise TracingError("numpy.insert needs concrete positions (obj) in a traced function: its "
+                           "result's shape depends on them.")
+    arr, values = _operand(arr), astype(_operand(values), _dtype(arr))
+    where_arr = np.arange(math.prod(_shape(arr))).reshape(_shape(arr))
+    where_val = -1 - np.arange(math.prod(_shape(values))).reshape(_shape(values))
+    tags = np.insert(where_arr, obj, where_val, axis=axis)
+    from_arr = take(ravel(arr), np.maximum(tags, 0).reshape(-1))
+    from_val = take(ravel(values), np.maximum(-1 - tags, 0).reshape(-1))
+    return reshape(where((tags >= 0).reshape(-1), from_arr, from_val), tags.shape)
+
+
+@implements(np.histogram)
+def histogram(a, bins=10, range=None, density=None, weights=None):  # noqa: A002 (NumPy's name)
+    """Counts per bin (the last bin closed), as NumPy; with a number of bins and no ``range``
+    the edges span the traced minimum and maximum."""
+    a = ravel(_operand(a))
+    if isinstance(bins, (int, np.integer)):
+        if range is not None:
+            edges = np.linspace(range[0], range[1], int(bins) + 1)
+        else:
+            lo, hi = amin(a), amax(a)
+            same = apply_ufunc(np.equal, lo, hi)
+            lo, hi = where(same, apply_ufunc(np.subtract, lo, 0.5), lo), where(same, apply_ufunc(np.add, hi, 0.5), hi)
+            steps = np.arange(int(bins) + 1) / int(bins)
+            edges = apply_ufunc(np.add, lo, apply_ufunc(np.multiply, apply_ufunc(np.subtract, hi, lo), steps))
+            edges = concatenate([_slice_axis(edges, 0, 0, int(bins)), reshape(hi, (1,))])
+        edges = astype(edges, np.result_type(_dtype(a), np.float64) if _dtype(a).kind in "iub" else _dtype(a))
+    else:
+        edges = _operand(bins)
+    n = _shape(edges)[0] - 1
+    idx = apply_ufunc(np.subtract, searchsorted(edges, a, side="right"), 1)
+    last = _slice_axis(edges, 0, n, n + 1)
+    idx = where(apply_ufunc(np.equal, a, last), n - 1, idx)            # the last bin is closed
+    inside = apply_ufunc(np.logical_and, apply_ufunc(np.greater_equal, a, _slice_axis(edges, 0, 0, 1)),
+                         apply_ufunc(np.less_equal, a, last))
+    hit = apply_ufunc(np.logical_and, apply_ufunc(np.equal, expand_dims(idx, -1), np.arange(n)),
+                      expand_dims(inside, -1))
+    w = np.ones((), np.int64) if weights is None else expand_dims(ravel(_operand(weights)), -1)
+    hist = sum(where(hit, w, np.zeros((), _dtype(w))), axis=0)
+    if density:
+        widths = _diff(edges, 1, 0)
+        hist = apply_ufunc(np.true_divide, hist, apply_ufunc(np.multiply, sum(hist), widths))
+    return hist, edges
+
+
+@implements(np.put_along_axis)
+def put_along_axis(arr, indices, values, axis, inplace=True, *, mode=None):
+    """``arr`` with ``values`` written at ``indices`` along ``axis`` (the last write wins).
+    NumPy writes in place, which traced values cannot: call it as
+    ``spmd.numpy.put_along_axis(..., inplace=False)``, which returns the new array."""
+    if inplace:
+        raise TypeError("numpy.put_along_axis changes arr in place, but traced values are "
+                        "immutable; use spmd.numpy.put_along_axis(arr, indices, values, axis, "
+                        "inplace=False), which returns the updated array.")
+    arr, idx = _operand(arr), _operand(indices)
+    if axis is None:
+        arr, axis = ravel(arr), 0
+    shape = tuple(_shape(arr))
+    ax = _axis(axis, len(shape))
+    if len(_shape(idx)) != len(shape):
+        raise ValueError("`indices` and `arr` must have the same number of dimensions")
+    out_shape = broadcast_shapes(tuple(1 if d == ax else n for d, n in enumerate(shape)),
+                                 tuple(1 if d == ax else n for d, n in enumerate(_shape(idx))))
+    idx_shape = tuple(_shape(idx)[ax] if d == ax else n for d, n in enumerate(out_shape))
+    idx = _index_in_range(broadcast_to(idx, idx_shape), shape[ax], ax)
+    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    base = builtins.sum(np.arange(n).reshape((-1,) + (1,) * (len(shape) - d - 1)) * strides[d]
+                        for d, n in enumerate(idx_shape) if d != ax)
+    pos = ravel(_ew(np.add, _ew(np.multiply, idx, strides[ax]), np.broadcast_to(base, idx_shape)))
+    vals = ravel(broadcast_to(astype(_operand(values), _dtype(arr)), idx_shape))
+    m = _shape(pos)[0]
+    # the last write to a position wins: drop the writes a later one overrides
+    later = np.triu(np.ones((m, m), bool), 1)
+    overridden = any_(apply_ufunc(np.logical_and, apply_ufunc(
+        np.equal, expand_dims(pos, 1), expand_dims(pos, 0)), later), axis=1)
+    keep = apply_ufunc(np.logical_not, overridden)
+    zeros = np.zeros((math.prod(shape),), _dtype(arr))
+    written = bind(prims.scatter_add_p, zeros, pos, where(keep, vals, np.zeros((), _dtype(arr))), axis=0)
+    hits = bind(prims.scatter_add_p, np.zeros((math.prod(shape),), np.int64), pos,
+                astype(keep, np.int64), axis=0)
+    return reshape(where(apply_ufunc(np.greater, hits, 0), written, ravel(arr)), shape)
 
 
 @implements(np.append)

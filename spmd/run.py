@@ -183,6 +183,20 @@ def _placement(args) -> list[str]:
     return (["-launcher", "fork"] if local else []) + ["-hosts", ",".join(hosts)]
 
 
+def _read_pids(status_dir: str) -> list[int]:
+    """The pids of the ranks' scripts still running (written by each rank's wrapper)."""
+    done = set(_read_statuses(status_dir))
+    pids = []
+    for name in os.listdir(status_dir):
+        if name.startswith("rank") and name.endswith(".pid") and int(name[4:-4]) not in done:
+            try:
+                with open(os.path.join(status_dir, name)) as f:
+                    pids.append(int(f.read()))
+            except (OSError, ValueError):
+                continue
+    return pids
+
+
 def _read_statuses(status_dir: str) -> dict[int, dict]:
     out = {}
     for name in os.listdir(status_dir):
@@ -200,7 +214,7 @@ class _Job:
     """One attempt: N processes, watched until all succeed or the first one fails."""
 
     def __init__(self, args, attempt: int, job_id: str):
-        self.args = args
+        self.args, self.attempt, self.job_id = args, attempt, job_id
         base = os.environ.get("SPMD_RUN_DIR")       # a shared folder, for jobs across machines
         if base:
             os.makedirs(base, exist_ok=True)
@@ -242,8 +256,17 @@ class _Job:
                 t.start()
 
     def signal(self, sig):
-        if self.launcher is not None:
-            if self.launcher.poll() is None:
+        if self.launcher is not None and self.launcher.poll() is None:
+            # Straight to the ranks' processes (each wrapper wrote its script's pid): mpiexec
+            # would turn SIGTERM into a kill before the ranks can dump their flight recorders.
+            pids = _read_pids(self.status_dir)
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            if not pids or sig not in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
+                                       signal.SIGUSR2):
                 self.launcher.send_signal(sig)
         for r in self.ranks:
             if r.proc.poll() is None:
@@ -308,7 +331,7 @@ class _Job:
         """One line, the culprit first: what the flight recorders say (the rank that differs,
         raised, died or never arrived, and the collective), then the rank that failed first."""
         failed = f"rank {first['rank']} failed first: {first['reason']}"
-        report = _analysis(self.recorder_dir)
+        report = _analysis(self.recorder_dir, self.job_id, self.attempt)
         if report is None:
             return f"spmd-run: {failed}"
         return (f"spmd-run: {report.summary}. ({failed}; flight recorder dumps in "
@@ -321,10 +344,11 @@ class _Job:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
-def _analysis(directory: str):
+def _analysis(directory: str, job: str, attempt: int):
     """The flight-recorder analysis of this attempt's dumps, or None when there are none."""
     from spmd import flight_recorder      # here: each rank runs this file without the package
-    dumps = flight_recorder.load(directory) if os.path.isdir(directory) else {}
+    dumps = (flight_recorder.load(directory, job=job, attempt=attempt)
+             if os.path.isdir(directory) else {})
     if not dumps:
         return None
     return flight_recorder.analyze(dumps, partial=flight_recorder.partial_dumps(directory))
@@ -433,13 +457,18 @@ def _rank_main(status_dir: str, cmd: list[str]) -> int:
     _die_with_parent()           # mpiexec's proxy died
     rank_proc = _Rank(rank, cmd, env, status_dir, pass_fds=fds)
     proc_box.append(rank_proc)
+    try:
+        with open(os.path.join(status_dir, f"rank{rank}.pid"), "w") as f:
+            f.write(str(rank_proc.proc.pid))
+    except OSError:
+        pass                     # another host's folder: spmd-run signals through mpiexec
     threading.Thread(target=_watch_launcher, args=(rank_proc.proc,), daemon=True).start()
     code = rank_proc.wait()
     if code != 0:
         # mpiexec kills every rank as soon as this process exits with an error: first give the
-        # others SETTLE_S to end on their own (ranks waiting for this one in a collective time
-        # out and report it); spmd-run stops them after that.
-        deadline = time.monotonic() + SETTLE_S
+        # others time to end on their own (ranks waiting for this one in a collective time out
+        # and report it) and to dump when spmd-run stops them (SETTLE_S, then GRACE_S).
+        deadline = time.monotonic() + SETTLE_S + GRACE_S
         n = int(os.environ.get("SPMD_NUM_PROCESSES", "1"))
         while len(_read_statuses(status_dir)) < n and time.monotonic() < deadline:
             time.sleep(0.05)

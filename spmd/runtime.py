@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import contextvars
+import math
 import dataclasses
 import os
 import socket
@@ -27,16 +28,35 @@ DEFAULT_COLLECTIVE_TIMEOUT = 300.0
 # settings
 # ---------------------------------------------------------------------------------------------
 
-def float_setting(name: str, default: float, what: str = "a number of seconds") -> float:
-    """The environment variable ``name`` as a float, ``default`` when unset or empty; a value
-    that is not a number raises ``SpmdError`` naming the variable."""
+def float_setting(name: str, default: float, what: str = "a positive number of seconds") -> float:
+    """The environment variable ``name`` as a positive finite float, ``default`` when unset or
+    empty; anything else (not a number, ``nan``, ``inf``, zero, negative) raises ``SpmdError``
+    naming the variable: a deadline of ``nan`` would silently turn the deadline off, and one of
+    0 would fail every collective at once."""
     raw = os.environ.get(name)
-    if not raw:
+    if raw is None or not raw.strip():
         return default
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
-        raise SpmdError(f"{name}={raw!r} is not {what}.") from None
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise SpmdError(f"{name}={raw!r} is not {what}; set it to, for example, {name}={default:g}, "
+                        f"or unset it (default {default:g}).")
+    return value
+
+
+def int_setting(name: str, default: int, *, most: int, what: str) -> int:
+    """The environment variable ``name`` as an integer in ``1..most`` (leading zeros allowed),
+    ``default`` when unset or empty; anything else raises ``SpmdError`` naming the variable."""
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    text = raw.strip()
+    if not text.isdigit() or not 1 <= int(text) <= most:
+        raise SpmdError(f"{name}={raw!r}: {what} must be an integer from 1 to {most}; set it to, "
+                        f"for example, {name}={default}, or unset it (default {default}).")
+    return int(text)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,10 +12,10 @@ import math
 import optree
 
 from . import _cache
-from .core import Aval, Primitive, Program, aval_of, bind, current_builder, hooks, trace
+from .core import Aval, Primitive, Program, short_repr, aval_of, bind, current_builder, hooks, trace
 from .errors import ShardingError, VmaError
-from .mesh import Mesh, get_mesh
-from .sharding import PartitionSpec, check_spec
+from .mesh import AbstractMesh, AxisType, Mesh, get_mesh
+from .sharding import NamedSharding, PartitionSpec, check_spec, sharding_type
 from . import prims
 from .batching import batch_size, moveaxis, to_front
 from .collectives import psum_p
@@ -31,8 +31,14 @@ def _shard_map_abstract(*avals, body, mesh, in_specs, out_specs, manual_axes, ch
             shape[d] *= math.prod(mesh.axis_size(a) for a in axes)
         # Inside an enclosing shard_map, an output varies over the outer axes its body value
         # varies over (the body's types cover the outer manual axes too), not over every axis
-        # some input varies over.
-        outs.append(Aval(tuple(shape), aval.dtype, aval.vma - set(manual_axes)))
+        # some input varies over.  Outside any, on Explicit axes, out_specs is its type.
+        vma = aval.vma - set(manual_axes)
+        if aval.sharding is not None:   # the body's type on the other Explicit axes joins
+            inner = aval.sharding._dim_axes(len(shape))
+            spec = PartitionSpec(*[tuple(a) + tuple(b) or None
+                                   for a, b in zip(spec.axes + ((),) * len(shape), inner)])
+        typed = None if vma else sharding_type(NamedSharding(mesh, spec), len(shape))
+        outs.append(Aval(tuple(shape), aval.dtype, vma, sharding=typed))
     return outs
 
 
@@ -237,6 +243,9 @@ def shard_map(f=None, /, *, out_specs, in_specs=None, mesh=None, axis_names=None
     if check_rep is not None:
         check_vma = check_rep
     name = _fn_name(f)
+    if mesh is not None and not isinstance(mesh, (Mesh, AbstractMesh)):
+        raise TypeError(f"shard_map({name}): mesh={short_repr(mesh)} is a {type(mesh).__name__}; pass "
+                        f"an spmd.Mesh (spmd.make_mesh(shape, names)) or an AbstractMesh.")
 
     eager = _cache.LRU()       # (mesh, specs taken from the arguments) -> the jit that runs it
 
@@ -300,19 +309,48 @@ def _arg_specs(ctx, args, sharding=False):
     paths = [f"args{_path_str(p)}" for p in optree.tree_paths(args, none_is_leaf=False)]
     out = []
     for leaf, path in zip(leaves, paths):
+        typed = getattr(getattr(leaf, "aval", None), "sharding", None)   # on Explicit axes
+        if typed is not None:
+            out.append(typed if sharding else typed.spec)
+            continue
         if not isinstance(leaf, hooks.array_types):
-            inside = " (inside a traced function arguments carry no sharding)" \
-                if current_builder() is not None else ""
+            inside = (" (inside a traced function only values on Explicit mesh axes carry their "
+                      "sharding in their type)") if current_builder() is not None else ""
             raise ShardingError(f"{ctx}: in_specs=None takes each argument's own sharding, but "
                                 f"{path} is not an spmd.Array{inside}; pass in_specs.")
         out.append(leaf.sharding if sharding else leaf.sharding.spec)
     return out
 
 
+def _abstract(mesh):
+    return mesh.abstract_mesh if isinstance(mesh, Mesh) else mesh
+
+
+def _keep_axes(spec: PartitionSpec, axes) -> PartitionSpec:
+    return PartitionSpec(*[tuple(a for a in ax if a in axes) or None for ax in spec.axes])
+
+
+def _inner_type(aval, mesh, manual):
+    """Inside a shard_map over some axes, a value keeps its type on the other Explicit axes
+    (on the mesh with the manual ones typed Manual)."""
+    if aval.sharding is None or not mesh.explicit_axes:
+        return None
+    rest = [tuple(a for a in ax if a not in manual) for ax in aval.sharding.spec.axes]
+    if not any(rest):
+        return None
+    inner = mesh.abstract_mesh.update_axis_types({a: AxisType.Manual for a in manual})
+    return NamedSharding(inner, PartitionSpec(*[ax or None for ax in rest]))
+
+
 def _bind_shard_map(f, name, mesh, args, in_specs, out_specs, axis_names, check_vma):
     ctx = f"shard_map({name})"
     outer = current_builder()
     outer_manual = outer.manual_axes if outer is not None else ()
+    if outer_manual and outer.mesh is not None and _abstract(mesh) != _abstract(outer.mesh):
+        raise ShardingError(
+            f"{ctx}: nested inside a shard_map over mesh {_abstract(outer.mesh)}, it maps over "
+            f"mesh {_abstract(mesh)}; a nested shard_map must use the enclosing mesh (pass the "
+            f"same mesh, or leave mesh= out to take it from the enclosing shard_map).")
     manual = tuple(a for a in mesh.axis_names
                    if (axis_names is None or a in axis_names) and a not in outer_manual)
     if axis_names is not None:
@@ -322,8 +360,9 @@ def _bind_shard_map(f, name, mesh, args, in_specs, out_specs, axis_names, check_
                                     f"{mesh.axis_names}.")
     leaves, tree = optree.tree_flatten(args, none_is_leaf=False)
     paths = [f"args{_path_str(p)}" for p in optree.tree_paths(args, none_is_leaf=False)]
-    if in_specs is None:
-        specs = _arg_specs(ctx, args)
+    if in_specs is None:    # the arguments' own: their manual axes split them, the rest types them
+        own = _arg_specs(ctx, args)
+        specs = [None if sp is None else _keep_axes(sp, manual) for sp in own]
     else:
         specs = _broadcast_specs(ctx, "in_specs", in_specs, args, tree, len(leaves))
     # An in_specs entry None passes its argument into the body as it is (JAX): closed over,
@@ -349,7 +388,8 @@ def _bind_shard_map(f, name, mesh, args, in_specs, out_specs, axis_names, check_
             shape[d] //= n
         vma = set(aval.vma)
         vma |= set(manual) if not check_vma else {a for axes in spec.axes for a in axes}
-        in_avals.append(Aval(tuple(shape), aval.dtype, frozenset(vma)))
+        in_avals.append(Aval(tuple(shape), aval.dtype, frozenset(vma),
+                             sharding=_inner_type(aval, mesh, manual)))
 
     out_tree_box = []
 

@@ -11,6 +11,11 @@ from typing import Any
 import numpy as np
 
 from .errors import ShardingError
+
+
+class ShardingAssertionError(ShardingError, AssertionError):
+    """``with_sharding_constraint`` on all-Explicit axes found another sharding (JAX raises an
+    AssertionError there; this is both)."""
 from .mesh import AbstractMesh, Mesh, get_mesh
 
 
@@ -23,13 +28,17 @@ def _entry_axes(entry) -> tuple[str, ...]:
 
 
 class PartitionSpec(tuple):
-    """One entry per array dim: ``None``, a mesh-axis name, or a tuple of names (major first).
+    """One entry per array dim: ``None``, a mesh-axis name, or a tuple of names (major first);
+    as JAX's, ``unreduced=`` names mesh axes over which the value is a sum still pending (each
+    device holds a part) and ``reduced=`` axes over which it is already summed.
 
     >>> PartitionSpec("data", None)
     P('data', None)
+    >>> PartitionSpec(None, unreduced={"model"})
+    P(None, unreduced={'model'})
     """
 
-    def __new__(cls, *entries):
+    def __new__(cls, *entries, unreduced=frozenset(), reduced=frozenset()):
         # a list of names is the tuple of them (JAX: ``P(['x', 'y']) == P(('x', 'y'))``)
         entries = tuple(tuple(e) if isinstance(e, list) and all(isinstance(a, str) for a in e)
                         else e for e in entries)
@@ -39,10 +48,22 @@ class PartitionSpec(tuple):
             if not ok:
                 raise ShardingError(
                     f"PartitionSpec entry {e!r} is not None, an axis name or a tuple of axis names.")
-        return super().__new__(cls, entries)
+        self = super().__new__(cls, entries)
+        for name, axes in (("unreduced", unreduced), ("reduced", reduced)):
+            axes = frozenset((axes,) if isinstance(axes, str) else axes)
+            if not all(isinstance(a, str) for a in axes):
+                raise ShardingError(f"PartitionSpec {name}={set(axes)!r}: give a set of mesh "
+                                    f"axis names.")
+            setattr(self, name, axes)
+        if self.unreduced & self.reduced:
+            raise ShardingError(f"PartitionSpec: axes {sorted(self.unreduced & self.reduced)} are "
+                                f"both unreduced and reduced.")
+        return self
 
     def __repr__(self):
-        return "P(" + ", ".join(repr(e) for e in self) + ")"
+        extra = [f"{k}={set(sorted(getattr(self, k)))!r}" for k in ("unreduced", "reduced")
+                 if getattr(self, k)]
+        return "P(" + ", ".join([repr(e) for e in self] + extra) + ")"
 
     __str__ = __repr__
 
@@ -53,6 +74,11 @@ class PartitionSpec(tuple):
                 return "(" + ",".join(map(str, e)) + ("," if len(e) == 1 else "") + ")"
             return str(e)
         return "P(" + ",".join(entry(e) for e in self) + ")"
+
+    @property
+    def partitions(self) -> tuple:
+        """The entries, one per dim (JAX's name; unreduced and reduced axes are apart)."""
+        return tuple(self)
 
     @property
     def axes(self) -> tuple[tuple[str, ...], ...]:
@@ -67,20 +93,25 @@ class PartitionSpec(tuple):
 
     def __eq__(self, other):
         if isinstance(other, PartitionSpec):
-            return self._normalized() == other._normalized()
+            return (self._normalized(), self.unreduced, self.reduced) == \
+                (other._normalized(), other.unreduced, other.reduced)
         return tuple.__eq__(self, other)
 
     def __ne__(self, other):
         return not self == other
 
     def __hash__(self):
-        return hash(self._normalized())
+        return hash((self._normalized(), self.unreduced, self.reduced))
 
     def __reduce__(self):
-        return (PartitionSpec, tuple(self))
+        return (_spec, (tuple(self), self.unreduced, self.reduced))
 
 
 P = PartitionSpec
+
+
+def _spec(entries, unreduced, reduced):
+    return PartitionSpec(*entries, unreduced=unreduced, reduced=reduced)
 
 # How a NamedSharding draws itself in a notebook: filled by spmd.visualize at import (it sits
 # above this module and draws with rich).
@@ -101,6 +132,11 @@ def check_spec(spec: PartitionSpec, mesh: AbstractMesh, ndim: int | None = None,
                 raise ShardingError(f"{what}: {spec} uses mesh axis {a!r} twice (dims {seen[a]} and "
                                     f"{dim}); an axis can split only one dim.")
             seen[a] = dim
+    for a in sorted(spec.unreduced | spec.reduced):
+        if a not in mesh.axis_names or a in seen:
+            raise ShardingError(f"{what}: {spec} names mesh axis {a!r} as unreduced or reduced; "
+                                f"it must be an axis of the mesh {mesh.axis_names} that splits "
+                                f"no dim.")
     if ndim is not None and len(spec) > ndim:
         raise ShardingError(f"{what}: {spec} has {len(spec)} entries but the array has rank {ndim}; "
                             f"give at most one entry per dim.")
@@ -224,6 +260,29 @@ class NamedSharding:
 
     def _repr_html_(self):
         return _pictures["html"](self)
+
+
+def spec_entry(axes: tuple[str, ...]):
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def sharding_type(s: NamedSharding, ndim: int) -> NamedSharding | None:
+    """The sharding a value laid out by ``s`` carries in its type (JAX's sharding in types): on
+    the abstract mesh, one spec entry per dim, Explicit axes only (Auto axes are the
+    compiler's to choose, Manual ones are per-device); None when the mesh has no Explicit axis.
+
+    >>> from spmd import make_mesh
+    >>> sharding_type(NamedSharding(make_mesh((2, 4), ("x", "y")), P("x")), 2).spec
+    P('x', None)
+    """
+    cache = s.__dict__.setdefault("_types", {})     # every jit call asks, per argument
+    if ndim not in cache:
+        explicit = s.mesh.explicit_axes
+        dims = (tuple(a for a in ax if a in explicit) for ax in s._dim_axes(ndim))
+        cache[ndim] = None if not explicit else NamedSharding(s.mesh.abstract_mesh, PartitionSpec(
+            *map(spec_entry, dims), unreduced=s.spec.unreduced & set(explicit),
+            reduced=s.spec.reduced & set(explicit)))
+    return cache[ndim]
 
 
 def as_sharding(s: Any, *, what: str) -> NamedSharding:

@@ -11,8 +11,10 @@ import spmd
 from spmd import NamedSharding, P
 from spmd.errors import ShardingError
 
-MESH = spmd.make_mesh((2, 4), ("data", "model"))
-MESH1 = spmd.make_mesh((8,), ("x",))
+# Auto axes: these tests are about the compiler's propagation (JAX's jit on Auto meshes)
+AUTO = spmd.AxisType.Auto
+MESH = spmd.make_mesh((2, 4), ("data", "model"), (AUTO, AUTO))
+MESH1 = spmd.make_mesh((8,), ("x",), (AUTO,))
 NS = lambda *spec: NamedSharding(MESH, P(*spec))
 rng = np.random.default_rng(0)
 X = rng.normal(size=(8, 16)).astype(np.float32)
@@ -202,7 +204,7 @@ def test_spmd_explain_env_prints():
 # errors: each names the argument
 # ---------------------------------------------------------------------------------------------
 
-OTHER = spmd.make_mesh((4, 2), ("data", "model"))
+OTHER = spmd.make_mesh((4, 2), ("data", "model"), (AUTO, AUTO))
 
 ERRORS = [
     ("axis not in mesh", lambda: spmd.jit(lambda x: x, in_shardings=P("nope")), (X,),

@@ -7,7 +7,8 @@ import spmd
 from spmd import NamedSharding, P
 from spmd import eager
 
-MESH = spmd.make_mesh((2, 4), ("data", "model"))
+# Auto axes: eager ops compiled one at a time by the propagating compiler, as on JAX's Auto meshes
+MESH = spmd.make_mesh((2, 4), ("data", "model"), (spmd.AxisType.Auto,) * 2)
 NS = lambda *s: NamedSharding(MESH, P(*s))
 rng = np.random.default_rng(0)
 X = rng.normal(size=(8, 16)).astype(np.float32)
@@ -73,7 +74,7 @@ def test_python_values_and_host_functions(x):
 
 
 def test_different_meshes_error(x):
-    other = spmd.make_mesh((4, 2), ("data", "model"))
+    other = spmd.make_mesh((4, 2), ("data", "model"), (spmd.AxisType.Auto,) * 2)
     y = spmd.device_put(X, NamedSharding(other, P("data")))
     with pytest.raises(spmd.ShardingError, match="different meshes"):
         x + y

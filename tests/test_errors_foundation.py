@@ -36,7 +36,7 @@ CASES = [
     ("axis-used-twice", lambda: NamedSharding(_mesh(), P("data", ("model", "data"))), spmd.ShardingError, "'data' twice"),
     ("spec-longer-than-rank", lambda: spmd.device_put(np.ones(4), NamedSharding(_mesh(), P("data", "model"))), spmd.ShardingError, "rank 1"),
     ("reshard-spec-longer-than-rank", lambda: spmd.reshard(_sharded(), NamedSharding(_mesh(), P(None, None, "model"))), spmd.ShardingError, "3 entries"),
-    ("mesh-size-vs-device-count", lambda: spmd.make_mesh((3, 2), ("a", "b")), spmd.MeshError, "(3, 2)"),
+    ("mesh-size-vs-device-count", lambda: spmd.make_mesh((3, 4), ("a", "b")), spmd.MeshError, "(3, 4)"),
     ("names-vs-shape-length", lambda: spmd.make_mesh((2, 4), ("a",)), spmd.MeshError, "('a',)"),
     ("duplicate-devices", lambda: spmd.make_mesh((2, 2), ("a", "b"), devices=spmd.devices()[:2] * 2), spmd.MeshError, "CpuDevice(id=0)"),
     ("duplicate-devices-in-Mesh", lambda: spmd.Mesh(np.array(spmd.devices()[:1] * 2), ("a",)), spmd.MeshError, "CpuDevice(id=0)"),

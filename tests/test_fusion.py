@@ -16,7 +16,8 @@ from spmd.executors import fusion, reference_executor
 from spmd.executors.stacked import StackedExecutor
 
 REFERENCE = reference_executor()
-MESH = spmd.make_mesh((2, 4), ("data", "model"))
+# Auto axes: the chains are compiled by the propagating compiler, as on JAX's Auto meshes
+MESH = spmd.make_mesh((2, 4), ("data", "model"), (spmd.AxisType.Auto,) * 2)
 rng = np.random.default_rng(7)
 
 

@@ -56,8 +56,10 @@ def test_mesh_shape_matches_jax(mesh):
 
 
 def test_mesh_constructor_and_equality(mesh):
-    same = Mesh(np.array(spmd.devices()).reshape(2, 4), ("data", "model"))
+    same = Mesh(np.array(spmd.devices()).reshape(2, 4), ("data", "model"),
+                (spmd.AxisType.Explicit,) * 2)
     assert same == mesh and hash(same) == hash(mesh)
+    assert Mesh(same.devices, ("data", "model")) != mesh   # as JAX: axis types are part of a mesh
     assert spmd.make_mesh((2, 4), ("data", "model"), devices=spmd.devices()[::-1]) != mesh
     assert spmd.make_mesh((4, 2), ("data", "model")) != mesh
     assert mesh.devices.flags.writeable is False
@@ -72,7 +74,7 @@ def test_make_mesh_devices_argument():
 
 
 def test_mesh_repr_and_html(mesh):
-    assert repr(mesh) == "Mesh({'data': 2, 'model': 4}, 8 cpu devices)"
+    assert repr(mesh) == "Mesh({'data': 2, 'model': 4}, 8 cpu devices, axis_types=(Explicit, Explicit))"
     html = mesh._repr_html_()
     assert html.startswith("<div") and "<table" in html
     assert "data \\ model" in html
@@ -82,10 +84,11 @@ def test_mesh_repr_and_html(mesh):
 def test_abstract_mesh(mesh):
     am = mesh.abstract_mesh
     assert isinstance(am, AbstractMesh) and not isinstance(am, Mesh)
-    assert am == AbstractMesh((2, 4), ("data", "model")) and hash(am) == hash(AbstractMesh((2, 4), ("data", "model")))
+    same = AbstractMesh((2, 4), ("data", "model"), (spmd.AxisType.Explicit,) * 2)
+    assert am == same and hash(am) == hash(same) and am != AbstractMesh((2, 4), ("data", "model"))
     assert am != mesh
     assert am.shape == mesh.shape and am.size == 8
-    assert repr(am) == "AbstractMesh({'data': 2, 'model': 4})"
+    assert repr(am) == "AbstractMesh({'data': 2, 'model': 4}, axis_types=(Explicit, Explicit))"
     s = NamedSharding(am, P("data"))
     assert s.shard_shape((8, 3)) == (4, 3)
     with pytest.raises(spmd.ShardingError, match="needs a Mesh with devices"):
@@ -149,7 +152,8 @@ def test_named_sharding_geometry(mesh):
     assert NamedSharding(mesh, ("data",)) == NamedSharding(mesh, P("data"))  # a plain tuple is a spec
     assert s.is_equivalent_to(NamedSharding(mesh, P(("model", "data"), None)), 2)
     assert hash(s) == hash(NamedSharding(mesh, P(("model", "data"))))
-    assert repr(s) == "NamedSharding(mesh=Mesh({'data': 2, 'model': 4}, 8 cpu devices), spec=P(('model', 'data')))"
+    assert repr(s) == ("NamedSharding(mesh=Mesh({'data': 2, 'model': 4}, 8 cpu devices, "
+                       "axis_types=(Explicit, Explicit)), spec=P(('model', 'data')))")
 
 
 def test_devices_indices_map_uneven(mesh):

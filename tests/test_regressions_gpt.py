@@ -5,6 +5,11 @@ program, and the collectives of backward programs counted in bytes.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -314,3 +319,110 @@ def test_explain_names_pytree_paths_and_the_users_line():
     line = _sgd.__code__.co_firstlineno + 1
     assert f"{__file__}:{line} (_sgd): return p - 0.1 * g" in text
     assert "eqn " in text and " = sub params['layers']" in text
+
+
+# --- many processes: P() scalars, and spmd-run without initialize() ---------------------------
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+_needs_mpi = pytest.mark.skipif(not (os.path.exists(_MPIEXEC) or shutil.which("mpiexec")),
+                                reason="needs mpiexec (pip install 'spmd[mpi]')")
+
+_SCALAR_LOSS = """
+import numpy as np, spmd
+from spmd import P
+
+def losses():
+    mesh = spmd.make_mesh((2,), ("i",), devices=spmd.devices()[:2])
+    x = np.arange(8.0)
+    sm = spmd.jit(spmd.shard_map(lambda b: spmd.psum(np.sum(b * b), "i"), mesh=mesh,
+                                 in_specs=P("i"), out_specs=P()))
+    jt = spmd.jit(lambda x: np.sum(x * x), in_shardings=spmd.NamedSharding(mesh, P("i")),
+                  out_shardings=spmd.NamedSharding(mesh, P()))
+    return [(o.shape, float(o)) for o in (sm(x), jt(x))]
+
+simulated = losses()              # before initialize(): this process's simulated devices
+spmd.distributed.initialize()
+assert losses() == simulated == [((), 140.0), ((), 140.0)], (losses(), simulated)
+print("scalars OK", flush=True)
+"""
+
+
+def _spmd_run(tmp_path, source, n=2):
+    script = tmp_path / "script.py"
+    script.write_text(source)
+    return subprocess.run([sys.executable, "-m", "spmd.run", "-n", str(n), str(script)],
+                          cwd=_ROOT, env=dict(os.environ, PYTHONPATH=_ROOT),
+                          capture_output=True, text=True, timeout=50)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(60)
+@_needs_mpi
+def test_replicated_scalar_output_is_a_scalar_on_every_process(tmp_path):
+    """A ``P()`` scalar (a shard_map's psum, a jit's reduction) has shape ``()`` on every
+    process and ``float()`` works (MPI's all-reduce gave the 0-d operand back as ``(1,)``);
+    computing on simulated devices before ``initialize()`` stays allowed (it warns)."""
+    p = _spmd_run(tmp_path, _SCALAR_LOSS)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("scalars OK") == 2
+    assert "spmd: error" not in p.stderr
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(60)
+@_needs_mpi
+def test_spmd_run_without_initialize_warns_and_fails(tmp_path):
+    """Every process of ``spmd-run -n 2`` computing alone: the first computation warns at the
+    user's line, and the job fails at exit with the fix, instead of succeeding twice."""
+    p = _spmd_run(tmp_path, "import numpy as np, spmd\n"
+                            "print(float(spmd.jit(np.sum)(np.arange(4.0))), flush=True)\n")
+    assert p.returncode != 0
+    assert p.stdout.count("6.0") == 2
+    for rank in (0, 1):
+        assert (f"[{rank}] {tmp_path / 'script.py'}:2: RuntimeWarning: process {rank} of 2 was "
+                f"started by spmd-run but has not called spmd.distributed.initialize()") in p.stderr
+        assert (f"[{rank}] spmd: error: process {rank} of 2 was started by spmd-run but has not "
+                f"called spmd.distributed.initialize()") in p.stderr
+    assert "call spmd.distributed.initialize() at the top of the script" in p.stderr
+
+
+# --- the GPT step's speed fixes keep JAX's values -----------------------------------------------
+
+@pytest.mark.parametrize("f,products", [
+    (lambda x: x ** 3, lambda x: x * x * x), (lambda x: x ** 2, lambda x: x * x),
+    (lambda x: x ** 3.0, lambda x: x * x * x)])
+def test_small_integral_powers_are_jax_bits(f, products):
+    """``x ** 3`` (GELU's cube and its derivative's square) runs as products, as XLA computes
+    JAX's ``integer_pow``: JAX's float32 bits; inside a fused elementwise chain, whose buffers
+    are reused once a value is dead, the same products."""
+    import jax
+    x = np.abs(np.random.default_rng(3).standard_normal(4096).astype(np.float32)) + 0.5
+    np.testing.assert_array_equal(np.asarray(spmd.jit(f)(x)), np.asarray(jax.jit(f)(x)))
+    mesh = spmd.make_mesh((8,), ("d",))
+    g = spmd.shard_map(lambda b: f(b + 1) - 1, mesh=mesh, in_specs=P("d"), out_specs=P("d"))
+    np.testing.assert_array_equal(np.asarray(spmd.jit(g)(x)), products(x + 1) - 1)
+    # other exponents stay NumPy's power
+    np.testing.assert_array_equal(np.asarray(spmd.jit(lambda x: x ** 2.5)(x)), x ** 2.5)
+
+
+def test_elementwise_chain_spans_scalar_index_arithmetic():
+    """Scalar integer ops between the members of an elementwise chain (the compiler's slice
+    starts, ``axis_index * block``) run in place and leave the chain whole."""
+    from spmd.executors import fusion
+    mesh = spmd.make_mesh((8,), ("d",))
+
+    def body(b):
+        y = np.tanh(b)
+        start = spmd.lax.axis_index("d") * 3
+        return y * 2 + 1, start
+
+    f = spmd.shard_map(lambda b: (lambda y, s: (y, s[None]))(*body(b)), mesh=mesh,
+                       in_specs=P("d"), out_specs=(P("d"), P("d")))
+    program = spmd.make_program(f)(np.ones(16))
+    inner = next(e for e in program.eqns if e.prim.name == "shard_map").params["body"]
+    fused = [f for f in fusion.plan_fusions(inner, 1, np).values() if f != "skip"]
+    assert [len(f.params["members"]) for f in fused] == [3]
+    y, start = spmd.jit(f)(np.arange(16.0))
+    np.testing.assert_allclose(np.asarray(y), np.tanh(np.arange(16.0)) * 2 + 1, rtol=1e-15)
+    np.testing.assert_array_equal(np.asarray(start), np.arange(8) * 3)

@@ -15,11 +15,13 @@ exited-peer errors record and dump before they raise).
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Callable
 
-from ..errors import CollectiveTimeoutError, ProcessExitedError, SpmdError
+from ..errors import (CollectiveMismatchError, CollectiveTimeoutError, ProcessExitedError,
+                      SpmdError)
 from ..flight_recorder import check_same_calls, dump_quietly, recorder
 from ..runtime import collective_timeout_seconds
 
@@ -43,11 +45,16 @@ class CollectiveFrame:
     ``x``: this rank's input (for shape, dtype and bytes); ``timeout``: seconds, default
     :func:`spmd.runtime.collective_timeout_seconds`."""
 
-    def __init__(self, op: str, axes, ranks, x, *, me: int, timeout: float | None = None):
+    def __init__(self, op: str, axes, ranks, x, *, me: int, timeout: float | None = None,
+                 groups=None, perm=None):
         self.op, self.axes, self.ranks, self.me = op, tuple(axes), tuple(ranks), me
-        self.shape = tuple(x.shape)
+        self.shape, self.groups, self.perm = tuple(x.shape), groups, perm
         self.timeout = collective_timeout_seconds() if timeout is None else float(timeout)
-        self.entry = recorder().start(op, self.axes, self.ranks, x.shape, x.dtype, x.nbytes)
+        self.dtype = _DTYPE_NAMES.get(x.dtype) or _DTYPE_NAMES.setdefault(x.dtype, str(x.dtype))
+        self.entry = recorder().start(op, self.axes, self.ranks, x.shape, self.dtype, x.nbytes)
+        for name, value in (("groups", groups), ("perm", perm)):
+            if value is not None:
+                self.entry[name] = [list(v) for v in value]
         self.deadline = time.monotonic() + self.timeout
 
     # -- entering and leaving --------------------------------------------------------------------
@@ -78,16 +85,36 @@ class CollectiveFrame:
     def seq(self) -> int:
         return self.entry["seq"]
 
-    def signature(self) -> dict:
-        """What every rank of the group must agree on: op, axes, shape, dtype, group."""
+    def signature(self, ranks=None) -> dict:
+        """What every rank of the group must agree on: op, axes, shape, dtype, the ranks that
+        exchange it (``ranks``, default the group), and ``axis_index_groups`` / ``perm``."""
         mine = {k: self.entry[k] for k in ("seq", "op", "axes", "shape", "dtype")}
-        mine["ranks"] = list(self.ranks)
+        mine["ranks"] = list(self.ranks if ranks is None else ranks)
+        for name in _ARGUMENTS:
+            if name in self.entry:
+                mine[name] = self.entry[name]
         return mine
 
-    def check(self, theirs: dict) -> None:
+    def check(self, theirs: dict, *, differ: bool = False) -> None:
         """``theirs``: {rank: signature} of every rank of the group (this one included);
-        ``CollectiveMismatchError`` (recorded, dumped) unless they agree."""
+        ``CollectiveMismatchError`` (recorded, dumped) unless they agree.  ``differ``: the
+        ranks already know that they disagree (their digests differ), so raise in any case."""
         check_same_calls(self.entry, self.ranks, theirs)
+        for name, spelled in _ARGUMENTS.items():
+            values = {r: json.dumps(s.get(name)) for r, s in theirs.items()}
+            if len(set(values.values())) > 1:
+                raise self._mismatch(f"{_odd_one_out(values, spelled)}. Every process must pass "
+                                     f"the same {spelled}")
+        if differ:
+            raise self._mismatch(f"the ranks' calls differ in an argument too long to show: "
+                                 f"{theirs}")
+
+    def _mismatch(self, what: str) -> CollectiveMismatchError:
+        recorder().finish(self.entry, "mismatch")
+        path = dump_quietly(f"mismatch at collective #{self.seq}")
+        return CollectiveMismatchError(
+            f"{self.op} over axes {self.axes} (collective #{self.seq} of rank {self.me}): {what} "
+            f"(look for a branch on process_index() or on data). Flight recorder: {path}")
 
     # -- failures ----------------------------------------------------------------------------------
     def _describe(self) -> str:
@@ -120,22 +147,46 @@ class CollectiveFrame:
     # -- waiting ---------------------------------------------------------------------------------
     def wait(self, done: Callable[[], bool], *, on_timeout: Callable[[], str],
              poll: Callable[[], None] | None = None) -> None:
-        """Poll ``done()`` until it is true or the deadline passes.  On expiry ``on_timeout()``
-        cleans up (cancels requests, aborts a communicator) and says what is known; the frame
-        then raises ``CollectiveTimeoutError``.  ``poll()``, called now and then, may raise
-        (e.g. :meth:`exited` when a peer is gone)."""
-        spins, nap = 0, 1e-4
+        """Poll ``done()`` until it is true or the deadline passes, without keeping a core busy.
+        On expiry ``on_timeout()`` cleans up (cancels requests, aborts a communicator) and says
+        what is known; the frame then raises ``CollectiveTimeoutError``.  ``poll()``, called now
+        and then, may raise (e.g. :meth:`exited` when a peer is gone)."""
+        if done():
+            return
+        start = time.monotonic()
+        spins, nap = 0, _NAP_FIRST
         while not done():
-            if poll is not None and spins % 64 == 63:
-                poll()
-            if time.monotonic() > self.deadline:
-                raise self.timed_out(on_timeout())
             spins += 1
-            # Spin first (a peer on its own core answers in microseconds), then give the core
-            # away (ranks that share cores need it to make progress), then nap on long waits.
-            if spins > 64:
-                if spins < 20000:
-                    time.sleep(0)
+            now = time.monotonic()
+            if poll is not None and spins % 64 == 0:
+                poll()
+            if now > self.deadline:
+                raise self.timed_out(on_timeout())
+            # Spin briefly (a peer on its own core answers in microseconds), then give the core
+            # away to whoever needs it (ranks that share cores), then nap, longer and longer:
+            # a rank that waits for a late peer costs next to no CPU.
+            waited = now - start
+            if waited > _SPIN_SECONDS:
+                if waited < _YIELD_SECONDS:
+                    os.sched_yield()
                 else:
                     time.sleep(nap)
-                    nap = min(nap * 2, 1e-3)
+                    nap = min(nap * 1.5, _NAP_LAST if waited < _LONG_WAIT else _NAP_LONG)
+
+
+_SPIN_SECONDS, _YIELD_SECONDS = 1e-3, 10e-3     # spin, then yield the core, then nap
+_NAP_FIRST, _NAP_LAST, _LONG_WAIT, _NAP_LONG = 50e-6, 2e-3, 0.1, 20e-3
+_ARGUMENTS = {"groups": "axis_index_groups", "perm": "perm"}
+_DTYPE_NAMES: dict = {}                           # str(dtype) takes microseconds: once per dtype
+
+
+def _odd_one_out(values: dict, spelled: str) -> str:
+    """``values``: {rank: argument as JSON}; the ranks that differ from the most common value."""
+    counts = {}
+    for r in sorted(values):
+        counts.setdefault(values[r], []).append(r)
+    common = max(counts.values(), key=len)
+    odd = [r for r in sorted(values) if r not in common]
+    name = lambda rs: f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}"
+    return (f"{name(odd)} passed {spelled}={values[odd[0]]} where {name(common)} passed "
+            f"{spelled}={values[common[0]]}")

@@ -4,14 +4,27 @@ Mesh position ``p`` lives in process ``mesh.devices.flat[p].process_index``.  A 
 mesh ``axes`` (and ``axis_index_groups``) runs on the sub-communicator of this process's group,
 made once with ``Create_group`` (collective over the group only) and cached.
 
-Every call is non-blocking and runs in the shared collective frame
-(``spmd.communicators.frame``: flight recorder, signature check, dump on failure), polled
-against a deadline (``SPMD_COLLECTIVE_TIMEOUT``), so no collective can hang silently.  Before the data moves, the members of the group exchange a
-small signature (op, axes, shape, dtype) point-to-point on a control communicator: this tells
-*which* ranks have not arrived when the deadline passes, and catches ranks that call different
-collectives at the same point (``CollectiveMismatchError`` on every rank, instead of a hang or
-silently wrong data).  ``SPMD_COLLECTIVE_CHECK=0`` skips the signature exchange (faster small
-collectives; a timeout then cannot name the missing ranks).
+Every collective runs in the shared collective frame (``spmd.communicators.frame``: flight
+recorder, dump on failure, deadline ``SPMD_COLLECTIVE_TIMEOUT``) in two steps:
+
+1. **The check** (always on).  The members of the collective's whole axis group (all of the
+   axis, also when ``axis_index_groups`` split it) send each other one small message on
+   persistent requests of a control communicator: the collective's number and a digest of its
+   arguments (op, axes, shape, dtype, groups, perm), followed by those arguments as text.  It
+   cannot be turned off (``SPMD_COLLECTIVE_CHECK`` does not apply: the check costs one small
+   message per peer).  It is waited for without keeping a core busy (a short spin, then
+   yielding the core, then naps, against the deadline), so a rank that never arrives is named
+   (``CollectiveTimeoutError``), a rank that has exited is named (``ProcessExitedError``), and
+   ranks that disagree on any argument fail every rank with a
+   ``CollectiveMismatchError`` naming the rank, the collective and the argument, before any
+   data moves (mismatched buffers could otherwise hang MPI or give silently wrong data).
+2. **The data**, with the blocking MPI call on the buffers the executor owns (MPI's own
+   algorithms, no staging copies), received into buffers of the host pool
+   (``_host_parallel.empty``: big ones are reused once no array refers to them, so MPI does
+   not pay a page fault per page of a fresh buffer).  Every member has just shown that it is in
+   this very collective, so it completes unless a peer dies or stops inside it; a watchdog
+   thread, asleep otherwise, enforces the deadline there: it records and dumps the timeout,
+   reports it and ends the process.
 
 Buffers move as raw bytes of contiguous NumPy arrays (no pickling, any dtype including
 bfloat16); reductions run in the array's dtype, except float16/bfloat16 (reduced in float32)
@@ -19,23 +32,27 @@ and bool (logical or/and).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
+import threading
 import time
 
 import ml_dtypes
 import numpy as np
 
+from .. import _host_parallel
 from ..comm_protocol import Communicator, group_of
 from ..errors import SpmdError
 from ..runtime import collective_timeout_seconds
-from .frame import CollectiveFrame, signature_check
+from .frame import CollectiveFrame
 
-_SIGNATURE_BYTES = 512
+_SIGNATURE_BYTES = 512            # one check message: seq (8 bytes), digest (16), the call as JSON
 _SIGNATURE_TAG = 7071
 _PERMUTE_TAG = 7072
 _EXIT_TAG = 7073
+_WATCH_PERIOD = 0.25              # seconds between the watchdog's looks at the running collective
 _control = None
 _subcomms: dict[tuple[int, ...], object] = {}
 
@@ -56,7 +73,7 @@ def mpi4py_world():
 
 
 def _control_comm():
-    """A duplicate of COMM_WORLD for the signature messages, so they never match user traffic."""
+    """A duplicate of COMM_WORLD for the check messages, so they never match user traffic."""
     global _control
     if _control is None:
         _control = mpi().COMM_WORLD.Dup()
@@ -71,12 +88,117 @@ def _from_bytes(b: np.ndarray, dtype, shape) -> np.ndarray:
     return b.view(dtype).reshape(shape)
 
 
+# ---------------------------------------------------------------------------------------------
+# the check: one small message to and from every peer of the axis group
+# ---------------------------------------------------------------------------------------------
+
+_messages: dict[tuple, np.ndarray] = {}
+
+
+def _message(frame, whole) -> np.ndarray:
+    """The check message of a call (its seq left 0): a digest of every argument, then the
+    arguments as JSON (made once per distinct call)."""
+    key = (frame.op, frame.axes, frame.shape, frame.dtype, frame.groups, frame.perm, whole)
+    row = _messages.get(key)
+    if row is None:
+        signature = frame.signature(ranks=whole)
+        del signature["seq"]
+        text = json.dumps(signature, sort_keys=True).encode()
+        digest = hashlib.blake2b(text, digest_size=16).digest()
+        if len(text) > _SIGNATURE_BYTES - 24:      # too long to name: keep what fits in the text
+            short = {k: v for k, v in signature.items() if k not in ("groups", "perm")}
+            text = json.dumps(dict(short, truncated=True), sort_keys=True).encode()
+        row = np.zeros(_SIGNATURE_BYTES, np.uint8)
+        row[8:24] = np.frombuffer(digest, np.uint8)
+        row[24:24 + len(text)] = np.frombuffer(text[:_SIGNATURE_BYTES - 24], np.uint8)
+        _messages[key] = row
+    return row
+
+
+class _Check:
+    """The check of one axis group: persistent sends and receives of one message per peer on the
+    control communicator (every group uses the same tag, so a peer that is in a different
+    collective is seen as a mismatch, not a hang)."""
+
+    def __init__(self, control, me: int, ranks: tuple[int, ...]):
+        self.ranks, self.peers = ranks, [r for r in ranks if r != me]
+        self.out = np.zeros(_SIGNATURE_BYTES, np.uint8)
+        self.inbox = np.zeros((len(self.peers), _SIGNATURE_BYTES), np.uint8)
+        self.receives = [control.Recv_init(self.inbox[i], source=r, tag=_SIGNATURE_TAG)
+                         for i, r in enumerate(self.peers)]
+        self.requests = self.receives + [control.Send_init(self.out, dest=r, tag=_SIGNATURE_TAG)
+                                         for r in self.peers]
+        self.out_seq = self.out[:8].view(np.int64)
+        self.in_digests = self.inbox[:, 8:24]
+
+    def post(self, message: np.ndarray, seq: int):
+        self.out[:] = message
+        self.out_seq[0] = seq
+        self.expected = message[8:24].tobytes() * len(self.peers)
+        mpi().Prequest.Startall(self.requests)
+
+    def agree(self) -> bool:
+        return self.in_digests.tobytes() == self.expected
+
+    def theirs(self) -> dict:
+        """{rank: the signature it sent} (after a disagreement: to name it)."""
+        out = {}
+        for r, row in zip(self.peers, self.inbox):
+            text = bytes(row[24:]).rstrip(b"\0").decode(errors="replace")
+            try:
+                out[r] = json.loads(text)
+            except ValueError:
+                out[r] = {"op": "?", "axes": [], "shape": [], "dtype": "?", "unreadable": text}
+            out[r]["seq"] = int(row[:8].view(np.int64)[0])
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the watchdog: the deadline of the blocking data step
+# ---------------------------------------------------------------------------------------------
+
+class _Watchdog:
+    """One daemon thread that looks at the collective in its data step every ``_WATCH_PERIOD``
+    seconds; past the frame's deadline it records, dumps and reports the timeout and ends the
+    process (the main thread is inside MPI and cannot raise)."""
+
+    def __init__(self):
+        self.frame = None
+        self.thread = None
+
+    def watch(self, frame):
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="spmd-mpi-watchdog", daemon=True)
+            self.thread.start()
+        self.frame = frame
+
+    def _run(self):
+        while True:
+            time.sleep(_WATCH_PERIOD)
+            frame = self.frame
+            if frame is None or not frame.expired():
+                continue
+            error = frame.timed_out("every rank arrived, but the data exchange did not finish "
+                                    "(a peer stopped or died inside the collective)")
+            if self.frame is frame:
+                sys.stderr.write(f"{type(error).__name__}: {error}\n")
+                sys.stderr.flush()
+                os._exit(1)
+
+
+_watchdog = _Watchdog()
+
+
+# ---------------------------------------------------------------------------------------------
+# the communicator
+# ---------------------------------------------------------------------------------------------
+
 class MPICommunicator(Communicator):
     """The communicator protocol of ``spmd.comm_protocol`` over MPI processes."""
 
     multi_process = True
 
-    def __init__(self, mesh, *, check: bool | None = None):
+    def __init__(self, mesh):
         MPI = mpi()
         self.world = MPI.COMM_WORLD
         self.control = _control_comm()
@@ -91,12 +213,20 @@ class MPICommunicator(Communicator):
         if max(self.process_of, default=0) >= self.world.Get_size():
             raise SpmdError(f"{mesh!r} names process {max(self.process_of)}, but MPI_COMM_WORLD "
                             f"has {self.world.Get_size()} processes.")
-        self.check = signature_check(default=True) if check is None else check
+        self._groups: dict = {}
+        self._checks: dict = {}
 
     # -- groups ----------------------------------------------------------------------------------
-    def _my_group(self, axes, groups):
-        """The mesh positions of this process's group, in rank order."""
-        return group_of(self.mesh, tuple(axes), groups, self.local_positions[0])
+    def _group(self, axes, groups):
+        """(process ranks of this process's group in rank order, those of its whole axis group)."""
+        key = (axes, groups)
+        found = self._groups.get(key)
+        if found is None:
+            p = self.local_positions[0]
+            ranks = tuple(self.process_of[q] for q in group_of(self.mesh, tuple(axes), groups, p))
+            whole = tuple(self.process_of[q] for q in group_of(self.mesh, tuple(axes), None, p))
+            found = self._groups[key] = (ranks, whole)
+        return found
 
     def _subcomm(self, ranks: tuple[int, ...]):
         """The MPI communicator of ``ranks`` (shared by every mesh over the same processes)."""
@@ -107,40 +237,46 @@ class MPICommunicator(Communicator):
             group.Free()
         return comm
 
-    # -- one collective in the shared frame: record, check, wait with a deadline ---------------
-    def _run(self, op, axes, groups, x, start, *, timeout=None):
-        """Run one collective: ``start(comm, index)`` posts the non-blocking calls of this rank
-        (``index`` = its rank in the group) and returns (requests, finish) where ``finish()``
-        gives the result once the requests are done."""
-        ranks = tuple(self.process_of[p] for p in self._my_group(axes, groups))
-        with CollectiveFrame(op, axes, ranks, x, me=self.me, timeout=timeout) as frame:
-            if self.check and len(ranks) > 1:
-                self._arrive(frame)
-            requests, finish = start(self._subcomm(ranks), ranks.index(self.me))
-            self._wait(frame, requests)
-            return finish()
+    # -- one collective in the shared frame: check, then the data with a watchdog ----------------
+    def _run(self, op, axes, groups, x, call, *, perm=None, timeout=None):
+        """Run one collective: ``call(comm)`` makes the blocking MPI call on the group's
+        communicator and returns the result."""
+        axes = tuple(axes)
+        ranks, whole = self._group(axes, groups)
+        with CollectiveFrame(op, axes, ranks, x, me=self.me, timeout=timeout, groups=groups,
+                             perm=perm) as frame:
+            self._arrive(frame, whole)
+            comm = self._subcomm(ranks)
+            _watchdog.watch(frame)
+            try:
+                return call(comm)
+            finally:
+                _watchdog.frame = None
 
-    def _arrive(self, frame):
-        """Exchange call signatures with the group point-to-point on the control communicator;
-        names the ranks that do not arrive and those that call something else."""
-        mine = frame.signature()
-        sig = np.zeros(_SIGNATURE_BYTES, np.uint8)
-        raw = json.dumps(mine).encode()[:_SIGNATURE_BYTES]
-        sig[:len(raw)] = np.frombuffer(raw, np.uint8)
-        peers = [r for r in frame.ranks if r != self.me]
-        inbox = {r: np.zeros(_SIGNATURE_BYTES, np.uint8) for r in peers}
-        recvs = {r: self.control.Irecv(inbox[r], source=r, tag=_SIGNATURE_TAG) for r in peers}
-        sends = [self.control.Isend(sig, dest=r, tag=_SIGNATURE_TAG) for r in peers]
-        self._wait(frame, list(recvs.values()) + sends, pending=recvs)
-        theirs = {self.me: mine}
-        for r in peers:
-            theirs[r] = json.loads(bytes(inbox[r]).rstrip(b"\0").decode())
-        frame.check(theirs)
+    def _arrive(self, frame, whole):
+        """The check over the whole axis group ``whole``: every peer is in this collective with
+        the same arguments, or the frame raises and names them."""
+        if len(whole) == 1:
+            return
+        check = self._checks.get(whole)
+        if check is None:
+            check = self._checks[whole] = _Check(self.control, self.me, whole)
+        check.post(_message(frame, whole), frame.seq)
+        try:
+            self._wait(frame, check)
+        except BaseException:
+            del self._checks[whole]          # its requests were cancelled: new ones next time
+            raise
+        if not check.agree():
+            theirs = check.theirs()
+            theirs[self.me] = frame.signature(ranks=whole)
+            frame.check(theirs, differ=True)
 
-    def _wait(self, frame, requests, pending=None):
-        """Wait for ``requests`` within the frame's deadline.  ``pending``: {rank: receive} of
-        the signature exchange, to name the ranks that never arrived or exited."""
+    def _wait(self, frame, check):
+        """Wait for the check's messages within the frame's deadline, naming the ranks that
+        never arrive or that have exited."""
         MPI = mpi()
+        pending = dict(zip(check.peers, check.receives))
 
         def gone():
             exited = [r for r, q in pending.items()
@@ -149,18 +285,17 @@ class MPICommunicator(Communicator):
                 raise frame.exited(exited)
 
         def cancel():
-            missing = [r for r, q in pending.items() if not q.Test()] if pending is not None else None
-            for q in requests:
+            missing = [r for r, q in pending.items() if not q.Test()]
+            for q in check.requests:
                 try:
                     q.Cancel()
                 except MPI.Exception:
                     pass
             return (f"ranks {missing} did not arrive" if missing else
-                    "every rank arrived but the data exchange did not finish (a peer may "
-                    "have died)" if self.check else
-                    "SPMD_COLLECTIVE_CHECK=0, so the ranks that did not arrive are unknown")
-        frame.wait(lambda: MPI.Request.Testall(requests), on_timeout=cancel,
-                   poll=gone if pending is not None else None)
+                    "every rank arrived but the check messages did not complete (a peer may "
+                    "have died)")
+        requests = check.requests
+        frame.wait(lambda: MPI.Request.Testall(requests), on_timeout=cancel, poll=gone)
 
     # -- the protocol ----------------------------------------------------------------------------
     def _one(self, bufs):
@@ -169,27 +304,29 @@ class MPICommunicator(Communicator):
 
     def all_reduce(self, bufs, axes, groups, op, *, timeout=None):
         p, x = self._one(bufs)
-        MPI = mpi()
         work, mpi_op = _reduction(x.dtype, op)
         if work is None:              # no MPI reduction for this dtype: gather, reduce in order
             g = self.all_gather(bufs, axes, groups, timeout=timeout)[p]
             return {p: np.array(_NUMPY_REDUCE[op].reduce(g, axis=0), dtype=x.dtype)}
         send = np.ascontiguousarray(x, dtype=work)
-        recv = np.empty_like(send)
+        recv = _host_parallel.empty(np, send.shape, work)
 
-        def start(comm, index):
-            return [comm.Iallreduce(send, recv, mpi_op)], lambda: recv.astype(x.dtype, copy=False)
-        return {p: self._run(_REDUCE_NAMES[op], axes, groups, x, start, timeout=timeout)}
+        def call(comm):
+            comm.Allreduce(send, recv, mpi_op)
+            # ascontiguousarray makes a 0-d operand 1-d: give the result the operand's shape
+            return recv.astype(x.dtype, copy=False).reshape(x.shape)
+        return {p: self._run(_REDUCE_NAMES[op], axes, groups, x, call, timeout=timeout)}
 
     def all_gather(self, bufs, axes, groups, *, timeout=None):
         p, x = self._one(bufs)
-        n = len(self._my_group(axes, groups))
+        n = len(self._group(tuple(axes), groups)[0])
         send = _bytes(x)
-        recv = np.empty(n * send.size, np.uint8)
+        recv = _host_parallel.empty(np, (n * send.size,), np.uint8)
 
-        def start(comm, index):
-            return [comm.Iallgather(send, recv)], lambda: _from_bytes(recv, x.dtype, (n,) + x.shape)
-        return {p: self._run("all_gather", axes, groups, x, start, timeout=timeout)}
+        def call(comm):
+            comm.Allgather(send, recv)
+            return _from_bytes(recv, x.dtype, (n,) + x.shape)
+        return {p: self._run("all_gather", axes, groups, x, call, timeout=timeout)}
 
     def reduce_scatter(self, bufs, axes, groups, op, *, timeout=None):
         p, x = self._one(bufs)
@@ -198,65 +335,79 @@ class MPICommunicator(Communicator):
             g = self.all_to_all(bufs, axes, groups, timeout=timeout)[p]
             return {p: np.array(_NUMPY_REDUCE[op].reduce(g, axis=0), dtype=x.dtype)}
         send = np.ascontiguousarray(x, dtype=work)
-        recv = np.empty(x.shape[1:], work)
+        recv = _host_parallel.empty(np, x.shape[1:], work)
 
-        def start(comm, index):
-            return ([comm.Ireduce_scatter_block(send, recv, mpi_op)],
-                    lambda: recv.astype(x.dtype, copy=False))
+        def call(comm):
+            comm.Reduce_scatter_block(send, recv, mpi_op)
+            return recv.astype(x.dtype, copy=False)
         name = "psum_scatter" if op == "sum" else f"reduce_scatter({op})"
-        return {p: self._run(name, axes, groups, x, start, timeout=timeout)}
+        return {p: self._run(name, axes, groups, x, call, timeout=timeout)}
 
     def all_to_all(self, bufs, axes, groups, *, timeout=None):
         p, x = self._one(bufs)
         send = _bytes(x)
-        recv = np.empty_like(send)
+        recv = _host_parallel.empty(np, send.shape, np.uint8)
 
-        def start(comm, index):
-            return [comm.Ialltoall(send, recv)], lambda: _from_bytes(recv, x.dtype, x.shape)
-        return {p: self._run("all_to_all", axes, groups, x, start, timeout=timeout)}
+        def call(comm):
+            comm.Alltoall(send, recv)
+            return _from_bytes(recv, x.dtype, x.shape)
+        return {p: self._run("all_to_all", axes, groups, x, call, timeout=timeout)}
 
     def permute(self, bufs, axes, perm, *, timeout=None):
         p, x = self._one(bufs)
         send = _bytes(x)
-        recv = np.zeros_like(send)
+        perm = tuple((int(s), int(d)) for s, d in perm)
+        MPI = mpi()
 
-        def start(comm, index):
-            reqs = [comm.Isend(send, dest=d, tag=_PERMUTE_TAG) for s, d in perm if s == index]
-            got = [comm.Irecv(recv, source=s, tag=_PERMUTE_TAG) for s, d in perm if d == index]
-            return reqs + got, lambda: _from_bytes(recv, x.dtype, x.shape)
-        return {p: self._run("ppermute", axes, None, x, start, timeout=timeout)}
+        def call(comm):
+            index = comm.Get_rank()
+            src = [s for s, d in perm if d == index]
+            dst = [d for s, d in perm if s == index]
+            recv = _host_parallel.empty(np, send.shape, np.uint8) if src else np.zeros_like(send)
+            if len(src) == len(dst) == 1:            # a ring step: one combined call
+                comm.Sendrecv(send, dst[0], _PERMUTE_TAG, recv, src[0], _PERMUTE_TAG)
+            else:
+                MPI.Request.Waitall([comm.Isend(send, dest=d, tag=_PERMUTE_TAG) for d in dst]
+                                    + [comm.Irecv(recv, source=s, tag=_PERMUTE_TAG) for s in src])
+            return _from_bytes(recv, x.dtype, x.shape)
+        return {p: self._run("ppermute", axes, None, x, call, perm=perm, timeout=timeout)}
 
     def broadcast(self, bufs, axes, groups, source, *, timeout=None):
         p, x = self._one(bufs)
-        buf = np.array(_bytes(x))
 
-        def start(comm, index):
-            return [comm.Ibcast(buf, root=source)], lambda: _from_bytes(buf, x.dtype, x.shape)
-        return {p: self._run("pbroadcast", axes, groups, x, start, timeout=timeout)}
+        def call(comm):
+            buf = np.array(_bytes(x)) if comm.Get_rank() == source else np.empty(x.nbytes, np.uint8)
+            comm.Bcast(buf, root=source)
+            return _from_bytes(buf, x.dtype, x.shape)
+        return {p: self._run("pbroadcast", axes, groups, x, call, timeout=timeout)}
 
     def barrier(self, *, timeout=None):
-        x = np.zeros(0, np.uint8)
-
-        def start(comm, index):
-            return [comm.Ibarrier()], lambda: None
-        self._run("barrier", self.mesh.axis_names, None, x, start, timeout=timeout)
+        self._run("barrier", self.mesh.axis_names, None, np.zeros(0, np.uint8),
+                  lambda comm: comm.Barrier(), timeout=timeout)
 
 
 _REDUCE_NAMES = {"sum": "psum", "max": "pmax", "min": "pmin"}
 _NUMPY_REDUCE = {"sum": np.add, "max": np.maximum, "min": np.minimum}
+_reductions: dict = {}
 
 
 def _reduction(dtype, op):
     """(dtype to reduce in, MPI op), or (None, None) when MPI cannot reduce this dtype."""
-    MPI = mpi()
-    dtype = np.dtype(dtype)
-    if dtype == np.bool_:
-        return np.dtype(np.uint8), {"sum": MPI.LOR, "max": MPI.LOR, "min": MPI.LAND}[op]
-    if dtype in (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)):
-        return np.dtype(np.float32), {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op]
-    if dtype.kind == "c" and op != "sum":
-        return None, None
-    return dtype, {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op]
+    found = _reductions.get((dtype, op))
+    if found is None:
+        MPI = mpi()
+        dtype = np.dtype(dtype)
+        ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
+        if dtype == np.bool_:
+            found = np.dtype(np.uint8), {"sum": MPI.LOR, "max": MPI.LOR, "min": MPI.LAND}[op]
+        elif dtype in (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)):
+            found = np.dtype(np.float32), ops[op]
+        elif dtype.kind == "c" and op != "sum":
+            found = None, None
+        else:
+            found = dtype, ops[op]
+        _reductions[(dtype, op)] = found
+    return found
 
 
 def announce_exit():

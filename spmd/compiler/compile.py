@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from ..core import Program
+from ..core import Program, untyped
 from .cost import CostModel, default_cost_model
 from .explain import explain_text, global_text
 from .lower import lower
@@ -60,7 +60,8 @@ def compile_program(program: Program, in_shardings, out_shardings, mesh, *, name
     check_constraints(program, name)
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
     prop = propagate(program, list(in_shardings), list(out_shardings), sizes, cm)
-    manual, inserted = lower(program, prop, mesh, cm, name, in_names, out_names)
+    with untyped():    # the per-device program: sharding types were the global program's
+        manual, inserted = lower(program, prop, mesh, cm, name, in_names, out_names)
     padded = any(not sh.is_even(v.aval.shape, sizes)
                  for e, st in zip(program.eqns, prop.strategies)
                  for v, sh in zip(list(e.inputs) + list(e.outputs), list(st.ins) + list(st.outs)))

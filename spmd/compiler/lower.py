@@ -258,6 +258,7 @@ def lower(program: Program, prop, mesh, cm: CostModel, name: str, in_names=None,
                                 check_vma=False, context=f"jit({name}) per-device body")
     assert not captured
     body_prog = reduce_before_scaling(body_prog, psum_records)
+    body_prog = reduce_once(body_prog, psum_records, inserted)
     body_prog = combine_psums(body_prog, psum_records, inserted, sizes, cm)
     in_specs = tuple(sh.spec for sh in prop.in_shardings)
     out_specs = tuple(sh.spec for sh in prop.out_shardings)
@@ -336,6 +337,34 @@ def reduce_before_scaling(body: Program, records: dict) -> Program:
         if i not in dropped:
             out += replaced.get(i, [e])
     return Program(body.in_vars, out, body.out_vars)
+
+
+def reduce_once(body: Program, records: dict, inserted: list) -> Program:
+    """Inserted psums of one value over the same axes become one.  A gradient pending a sum
+    and read by several updates (``0.9 * m + 0.1 * g`` and ``0.01 * g * g`` in Adam) is
+    reduced for each of them, and once the reductions have moved before the scalings
+    (:func:`reduce_before_scaling`) they reduce the same value: the later ones read the
+    first's result instead."""
+    first: dict[tuple, Var] = {}
+    alias: dict[int, Var] = {}           # id(output of a dropped psum) -> the first's output
+    out = []
+    for e in body.eqns:
+        if alias and any(isinstance(a, Var) and id(a) in alias for a in e.inputs):
+            e = dataclasses.replace(e, inputs=[alias.get(id(a), a) if isinstance(a, Var) else a
+                                               for a in e.inputs])
+        if e.prim is psum_p and id(e) in records and isinstance(e.inputs[0], Var):
+            key = (id(e.inputs[0]), e.params)
+            if key in first:
+                alias[id(e.outputs[0])] = first[key]
+                dropped = records.pop(id(e))
+                inserted[:] = [r for r in inserted if r is not dropped]
+                continue
+            first[key] = e.outputs[0]
+        out.append(e)
+    if not alias:
+        return body
+    return Program(body.in_vars, out, [alias.get(id(a), a) if isinstance(a, Var) else a
+                                       for a in body.out_vars])
 
 
 def combine_psums(body: Program, records: dict, inserted: list, sizes, cm) -> Program:

@@ -62,8 +62,10 @@ class Sharding:
 
     @staticmethod
     def from_spec(spec: PartitionSpec, ndim: int) -> "Sharding":
+        """``spec``'s dims; its ``unreduced`` axes (JAX's) are sums pending over them."""
         axes = tuple(spec.axes)
-        return Sharding(axes + ((),) * (ndim - len(axes)))
+        return Sharding(axes + ((),) * (ndim - len(axes)),
+                        tuple((a, "sum") for a in sorted(getattr(spec, "unreduced", ()))))
 
     @property
     def ndim(self) -> int:

@@ -81,7 +81,7 @@ def propagate(program: Program, in_shardings: list, out_shardings: list, sizes: 
     for e in program.eqns:
         cur = [_sharding_of(env, a) for a in e.inputs]
         out_hints = [hints.get(id(v), (0, None))[1] for v in e.outputs]
-        cands = strategies(e, cur, out_hints, sizes)
+        cands = _typed(e, strategies(e, cur, out_hints, sizes))
         is_dot = category(e.prim) == "contraction"
         best, best_key = None, None
         for idx, s in enumerate(cands):
@@ -103,6 +103,24 @@ def propagate(program: Program, in_shardings: list, out_shardings: list, sizes: 
     for a, want in zip(program.out_vars, out_shardings):
         outs.append(want if want is not None else _sharding_of(env, a).without_partial())
     return Propagation(ins, chosen, outs, hints)
+
+
+def _typed(e: Eqn, cands: list) -> list:
+    """On Explicit mesh axes an output's sharding is part of its type (``Aval.sharding``, set
+    by the rules of ``spmd.sharding_rules`` while tracing): the strategies that give every
+    typed output its type over those axes, with no sum pending over them (all of them when
+    none does: the value is moved to its type later)."""
+    types = [v.aval.sharding for v in e.outputs]
+    if not any(t is not None for t in types):
+        return cands
+
+    def fits(out, t):
+        if t is None:
+            return True
+        explicit = set(t.mesh.explicit_axes)
+        dims = tuple(tuple(a for a in d if a in explicit) for d in out.dims)
+        return dims == t._dim_axes(len(dims)) and not (set(out.partial_axes) & explicit)
+    return [s for s in cands if all(fits(o, t) for o, t in zip(s.outs, types))] or cands
 
 
 def inline_calls(program: Program) -> Program:

@@ -21,6 +21,8 @@ import math
 
 import numpy as np
 
+from .._shapes import broadcast_shapes
+
 from .. import _host_parallel
 from ..collectives import psum_p
 
@@ -97,8 +99,8 @@ class ElementwiseChain:
         if hit is None:
             shapes = [np.shape(v) for v in vals]
             for fn, refs in self.members:
-                shapes.append(np.broadcast_shapes(*[shapes[r] for r in refs]))
-            full = np.broadcast_shapes(*shapes[:self.n_in])
+                shapes.append(broadcast_shapes(*[shapes[r] for r in refs]))
+            full = broadcast_shapes(*shapes[:self.n_in])
             probe = _in_turn(self.xp, self.members, self.results, _host_parallel._one_element(vals))
             dtypes = [np.result_type(p) for p in (probe if len(self.results) > 1 else (probe,))]
             # blocks only when every member has the one shape (they line up) and one dtype
@@ -203,6 +205,8 @@ def _elementwise_groups(program, taken):
             members.append(e)
             made.add(id(e.outputs[0]))
             continue
+        if fn is not None and not reads and members and not out.shape:
+            continue        # scalar index arithmetic between members (a slice's start): in place
         if reads or fn is not None:
             if len(members) > 1:
                 groups.append(members)

@@ -167,6 +167,27 @@ class _Run:
         return lambda *vals: ex._shard_map(comm, list(vals), outer_axes=self.manual_axes,
                                            body=program, **region)
 
+    def local(self, fn):
+        """``fn(xp, k, *arrays) -> list of arrays`` on each device's arrays (on whole values at
+        the top level), with ``k = 0``: a loop's slicing and stacking."""
+        ex, comm = self.executor, self.comm
+        if comm is None:
+            return lambda *vals: fn(np, 0, *[ex._whole(v) for v in vals])
+
+        def per_device(*vals):
+            per = {p: _placement(comm).call(p, fn, 0, *[v[p] for v in vals])
+                   for p in comm.local_positions}
+            n = len(next(iter(per.values())))
+            return [{p: per[p][i] for p in per} for i in range(n)]
+        return per_device
+
+    def scalar(self, value):
+        """A value that is the same on every device (a loop's predicate) as a Python scalar."""
+        if self.comm is not None:
+            value = value[self.comm.local_positions[0]]
+        v = self.executor._whole(value)
+        return v.reshape(-1)[0].item() if hasattr(v, "reshape") else v
+
 
 def _global_shape(aval, spec, mesh) -> tuple:
     """The global shape of a manual region's output whose blocks are ``aval``."""

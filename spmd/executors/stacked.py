@@ -210,6 +210,17 @@ class _Run:
     def manual(self, program: Program, **region):
         return self.executor._compile_manual(self.mesh, program, **region)
 
+    def local(self, fn):
+        """``fn(xp, k, *arrays) -> list of arrays`` on the values as one stacked array each (k
+        mesh dims in front; whole arrays at the top level): a loop's slicing and stacking."""
+        xp, k = self.executor.xp, len(self.mesh.axis_sizes) if self.mesh is not None else 0
+        return lambda *vals: fn(xp, k, *[_global(v) for v in vals])
+
+    def scalar(self, value):
+        """A value that is the same on every device (a loop's predicate) as a Python scalar."""
+        v = _global(value)
+        return v.reshape(-1)[0].item() if hasattr(v, "reshape") else v
+
 
 def _on_global(impl, xp, params, *vals):
     """A local primitive outside shard_map: on whole (gathered) arrays."""

@@ -243,11 +243,12 @@ def linear_vars(program: Program, linear) -> set:
 
 def dce(program: Program) -> Program:
     """Drop equations whose outputs nothing uses (rules compute partials eagerly; the ones a
-    zero tangent did not need disappear here)."""
+    zero tangent did not need disappear here).  An equation without outputs is there for its
+    effect (a debug callback) and stays."""
     live = {id(a) for a in program.out_vars if isinstance(a, Var)}
     kept = []
     for e in reversed(program.eqns):
-        if any(id(v) in live for v in e.outputs):
+        if not e.outputs or any(id(v) in live for v in e.outputs):
             kept.append(e)
             live |= {id(a) for a in e.inputs if isinstance(a, Var)}
     return Program(program.in_vars, kept[::-1], program.out_vars)

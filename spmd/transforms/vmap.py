@@ -15,7 +15,9 @@ import numpy as np
 import optree
 
 from ..core import Literal, Tracer, attributed, aval_of, bind, current_builder, hooks, trace
+from ..mesh import AbstractMesh
 from . import ad
+from ..sharding_rules import spmd_axis_name as spmd_axis
 from ..batching import batch_rule, batch_size, moveaxis, to_front  # noqa: F401
 
 
@@ -23,13 +25,16 @@ from ..batching import batch_rule, batch_size, moveaxis, to_front  # noqa: F401
 # the interpreter and vmap
 # ---------------------------------------------------------------------------------------------
 
-def batch_eval(program, args, dims, size):
-    """Inline the batched ``program``; returns (outputs, their batch dims)."""
+def batch_eval(program, args, dims, size, axis_name=None):
+    """Inline the batched ``program``; returns (outputs, their batch dims).  ``axis_name``: the
+    name of the batch dim, which the program's collectives may name (``vmap(axis_name=)``)."""
     env = {id(v): (x, d) for v, x, d in zip(program.in_vars, args, dims)}
     read = lambda a: (a.val, None) if isinstance(a, Literal) else env[id(a)]
     for e in attributed(program.eqns):
         vals, ds = zip(*[read(a) for a in e.inputs]) if e.inputs else ((), ())
-        if all(d is None for d in ds):
+        if axis_name is not None and _names_axis(e, axis_name):
+            outs, odims = _over_batch(e, list(vals), list(ds), axis_name, size)
+        elif all(d is None for d in ds):
             outs = bind(e.prim, *vals, **e.params)
             odims = [None] * len(outs) if e.prim.multiple_results else None
         else:
@@ -42,6 +47,34 @@ def batch_eval(program, args, dims, size):
     return [o for o, _ in outs], [d for _, d in outs]
 
 
+def _names_axis(e, axis_name) -> bool:
+    """Whether ``e`` is a collective over the named batch dim (and over no mesh axis)."""
+    axes = e.params.get("axes")
+    if e.prim.stacked is None or axes is None or axis_name not in axes:
+        return False
+    if tuple(axes) != (axis_name,):
+        raise NotImplementedError(f"{e.prim.name} over the vmap axis {axis_name!r} together with "
+                                  f"mesh axes {tuple(a for a in axes if a != axis_name)}: call it "
+                                  f"over each separately.")
+    return True
+
+
+def _over_batch(e, vals, dims, axis_name, size):
+    """A collective over the named batch dim is its stacked implementation with the batch dim as
+    the one mesh dim (size 1 where a value does not vary along it), on traced values."""
+    stacked = [np.expand_dims(v, 0) if d is None else moveaxis(v, d, 0) for v, d in zip(vals, dims)]
+    out = e.prim.stacked(hooks.array_namespace, AbstractMesh((size,), (axis_name,)), *stacked,
+                         **e.params)
+    outs, res = out if e.prim.multiple_results else [out], []
+    for v, o in zip(e.outputs, outs):
+        if axis_name in v.aval.vma:
+            res.append((np.broadcast_to(o, (size,) + tuple(aval_of(o).shape[1:])), 0))
+        else:
+            res.append((np.squeeze(o, 0), None))
+    outs, odims = [o for o, _ in res], [d for _, d in res]
+    return (outs, odims) if e.prim.multiple_results else (outs[0], odims[0])
+
+
 def _leaf_axes(axes, tree_value, what):
     is_leaf = lambda x: x is None
     try:
@@ -52,8 +85,22 @@ def _leaf_axes(axes, tree_value, what):
     return optree.tree_leaves(full, none_is_leaf=True)
 
 
-def vmap(f, in_axes=0, out_axes=0, axis_size=None):
-    """Map ``f`` over a new leading (or ``in_axes``) dim of its arguments.
+def _with_named_axis(ctx, axis_name, size, name):
+    """The tracing context with the batch dim as one more manual axis named ``axis_name``."""
+    mesh = ctx.get("mesh")
+    names, sizes = (tuple(mesh.axis_names), tuple(mesh.axis_sizes)) if mesh is not None else ((), ())
+    if axis_name in names:
+        raise ValueError(f"vmap({name}): axis_name={axis_name!r} is already a mesh axis here; "
+                         f"give the vmapped axis another name.")
+    return dict(mesh=AbstractMesh(sizes + (size,), names + (axis_name,)),
+                manual_axes=tuple(ctx.get("manual_axes", ())) + (axis_name,),
+                check_vma=ctx.get("check_vma", True))
+
+
+def vmap(f, in_axes=0, out_axes=0, axis_name=None, axis_size=None, spmd_axis_name=None):
+    """Map ``f`` over a new leading (or ``in_axes``) dim of its arguments.  With
+    ``spmd_axis_name``, the sharding constraints inside (a sharded ``jit``'s shardings,
+    ``with_sharding_constraint``, ``reshard``) split the mapped dim over that mesh axis.
 
     >>> import numpy as np, spmd
     >>> np.asarray(spmd.vmap(lambda r: r @ r)(np.arange(6.).reshape(2, 3))).tolist()
@@ -71,6 +118,12 @@ def vmap(f, in_axes=0, out_axes=0, axis_size=None):
         leaves, tree = optree.tree_flatten(args, none_is_leaf=False)
         ax = _leaf_axes(tuple(in_axes) if isinstance(in_axes, list) else in_axes, args, "in_axes") \
             if not isinstance(in_axes, (int, type(None))) else [in_axes] * len(leaves)
+        for i, (a, x) in enumerate(zip(ax, leaves)):
+            shape = aval_of(x).shape
+            if a is not None and not -len(shape) <= a < len(shape):
+                raise ValueError(f"vmap({name}): in_axes={a} for argument leaf {i} of shape "
+                                 f"{tuple(shape)}: mapping along axis {a} needs a rank of at least "
+                                 f"{a + 1 if a >= 0 else -a}, but it is {len(shape)}.")
         ax = [None if a is None else a % max(aval_of(x).ndim, 1) for a, x in zip(ax, leaves)]
         sizes = {aval_of(x).shape[a] for x, a in zip(leaves, ax) if a is not None}
         if axis_size is not None:
@@ -89,9 +142,16 @@ def vmap(f, in_axes=0, out_axes=0, axis_size=None):
             out_leaves, out_tree = optree.tree_flatten(out, none_is_leaf=False)
             box.append((out, out_tree))
             return out_leaves
-        prog, captured = trace(flat_fn, avals, **ad.context(), context=f"vmap({name})")
-        outs, odims = batch_eval(prog, leaves + captured,
-                                 [0 if a is not None else None for a in ax] + [None] * len(captured), size)
+        ctx = ad.context()
+        if axis_name is not None:        # collectives may name the batch dim: trace with it
+            ctx = _with_named_axis(ctx, axis_name, size, name)
+            avals = [v.update(vma=v.vma | {axis_name}) if a is not None else v
+                     for v, a in zip(avals, ax)]
+        prog, captured = trace(flat_fn, avals, **ctx, context=f"vmap({name})")
+        with spmd_axis(spmd_axis_name):
+            outs, odims = batch_eval(prog, leaves + captured,
+                                     [0 if a is not None else None for a in ax] + [None] * len(captured),
+                                     size, axis_name)
         out_struct, out_tree = box[0]
         oax = [out_axes] * len(outs) if isinstance(out_axes, (int, type(None))) else \
             _leaf_axes(out_axes, out_struct, "out_axes")
@@ -103,6 +163,11 @@ def vmap(f, in_axes=0, out_axes=0, axis_size=None):
                 res.append(o)
             else:
                 o = to_front(o, d, size)
-                res.append(moveaxis(o, 0, a % aval_of(o).ndim))
+                rank = aval_of(o).ndim
+                if not -rank <= a < rank:
+                    raise ValueError(f"vmap({name}): out_axes={a} for output leaf {len(res)}, whose "
+                                     f"rank with the mapped axis is {rank}: the axis must be in "
+                                     f"[{-rank}, {rank}).")
+                res.append(moveaxis(o, 0, a % rank))
         return optree.tree_unflatten(out_tree, res)
     return vmapped

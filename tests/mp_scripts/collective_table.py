@@ -72,7 +72,10 @@ def float_cases(devices):
 def programs(devices):
     """A shard_map program and a jit program mixing global ops with a shard_map."""
     shape, names = ((N,), ("i",)) if N == 2 else ((2, 2), ("data", "model"))
-    mesh = spmd.make_mesh(shape, names, devices=devices)
+    # Auto axes: the sharding compiler places the jit programs (on Explicit axes, as in JAX,
+    # a contraction sharded on both sides would need an out_sharding)
+    mesh = spmd.make_mesh(shape, names, devices=devices,
+                          axis_types=(spmd.AxisType.Auto,) * len(shape))
     rng = np.random.default_rng(2)
     x = rng.integers(-4, 5, (8, 8)).astype(np.float64)
     w = rng.integers(-4, 5, (8, 4)).astype(np.float64)

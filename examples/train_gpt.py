@@ -1,0 +1,262 @@
+"""Train a small GPT on a 2x4 mesh: data parallel over ``data``, Megatron tensor parallel over
+``model``, Adam written by hand, byte-level, on this file's own text.
+
+    python examples/train_gpt.py                          # shard_map, 2x4 mesh (dp_tp)
+    python examples/train_gpt.py --parallel dp            # data parallel only, 8 devices
+    python examples/train_gpt.py --parallel tp            # tensor parallel only, 4 devices
+    python examples/train_gpt.py --compiler               # global code + spmd.jit shardings
+    spmd-run -n 4 examples/train_gpt.py                   # 4 processes (a 2x2 mesh)
+
+The model is 2 layers, d_model 128, 4 heads, sequence 64, vocabulary 256 (bytes), batch 16,
+FFN 512.  Every function below takes the framework as arguments (``jax`` and ``jnp``): called
+with ``spmd`` and ``numpy`` it trains with spmd; called with ``jax`` and ``jax.numpy`` the same
+code trains with JAX, step for step to float32 rounding (``tests/test_train_gpt.py`` checks).
+
+With ``shard_map`` the body sees per-device blocks: each device holds ``4 / model`` heads
+(``wq``, ``wk``, ``wv``, ``w1`` split by columns, ``wo`` and ``w2`` by rows), one ``psum`` over
+``model`` closes the attention and the MLP, and the loss is a ``pmean`` over ``data``.  With
+``--compiler`` the loss is written on global arrays and ``spmd.jit`` is given the same layouts as
+``in_shardings``: the sharding compiler inserts the collectives itself.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import numpy as np
+
+import spmd
+
+try:       # optional (the `examples` extra): progress bar
+    from tqdm import tqdm
+except ImportError:
+    tqdm = None
+
+LAYERS, D_MODEL, HEADS, SEQ, VOCAB, BATCH, FFN = 2, 128, 4, 64, 256, 16, 512
+HEAD_DIM = D_MODEL // HEADS
+LR, BETA1, BETA2, EPS = 1e-3, 0.9, 0.99, 1e-8
+
+
+# ---------------------------------------------------------------------------------------------
+# the model, on global arrays or on per-device blocks
+# ---------------------------------------------------------------------------------------------
+
+def init_params(seed: int = 0) -> dict:
+    """Float32 parameters: normal(0, 0.02) weights, unit gains, zero biases."""
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: (0.02 * rng.standard_normal(shape)).astype(np.float32)
+    ones, zeros = (lambda n: np.ones(n, np.float32)), (lambda n: np.zeros(n, np.float32))
+    layer = lambda: dict(ln1_g=ones(D_MODEL), ln1_b=zeros(D_MODEL), wq=normal(D_MODEL, D_MODEL),
+                         wk=normal(D_MODEL, D_MODEL), wv=normal(D_MODEL, D_MODEL),
+                         wo=normal(D_MODEL, D_MODEL), bo=zeros(D_MODEL), ln2_g=ones(D_MODEL),
+                         ln2_b=zeros(D_MODEL), w1=normal(D_MODEL, FFN), b1=zeros(FFN),
+                         w2=normal(FFN, D_MODEL), b2=zeros(D_MODEL))
+    return dict(wte=normal(VOCAB, D_MODEL), wpe=normal(SEQ, D_MODEL),
+                layers=[layer() for _ in range(LAYERS)], lnf_g=ones(D_MODEL), lnf_b=zeros(D_MODEL),
+                w_out=normal(D_MODEL, VOCAB))
+
+
+def param_specs(P, model: str | None) -> dict:
+    """Megatron layouts: column-parallel ``wq wk wv w1 b1``, row-parallel ``wo w2``, the rest
+    replicated.  ``model=None`` replicates everything."""
+    col, row, vec = P(None, model), P(model, None), P(model)
+    layer = dict(ln1_g=P(), ln1_b=P(), wq=col, wk=col, wv=col, wo=row, bo=P(), ln2_g=P(),
+                 ln2_b=P(), w1=col, b1=vec, w2=row, b2=P())
+    return dict(wte=P(), wpe=P(), layers=[dict(layer) for _ in range(LAYERS)], lnf_g=P(),
+                lnf_b=P(), w_out=P())
+
+
+def layer_norm(jnp, x, g, b):
+    mu = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean((x - mu) ** 2, axis=-1, keepdims=True)
+    return (x - mu) / jnp.sqrt(var + 1e-5) * g + b
+
+
+def gelu(jnp, x):
+    return 0.5 * x * (1 + jnp.tanh(0.7978845608 * (x + 0.044715 * x ** 3)))
+
+
+def attention(jnp, x, p):
+    """Causal self-attention over the heads whose columns of ``wq wk wv`` this device holds."""
+    b, t, _ = x.shape
+    heads = p["wq"].shape[1] // HEAD_DIM
+    split = lambda a: a.reshape(b, t, heads, HEAD_DIM)
+    q, k, v = split(x @ p["wq"]), split(x @ p["wk"]), split(x @ p["wv"])
+    s = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(HEAD_DIM)
+    s = jnp.where(np.tril(np.ones((t, t), bool)), s, -1e9)
+    s = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    a = s / jnp.sum(s, axis=-1, keepdims=True)
+    return jnp.einsum("bhts,bshd->bthd", a, v).reshape(b, t, heads * HEAD_DIM) @ p["wo"]
+
+
+def loss_fn(jnp, params, x, y, psum_model=lambda a: a):
+    """Mean next-byte cross-entropy.  ``psum_model`` sums the partial products of the
+    row-parallel ``wo`` and ``w2`` (the identity on global arrays)."""
+    h = params["wte"][x] + params["wpe"]
+    for p in params["layers"]:
+        h = h + psum_model(attention(jnp, layer_norm(jnp, h, p["ln1_g"], p["ln1_b"]), p)) + p["bo"]
+        u = gelu(jnp, layer_norm(jnp, h, p["ln2_g"], p["ln2_b"]) @ p["w1"] + p["b1"])
+        h = h + psum_model(u @ p["w2"]) + p["b2"]
+    logits = layer_norm(jnp, h, params["lnf_g"], params["lnf_b"]) @ params["w_out"]
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    log_z = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1)) + top[..., 0]
+    picked = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+    return jnp.mean(log_z - picked)
+
+
+def adam(jax, jnp, params, grads, state, c1, c2):
+    """One Adam step; ``c1 = 1 / (1 - beta1**t)`` and ``c2`` are the bias corrections."""
+    tree_map = jax.tree_util.tree_map
+    m = tree_map(lambda m, g: BETA1 * m + (1 - BETA1) * g, state["m"], grads)
+    v = tree_map(lambda v, g: BETA2 * v + (1 - BETA2) * g * g, state["v"], grads)
+    params = tree_map(lambda p, m, v: p - LR * (m * c1) / (jnp.sqrt(v * c2) + EPS), params, m, v)
+    return params, dict(m=m, v=v)
+
+
+# ---------------------------------------------------------------------------------------------
+# the training step, with shard_map or with the sharding compiler
+# ---------------------------------------------------------------------------------------------
+
+def mesh_for(jax, parallel: str, n_devices: int):
+    """``dp``: all devices on ``data``; ``tp``: up to 4 (one head each) on ``model``; ``dp_tp``:
+    2 x (n / 2), a 2x4 mesh on 8 devices."""
+    if parallel == "dp":
+        shape, names = (n_devices,), ("data",)
+    elif parallel == "tp":
+        shape, names = (min(n_devices, HEADS),), ("model",)
+    else:
+        shape, names = (2, min(n_devices // 2, HEADS)), ("data", "model")
+    devices = np.array(jax.devices()[:math.prod(shape)]).reshape(shape)
+    return jax.sharding.Mesh(devices, names)
+
+
+def make_loss(jax, jnp, mesh, compiler: bool = False):
+    """``loss(params, x, y)`` on global arrays, and the specs of ``params`` and of the batch:
+    a ``shard_map`` of the per-device loss, or (``compiler``) the global loss itself."""
+    P = jax.sharding.PartitionSpec
+    model = "model" if "model" in mesh.axis_names else None
+    data = "data" if "data" in mesh.axis_names else None
+    specs, batch = param_specs(P, model), P(data)
+    if compiler:
+        return (lambda params, x, y: loss_fn(jnp, params, x, y)), specs, batch
+
+    def local_loss(params, x, y):
+        psum = (lambda a: jax.lax.psum(a, model)) if model else (lambda a: a)
+        value = loss_fn(jnp, params, x, y, psum)
+        return jax.lax.pmean(value, data) if data else value
+    return (jax.shard_map(local_loss, mesh=mesh, in_specs=(specs, batch, batch), out_specs=P()),
+            specs, batch)
+
+
+def make_step(jax, jnp, mesh, compiler: bool = False):
+    """``step(params, state, x, y, c1, c2) -> (params, state, loss)``, jitted, and the
+    shardings of ``(params, batch)`` to put the arguments on the mesh with."""
+    loss, specs, batch = make_loss(jax, jnp, mesh, compiler)
+    P, named = jax.sharding.PartitionSpec, lambda s: jax.sharding.NamedSharding(mesh, s)
+
+    def step(params, state, x, y, c1, c2):
+        value, grads = jax.value_and_grad(loss)(params, x, y)
+        params, state = adam(jax, jnp, params, grads, state, c1, c2)
+        return params, state, value
+
+    shardings = (jax.tree_util.tree_map(named, specs, is_leaf=lambda s: isinstance(s, P)),
+                 named(batch))
+    if not compiler:
+        return jax.jit(step), shardings
+    rep = named(P())
+    state = dict(m=shardings[0], v=shardings[0])
+    return jax.jit(step, in_shardings=(shardings[0], state, shardings[1], shardings[1], rep, rep),
+                   out_shardings=(shardings[0], state, rep)), shardings
+
+
+def batches(seed: int = 0):
+    """Endless batches of ``(x, y)``: random windows of this file's bytes, ``y`` one ahead."""
+    with open(__file__, "rb") as f:
+        text = np.frombuffer(f.read(), np.uint8).astype(np.int32)
+    rng = np.random.default_rng(seed)
+    while True:
+        starts = rng.integers(0, len(text) - SEQ - 1, BATCH)
+        window = np.stack([text[s:s + SEQ + 1] for s in starts])
+        yield window[:, :-1], window[:, 1:]
+
+
+def train(jax, jnp, parallel: str = "dp_tp", compiler: bool = False, steps: int = 30,
+          n_devices: int = 8, progress=None):
+    """Train ``steps`` steps; returns the list of losses (Python floats)."""
+    mesh = mesh_for(jax, parallel, n_devices)
+    step, (param_sh, batch_sh) = make_step(jax, jnp, mesh, compiler)
+    params = jax.device_put(init_params(), param_sh)
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, p.dtype), init_params())
+    state = dict(m=jax.device_put(zeros, param_sh), v=jax.device_put(zeros, param_sh))
+    losses, data = [], batches()
+    for t in range(1, steps + 1):
+        x, y = next(data)
+        c1, c2 = (np.float32(1 / (1 - b ** t)) for b in (BETA1, BETA2))
+        params, state, loss = step(params, state, jax.device_put(x, batch_sh),
+                                   jax.device_put(y, batch_sh), c1, c2)
+        losses.append(float(loss))
+        if progress is not None:
+            progress(t, losses[-1])
+    return losses
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parallel", choices=("dp", "tp", "dp_tp"), default="dp_tp")
+    parser.add_argument("--compiler", action="store_true",
+                        help="global code with spmd.jit in_shardings/out_shardings")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--plot", default="gpt_loss.png", help="loss curve (needs matplotlib)")
+    parser.add_argument("--out", help="also write the losses to this JSON file")
+    args = parser.parse_args(argv)
+    if spmd.distributed.detect_environment() is not None:
+        spmd.distributed.initialize()           # started by spmd-run, torchrun, SLURM, mpiexec
+    lead = spmd.process_index() == 0
+    how = "spmd.jit shardings" if args.compiler else "shard_map"
+    mesh = mesh_for(spmd, args.parallel, spmd.device_count())
+    if lead:
+        print(f"GPT {LAYERS}x{D_MODEL}, {HEADS} heads, {how} on mesh {dict(mesh.shape)} "
+              f"({spmd.process_count()} process(es))")
+    bar = tqdm(total=args.steps, disable=not lead) if tqdm is not None else None
+
+    def progress(t, loss):
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+        elif lead and (t == 1 or t % 5 == 0):
+            print(f"step {t:3d}  loss {loss:.4f}", flush=True)
+
+    t0 = time.perf_counter()
+    losses = train(spmd, np, args.parallel, args.compiler, args.steps, spmd.device_count(),
+                   progress)
+    if bar is not None:
+        bar.close()
+    if lead:
+        print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {args.steps} steps, "
+              f"{time.perf_counter() - t0:.1f} s")
+        _plot(losses, args.plot, f"{how}, mesh {dict(mesh.shape)}")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(losses, f)
+
+
+def _plot(losses, path, title):
+    try:       # optional (the `examples` extra): the loss curve as a picture
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(pip install matplotlib for a picture of the loss curve)")
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(losses) + 1), losses)
+    ax.set(xlabel="step", ylabel="cross-entropy (nats per byte)", title=f"GPT: {title}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"loss curve saved to {path}")
+
+
+if __name__ == "__main__":
+    main()
