@@ -1,12 +1,13 @@
 """Float math as XLA computes it on the CPU, written as NumPy code (it traces like any other):
-``log``, ``log1p``, ``erf``, ``erf_inv`` and the fused multiply-add that XLA's CPU backend
-contracts ``a * b + c`` into.  ``spmd.random`` samples with these so that its floats are
-JAX's bits, not merely close to them, and ``spmd.nn.gelu`` takes its ``erf`` from here.
+``log``, ``log1p``, ``exp``, ``erf``, ``erf_inv`` and the fused multiply-add that XLA's CPU
+backend contracts ``a * b + c`` into.  ``spmd.random`` samples with these so that its floats
+are JAX's bits, not merely close to them, and ``spmd.nn.gelu`` takes its ``erf`` from here.
 
 In float32 (and narrower, computed in float32) they are XLA's algorithms operation for
-operation: Cephes' ``logf`` and ``log1p``, a rational ``erf``, Giles' ``erf_inv``.  In float64
-``log`` is NumPy's, which differs from XLA's in the last bit for about one value in a
-thousand; the rest follows XLA with float64 fused multiply-adds emulated exactly.
+operation: Cephes' ``logf``, ``log1p`` and ``expf``, a rational ``erf``, Giles' ``erf_inv``.
+``rsqrt`` and ``pow`` are correctly rounded, within an ulp of XLA's.  In float64 ``log``,
+``exp`` and ``pow`` are NumPy's, which differ from XLA's in the last bit for about one value in
+a thousand; the rest follows XLA with float64 fused multiply-adds emulated exactly.
 """
 from __future__ import annotations
 
@@ -229,3 +230,44 @@ def next_toward(x, up: bool):
     moved = np.where(x > 0, away if up else toward,
                      np.where(x < 0, toward if up else away, smallest))
     return np.where(np.isnan(x) | (x == (np.inf if up else -np.inf)), x, moved)
+
+
+def rsqrt(x):
+    """``1 / sqrt(x)`` rounded once.  XLA's CPU backend refines the processor's approximate
+    reciprocal square root with a Newton step in float32, which no portable code reproduces;
+    this differs from it by an ulp for some inputs."""
+    dt = aval_of(x).dtype
+    if dt.itemsize >= 8:
+        return np.asarray(1, dt) / np.sqrt(x)
+    return astype(1 / np.sqrt(astype(x, np.float64)), dt)
+
+
+def pow(x, y):
+    """``x ** y``: through float64 for float32 and narrower."""
+    dt = aval_of(x).dtype
+    if dt.itemsize >= 8:
+        return np.power(x, y)
+    return astype(np.power(astype(x, np.float64), astype(y, np.float64)), dt)
+
+
+_EXP_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
+          5.0000001201e-1)
+
+
+@_f32_upcast
+def exp(x):
+    """Cephes' expf as XLA's CPU backend evaluates it: ``2**n * e**r`` with ``|n|`` at most 127
+    (so ``r`` grows past ``ln 2 / 2`` at the top of the range), and results below the smallest
+    normal flushed to zero.  In float64 NumPy's."""
+    if aval_of(x).dtype == np.float64:
+        return np.exp(x)
+    f32 = np.float32
+    x = np.minimum(np.maximum(x, f32(-88.72283935546875)), f32(88.72283935546875))
+    n = np.clip(np.floor(fma(x, f32(1.44269504088896341), f32(0.5))), f32(-127), f32(127))
+    r = fma(-n, f32(0.693359375), x)                           # r = x - n ln 2, in two parts
+    r = fma(-n, f32(-2.12194440e-4), r)
+    y = fma(_horner(_EXP_P, r), r * r, r) + f32(1)
+    with np.errstate(invalid="ignore", over="ignore"):        # NaN's n; overflow to inf
+        scale = bitcast(((n + f32(127)).astype(np.int32) << 23), f32)   # 2**n; 0 for n = -127
+        out = y * scale
+    return np.where(np.abs(out) < f32(2.0 ** -126), f32(0), out)

@@ -12,10 +12,15 @@ an ordinary traced value: the hash is the primitive ``spmd.prims.threefry2x32_p`
 is NumPy code over it, so they run eagerly, under ``jit``, ``vmap`` and inside ``shard_map``,
 where ``fold_in(key, axis_index("x"))`` gives each device its own stream.
 
-The transcendental functions the samplers use (``log``, ``log1p``, ``erf``, ``erf_inv``) are
-computed the way XLA computes them on the CPU in float32, fused multiply-adds included, so
-``normal``, ``truncated_normal``, ``gumbel`` and ``categorical`` give JAX's float32 bits too;
-in float64 they agree with JAX to a few ulps.
+The transcendental functions the samplers use (``log``, ``log1p``, ``exp``, ``erf``,
+``erf_inv``) are computed the way XLA computes them on the CPU in float32, fused multiply-adds
+included, so ``normal``, ``truncated_normal``, ``gumbel`` and ``categorical`` give JAX's float32
+bits too; in float64 they agree with JAX to a few ulps.  ``gamma``, ``loggamma``, ``beta`` and
+``dirichlet`` give JAX's float32 bits wherever XLA's reciprocal square root of ``a - 1/3``
+(``a + 2/3`` below 1) is the correctly rounded one: XLA refines the processor's approximate one,
+which is an ulp off for some ``a`` (about one in seven on an AMD EPYC), and the draws for that
+``a`` then differ by a few ulps.  ``gamma`` with ``a < 1`` takes a power, an ulp off XLA's in
+about one draw in a thousand.
 
 >>> import spmd
 >>> k = spmd.random.key(0)
@@ -33,12 +38,16 @@ from collections.abc import Sequence
 import ml_dtypes
 import numpy as np
 
+from ._shapes import broadcast_shapes
+
 from . import _xla_math as xm, prims, numpy_api, tree_util
+from .collectives import pmax, pvary
+from .control_flow import while_loop
 from .core import Tracer, aval_of, bind, hooks
 
 __all__ = ["PRNGKeyArray", "key", "PRNGKey", "key_data", "wrap_key_data", "split", "fold_in",
            "bits", "uniform", "normal", "truncated_normal", "bernoulli", "categorical", "randint",
-           "permutation", "choice", "gumbel"]
+           "permutation", "choice", "gumbel", "gamma", "loggamma", "beta", "dirichlet"]
 
 _U32 = np.dtype(np.uint32)
 _FLOATS = tuple(map(np.dtype, (np.float16, ml_dtypes.bfloat16, np.float32, np.float64)))
@@ -274,7 +283,11 @@ def _operand(x):
 
 
 def _check_shape(name, shape, *param_shapes):
-    if param_shapes and np.broadcast_shapes(shape, *param_shapes) != tuple(shape):
+    try:
+        fits = not param_shapes or broadcast_shapes(shape, *param_shapes) == tuple(shape)
+    except ValueError:
+        fits = False
+    if not fits:
         raise ValueError(f"spmd.random.{name}: parameter shapes {list(param_shapes)} must "
                          f"broadcast to the shape argument {tuple(shape)}")
 
@@ -338,7 +351,7 @@ def truncated_normal(key, lower, upper, shape=None, dtype=None):
     dtype = _float_dtype("truncated_normal", dtype)
     bounds = (aval_of(lower).shape, aval_of(upper).shape)
     if shape is None:
-        shape = np.broadcast_shapes(*bounds)
+        shape = broadcast_shapes(*bounds)
     else:
         shape = _shape("truncated_normal", shape)
         _check_shape("truncated_normal", shape, *bounds)
@@ -572,3 +585,154 @@ def choice(key, a, shape=(), replace=True, p=None, axis=0, mode=None):
         result = ind if ar.ndim == 0 else _take(arr, ind, axis)
     return np.reshape(result, shape if ar.ndim == 0 else
                       ar.shape[:axis] + shape + ar.shape[axis + 1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# gamma and the samplers built on it
+# ---------------------------------------------------------------------------------------------
+
+def _words(keys):
+    """The two key words of an array of keys ``(..., 2)``, as ``_hash`` takes them: samplers
+    given these draw one value per key (a draw of shape ``()`` under each)."""
+    return keys[..., 0], keys[..., 1]
+
+
+def _split_each(keys, num: int):
+    """``num`` keys from each key of ``keys`` (shape ``(n, 2)``): ``split(k, num)`` per key."""
+    high, low = _hash((keys[:, :1], keys[:, 1:]), *_counters((num,)))
+    return [np.stack([high[:, i], low[:, i]], axis=-1) for i in range(num)]
+
+
+def _any_anywhere(mask, axes):
+    """Whether ``mask`` has a True element, on any device of the mesh ``axes`` (in shard_map:
+    every device then loops as many times as the slowest, its finished elements unchanged)."""
+    found = np.any(mask)
+    return pmax(found.astype(np.int32), axes) > 0 if axes else found
+
+
+def _marsaglia_tsang(keys, d, c, axes):
+    """The accepted ``V`` of Marsaglia and Tsang's rejection loop for ``Gamma(d + 1/3)``, one
+    per key, as JAX draws it: each round splits its key in three (next round, normal, uniform),
+    redraws the normal (from its own key chain) until ``v = 1 + c x > 0``, and accepts when
+    ``U < 1 - 0.0331 x^4`` or ``log U < x^2 / 2 + d (1 - v^3 + log v^3)``.  Every element runs
+    its own loop; the vectorised loop runs until all have accepted, each keeping its state once
+    its own test passes (in shard_map, until all have on every device of ``axes``)."""
+    dtype = aval_of(d).dtype
+    one, zero = np.ones_like(d), np.zeros_like(d)
+    half, squeeze = np.asarray(0.5, dtype), np.asarray(0.0331, dtype)
+
+    def rejected(state):
+        _, X, V, U = state
+        return (U >= xm.fma(-(X * X), squeeze, one)) & (
+            xm.log(U) >= xm.fma(X, half, d * ((one - V) + xm.log(V))))
+
+    def draw_normal(state):
+        keys, x, v = state
+        keys_next, sub = _split_each(keys, 2)
+        x_new = _normal(_words(sub), (), dtype)
+        redo = v <= 0
+        return (np.where(redo[:, None], keys_next, keys), np.where(redo, x_new, x),
+                np.where(redo, xm.fma(x_new, c, one), v))
+
+    def round_(state):
+        keys, X, V, U = state
+        keys_next, x_key, u_key = _split_each(keys, 3)
+        _, x, v = while_loop(lambda s: _any_anywhere(s[2] <= 0, axes), draw_normal,
+                             (x_key, zero, -one))
+        new = (x * x, v * v * v, _uniform(_words(u_key), (), dtype, 0., 1.))
+        redo = rejected(state)
+        return (np.where(redo[:, None], keys_next, keys),
+                *(np.where(redo, n, o) for n, o in zip(new, (X, V, U))))
+
+    # the initial state is rejected, so that every element draws at least once
+    return while_loop(lambda s: _any_anywhere(rejected(s), axes), round_,
+                      (keys, zero, one, one + one))[2]
+
+
+def _gamma(data, alpha, log_space: bool):
+    """Standard gamma samples (their logs if ``log_space``) for ``alpha`` of the output's shape
+    and dtype, one key per element split from ``data``.  ``alpha < 1`` is drawn as
+    ``Gamma(alpha + 1) * U ** (1 / alpha)`` (in logs: plus ``log U / alpha``)."""
+    shape, dtype = aval_of(alpha).shape, aval_of(alpha).dtype
+    n = math.prod(shape)
+    if n == 0:
+        return np.zeros(shape, dtype)
+    keys = _split(data, (n,))
+    alpha = np.reshape(alpha, (n,))
+    axes = tuple(aval_of(keys).vma)
+    if axes:                      # in shard_map: the loops' carries vary as the keys do
+        alpha = pvary(alpha, axes)
+    one = np.ones_like(alpha)
+    boosted = alpha >= one
+    d = np.where(boosted, alpha, alpha + one) - np.asarray(1 / 3, dtype)
+    c = np.asarray(1 / 3, dtype) * xm.rsqrt(d)
+    loop_keys, boost_key = _split_each(keys, 2)
+    V = _marsaglia_tsang(loop_keys, d, c, axes)
+    u = _uniform(_words(boost_key), (), dtype, 0., 1.)
+    if log_space:
+        log_u = xm.log1p(-u)                   # log(1 - u), as -exponential() gives it
+        log_boost = np.where(boosted | (log_u == 0), np.zeros_like(u), log_u * (one / alpha))
+        out = (xm.log(d) + xm.log(V)) + log_boost
+    else:
+        boost = np.where(boosted, one, xm.pow(one - u, one / alpha))
+        out = (d * V) * boost
+    return np.reshape(out, shape)
+
+
+def _gamma_params(name, shape, dtype, *params):
+    """The parameters cast to the float ``dtype`` and broadcast to the output shape (``shape``,
+    or by default the parameters' broadcast shape)."""
+    dtype = _float_dtype(name, dtype)
+    params = [xm.astype(p, dtype) for p in params]        # Python floats exactly, as JAX's x64
+    shapes = [aval_of(p).shape for p in params]
+    if shape is None:
+        shape = broadcast_shapes(*shapes)
+    else:
+        shape = _shape(name, shape)
+        _check_shape(name, shape, *shapes)
+    return [np.broadcast_to(p, shape) for p in params]
+
+
+def gamma(key, a, shape=None, dtype=None):
+    """Standard gamma floats of shape parameter ``a`` (default float32; the shape defaults to
+    ``a``'s).  Marsaglia and Tsang's method, each element with its own key."""
+    data, _ = _key_data("gamma", key)
+    (a,) = _gamma_params("gamma", shape, dtype, a)
+    return _gamma(data, a, log_space=False)
+
+
+def loggamma(key, a, shape=None, dtype=None):
+    """The logs of standard gamma floats, drawn in log space (accurate for tiny ``a``, whose
+    samples underflow); ``exp(loggamma(...))`` is close to ``gamma(...)`` of the same key."""
+    data, _ = _key_data("loggamma", key)
+    (a,) = _gamma_params("loggamma", shape, dtype, a)
+    return _gamma(data, a, log_space=True)
+
+
+def beta(key, a, b, shape=None, dtype=None):
+    """Beta floats: ``G_a / (G_a + G_b)`` of two gamma draws, taken from their logs so that
+    small parameters keep their precision."""
+    data, _ = _key_data("beta", key)
+    a, b = _gamma_params("beta", shape, dtype, a, b)
+    key_a, key_b = _split(data, (2,))
+    log_a, log_b = _gamma(key_a, a, log_space=True), _gamma(key_b, b, log_space=True)
+    log_max = np.maximum(log_a, log_b)
+    scaled_a, scaled_b = xm.exp(log_a - log_max), xm.exp(log_b - log_max)
+    return scaled_a / (scaled_a + scaled_b)
+
+
+def dirichlet(key, alpha, shape=None, dtype=None):
+    """Dirichlet floats over the last dim of ``alpha`` (``shape`` is the batch shape, without
+    that dim): the softmax of log-gamma draws."""
+    data, _ = _key_data("dirichlet", key)
+    alpha = xm.astype(alpha, _float_dtype("dirichlet", dtype))
+    a = aval_of(alpha)
+    if a.ndim < 1:
+        raise ValueError(f"spmd.random.dirichlet requires alpha.ndim >= 1, got alpha.ndim == "
+                         f"{a.ndim}")
+    batch = a.shape[:-1] if shape is None else _shape("dirichlet", shape)
+    _check_shape("dirichlet", batch, a.shape[:-1])
+    logs = _gamma(data, np.broadcast_to(alpha, batch + a.shape[-1:]), log_space=True)
+    e = xm.exp(logs - np.max(logs, axis=-1, keepdims=True))
+    # XLA divides by the sum as it multiplies by its reciprocal
+    return e * (np.asarray(1, aval_of(e).dtype) / np.sum(e, axis=-1, keepdims=True))

@@ -4,6 +4,7 @@ checked with ``ps``), and the first line of the flight-recorder analysis names t
 rank and the collective.  Every job has a subprocess timeout and every test a pytest timeout."""
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import shutil
 import signal
@@ -117,10 +118,20 @@ FAULTS = [
 ]
 
 
-@pytest.mark.timeout(90)
+@pytest.fixture(scope="module")
+def fault_runs(tmp_path_factory):
+    """Every job of the table, three at a time (most of a job's time is waiting for deadlines):
+    {mode: what _run returns}."""
+    def one(fault):
+        return fault[0], _run(fault[0], fault[1], tmp_path_factory.mktemp(fault[0]))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        return dict(pool.map(one, FAULTS))
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("mode, n, first_line", FAULTS, ids=[f[0] for f in FAULTS])
-def test_fault_ends_the_job_and_the_analysis_names_the_culprit(tmp_path, mode, n, first_line):
-    err, seconds, left, dumps = _run(mode, n, tmp_path)
+def test_fault_ends_the_job_and_the_analysis_names_the_culprit(fault_runs, mode, n, first_line):
+    err, seconds, left, dumps = fault_runs[mode]
     assert not left, f"processes left behind: {left}"
     assert seconds < DEADLINE + 5 + 1, seconds
     report = flight_recorder.analyze(flight_recorder.load(dumps),

@@ -9,8 +9,10 @@ dtypes, equal shapes, equal bits.
 from __future__ import annotations
 
 import math
+import os
 
 import ml_dtypes
+
 import numpy as np
 import pytest
 
@@ -166,11 +168,13 @@ def test_vmap_over_keys():
           jax.vmap(lambda s: jr.key_data(jr.key(s)))(jnp.arange(4)), "vmap key(seed)")
 
 
-@pytest.mark.parametrize("sampler", ["normal", "uniform", "bits", "randint"])
+@pytest.mark.parametrize("sampler", ["normal", "uniform", "bits", "randint", "gamma"])
 def test_shard_map_streams_match_jax(sampler):
-    """``fold_in(key, axis_index)`` inside shard_map: a stream per device, JAX's bits."""
+    """``fold_in(key, axis_index)`` inside shard_map: a stream per device, JAX's bits (gamma:
+    its rejection loops run on every device until all devices' draws are accepted)."""
     draw = {"normal": lambda r, k: r.normal(k, (2, 3)), "uniform": lambda r, k: r.uniform(k, (2, 3)),
-            "bits": lambda r, k: r.bits(k, (2, 3)), "randint": lambda r, k: r.randint(k, (2, 3), 0, 100)}[sampler]
+            "bits": lambda r, k: r.bits(k, (2, 3)), "randint": lambda r, k: r.randint(k, (2, 3), 0, 100),
+            "gamma": lambda r, k: r.gamma(k, 2.5, (2, 3))}[sampler]
     mesh, jmesh = spmd.make_mesh((2, 4), ("x", "y")), jax.make_mesh((2, 4), ("x", "y"))
 
     def body(r, axis_index, k):
@@ -258,3 +262,92 @@ def test_errors_name_the_function_and_argument():
         sr.fold_in(sr.key(0), -1)
     with pytest.raises(TypeError, match=r"spmd\.random\.normal: argument `key`"):
         spmd.jit(lambda x: sr.normal(x, (2,)))(np.zeros(2, np.float32))
+
+
+# gamma and the samplers on it: the values depend on the whole shape (a key per element, split
+# from the one key), so each shape has its own JAX draw.  Parameters: scalars and an array that
+# broadcasts against the shape.  (Each JAX draw compiles for a second or so: few shapes.)
+GAMMA_A = {"0.3": 0.3, "1.0": 1.0, "2.5": 2.5, "array": np.array([0.2, 0.9, 1.7, 3.0, 8.5], f32)}
+_CI = os.environ.get("CI") == "true"      # fewer JAX compiles in CI; all of them on demand
+GAMMA_ROWS = {   # the sampler, its shapes, its parameters
+    "gamma": (lambda r, k, s, a: r.gamma(k, a, s), [(), (2, 5)] if _CI else [(), (3,), (2, 5)],
+              list(GAMMA_A)),
+    "loggamma": (lambda r, k, s, a: r.loggamma(k, a, s), [(2, 5)], ["array"] if _CI else ["0.3", "array"]),
+    "beta": (lambda r, k, s, a: r.beta(k, a, 1.5, s), [(2, 5)], ["array"]),
+}
+GAMMA_CASES = [(name, s) for name, (_, shapes, _) in GAMMA_ROWS.items() for s in shapes]
+_jax_c = jax.jit(lambda d: np.float32(1 / 3) / jnp.sqrt(d))
+
+
+def _rsqrt_as_jax(a, shape):
+    """Where the draw's ``1 / sqrt(a - 1/3)`` (``a + 2/3`` below 1) is JAX's: XLA's CPU backend refines the
+    processor's approximate reciprocal square root, so for some ``a`` it is an ulp off the
+    correctly rounded one spmd uses, and the draw then differs by a few ulps."""
+    a = np.asarray(a, f32)
+    d = np.where(a >= 1, a, a + np.float32(1)) - np.float32(1 / 3)
+    correct = np.float32(1 / 3) * (1 / np.sqrt(d.astype(f64))).astype(f32)
+    return np.broadcast_to(np.asarray(_jax_c(d)) == correct, shape)
+
+
+def _same_where(got, want, exact, what):
+    """JAX's bits where ``exact``, within float32 rounding of them elsewhere."""
+    _same(np.where(exact, got, want), want, what)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=what)
+
+
+@pytest.mark.parametrize("name,shape", GAMMA_CASES, ids=[f"{n}-{list(s)}" for n, s in GAMMA_CASES])
+def test_gamma_family_same_bits_as_jax(name, shape):
+    """gamma, loggamma and beta: eager and under jit, several seeds and parameters, JAX's
+    float32 bits wherever XLA's reciprocal square root of the parameter is correctly rounded,
+    close elsewhere."""
+    fn, _, a_names = GAMMA_ROWS[name]
+    for a_name in a_names:
+        a = GAMMA_A[a_name]
+        if np.shape(a) not in ((), shape[-1:]):
+            continue
+        exact = _rsqrt_as_jax(a, shape) & _rsqrt_as_jax(1.5 if name == "beta" else 1.0, shape)
+        for seed in (0, 1, 42):
+            want = np.asarray(fn(jr, jr.key(seed), shape, a))
+            runs = [("eager", lambda k: fn(sr, k, shape, a))]
+            if seed == 0:
+                runs.append(("under jit", spmd.jit(lambda k: fn(sr, k, shape, a))))
+            for how, draw in runs:
+                _same_where(draw(sr.key(seed)), want, exact, f"{name}(a={a_name}){list(shape)} seed {seed} {how}")
+
+
+def test_gamma_parameters_broadcast_and_raw_keys():
+    a, b = np.array([0.9, 3.0, 8.5], f32), np.array([[0.5], [2.0]], f32)
+    _same_where(sr.beta(sr.PRNGKey(5), a, b), jr.beta(jr.PRNGKey(5), a, b),
+                _rsqrt_as_jax(a, (2, 3)) & _rsqrt_as_jax(b, (2, 3)), "beta, a and b broadcast together, raw key")
+    empty = sr.gamma(sr.key(5), 0.5, (0, 3))
+    assert empty.shape == (0, 3) and empty.dtype == f32
+    with pytest.raises(ValueError, match=r"spmd\.random\.gamma: parameter shapes \[\(3,\)\] must broadcast"):
+        sr.gamma(sr.key(0), a, (2,))
+    with pytest.raises(ValueError, match="must be a float dtype"):
+        sr.beta(sr.key(0), 1.0, 2.0, dtype=np.int32)
+
+
+_softmax = jax.jit(lambda x: jax.nn.softmax(x, -1))
+
+
+def test_dirichlet_is_the_softmax_of_jax_log_gammas():
+    """dirichlet's bits are those of the softmax of JAX's log-gamma draw (for parameters whose
+    reciprocal square roots are JAX's); JAX's own dirichlet fuses the two, and XLA then rounds
+    a few elements differently, by a few ulps."""
+    alpha = GAMMA_A["array"]
+    alpha = alpha[_rsqrt_as_jax(alpha, alpha.shape)]
+    for seed in (0, 1):
+        got = sr.dirichlet(sr.key(seed), alpha, (2, 3))
+        _same(got, _softmax(jr.loggamma(jr.key(seed), alpha, (2, 3) + alpha.shape)), f"dirichlet seed {seed}")
+        np.testing.assert_allclose(got, jr.dirichlet(jr.key(seed), alpha, (2, 3)), rtol=1e-5, atol=1e-7)
+    _same(spmd.jit(lambda k: sr.dirichlet(k, alpha, (2, 3)))(sr.key(3)),
+          _softmax(jr.loggamma(jr.key(3), alpha, (2, 3) + alpha.shape)), "dirichlet under jit")
+
+
+def test_gamma_float64_close_to_jax_x64():
+    """In float64 the logs are NumPy's (see above) and the power too: a few ulps."""
+    with jax.enable_x64(True):
+        got = sr.gamma(sr.key(4), 0.6, (2, 5), np.float64)
+        want = np.asarray(jr.gamma(jr.key(4), 0.6, (2, 5), np.float64))
+    assert got.dtype == want.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=1e-13)
