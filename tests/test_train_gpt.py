@@ -97,10 +97,11 @@ def test_example_runs_unchanged_on_4_processes(tmp_path, reference):
     losses of one device (``float(loss)`` of a ``P()`` scalar works on every process)."""
     pytest.importorskip("mpi4py")
     out = tmp_path / "losses.json"
+    steps = 6 if os.environ.get("CI") == "true" else STEPS   # 4 processes on 2 cores: fewer in CI
     p = subprocess.run([sys.executable, "-m", "spmd.run", "-n", "4", EXAMPLE, "--steps",
-                        str(STEPS), "--plot", str(tmp_path / "loss.png"), "--out", str(out)],
+                        str(steps), "--plot", str(tmp_path / "loss.png"), "--out", str(out)],
                        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
                        text=True, timeout=110)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "mesh {'data': 2, 'model': 2} (4 process(es))" in p.stdout
-    np.testing.assert_allclose(json.loads(out.read_text()), reference, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(json.loads(out.read_text()), reference[:steps], rtol=0, atol=1e-5)
