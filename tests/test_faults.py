@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,16 +16,12 @@ import pytest
 
 from spmd import flight_recorder
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "tests", "mp_scripts", "fault_table.py")
-MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+from _mp import MULTIPROCESS, ROOT, script
+
+SCRIPT = script("fault_table.py")
 DEADLINE = 3            # SPMD_COLLECTIVE_TIMEOUT of these jobs, seconds
 
-pytestmark = [
-    pytest.mark.multiprocess,
-    pytest.mark.skipif(not (os.path.exists(MPIEXEC) or shutil.which("mpiexec")),
-                       reason="needs mpiexec (pip install 'spmd[mpi]')"),
-]
+pytestmark = MULTIPROCESS
 pytest.importorskip("mpi4py")
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -17,15 +16,9 @@ import pytest
 
 from spmd import flight_recorder
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = os.path.join(ROOT, "tests", "mp_scripts")
-MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+from _mp import MULTIPROCESS, ROOT, SCRIPTS, ranks_saying
 
-pytestmark = [
-    pytest.mark.multiprocess,
-    pytest.mark.skipif(not (os.path.exists(MPIEXEC) or shutil.which("mpiexec")),
-                       reason="needs mpiexec (pip install 'spmd[mpi]')"),
-]
+pytestmark = MULTIPROCESS
 pytest.importorskip("mpi4py")
 
 
@@ -40,8 +33,6 @@ def spmd_run(n, name, *args, deadline=10, dumps=None, timeout=40):
     return p.returncode, p.stdout, p.stderr, time.monotonic()
 
 
-def ranks_saying(text, pattern):
-    return sorted({int(m.group(1)) for m in re.finditer(rf"^\[(\d+)\] .*{pattern}", text, re.M)})
 
 
 ARGUMENT_MISMATCHES = [

@@ -18,15 +18,9 @@ import pytest
 
 from spmd import flight_recorder
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = os.path.join(ROOT, "tests", "mp_scripts")
-MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+from _mp import MULTIPROCESS, ROOT, ranks_saying, script
 
-pytestmark = [
-    pytest.mark.multiprocess,
-    pytest.mark.skipif(not (os.path.exists(MPIEXEC) or shutil.which("mpiexec")),
-                       reason="needs mpiexec (pip install 'spmd[mpi]')"),
-]
+pytestmark = MULTIPROCESS
 mpi4py = pytest.importorskip("mpi4py")
 
 
@@ -37,14 +31,6 @@ def spmd_run(*args, timeout=60, env=None, **popen):
     p = subprocess.run([sys.executable, "-m", "spmd.run", *args], cwd=ROOT, env=full_env,
                        capture_output=True, text=True, timeout=timeout, **popen)
     return p.returncode, p.stdout, p.stderr, time.monotonic() - t0
-
-
-def script(name):
-    return os.path.join(SCRIPTS, name)
-
-
-def ranks_saying(text, pattern):
-    return sorted({int(m.group(1)) for m in re.finditer(rf"^\[(\d+)\] .*{pattern}", text, re.M)})
 
 
 @pytest.mark.timeout(60)

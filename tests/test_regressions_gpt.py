@@ -6,7 +6,6 @@ program, and the collectives of backward programs counted in bytes.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -15,6 +14,8 @@ import pytest
 
 import spmd
 from spmd import P
+
+from _mp import ROOT, needs_mpi
 
 
 # --- indexing with an ellipsis and None ---------------------------------------------------------
@@ -323,10 +324,6 @@ def test_explain_names_pytree_paths_and_the_users_line():
 
 # --- many processes: P() scalars, and spmd-run without initialize() ---------------------------
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-_needs_mpi = pytest.mark.skipif(not (os.path.exists(_MPIEXEC) or shutil.which("mpiexec")),
-                                reason="needs mpiexec (pip install 'spmd[mpi]')")
 
 _SCALAR_LOSS = """
 import numpy as np, spmd
@@ -352,13 +349,13 @@ def _spmd_run(tmp_path, source, n=2):
     script = tmp_path / "script.py"
     script.write_text(source)
     return subprocess.run([sys.executable, "-m", "spmd.run", "-n", str(n), str(script)],
-                          cwd=_ROOT, env=dict(os.environ, PYTHONPATH=_ROOT),
+                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
                           capture_output=True, text=True, timeout=50)
 
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(60)
-@_needs_mpi
+@needs_mpi
 def test_replicated_scalar_output_is_a_scalar_on_every_process(tmp_path):
     """A ``P()`` scalar (a shard_map's psum, a jit's reduction) has shape ``()`` on every
     process and ``float()`` works (MPI's all-reduce gave the 0-d operand back as ``(1,)``);
@@ -371,7 +368,7 @@ def test_replicated_scalar_output_is_a_scalar_on_every_process(tmp_path):
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(60)
-@_needs_mpi
+@needs_mpi
 def test_spmd_run_without_initialize_warns_and_fails(tmp_path):
     """Every process of ``spmd-run -n 2`` computing alone: the first computation warns at the
     user's line, and the job fails at exit with the fix, instead of succeeding twice."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -18,6 +17,8 @@ import numpy as np
 import pytest
 
 import spmd
+
+from _mp import needs_mpi
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "train_gpt.py")
@@ -85,13 +86,9 @@ def test_compiler_reduces_each_gradient_over_data_once():
     assert all(reduced.count(b) <= blocks.count(b) for b in set(reduced))
 
 
-MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-
-
 @pytest.mark.multiprocess
 @pytest.mark.timeout(120)
-@pytest.mark.skipif(not (os.path.exists(MPIEXEC) or shutil.which("mpiexec")),
-                    reason="needs mpiexec (pip install 'spmd[mpi]')")
+@needs_mpi
 def test_example_runs_unchanged_on_4_processes(tmp_path, reference):
     """``spmd-run -n 4 examples/train_gpt.py``: a 2x2 mesh across 4 MPI processes gives the
     losses of one device (``float(loss)`` of a ``P()`` scalar works on every process)."""
