@@ -10,13 +10,10 @@ import itertools
 import math
 import operator
 import string
+import sys
 
 import numpy as np
 
-try:
-    import scipy.special as _scipy_special      # optional: its ufuncs get rules when present
-except ImportError:
-    _scipy_special = None
 
 from ._shapes import broadcast_shapes
 
@@ -163,8 +160,6 @@ _COMPOSITE_UFUNCS = {
     np.divmod: lambda x, y: (apply_ufunc(np.floor_divide, x, y), apply_ufunc(np.remainder, x, y)),
 }
 
-if _scipy_special is not None:       # scipy.special.erf(x) on traced values: XLA's float math
-    _COMPOSITE_UFUNCS[_scipy_special.erf] = _xla_math.erf
 
 
 def _logaddexp2(x, y):
@@ -201,11 +196,23 @@ def _result_dtype(ufunc, operands):
                         f"({e}). Cast the operands with .astype(...) first.") from None
 
 
+def _composite(ufunc):
+    """The rule of a ufunc built from others: NumPy's, or ``scipy.special.erf`` (XLA's float
+    math).  SciPy is never imported here: its ufunc reaches spmd only once the program loaded it."""
+    rule = _COMPOSITE_UFUNCS.get(ufunc)
+    if rule is None:
+        special = sys.modules.get("scipy.special")
+        if special is not None and ufunc is getattr(special, "erf", None):
+            rule = _xla_math.erf
+    return rule
+
+
 def apply_ufunc(ufunc, *operands):
-    if ufunc in _COMPOSITE_UFUNCS:
+    rule = _composite(ufunc)
+    if rule is not None:
         operands = [_operand(x) for x in operands]
         out_dt = _result_dtype(ufunc, operands)
-        return _COMPOSITE_UFUNCS[ufunc](*[astype(x, out_dt) for x in operands])
+        return rule(*[astype(x, out_dt) for x in operands])
     if ufunc not in _UFUNCS:
         raise NotImplementedError(f"spmd has no rule for numpy.{ufunc.__name__} on traced values")
     prim = _UFUNCS[ufunc]
