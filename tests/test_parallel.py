@@ -647,6 +647,96 @@ def test_one_f_one_b_equals_the_sequential_model(stages, microbatches):
         (2 * stages - 2) / ticks)
 
 
+def _chunked(layers, stages, chunks):
+    """Model stage ``c * p + s`` as chunk ``c`` of stage ``s``: leaves ``(p, v, ...)``."""
+    return {k: np.stack([np.stack([layers[c * stages + s][k] for c in range(chunks)])
+                         for s in range(stages)]) for k in ("w", "b")}
+
+
+@pytest.mark.parametrize("stages,chunks,microbatches", [(4, 2, 8), (2, 3, 4)])
+def test_interleaved_one_f_one_b_equals_the_sequential_model(stages, chunks, microbatches):
+    mesh = spmd.make_mesh((stages,), ("stage",))
+    layers = _mlp_params(layers=stages * chunks)
+    x, y = _batch()
+    mbs, targets = (a.reshape(microbatches, -1, D) for a in (x, y))
+
+    def local(p, mbs, targets):
+        loss, grads = pipeline.one_f_one_b(_layer, {k: v[0] for k, v in p.items()}, mbs, targets,
+                                           lambda out, t: np.mean((out - t) ** 2), "stage",
+                                           chunks=chunks)
+        return loss, {k: v[None] for k, v in grads.items()}
+    f = shard_map(local, mesh=mesh, in_specs=(P("stage"), P(), P()),
+                  out_specs=(P(), P("stage")))
+    stacked = _chunked(layers, stages, chunks)
+    loss, grads = f(stacked, mbs, targets)
+    expected_loss, expected = spmd.value_and_grad(_loss)(layers, x, y)
+    np.testing.assert_allclose(float(np.asarray(loss)), float(np.asarray(expected_loss)),
+                               rtol=1e-6)
+    _assert_tree_close(grads, _chunked(expected, stages, chunks))
+    ticks = microbatches * chunks + stages * chunks + stages - 2
+    assert _counts(spmd.make_program(f)(stacked, mbs, targets)) == {
+        "ppermute": 2 * ticks, "psum": 1}
+    forward, backward = pipeline.schedule(stages, microbatches, "interleaved", chunks=chunks)
+    fchunk, bchunk = pipeline.schedule_chunks(stages, microbatches, chunks)
+    assert forward.shape == fchunk.shape == (stages, 2 * ticks)
+    # each stage runs each (microbatch, chunk) once each way, a backward after its forward,
+    # and a model stage after the one before it (forward) or after it (backward)
+    when = {}
+    for name, table, chunk in (("f", forward, fchunk), ("b", backward, bchunk)):
+        for s, unit in zip(*np.nonzero(table >= 0)):
+            key = (name, int(table[s, unit]), int(chunk[s, unit]) * stages + int(s))
+            assert key not in when
+            when[key] = unit
+    assert len(when) == 2 * microbatches * chunks * stages
+    for i in range(microbatches):
+        for j in range(stages * chunks):
+            assert when["f", i, j] < when["b", i, j]
+            if j + 1 < stages * chunks:
+                assert when["f", i, j] < when["f", i, j + 1]
+                assert when["b", i, j + 1] < when["b", i, j]
+    assert pipeline.bubble_fraction(forward, backward) == pytest.approx(
+        (stages * chunks + stages - 2) / ticks)
+    # below plain 1F1B's (2p - 2) / (m + 2p - 2) by (p - 2)(v - 1) > 0: equal on two stages
+    plain = pipeline.bubble_fraction(*pipeline.schedule(stages, microbatches, "1f1b"))
+    interleaved = pipeline.bubble_fraction(forward, backward)
+    assert interleaved < plain if stages > 2 else interleaved == pytest.approx(plain)
+
+
+@pytest.mark.parametrize("kind,stages,chunks,microbatches",
+                         [("gpipe", 4, 1, 4), ("1f1b", 4, 1, 8), ("1f1b", 2, 1, 3),
+                          ("interleaved", 4, 2, 8), ("interleaved", 2, 3, 2)])
+def test_bubble_measured_on_the_executor_equals_the_schedule(kind, stages, chunks,
+                                                             microbatches):
+    """Every device runs the stage function at every tick, on zeros where the schedule has it
+    idle: a debug callback in the stage function sees, per device, which calls did work."""
+    calls = collections.defaultdict(list)
+
+    def record(stage, x):
+        calls[int(stage)].append(bool(np.any(x != 0)))
+
+    def stage_fn(w, x):
+        spmd.debug.callback(record, spmd.axis_index("stage"), x)
+        return np.tanh(x * w)
+    mesh = spmd.make_mesh((stages,), ("stage",))
+    mbs = (np.arange(1, microbatches + 1, dtype=np.float32)[:, None, None]
+           * np.ones((microbatches, 2, D), np.float32))
+    weights = np.ones((stages, chunks, D), np.float32)
+
+    def body(w, mbs):
+        if kind == "gpipe":
+            return np.sum(pipeline.gpipe(stage_fn, w[0, 0], mbs, "stage"))
+        return pipeline.one_f_one_b(stage_fn, w[0] if chunks > 1 else w[0, 0], mbs, mbs,
+                                    lambda out, t: np.mean(out * t), "stage", chunks=chunks)[0]
+    shard_map(body, mesh=mesh, in_specs=(P("stage"), P()), out_specs=P())(weights, mbs)
+    assert sorted(calls) == list(range(stages))
+    measured = 1 - np.mean([np.mean(c) for c in calls.values()])
+    if kind == "gpipe":     # the forward ticks (the backward is their transpose, reversed)
+        assert all(len(c) == microbatches + stages - 1 for c in calls.values())
+        assert measured == pytest.approx((stages - 1) / (microbatches + stages - 1))
+    forward, backward = pipeline.schedule(stages, microbatches, kind, chunks=chunks)
+    assert measured == pytest.approx(pipeline.bubble_fraction(forward, backward))
+
+
 def test_one_f_one_b_holds_less_activation_memory_than_gpipe():
     """Peak host memory of one step on the executor (tracemalloc sees every NumPy buffer): GPipe
     keeps all 16 microbatches' activations for the backward, 1F1B at most 2p - 1 inputs."""
@@ -704,5 +794,6 @@ def test_errors_name_the_recipe_the_axis_and_the_fix():
 def test_pipeline_schedule_picture(tmp_path):
     main = runpy.run_path(os.path.join(ROOT, "examples", "pipeline_schedule.py"))["main"]
     fractions = main(str(tmp_path / "schedule.png"))
-    assert fractions == {"gpipe": pytest.approx(3 / 11), "1f1b": pytest.approx(6 / 14)}
+    assert fractions == {"gpipe": pytest.approx(3 / 11), "1f1b": pytest.approx(6 / 14),
+                         "interleaved": pytest.approx(10 / 26)}
     assert (tmp_path / "schedule.png").stat().st_size > 10_000

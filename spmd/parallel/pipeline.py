@@ -29,6 +29,11 @@ and gradients travel to the previous stage by the inverse ``ppermute``::
 The ticks are lock-step (a forward and a backward slot in each), so the idle share is
 ``(2p - 2) / (m + 2p - 2)``, more than GPipe's, traded for the memory.
 
+**Interleaved 1F1B** (``one_f_one_b(..., chunks=v)``): each device holds ``v`` model stages
+(model stage ``c * p + s`` is chunk ``c`` of device ``s``) and microbatches go round the ring of
+stages ``v`` times, in groups of ``p``. A tick is one chunk's forward and backward, ``1/v`` of a
+stage's, and the fill and drain take ``p v + p - 2`` of them instead of ``v (2p - 2)``.
+
 The ticks are a ``scan`` (after a first tick outside it that fixes the carry's type), so the
 program holds the stage twice whatever the number of microbatches. ``schedule`` gives the
 table of who works on what, for pictures and the bubble fraction.
@@ -45,12 +50,32 @@ from ..transforms.api import value_and_grad, vjp
 from ..tree_util import tree_map
 
 
-def schedule(stages: int, microbatches: int, kind: str = "gpipe"):
+def _units(p: int, m: int, chunks: int):
+    """Per stage (rows) and tick (columns) of the lock-step 1F1B schedule with ``chunks``
+    model stages per device: ``(forward microbatch, forward chunk, backward microbatch,
+    backward chunk)``, -1 when idle. Model stage ``c * p + s`` is chunk ``c`` of stage ``s``."""
+    v = chunks
+    ticks = m * v + p * v + p - 2
+    t, s = np.arange(ticks)[None, :], np.arange(p)[:, None]
+
+    def unit(u, chunk_of):
+        ok = (u >= 0) & (u < m * v)
+        return np.where(ok, (u // (p * v)) * p + u % p, -1), np.where(ok, chunk_of(u), -1)
+    fwd_mb, fwd_chunk = unit(t - s, lambda u: (u // p) % v)
+    # the first backward waits for microbatch 0 to leave the last model stage (tick p*v - 1)
+    bwd_mb, bwd_chunk = unit(t - (p * v - 1) - (p - 1 - s), lambda u: v - 1 - (u // p) % v)
+    return fwd_mb, fwd_chunk, bwd_mb, bwd_chunk
+
+
+def schedule(stages: int, microbatches: int, kind: str = "gpipe", chunks: int = 1):
     """``(forward, backward)``: which microbatch each stage runs forward and backward in each
-    unit of time (a forward or a backward of one stage on one microbatch), -1 when idle.
+    unit of time (a forward or a backward of one stage, or of one chunk, on one microbatch),
+    -1 when idle.
 
     ``gpipe``: all forwards (``m + p - 1`` ticks), then the same ticks reversed for the
-    backward. ``1f1b``: ``one_f_one_b``'s lock-step ticks, each a forward then a backward."""
+    backward. ``1f1b``: ``one_f_one_b``'s lock-step ticks, each a forward then a backward.
+    ``interleaved``: the same with ``chunks`` model stages per device
+    (``one_f_one_b(..., chunks=v)``); ``schedule_chunks`` says which chunk each unit runs."""
     p, m = stages, microbatches
     if kind == "gpipe":
         ticks = m + p - 1
@@ -59,16 +84,37 @@ def schedule(stages: int, microbatches: int, kind: str = "gpipe"):
         idle = np.full_like(forward, -1)
         return (np.concatenate([forward, idle], axis=1),
                 np.concatenate([idle, forward[:, ::-1]], axis=1))
-    if kind == "1f1b":
-        ticks = m + 2 * p - 2
-        t, s = np.arange(ticks)[None, :], np.arange(p)[:, None]
-        fwd, bwd = t - s, t - 2 * (p - 1) + s
-        forward = np.where((fwd >= 0) & (fwd < m), fwd, -1)
-        backward = np.where((bwd >= 0) & (bwd < m), bwd, -1)
-        idle = np.full_like(forward, -1)
-        return (np.stack([forward, idle], axis=-1).reshape(p, -1),
-                np.stack([idle, backward], axis=-1).reshape(p, -1))
-    raise ValueError(f"schedule: kind={kind!r}; use 'gpipe' or '1f1b'")
+    if kind in ("1f1b", "interleaved"):
+        v = _check_chunks(p, m, chunks if kind == "interleaved" else 1, "schedule")
+        forward, _, backward, _ = _units(p, m, v)
+        return _lock_step(forward, backward)
+    raise ValueError(f"schedule: kind={kind!r}; use 'gpipe', '1f1b' or 'interleaved'")
+
+
+def schedule_chunks(stages: int, microbatches: int, chunks: int):
+    """``(forward, backward)`` of the ``interleaved`` schedule: the chunk each unit runs."""
+    v = _check_chunks(stages, microbatches, chunks, "schedule_chunks")
+    _, forward, _, backward = _units(stages, microbatches, v)
+    return _lock_step(forward, backward)
+
+
+def _lock_step(forward, backward):
+    """Each tick as two units: its forward, then its backward."""
+    p = forward.shape[0]
+    idle = np.full_like(forward, -1)
+    return (np.stack([forward, idle], axis=-1).reshape(p, -1),
+            np.stack([idle, backward], axis=-1).reshape(p, -1))
+
+
+def _check_chunks(p, m, chunks, where):
+    if not isinstance(chunks, (int, np.integer)) or isinstance(chunks, bool) or chunks < 1:
+        raise ValueError(f"{where}: chunks={chunks!r}; give the number of model stages per "
+                         f"device, a positive int")
+    if chunks > 1 and m % p:
+        raise ValueError(f"{where}: {m} microbatches on {p} stages with chunks={chunks}: the "
+                         f"interleaved schedule sends microbatches round in groups of {p}, so "
+                         f"the number of microbatches must be a multiple of {p}")
+    return int(chunks)
 
 
 def bubble_fraction(forward, backward) -> float:
@@ -114,46 +160,65 @@ def _in_range(i, m):
 
 
 def one_f_one_b(stage_fn: Callable, stage_params, microbatches, targets, loss_fn: Callable,
-                axis_name):
+                axis_name, *, chunks: int = 1):
     """``(loss, grads)``: the mean over microbatches of ``loss_fn(last stage output, target)``
     and its gradient with respect to this device's ``stage_params``, on the 1F1B schedule.
 
     ``microbatches`` and ``targets`` ``(m, ...)`` are the same on every stage;
     ``stage_fn(params, x)`` keeps ``x``'s shape. Collectives: two ``ppermute``\\ s per tick
     (activations forward, gradients backward) and one ``psum`` of the loss. Stashed inputs:
-    ``min(m, 2p - 1)`` microbatches per stage. The ticks after the first are one ``scan``."""
+    ``min(m, 2p - 1)`` microbatches per stage. The ticks after the first are one ``scan``.
+
+    **Interleaved** (``chunks=v > 1``): each device holds ``v`` model stages, the leaves of
+    ``stage_params`` stacked on a leading axis of size ``v``; model stage ``c * p + s`` is
+    chunk ``c`` of stage ``s``, so microbatches go round the stages ``v`` times (the
+    ``ppermute``\\ s are rings) in groups of ``p`` (``m`` must be a multiple of ``p``). A tick
+    is one chunk's forward and backward: ``m v + p v + p - 2`` ticks, so the idle share
+    ``(p v + p - 2) / (m v + p v + p - 2)`` is below plain 1F1B's when ``p > 2`` (the
+    ticks hold a forward and a backward slot, so the warm-up fills only the forward ones:
+    equal on two stages); stashed inputs:
+    ``min(m v, 2 p v - 1)``. ``grads`` has ``stage_params``' layout."""
     p, me = axis_size(axis_name), axis_index(axis_name)
     m = microbatches.shape[0]
-    ticks, slots = m + 2 * p - 2, min(m, 2 * p - 1)
-    forward = [(s, s + 1) for s in range(p - 1)]
-    backward = [(s + 1, s) for s in range(p - 1)]
+    v = _check_chunks(p, m, chunks, "one_f_one_b")
+    units, ticks = m * v, m * v + p * v + p - 2
+    slots = min(units, 2 * p * v - 1)
+    ring = [(s, (s + 1) % p) for s in range(p)] if v > 1 else [(s, s + 1) for s in range(p - 1)]
+    forward, backward = ring, [(b, a) for a, b in ring]
     slot_ids = np.arange(slots).reshape((slots,) + (1,) * (microbatches.ndim - 1))
-    pad = lambda a, before, after: np.concatenate(
-        [np.zeros((before,) + a.shape[1:], a.dtype), a, np.zeros((after,) + a.shape[1:], a.dtype)])
+    fwd_mb, fwd_chunk, _, _ = _units(p, m, v)
     # what each tick reads: its number, stage 0's microbatch, the last stage's target
-    inputs = (np.arange(ticks, dtype=np.int32), pad(microbatches, 0, 2 * p - 2),
-              pad(targets, p - 1, p - 1))
+    fed = _per_tick(microbatches, np.where(fwd_chunk[0] == 0, fwd_mb[0], -1))
+    wanted = _per_tick(targets, np.where(fwd_chunk[p - 1] == v - 1, fwd_mb[p - 1], -1))
+    inputs = (np.arange(ticks, dtype=np.int32), fed, wanted)
+    chunk = (lambda params, c: params) if v == 1 else (
+        lambda params, c: tree_map(lambda a: a[c], params))
 
     def tick(carry, tick_inputs):
         arrived, returned, stash, grads, total = carry
         t, fed, target = tick_inputs
-        fwd_mb, bwd_mb, last = t - me, t - 2 * (p - 1) + me, t - (p - 1)
-        x = np.where(me == 0, fed, arrived)
-        y = stage_fn(stage_params, x)
-        stash = np.where((slot_ids == fwd_mb % slots) & _in_range(fwd_mb, m), x, stash)
-        # the last stage's backward is for the microbatch it just finished
+        u, w = t - me, t - (p * v - 1) - (p - 1 - me)       # this stage's forward, backward unit
+        fwd_c, bwd_c = (u // p) % v, v - 1 - (w // p) % v
+        stashed = (w // (p * v)) * (p * v) + bwd_c * p + w % p   # the forward unit w undoes
+        x = np.where((me == 0) & (fwd_c == 0), fed, arrived)
+        y = stage_fn(chunk(stage_params, fwd_c), x)
+        _check_stage(stage_fn, x, y, "one_f_one_b", axis_name)
+        stash = np.where((slot_ids == u % slots) & _in_range(u, units), x, stash)
+        # the last model stage's backward is for the microbatch it just finished
         loss, dy = value_and_grad(loss_fn)(y, target)
-        keep = (me == p - 1) & _in_range(last, m)
-        total = total + np.where(keep, loss, np.zeros_like(loss))
-        x_b = np.sum(np.where(slot_ids == bwd_mb % slots, stash, np.zeros_like(stash)), axis=0)
-        dparams, dx = vjp(stage_fn, stage_params, x_b)[1](np.where(me == p - 1, dy, returned))
-        use = _in_range(bwd_mb, m)
-        grads = tree_map(lambda a, d: a + np.where(use, d, np.zeros_like(d)), grads, dparams)
+        last = (me == p - 1) & (fwd_c == v - 1)
+        total = total + np.where(last & _in_range(u, units), loss, np.zeros_like(loss))
+        use = _in_range(w, units)
+        x_b = np.sum(np.where((slot_ids == stashed % slots) & use, stash, np.zeros_like(stash)),
+                     axis=0)
+        g = np.where((me == p - 1) & (bwd_c == v - 1), dy, returned)
+        dparams, dx = vjp(lambda q, h: stage_fn(chunk(q, bwd_c), h), stage_params, x_b)[1](
+            np.where(use, g, np.zeros_like(g)))
+        grads = tree_map(lambda a, d: a + d, grads, dparams)
         return (ppermute(y, axis_name, forward),
                 ppermute(np.where(use, dx, np.zeros_like(dx)), axis_name, backward),
                 stash, grads, total), None
     zero = np.zeros_like(microbatches[0])
-    _check_stage(stage_fn, zero, stage_fn(stage_params, zero), "one_f_one_b", axis_name)
     start = (zero, zero, np.zeros((slots,) + zero.shape, zero.dtype),
              tree_map(np.zeros_like, stage_params), np.zeros((), microbatches.dtype))
     # the first tick outside the scan fixes the carry's type (the axes it varies over)
@@ -161,3 +226,10 @@ def one_f_one_b(stage_fn: Callable, stage_params, microbatches, targets, loss_fn
     (_, _, _, grads, total), _ = scan(tick, carry, tree_map(lambda a: a[1:], inputs))
     scale = np.asarray(1 / m, total.dtype)
     return psum(total, axis_name) * scale, tree_map(lambda d: d * scale.astype(d.dtype), grads)
+
+
+def _per_tick(batch, index):
+    """``batch[index[t]]`` for each tick ``t``, zeros where ``index`` is -1."""
+    rows = batch[np.clip(index, 0, None)]
+    keep = (index >= 0).reshape((-1,) + (1,) * (batch.ndim - 1))
+    return np.where(keep, rows, np.zeros_like(rows))
