@@ -41,6 +41,12 @@ def test_notebook_runs(path, this_interpreter_kernel):
     if os.path.basename(path) == "quickstart.ipynb":
         html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
         assert any("spmd-layout" in h and "CPU 7" in h for h in html)  # layouts drawn as HTML
+    if os.path.basename(path) == "parallelism.ipynb":
+        text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+        checks = re.findall(r"(equals? [^:\n]*|gradients equal): (\w+)", text)
+        assert len(checks) == 7 and all(ok == "True" for _, ok in checks), checks
+        assert "parameter bytes per device: 544 (data parallel: 4352)" in text   # 1/8
+        assert any("image/png" in o.get("data", {}) for o in outputs)          # the schedules
 
 
 def test_examples_found():
