@@ -28,6 +28,7 @@ from ..ad_util import (UndefinedPrimal, Zero, add_tangents, aval_of_value, deriv
                        no_jvp, zero_jvp)
 from ..core import (Aval, Eqn, Literal, Params, Program, Var, attributed, bind, current_builder,
                     hooks, trace)
+from . import simplify
 
 
 def context() -> dict:
@@ -229,7 +230,7 @@ def transpose_program(program: Program, linear, ctx, *, ct_avals=None) -> Progra
         return [instantiate(c, a) for c, a in zip(cts, lin_avals)]
     prog, captured = trace(fn, consts + list(ct_avals), **ctx)
     assert not captured
-    return dce(prog)
+    return dce(simplify.merge_padded_sums(dce(prog)))
 
 
 def linear_vars(program: Program, linear) -> set:

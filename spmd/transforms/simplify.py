@@ -1,0 +1,88 @@
+"""Rewrites of traced programs that compute the same values with less memory traffic.
+
+``merge_padded_sums``: the gradient of ``w[0], w[1], ...`` (layers stacked on one array) is a sum
+of cotangents each padded with zeros to the whole array; adding them costs a full-size fill,
+copy and add per slice. Where the padded ranges are adjacent along one dim, the sum is one
+concatenation padded once.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import prims
+from ..core import Eqn, Literal, Params, Program, Var
+
+
+def merge_padded_sums(program: Program) -> Program:
+    """``pad(a) + pad(b)`` -> ``pad(concatenate([a, b]))`` where ``a`` and ``b`` are padded with
+    zeros along the same single dim into adjacent ranges and nothing else reads the pads.
+    ``program`` has no dead equations; the replaced ones are left dead (run ``dce`` after)."""
+    uses: dict[int, int] = {}
+    for e in program.eqns:
+        for a in e.inputs:
+            if isinstance(a, Var):
+                uses[id(a)] = uses.get(id(a), 0) + 1
+    for a in program.out_vars:
+        if isinstance(a, Var):
+            uses[id(a)] = uses.get(id(a), 0) + 2          # never folded away
+    made: dict[int, Eqn] = {}
+    eqns, changed = [], False
+    for e in program.eqns:
+        new = _merged(e, made, uses) if e.prim is prims.add_p else None
+        for eq in new or [e]:
+            eqns.append(eq)
+            for v in eq.outputs:
+                made[id(v)] = eq
+        changed |= new is not None
+    return Program(program.in_vars, eqns, program.out_vars) if changed else program
+
+
+def _padded_dim(eqn, made, uses):
+    """``(dim, lo, inner var)`` if ``eqn``'s input is a zero pad along one dim used only here."""
+    pad = made.get(id(eqn)) if isinstance(eqn, Var) and uses.get(id(eqn)) == 1 else None
+    if pad is None or pad.prim is not prims.pad_p or pad.outputs[0].aval.sharding is not None:
+        return None
+    value = pad.inputs[1]
+    if not isinstance(value, Literal) or np.any(np.asarray(value.val) != 0):
+        return None
+    dims = [d for d, (lo, hi) in enumerate(pad.params["config"]) if (lo, hi) != (0, 0)]
+    if len(dims) != 1 or min(pad.params["config"][dims[0]]) < 0:
+        return None
+    return dims[0], pad.params["config"][dims[0]][0], pad
+
+
+def _pieces(x, d, made, uses):
+    """``x``'s parts along ``d`` if it is a concatenation along ``d`` read only here."""
+    cat = made.get(id(x)) if isinstance(x, Var) and uses.get(id(x)) == 1 else None
+    if cat is not None and cat.prim is prims.concatenate_p and cat.params["axis"] == d:
+        return list(cat.inputs)
+    return [x]
+
+
+def _merged(e, made, uses):
+    a, b = (_padded_dim(x, made, uses) for x in e.inputs)
+    if a is None or b is None or a[0] != b[0]:
+        return None
+    d = a[0]
+    (_, lo_a, pad_a), (_, lo_b, pad_b) = a, b
+    n_a, n_b = (p.inputs[0].aval.shape[d] for p in (pad_a, pad_b))
+    if lo_a + n_a == lo_b:
+        first, second, lo = pad_a, pad_b, lo_a
+    elif lo_b + n_b == lo_a:
+        first, second, lo = pad_b, pad_a, lo_b
+    else:
+        return None
+    out = e.outputs[0]
+    total = out.aval.shape[d]
+    parts = _pieces(first.inputs[0], d, made, uses) + _pieces(second.inputs[0], d, made, uses)
+    if n_a + n_b == total:                              # the whole dim: no padding left
+        return [Eqn(prims.concatenate_p, parts, Params(axis=d), [out], e.source)]
+    shape = list(out.aval.shape)
+    shape[d] = n_a + n_b
+    joined = Var(out.aval.update(shape=tuple(shape)))
+    uses[id(joined)] = 1                                # read by the pad below only
+    config = tuple((lo, total - lo - n_a - n_b) if i == d else (0, 0)
+                   for i in range(len(shape)))
+    return [Eqn(prims.concatenate_p, parts, Params(axis=d), [joined], e.source),
+            Eqn(prims.pad_p, [joined, first.inputs[1]], Params(config=config), [out], e.source)]
+
