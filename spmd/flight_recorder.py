@@ -98,22 +98,61 @@ def dump_quietly(reason: str) -> str | None:
 
 
 
-def check_same_calls(entry: dict, ranks, theirs: dict) -> None:
+# What every rank of a collective's group must pass alike: the field of a flight-recorder entry
+# (and of a call's signature) and how the user spells it. The communicators' check, its error
+# and the analysis of dumps all compare these.
+CALL_FIELDS = {"op": "op", "axes": "axes", "shape": "shape", "dtype": "dtype",
+               "groups": "axis_index_groups", "perm": "perm"}
+_CALL = 4                       # the first fields name the call; the rest are its arguments
+ARGUMENT_FIELDS = tuple(CALL_FIELDS)[_CALL:]
+
+
+def call_key(call: dict) -> tuple:
+    """The fields of ``call`` that must match across ranks, JSON-normal (tuples as lists)."""
+    return tuple(json.dumps(call.get(f), sort_keys=True, default=str) for f in CALL_FIELDS)
+
+
+def check_same_calls(entry: dict, ranks, theirs: dict, *, who: str = "",
+                     differ: bool = False) -> None:
     """Raise ``CollectiveMismatchError`` (after recording and dumping) unless every rank of the
-    group sent the same call signature (op, axes, shape, dtype, group) for collective ``entry``."""
-    key = lambda s: (s["op"], tuple(s["axes"]), tuple(s["shape"]), s["dtype"], tuple(s.get("ranks", ())))
-    if len({key(s) for s in theirs.values()}) <= 1:
+    group sent the same call (``CALL_FIELDS``) for collective ``entry``. ``theirs``: {rank:
+    signature}; ``who``: this rank's call, to start the message; ``differ``: the ranks already
+    know that they disagree (their digests differ), so raise in any case."""
+    keys = {r: call_key(s) for r, s in theirs.items()}
+    if len(set(keys.values())) <= 1 and not differ:
         return
     recorder().finish(entry, "mismatch")
-    calls = "; ".join(f"rank {r}: #{s['seq']} {s['op']}(axes={tuple(s['axes'])}, "
-                      f"shape={tuple(s['shape'])}, dtype={s['dtype']}"
-                      + (f", group={s['ranks']}" if "ranks" in s else "") + ")"
-                      for r, s in sorted(theirs.items()))
     path = dump_quietly(f"mismatch at collective #{entry['seq']}")
-    raise CollectiveMismatchError(
-        f"the ranks of group {list(ranks)} called different collectives at the same "
-        f"point: {calls}. Every process must run the same collectives in the same order "
-        f"(look for a branch on process_index() or on data). Flight recorder: {path}")
+    if len({k[:_CALL] for k in keys.values()}) > 1:          # another collective altogether
+        calls = "; ".join(f"rank {r}: #{s['seq']} {s['op']}(axes={tuple(s['axes'])}, "
+                          f"shape={tuple(s['shape'])}, dtype={s['dtype']}"
+                          + (f", group={s['ranks']}" if "ranks" in s else "") + ")"
+                          for r, s in sorted(theirs.items()))
+        raise CollectiveMismatchError(
+            f"the ranks of group {list(ranks)} called different collectives at the same "
+            f"point: {calls}. Every process must run the same collectives in the same order "
+            f"(look for a branch on process_index() or on data). Flight recorder: {path}")
+    for i, spelled in enumerate(list(CALL_FIELDS.values())[_CALL:], _CALL):
+        values = {r: k[i] for r, k in keys.items()}
+        if len(set(values.values())) > 1:
+            what = (f"{_odd_one_out(values, spelled)}. Every process must pass the same "
+                    f"{spelled}")
+            break
+    else:
+        what = f"the ranks' calls differ in an argument too long to show: {theirs}"
+    raise CollectiveMismatchError(f"{who}: {what} (look for a branch on process_index() or on "
+                                  f"data). Flight recorder: {path}")
+
+
+def _odd_one_out(values: dict, spelled: str) -> str:
+    """``values``: {rank: argument as JSON}; the ranks that differ from the most common value."""
+    counts = {}
+    for r in sorted(values):
+        counts.setdefault(values[r], []).append(r)
+    common = max(counts.values(), key=len)
+    odd = [r for r in sorted(values) if r not in common]
+    return (f"{_ranks(odd)} passed {spelled}={values[odd[0]]} where {_ranks(common)} passed "
+            f"{spelled}={values[common[0]]}")
 
 
 _installed = False
@@ -229,12 +268,6 @@ def _call(e: dict) -> str:
     return f"{e['op']}(axes={tuple(e['axes'])}, shape={shape}, dtype={e['dtype']}{extra})"
 
 
-def _signature(e: dict):
-    # not the group's ranks: with axis_index_groups they differ between groups by design
-    return (e["op"], tuple(e["axes"]), tuple(e["shape"]), e["dtype"], repr(e.get("groups")),
-            repr(e.get("perm")))
-
-
 def _ranks(rs) -> str:
     return f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}"
 
@@ -319,7 +352,7 @@ def analyze(dumps: dict[int, dict], *, partial=()) -> Report:
             continue
         groups = collections.defaultdict(list)
         for r, e in present.items():
-            groups[_signature(e)].append(r)
+            groups[call_key(e)].append(r)   # not the group's ranks: they differ by design
         if len(groups) > 1:
             smallest = min(len(g) for g in groups.values())
             odd = sorted(r for g in groups.values() if len(g) == smallest for r in g)

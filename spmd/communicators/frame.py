@@ -15,14 +15,12 @@ exited-peer errors record and dump before they raise).
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Callable
 
-from ..errors import (CollectiveMismatchError, CollectiveTimeoutError, ProcessExitedError,
-                      SpmdError)
-from ..flight_recorder import check_same_calls, dump_quietly, recorder
+from ..errors import CollectiveTimeoutError, ProcessExitedError, SpmdError
+from ..flight_recorder import ARGUMENT_FIELDS, check_same_calls, dump_quietly, recorder
 from ..runtime import collective_timeout_seconds
 
 
@@ -90,7 +88,7 @@ class CollectiveFrame:
         exchange it (``ranks``, default the group), and ``axis_index_groups`` / ``perm``."""
         mine = {k: self.entry[k] for k in ("seq", "op", "axes", "shape", "dtype")}
         mine["ranks"] = list(self.ranks if ranks is None else ranks)
-        for name in _ARGUMENTS:
+        for name in ARGUMENT_FIELDS:
             if name in self.entry:
                 mine[name] = self.entry[name]
         return mine
@@ -99,22 +97,9 @@ class CollectiveFrame:
         """``theirs``: {rank: signature} of every rank of the group (this one included);
         ``CollectiveMismatchError`` (recorded, dumped) unless they agree.  ``differ``: the
         ranks already know that they disagree (their digests differ), so raise in any case."""
-        check_same_calls(self.entry, self.ranks, theirs)
-        for name, spelled in _ARGUMENTS.items():
-            values = {r: json.dumps(s.get(name)) for r, s in theirs.items()}
-            if len(set(values.values())) > 1:
-                raise self._mismatch(f"{_odd_one_out(values, spelled)}. Every process must pass "
-                                     f"the same {spelled}")
-        if differ:
-            raise self._mismatch(f"the ranks' calls differ in an argument too long to show: "
-                                 f"{theirs}")
-
-    def _mismatch(self, what: str) -> CollectiveMismatchError:
-        recorder().finish(self.entry, "mismatch")
-        path = dump_quietly(f"mismatch at collective #{self.seq}")
-        return CollectiveMismatchError(
-            f"{self.op} over axes {self.axes} (collective #{self.seq} of rank {self.me}): {what} "
-            f"(look for a branch on process_index() or on data). Flight recorder: {path}")
+        check_same_calls(self.entry, self.ranks, theirs, differ=differ,
+                         who=f"{self.op} over axes {self.axes} (collective #{self.seq} of rank "
+                             f"{self.me})")
 
     # -- failures ----------------------------------------------------------------------------------
     def _describe(self) -> str:
@@ -176,17 +161,4 @@ class CollectiveFrame:
 
 _SPIN_SECONDS, _YIELD_SECONDS = 1e-3, 10e-3     # spin, then yield the core, then nap
 _NAP_FIRST, _NAP_LAST, _LONG_WAIT, _NAP_LONG = 50e-6, 2e-3, 0.1, 20e-3
-_ARGUMENTS = {"groups": "axis_index_groups", "perm": "perm"}
 _DTYPE_NAMES: dict = {}                           # str(dtype) takes microseconds: once per dtype
-
-
-def _odd_one_out(values: dict, spelled: str) -> str:
-    """``values``: {rank: argument as JSON}; the ranks that differ from the most common value."""
-    counts = {}
-    for r in sorted(values):
-        counts.setdefault(values[r], []).append(r)
-    common = max(counts.values(), key=len)
-    odd = [r for r in sorted(values) if r not in common]
-    name = lambda rs: f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}"
-    return (f"{name(odd)} passed {spelled}={values[odd[0]]} where {name(common)} passed "
-            f"{spelled}={values[common[0]]}")
