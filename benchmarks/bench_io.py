@@ -6,7 +6,8 @@ array, the arrays in parallel threads).
 Both sides write to the same disk, one after the other in each round (spmd, orbax, bound), so a
 change in the machine's load falls on all of them.  The bound moves the bytes with no format and
 no checksum; a checkpoint writes one file per chunk, more of them at once, so its save can beat
-the bound's one file per array.
+the bound's one file per array.  Each case gives the median of 5 rounds and the range of the
+rounds' ratios (on a loaded host one round can be off by 2x).
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ from ._harness import Row, benchmark, gbps, jax_peer, skip_rows
 NAME = "io"
 
 
-def _median_rounds(fns, rounds: int, after=lambda: None) -> list[float]:
-    """Median seconds of each of ``fns`` over ``rounds`` rounds, run in turn in each round;
+def _rounds(fns, rounds: int, after=lambda: None) -> list[list[float]]:
+    """Seconds of each of ``fns`` in each of ``rounds`` rounds, run in turn in each round;
     ``after()`` runs untimed after every round (it deletes what the round wrote)."""
     samples = [[] for _ in fns]
     for _ in range(rounds):
@@ -35,7 +36,13 @@ def _median_rounds(fns, rounds: int, after=lambda: None) -> list[float]:
             fn()
             out.append(time.perf_counter() - t0)
         after()
-    return [statistics.median(s) for s in samples]
+    return samples
+
+
+def _ratio_range(ours: list[float], peer: list[float]) -> str:
+    """The lowest and highest of the rounds' ratios (a noisy host moves the medians)."""
+    ratios = [a / b for a, b in zip(ours, peer)]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}"
 
 
 def _write_one(path, a):
@@ -66,7 +73,7 @@ def save_and_load(quick: bool) -> list[Row]:
     shape = (rows_per, 4096)                                     # 4 MiB or 1 GiB in all
     nbytes = n_arrays * rows_per * 4096 * 4
     size = f"{nbytes // 2**20} MiB"
-    rounds = 2 if quick else 3
+    rounds = 2 if quick else 5
     jax, why = jax_peer(8)
     try:
         import orbax.checkpoint as ocp  # noqa: PLC0415 (the peer; optional)
@@ -110,8 +117,7 @@ def save_and_load(quick: bool) -> list[Row]:
             shutil.rmtree(os.path.join(root, p))
 
     try:
-        save_s, osave_s, bsave_s = _median_rounds([spmd_save, orbax_save, bound_save], rounds,
-                                                  clean)
+        saves = _rounds([spmd_save, orbax_save, bound_save], rounds, clean)
         spmd_save(), orbax_save(), bound_save()
         target = {k: spmd.NamedSharding(mesh, spmd.P("data", "model")) for k in ours}
         resharded = {k: spmd.NamedSharding(spmd.make_mesh((4, 2), ("a", "b")), spmd.P("b", "a"))
@@ -127,24 +133,27 @@ def save_and_load(quick: bool) -> list[Row]:
             assert np.array_equal(np.asarray(back[k]), h)
             assert np.array_equal(np.asarray(jback[k]), h)
         del back, jback
-        load_s, oload_s, bload_s = _median_rounds(
-            [lambda: spmd.io.load(paths["spmd"], target),
-             lambda: checkpointer.restore(paths["orbax"], jtarget),
-             lambda: _read_raw(paths["raw"], host)], rounds)
-        rload_s, roload_s = _median_rounds(
-            [lambda: spmd.io.load(paths["spmd"], resharded),
-             lambda: checkpointer.restore(paths["orbax"], jresharded)], rounds)
+        loads = _rounds([lambda: spmd.io.load(paths["spmd"], target),
+                         lambda: checkpointer.restore(paths["orbax"], jtarget),
+                         lambda: _read_raw(paths["raw"], host)], rounds)
+        reloads = _rounds([lambda: spmd.io.load(paths["spmd"], resharded),
+                           lambda: checkpointer.restore(paths["orbax"], jresharded)], rounds)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    med = statistics.median
+    bsave_s, bload_s = med(saves[2]), med(loads[2])
     rows = [Row(NAME, f"disk bound: write+fsync {size}", None, "raw files", bsave_s,
                 {"GB/s": gbps(nbytes, bsave_s)}),
             Row(NAME, f"disk bound: read {size}", None, "raw files", bload_s,
                 {"GB/s": gbps(nbytes, bload_s)})]
-    cases = (("save", save_s, osave_s, bsave_s), ("load, same layout", load_s, oload_s, bload_s),
-             ("load, 2x4 -> 4x2 transposed", rload_s, roload_s, bload_s))
-    for case, ours_s, peer_s, bound_s in cases:
+    cases = (("save", saves[0], saves[1], bsave_s),
+             ("load, same layout", loads[0], loads[1], bload_s),
+             ("load, 2x4 -> 4x2 transposed", reloads[0], reloads[1], bload_s))
+    for case, ours, peer, bound_s in cases:
+        ours_s, peer_s = med(ours), med(peer)
         rows.append(Row(NAME, f"{case} {size}, 2x4 P('data','model')", ours_s, "orbax", peer_s,
-                        {"GB/s spmd": gbps(nbytes, ours_s), "GB/s orbax": gbps(nbytes, peer_s),
+                        {"ratio range": _ratio_range(ours, peer),
+                         "GB/s spmd": gbps(nbytes, ours_s), "GB/s orbax": gbps(nbytes, peer_s),
                          "x disk bound spmd": round(ours_s / bound_s, 2),
                          "x disk bound orbax": round(peer_s / bound_s, 2)}))
     return rows

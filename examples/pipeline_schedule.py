@@ -4,7 +4,7 @@ interleaved schedule a cell is one chunk (half a stage here): the darker shade i
 
     python examples/pipeline_schedule.py [out.png]
 """
-import sys
+import argparse
 
 import matplotlib
 
@@ -57,4 +57,6 @@ def main(path="pipeline_schedule.png"):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", nargs="?", default="pipeline_schedule.png", help="the PNG to write")
+    main(parser.parse_args().out)

@@ -1,11 +1,13 @@
 """Train a small GPT on a 2x4 mesh: data parallel over ``data``, Megatron tensor parallel over
-``model``, Adam written by hand, byte-level, on this file's own text.
+``model``, Adam written by hand, byte-level, on a text shipped beside it (``data/``).
 
     python examples/train_gpt.py                          # shard_map, 2x4 mesh (dp_tp)
     python examples/train_gpt.py --parallel dp            # data parallel only, 8 devices
     python examples/train_gpt.py --parallel tp            # tensor parallel only, 4 devices
     python examples/train_gpt.py --compiler               # global code + spmd.jit shardings
+    python examples/train_gpt.py --steps 2 --profile      # where one step's time goes
     spmd-run -n 4 examples/train_gpt.py                   # 4 processes (a 2x2 mesh)
+    spmd-run -n 4 --max-restarts 1 examples/train_gpt.py --checkpoint-dir /tmp/gpt   # resumable
 
 The model is 2 layers, d_model 128, 4 heads, sequence 64, vocabulary 256 (bytes), batch 16,
 FFN 512.  Every function below takes the framework as arguments (``jax`` and ``jnp``): called
@@ -17,12 +19,20 @@ With ``shard_map`` the body sees per-device blocks: each device holds ``4 / mode
 ``model`` closes the attention and the MLP, and the loss is a ``pmean`` over ``data``.  With
 ``--compiler`` the loss is written on global arrays and ``spmd.jit`` is given the same layouts as
 ``in_shardings``: the sharding compiler inserts the collectives itself.
+
+With ``--checkpoint-dir D`` the parameters, the Adam state, the step and the position in the
+data are saved every ``--checkpoint-every`` steps (in the background, ``spmd.io``), and a job
+that finds a checkpoint in ``D`` resumes from the latest one: restarted after a crash, it gives
+the losses of a run that never stopped, bit for bit.  ``SPMD_IO_KILL_AT_STEP=k`` kills a rank
+at step ``k`` to try it.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
+import os
 import time
 
 import numpy as np
@@ -35,6 +45,9 @@ except ImportError:
     tqdm = None
 
 LAYERS, D_MODEL, HEADS, SEQ, VOCAB, BATCH, FFN = 2, 128, 4, 64, 256, 16, 512
+# the training text: a frozen copy of an earlier version of this script (Python source as
+# bytes), kept apart so that editing the script does not change the data
+TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "gpt_source.txt")
 HEAD_DIM = D_MODEL // HEADS
 LR, BETA1, BETA2, EPS = 1e-3, 0.9, 0.99, 1e-8
 
@@ -171,27 +184,39 @@ def make_step(jax, jnp, mesh, compiler: bool = False):
                    out_shardings=(shardings[0], state, rep)), shardings
 
 
-def batches(seed: int = 0):
-    """Endless batches of ``(x, y)``: random windows of this file's bytes, ``y`` one ahead."""
-    with open(__file__, "rb") as f:
+def batches(seed: int = 0, position: int = 0):
+    """Endless batches of ``(x, y)`` from batch number ``position`` on: random windows of the
+    training text's bytes, ``y`` one ahead.  The window starts of the batches before
+    ``position`` are drawn and dropped, so a resumed job reads on where its checkpoint says."""
+    with open(TEXT, "rb") as f:
         text = np.frombuffer(f.read(), np.uint8).astype(np.int32)
     rng = np.random.default_rng(seed)
-    while True:
+    for i in itertools.count():
         starts = rng.integers(0, len(text) - SEQ - 1, BATCH)
+        if i < position:
+            continue
         window = np.stack([text[s:s + SEQ + 1] for s in starts])
         yield window[:, :-1], window[:, 1:]
 
 
 def train(jax, jnp, parallel: str = "dp_tp", compiler: bool = False, steps: int = 30,
-          n_devices: int = 8, progress=None):
-    """Train ``steps`` steps; returns the list of losses (Python floats)."""
+          n_devices: int = 8, progress=None, checkpoints=None):
+    """Train up to step ``steps``; returns the list of losses (Python floats) of the steps run.
+    ``checkpoints``: an ``spmd.io.CheckpointManager`` to resume from (its latest step) and to
+    save into."""
     mesh = mesh_for(jax, parallel, n_devices)
     step, (param_sh, batch_sh) = make_step(jax, jnp, mesh, compiler)
     params = jax.device_put(init_params(), param_sh)
     zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, p.dtype), init_params())
     state = dict(m=jax.device_put(zeros, param_sh), v=jax.device_put(zeros, param_sh))
-    losses, data = [], batches()
-    for t in range(1, steps + 1):
+    done, position = 0, 0
+    if checkpoints is not None and checkpoints.latest_step() is not None:
+        # the fresh arrays are the target: their shardings lay the saved ones out
+        saved = checkpoints.restore(None, dict(params=params, opt=state, step=0, data_position=0))
+        params, state, done, position = (saved[k] for k in ("params", "opt", "step",
+                                                            "data_position"))
+    losses, data = [], batches(position=position)
+    for t in range(done + 1, steps + 1):
         x, y = next(data)
         c1, c2 = (np.float32(1 / (1 - b ** t)) for b in (BETA1, BETA2))
         params, state, loss = step(params, state, jax.device_put(x, batch_sh),
@@ -199,7 +224,31 @@ def train(jax, jnp, parallel: str = "dp_tp", compiler: bool = False, steps: int 
         losses.append(float(loss))
         if progress is not None:
             progress(t, losses[-1])
+        if checkpoints is not None:
+            checkpoints.save(t, dict(params=params, opt=state, step=t, data_position=t))
+    if checkpoints is not None:
+        checkpoints.wait_until_finished()
     return losses
+
+
+def profile_step(parallel: str, compiler: bool, path: str, show: bool = True, top: int = 15):
+    """Profile one training step after a warm-up step (which traces and compiles): print the
+    equations that take the most time and write the trace to ``path`` (https://ui.perfetto.dev
+    opens it)."""
+    mesh = mesh_for(spmd, parallel, spmd.device_count())
+    step, (param_sh, batch_sh) = make_step(spmd, np, mesh, compiler)
+    params = spmd.device_put(init_params(), param_sh)
+    zeros = spmd.tree_util.tree_map(np.zeros_like, init_params())
+    state = dict(m=spmd.device_put(zeros, param_sh), v=spmd.device_put(zeros, param_sh))
+    x, y = (spmd.device_put(a, batch_sh) for a in next(batches()))
+    c1, c2 = np.float32(10.0), np.float32(100.0)
+    step(params, state, x, y, c1, c2)
+    with spmd.profile() as prof:
+        float(step(params, state, x, y, c1, c2)[2])
+    prof.save_trace(path)
+    if show:
+        print(prof.table(top=top))
+        print(f"trace: {path} (open it in https://ui.perfetto.dev)")
 
 
 def main(argv=None):
@@ -209,7 +258,12 @@ def main(argv=None):
                         help="global code with spmd.jit in_shardings/out_shardings")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--plot", default="gpt_loss.png", help="loss curve (needs matplotlib)")
-    parser.add_argument("--out", help="also write the losses to this JSON file")
+    parser.add_argument("--profile", action="store_true",
+                        help="then profile one step: time per equation, trace in gpt_profile.json")
+    parser.add_argument("--out", help="also write the losses of the steps run to this JSON file")
+    parser.add_argument("--checkpoint-dir", help="save checkpoints here and resume from the latest")
+    parser.add_argument("--checkpoint-every", type=int, default=10,
+                        help="save a checkpoint every this many steps")
     args = parser.parse_args(argv)
     if spmd.distributed.detect_environment() is not None:
         spmd.distributed.initialize()           # started by spmd-run, torchrun, SLURM, mpiexec
@@ -219,7 +273,14 @@ def main(argv=None):
     if lead:
         print(f"GPT {LAYERS}x{D_MODEL}, {HEADS} heads, {how} on mesh {dict(mesh.shape)} "
               f"({spmd.process_count()} process(es))")
-    bar = tqdm(total=args.steps, disable=not lead) if tqdm is not None else None
+    checkpoints, done = None, 0
+    if args.checkpoint_dir:
+        checkpoints = spmd.io.CheckpointManager(args.checkpoint_dir, max_to_keep=2,
+                                                save_interval_steps=args.checkpoint_every)
+        done = checkpoints.latest_step() or 0
+        if lead and done:
+            print(f"resumed from step {done}", flush=True)
+    bar = tqdm(total=args.steps, initial=done, disable=not lead) if tqdm is not None else None
 
     def progress(t, loss):
         if bar is not None:
@@ -230,19 +291,24 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     losses = train(spmd, np, args.parallel, args.compiler, args.steps, spmd.device_count(),
-                   progress)
+                   progress, checkpoints)
     if bar is not None:
         bar.close()
-    if lead:
-        print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {args.steps} steps, "
+    if lead and losses:
+        print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {len(losses)} steps, "
               f"{time.perf_counter() - t0:.1f} s")
-        _plot(losses, args.plot, f"{how}, mesh {dict(mesh.shape)}")
+        _plot(losses, args.plot, f"{how}, mesh {dict(mesh.shape)}", first=done + 1)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(losses, f)
+    if args.profile:
+        one = spmd.process_count() == 1
+        profile_step(args.parallel, args.compiler,
+                     "gpt_profile.json" if one else f"gpt_profile.rank{spmd.process_index()}.json",
+                     show=lead)
 
 
-def _plot(losses, path, title):
+def _plot(losses, path, title, first=1):
     try:       # optional (the `examples` extra): the loss curve as a picture
         import matplotlib
         matplotlib.use("Agg")
@@ -251,7 +317,7 @@ def _plot(losses, path, title):
         print("(pip install matplotlib for a picture of the loss curve)")
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(range(1, len(losses) + 1), losses)
+    ax.plot(range(first, first + len(losses)), losses)
     ax.set(xlabel="step", ylabel="cross-entropy (nats per byte)", title=f"GPT: {title}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -9,7 +9,7 @@
 from .devices import Device, devices, local_devices, device_count, local_device_count
 from .distributed import process_index, process_count
 from .errors import (SpmdError, MeshError, ShardingError, TracingError, VmaError,
-                     CollectiveTimeoutError)
+                     CollectiveTimeoutError, UnreducedError)
 from .mesh import Mesh, AbstractMesh, AxisType, make_mesh, set_mesh, get_mesh
 from .sharding import PartitionSpec, P, NamedSharding
 from .array import Array, Shard, device_put
@@ -21,7 +21,7 @@ from .shard_map import shard_map
 from .explicit import (typeof, reshard, get_abstract_mesh, auto_axes, explicit_axes, ShapedArray,
                        ManualAxisType)
 from .collectives import (psum, pmean, pmax, pmin, all_gather, psum_scatter, all_to_all, ppermute,
-                          pbroadcast, axis_index, axis_size, pvary)
+                          pbroadcast, axis_index, axis_size, pvary, pcast)
 from .transforms.api import grad, value_and_grad, vjp, jvp, linearize, jacfwd, jacrev
 from .transforms.vmap import vmap
 from .transforms.checkpoint import checkpoint, checkpoint_policies, remat
@@ -36,6 +36,7 @@ from . import optim, parallel
 from . import io
 from .prims import stop_gradient
 from .inspect import collectives_of, print_collectives
+from .profiler import profile
 from .visualize import visualize_sharding
 from . import gpu  # noqa: F401  (plug-in: registers the "gpu" platform; CuPy loads on first use)
 

@@ -308,6 +308,10 @@ def reshape(xp, x, shape):
 
 # Below this many multiply-adds a batched matmul is one NumPy call.
 MATMUL_MIN_FLOPS = 1 << 24
+# Up to this many multiply-adds OpenBLAS runs a product on one thread by itself (its
+# GEMM_MULTITHREAD_THRESHOLD, 4 * 65536): no thread count to set around the call, which costs
+# more than a small product.
+MATMUL_SINGLE_THREAD_FLOPS = 1 << 18
 
 
 @functools.lru_cache(maxsize=1)
@@ -329,14 +333,16 @@ def matmul(xp, a, b, devices_folded=False):
     spinning threads cost up to ten times the work itself.  ``devices_folded``: the devices were
     folded into the rows or columns (fewer, bigger products), so products are also cut into
     row blocks until every host thread has one; so is a single product (no device dims)."""
-    lead = broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    blas = _openblas()
-    if xp is not np or blas is None or a.ndim < 2 or b.ndim < 2:
+    if xp is not np or a.ndim < 2 or b.ndim < 2:
         return xp.matmul(a, b)
-    # one product (a weight gradient with the devices folded into its contraction): row blocks
-    devices_folded = devices_folded or math.prod(lead) < 2
+    lead = broadcast_shapes(a.shape[:-2], b.shape[:-2])
     rows = a.shape[-2]
     flops = math.prod(lead) * rows * a.shape[-1] * b.shape[-1]
+    blas = _openblas()
+    if blas is None or flops <= MATMUL_SINGLE_THREAD_FLOPS:
+        return np.matmul(a, b)
+    # one product (a weight gradient with the devices folded into its contraction): row blocks
+    devices_folded = devices_folded or math.prod(lead) < 2
     get, set_ = blas
     before = get()
     set_(1)

@@ -47,11 +47,15 @@ def differentiable(dtype) -> bool:
 
 
 def full(aval: Aval, value):
-    """An array of ``value`` with type ``aval`` (including its vma) in the current trace."""
+    """An array of ``value`` with type ``aval`` (including its vma, and its sharding on
+    Explicit axes: a zero tangent or cotangent is typed like its primal, as in JAX) in the
+    current trace."""
     x = bind(hooks.broadcast_in_dim, np.asarray(value, aval.dtype), shape=tuple(aval.shape), dims=())
+    b = current_builder()
     if aval.vma:
-        b = current_builder()
         x = bind(hooks.pvary, x, axes=tuple(a for a in b.mesh.axis_names if a in aval.vma))
+    if aval.sharding is not None and b is not None and not b.manual_axes:
+        x = hooks.constrain(x, aval.sharding, "a constant")
     return x
 
 

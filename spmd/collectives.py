@@ -199,9 +199,26 @@ def _reduce_ranks(xp, y, op):
     return _host_parallel.reduce_into(xp, op, out, [y[:, i] for i in range(y.shape[1])])
 
 
+def _unreduced_rule(name, *, sums=False):
+    """A collective over axes its operand is a pending sum or a reduced copy over refuses it,
+    as JAX does; ``psum`` (``sums``) makes a pending sum (unreduced -> invariant)."""
+    def rule(x, *, axes, **_):
+        pending = x.unreduced & set(axes)
+        for kind, bad in (("unreduced", set() if sums else pending),
+                          ("reduced", x.reduced & set(axes))):
+            if bad:
+                raise ValueError(f"{name} cannot accept a value that is {kind} over mesh axes "
+                                 f"{sorted(bad)} (got {x}); "
+                                 + ("make its pending sum first with psum" if kind == "unreduced"
+                                    else "it is already the same on every device there"))
+        return x.unreduced - pending, x.reduced
+    return rule
+
+
 def _all_reduce_prim(name, op):
     return Primitive(
         name, abstract=lambda x, **p: Aval(x.shape, x.dtype), vma=_reduce_vma,
+        unreduced=_unreduced_rule(name, sums=op == "sum"),
         stacked=_rank_major_rule(lambda xp, rm, y: xp.expand_dims(_reduce_ranks(xp, y, op), 1),
                                  out_varying=False),
         per_device=lambda comm, bufs, *, axes, groups=None: comm.all_reduce(bufs, axes, groups, op),
@@ -226,6 +243,8 @@ def _psum_transpose(ct, x, *, axes, groups):
     # vma types (check_vma=False) nothing says the cotangent is the same everywhere: psum it.
     if groups is not None or not current_builder().check_vma:
         return [bind(psum_p, ct, axes=axes, groups=groups)]
+    if x.aval.unreduced & set(axes):       # the sum of a pending sum: the cotangent is reduced
+        return [bind(preduced_p, ct, axes=axes)]
     return [_vary_like(ct, x.aval)]
 
 
@@ -247,6 +266,9 @@ def _all_reduce(prim, op_name, x, axis_name, axis_index_groups):
 
     def one(leaf):
         leaf = _as_traced(b, leaf)
+        if prim is psum_p and leaf.aval.unreduced & set(axes) and \
+                _state(op_name, leaf, axes) == "unreduced":
+            return bind(psum_p, leaf, axes=axes, groups=groups)     # the pending sum, made
         if prim is not psum_p:
             # max and min are idempotent: over the axes the value is the same on, it is its own
             # reduction (JAX reduces over the varying axes only, and returns an invariant value)
@@ -320,7 +342,8 @@ def _all_gather_body(xp, rm, y, *, axis, tiled, to, size):
 
 
 all_gather_p = Primitive(
-    "all_gather", abstract=_all_gather_abstract, vma=_all_gather_vma,
+    "all_gather", unreduced=_unreduced_rule("all_gather"),
+    abstract=_all_gather_abstract, vma=_all_gather_vma,
     stacked=_rank_major_rule(_all_gather_body, out_varying=lambda p: p["to"] == "varying"),
     per_device=lambda comm, bufs, *, axes, axis, tiled, groups, to, size: {
         d: placement(comm).call(d, _join, g, tiled=tiled, axis=axis)
@@ -402,7 +425,7 @@ def _psum_scatter_body(xp, rm, y, *, scatter_dimension, tiled, size):
 
 
 psum_scatter_p = Primitive(
-    "psum_scatter", abstract=_psum_scatter_abstract,
+    "psum_scatter", unreduced=_unreduced_rule("psum_scatter"), abstract=_psum_scatter_abstract,
     vma=lambda x, *, axes, **_: x.vma | set(axes),
     stacked=_rank_major_rule(_psum_scatter_body, out_varying=True),
     per_device=lambda comm, bufs, *, axes, scatter_dimension, tiled, groups, size: comm.reduce_scatter(
@@ -495,7 +518,8 @@ def _join(xp, chunks, *, tiled, axis):
 
 
 all_to_all_p = Primitive(
-    "all_to_all", abstract=_all_to_all_abstract, vma=lambda x, *, axes, **_: x.vma | set(axes),
+    "all_to_all", unreduced=_unreduced_rule("all_to_all"),
+    abstract=_all_to_all_abstract, vma=lambda x, *, axes, **_: x.vma | set(axes),
     stacked=_rank_major_rule(_all_to_all_body, out_varying=True),
     per_device=_all_to_all_per_device, collective="all_to_all", linear=True,
     transpose=lambda ct, x, *, axes, split_axis, concat_axis, tiled, groups, size: [
@@ -552,7 +576,8 @@ def _ppermute_body(xp, rm, y, *, perm):
 
 
 ppermute_p = Primitive(
-    "ppermute", abstract=lambda x, **p: Aval(x.shape, x.dtype),
+    "ppermute", unreduced=_unreduced_rule("ppermute"),
+    abstract=lambda x, **p: Aval(x.shape, x.dtype),
     vma=lambda x, *, axes, **_: x.vma | set(axes),
     stacked=_rank_major_rule(_ppermute_body, out_varying=True),
     per_device=lambda comm, bufs, *, axes, perm, groups=None: comm.permute(bufs, axes, perm),
@@ -598,7 +623,8 @@ def _pbroadcast_body(xp, rm, y, *, source):
 
 
 pbroadcast_p = Primitive(
-    "pbroadcast", abstract=lambda x, **p: Aval(x.shape, x.dtype),
+    "pbroadcast", unreduced=_unreduced_rule("pbroadcast"),
+    abstract=lambda x, **p: Aval(x.shape, x.dtype),
     vma=lambda x, *, axes, **_: x.vma | set(axes),
     stacked=_rank_major_rule(_pbroadcast_body, out_varying=True),
     per_device=lambda comm, bufs, *, axes, source, groups=None: comm.broadcast(bufs, axes, groups, source),
@@ -673,7 +699,7 @@ def _pvary_stacked(xp, mesh, x, *, axes):
 
 
 pvary_p = Primitive(
-    "pvary", abstract=lambda x, **p: Aval(x.shape, x.dtype),
+    "pvary", abstract=lambda x, **p: Aval(x.shape, x.dtype), unreduced=_unreduced_rule("pvary"),
     vma=lambda x, *, axes: x.vma | set(axes), stacked=_pvary_stacked,
     per_device=lambda comm, bufs, *, axes: bufs, collective="none", linear=True, free=True,
     transpose=lambda ct, x, *, axes: [bind(psum_p, ct, axes=axes, groups=None)])
@@ -692,14 +718,131 @@ def pvary(x, axis_name):
     return _tree_map(one, x)
 
 
+# ---------------------------------------------------------------------------------------------
+# pcast: a value's state over Manual axes (varying, invariant, unreduced, reduced), JAX 0.10's
+# type casts.  No data moves; each cast's transpose is the cast between the cotangents' states
+# (the cotangent of an unreduced value is reduced and the reverse):
+#
+#   invariant -> varying   pvary               transpose: psum (varying -> invariant)
+#   invariant -> reduced   preduced            transpose: psum of a pending sum
+#   varying -> unreduced   vary_unreduced_cast transpose: reduced_vary_cast
+#   reduced -> varying     reduced_vary_cast   transpose: vary_unreduced_cast
+#
+# ``psum`` of a value unreduced over its axes makes the pending sum (unreduced -> invariant).
+# ---------------------------------------------------------------------------------------------
+
+def _cast_rule(name, need, add, drop):
+    """The unreduced rule of a cast: its operand must be ``need`` over ``axes`` ('varying',
+    'reduced' or 'invariant'); the result is ``add`` there ('unreduced', 'reduced' or None) and
+    no longer ``drop``."""
+    def rule(x, *, axes):
+        got = _state(name, x, axes, quiet=True)
+        if got != need:
+            raise ValueError(f"{name} is a {need} -> {add or 'varying'} cast, but the value {x} "
+                             f"is {got} over mesh axes {list(axes)}.")
+        ur = {"unreduced": x.unreduced, "reduced": x.reduced}
+        if add:
+            ur[add] = ur[add] | set(axes)
+        if drop:
+            ur[drop] = ur[drop] - set(axes)
+        return ur["unreduced"], ur["reduced"]
+    return rule
+
+
+def _cast(name, vma, rule, stacked=lambda xp, mesh, x, *, axes: x):
+    return Primitive(name, abstract=lambda x, **p: Aval(x.shape, x.dtype), vma=vma,
+                     unreduced=rule, stacked=stacked, per_device=lambda comm, bufs, *, axes: bufs,
+                     collective="none", linear=True, free=True)
+
+
+preduced_p = _cast("preduced", lambda x, *, axes: x.vma,
+                   _cast_rule("preduced", "invariant", "reduced", None))
+vary_unreduced_cast_p = _cast("vary_unreduced_cast", lambda x, *, axes: x.vma - set(axes),
+                              _cast_rule("vary_unreduced_cast", "varying", "unreduced", None))
+reduced_vary_cast_p = _cast("reduced_vary_cast", lambda x, *, axes: x.vma | set(axes),
+                            _cast_rule("reduced_vary_cast", "reduced", None, "reduced"),
+                            stacked=_pvary_stacked)
+preduced_p.transpose = lambda ct, x, *, axes: [bind(psum_p, ct, axes=axes, groups=None)]
+vary_unreduced_cast_p.transpose = lambda ct, x, *, axes: [bind(reduced_vary_cast_p, ct, axes=axes)]
+reduced_vary_cast_p.transpose = lambda ct, x, *, axes: [bind(vary_unreduced_cast_p, ct, axes=axes)]
+for _p in (preduced_p, vary_unreduced_cast_p, reduced_vary_cast_p):
+    _p.jvp = ad_util.linear_jvp(_p)
+hooks.reduced_vary_cast = reduced_vary_cast_p
+_PCASTS = {("invariant", "varying"): pvary_p, ("invariant", "reduced"): preduced_p,
+           ("varying", "unreduced"): vary_unreduced_cast_p,
+           ("reduced", "varying"): reduced_vary_cast_p}
+
+
+def _state(op, x, axes, quiet=False) -> str:
+    """The one state of value (or type) ``x`` over ``axes``: varying, unreduced, reduced or
+    invariant (a pcast or psum over axes in different states is an error, as in JAX)."""
+    aval = getattr(x, "aval", x)
+    states = {"varying" if a in aval.vma else "unreduced" if a in aval.unreduced else
+              "reduced" if a in aval.reduced else "invariant" for a in axes}
+    if len(states) > 1 and not quiet:
+        raise ValueError(f"{op} can only accept axis_name which corresponds to one of varying, "
+                         f"unreduced, reduced or invariant state of the input: the value "
+                         f"{aval} is {' and '.join(sorted(states))} over mesh axes "
+                         f"{list(axes)}; {op} over each group apart.")
+    return states.pop() if len(states) == 1 else "mixed"
+
+
+def pcast(x, axis_name, *, to: str):
+    """Change the state of ``x`` over the Manual mesh axes ``axis_name`` (JAX 0.10's
+    ``lax.pcast``): invariant to ``'varying'`` (``pvary``) or ``'reduced'``, varying to
+    ``'unreduced'`` (a sum still pending: ``psum`` makes it), reduced to ``'varying'``.  No data
+    moves; under autodiff unreduced and reduced values have reduced and unreduced cotangents."""
+    if isinstance(axis_name, (set, frozenset)):
+        raise TypeError(f"pcast: axis_name={axis_name} must be a tuple or a str.")
+    if not axis_name:
+        return x
+    if to not in ("varying", "reduced", "unreduced"):
+        raise ValueError(f"pcast: unexpected to={to!r}; the allowed values are 'varying', "
+                         f"'reduced' and 'unreduced'.")
+    b, axes = _context("pcast", axis_name)
+    axes = tuple(a for a in b.mesh.axis_names if a in axes)
+
+    def one(leaf):
+        leaf = _as_traced(b, leaf)
+        if not b.check_vma:                   # unchecked bodies carry no Manual types
+            return leaf
+        frm = _state("pcast", leaf, axes)
+        prim = _PCASTS.get((frm, to))
+        if prim is None and frm == to == "varying":
+            raise ValueError(f"pcast: the value ({leaf.aval}) already varies over mesh axis "
+                             f"{axes[0]!r} (Unsupported pcast from=varying, to='varying'); drop "
+                             f"the axis from the pcast.")
+        if prim is None:
+            allowed = ", ".join(f"{f} -> {t}" for f, t in _PCASTS)
+            raise ValueError(f"Unsupported pcast from={frm}, to={to!r} over mesh axes "
+                             f"{list(axes)} of {leaf.aval} in {b.context}; the casts are "
+                             f"{allowed}.")
+        return bind(prim, leaf, axes=axes)
+    return _tree_map(one, x)
+
+
 # Under vmap a collective acts on the per-device value with one more leading dim: the same mesh
 # axes, the array dims it names shifted by one.
 for _p in (_identity_p, psum_p, pmax_p, pmin_p, pvary_p, ppermute_p, pbroadcast_p):
     _p.batch = batching.elementwise_batch(_p)
+
+
+def _no_batch_of_cast(prim):
+    def rule(vals, dims, *, axes):
+        raise NotImplementedError(
+            f"vmap of {prim.name} (pcast to or from 'unreduced' / 'reduced' over mesh axes "
+            f"{list(axes)}) of a batched value is not implemented, as in JAX; pcast outside the "
+            f"vmap, or the value before it is batched.")
+    return rule
+
+
+for _p in (preduced_p, vary_unreduced_cast_p, reduced_vary_cast_p):
+    _p.batch = _no_batch_of_cast(_p)
 all_gather_p.batch = batching.shifted_batch(all_gather_p, batching.plus1("axis"))
 psum_scatter_p.batch = batching.shifted_batch(psum_scatter_p, batching.plus1("scatter_dimension"))
 all_to_all_p.batch = batching.shifted_batch(all_to_all_p, batching.plus1("split_axis", "concat_axis"))
 del _p
 
 COLLECTIVES = (psum_p, pmax_p, pmin_p, all_gather_p, psum_scatter_p, all_to_all_p, ppermute_p,
-               pbroadcast_p, axis_index_p, pvary_p)
+               pbroadcast_p, axis_index_p, pvary_p, preduced_p, vary_unreduced_cast_p,
+               reduced_vary_cast_p)

@@ -3,7 +3,9 @@
 
 Each is one equation whose parameters hold its bodies as Programs, traced once: an executor
 runs the equation as a Python loop (``scan``, ``while_loop``) or a branch choice (``cond``)
-over the compiled body, so tracing and compiling cost the same for 10 steps or 10,000.  The
+over the compiled body, so tracing and compiling cost the same for 10 steps or 10,000.  Before
+its steps a loop computes once what its body computes from the consts alone, and for all steps
+at once what it computes from the consts and ``xs`` alone (see ``_Split``).  The
 rules transform the bodies with ``spmd.transforms``: the JVP of a scan is a scan of the JVP of
 its body; partial evaluation splits a scan into a forward scan that stacks the residuals each
 step needs and a linear scan that reads them; its transpose is a scan in the other direction.
@@ -32,6 +34,7 @@ from .collectives import pmax, pvary_p
 from .core import (Aval, Primitive, Program, Tracer, Var, aval_of, bind, current_builder, hooks,
                    trace)
 from .errors import VmaError
+from .sharding import NamedSharding, PartitionSpec, spec_entry
 from .transforms import ad
 from .transforms.vmap import batch_eval, vmap
 
@@ -89,7 +92,13 @@ def _with_vma(x, vma):
 
 
 def _same_type(a: Aval, b: Aval) -> bool:
-    return a.shape == b.shape and np.dtype(a.dtype) == np.dtype(b.dtype) and a.vma == b.vma
+    return (a.shape == b.shape and np.dtype(a.dtype) == np.dtype(b.dtype) and a.vma == b.vma
+            and not _shardings_differ(a, b))
+
+
+def _shardings_differ(a: Aval, b: Aval) -> bool:
+    """Both typed on Explicit axes, with different shardings (JAX's carry types then differ)."""
+    return a.sharding is not None and b.sharding is not None and a.sharding != b.sharding
 
 
 def _mismatch(a: Aval, b: Aval) -> str:
@@ -97,6 +106,9 @@ def _mismatch(a: Aval, b: Aval) -> str:
         return "the shapes differ"
     if np.dtype(a.dtype) != np.dtype(b.dtype):
         return "the dtypes differ"
+    if _shardings_differ(a, b):
+        return (f"the shardings differ ({a.sharding.spec} and {b.sharding.spec}); give both one "
+                f"sharding with spmd.reshard(x, P(...))")
     extra = sorted(b.vma - a.vma) or sorted(a.vma - b.vma)
     axes = ", ".join(repr(a) for a in extra)
     return (f"the mesh axes they vary over differ (vma); make both vary over {axes} with "
@@ -116,7 +128,7 @@ def _weak_fix(ins, in_avals, out_avals):
 def _error(a: Aval, b: Aval):
     """The exception type for two types that differ: VmaError when only their vma does."""
     same = a.shape == b.shape and np.dtype(a.dtype) == np.dtype(b.dtype)
-    return VmaError if same else TypeError
+    return VmaError if same and not _shardings_differ(a, b) else TypeError
 
 
 def _check_carry(kind, name, describe, in_tree, out_tree, in_avals, out_avals):
@@ -188,54 +200,218 @@ def _reorder(program: Program, ins, outs) -> Program:
 # scan
 # ---------------------------------------------------------------------------------------------
 
-def _untyped(avals) -> list:
-    """Outputs with no sharding type on Explicit axes: the sharding compiler places a loop's
-    results (it runs the loop on replicated values)."""
-    return [a.update(sharding=None) for a in avals]
+def _typed(avals) -> list:
+    """A loop's or cond's results keep the types their bodies give them on Explicit axes (the
+    carries' are checked equal to the inputs', as JAX's); an untyped one the compiler places."""
+    return list(avals)
 
 
 def _scan_abstract(*avals, body, length, reverse, unroll, n_consts, n_carry, name):
     outs = body.out_avals
-    return _untyped(list(outs[:n_carry]) + [a.update(shape=(length,) + tuple(a.shape))
-                                            for a in outs[n_carry:]])
+    return _typed(list(outs[:n_carry]) + [a.update(shape=(length,) + tuple(a.shape), sharding=None
+                                                   if a.sharding is None else _stacked_type(a))
+                                          for a in outs[n_carry:]])
+
+
+def _stacked_type(a: Aval):
+    """The type of a scan's stacked ``ys``: the steps' dim in front, unsplit."""
+    s = a.sharding
+    return NamedSharding(s.mesh, PartitionSpec(None, *[spec_entry(d) for d in s._dim_axes(a.ndim)],
+                                               unreduced=s.spec.unreduced, reduced=s.spec.reduced))
 
 
 def _stack(length, ys_avals, xp, k, *ys):
-    """Per output, its ``length`` per-step values (step order) stacked after the mesh dims."""
+    """Per output, its ``length`` per-step values (step order) written into one array, the steps
+    after the mesh dims."""
     out = []
     for j, aval in enumerate(ys_avals):
-        group = [y if hasattr(y, "shape") else xp.asarray(y)
-                 for y in ys[j * length:(j + 1) * length]]
-        if not group:
-            out.append(xp.zeros((1,) * k + (0,) + tuple(aval.shape), aval.dtype))
-            continue
-        shapes = {y.shape for y in group}
-        if len(shapes) > 1:                       # constants among varying values
-            shape = np.broadcast_shapes(*shapes)
-            group = [xp.broadcast_to(y, shape) for y in group]
-        lead = k + aval.ndim - group[0].ndim
-        if lead:
-            group = [y.reshape((1,) * lead + y.shape) for y in group]
-        out.append(xp.stack(group, axis=k))
+        group = ys[j * length:(j + 1) * length]
+        if not k and aval.ndim and group:        # whole arrays: one copy, if they are all whole
+            try:
+                out.append(xp.concatenate(group).reshape((length,) + tuple(aval.shape)))
+                continue
+            except ValueError:                  # some broadcast or scalar: one at a time
+                pass
+        rank = k + aval.ndim
+        shapes = {tuple(getattr(y, "shape", ())) for y in group} or {(1,) * k + tuple(aval.shape)}
+        # constants among varying values, values without their mesh dims: broadcast in
+        shape = np.broadcast_shapes(*[(1,) * (rank - len(s)) + s for s in shapes])
+        dtype = next((y.dtype for y in group if hasattr(y, "dtype")), aval.dtype)
+        stacked = xp.empty(shape[:k] + (length,) + shape[k:], dtype)
+        steps = xp.moveaxis(stacked, k, 0) if k else stacked
+        for i, y in enumerate(group):
+            steps[i] = y
+        out.append(stacked)
     return out
 
 
+# Invariant values up to this size are made contiguous before the loop: a ufunc over a
+# broadcast or transposed operand of a few KiB costs about twice one over a contiguous one.
+_COMPACT_MAX_BYTES = 1 << 20
+
+
+def _compact(xp, k, *vals):
+    return [xp.ascontiguousarray(v) if hasattr(v, "flags") and not v.flags.c_contiguous
+            and v.nbytes <= _COMPACT_MAX_BYTES else v for v in vals]
+
+
+def _unstack(length, xp, k, *xs):
+    """The ``length`` steps (the dim after the mesh dims) of each array in turn, as views."""
+    out = []
+    for x in xs:
+        if x.shape[k] == length:
+            out += list(xp.moveaxis(x, k, 0)) if k else list(x)
+        else:                                   # one step for all (a broadcast value)
+            out += [x[(slice(None),) * k + (0,)]] * length
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# moving work out of a loop's steps
+#
+# A loop body runs once per step; what it computes from the consts alone is the same at every
+# step, and what it computes from the consts and the step's ``xs`` alone (no carry) can be
+# computed for all steps at once before the loop, as one array operation over the stacked
+# ``xs`` (a product of every step's input with a weight becomes one big product instead of a
+# thousand small ones).  Only pure array operations move: no collective, no callback, no
+# sub-program, and nothing whose results for all steps together would take more than
+# ``_BATCHED_STEPS_MAX_BYTES``.
+# ---------------------------------------------------------------------------------------------
+
+_BATCHED_STEPS_MAX_BYTES = 64 << 20
+
+
+def _movable(e) -> bool:
+    return (e.prim.category is not None and e.prim.execute is None and e.prim.stacked is None
+            and bool(e.outputs))
+
+
+def _nbytes(avals) -> int:
+    return builtins.sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in avals)
+
+
+class _Split:
+    """A loop body split three ways.  ``invariant``: the consts -> values every step reads
+    alike, or None; ``batched``: ``(eqns, consts in, xs in, outs)`` computed for all steps at
+    once from the consts (and invariant values) and the ``xs``, or None; ``step``: the rest, a
+    program of the consts, the invariant values it reads, the carries, the ``xs`` it reads (by
+    position: ``xs_read``) and the batched values."""
+
+    def __init__(self, body: Program, n_consts: int, n_carry: int, length: int = 0):
+        consts = body.in_vars[:n_consts]
+        carry = body.in_vars[n_consts:n_consts + n_carry]
+        xs = body.in_vars[n_consts + n_carry:]
+        kind = {id(v): "const" for v in consts}
+        kind.update({id(v): "carry" for v in carry})
+        kind.update({id(v): "x" for v in xs})
+        invariant, batched, rest = [], [], []
+        budget = _BATCHED_STEPS_MAX_BYTES
+        for e in body.eqns:
+            kinds = {kind[id(a)] for a in e.inputs if isinstance(a, Var)}
+            if _movable(e) and kinds <= {"const"}:
+                where, what = invariant, "const"
+            elif (_movable(e) and kinds <= {"const", "x"}
+                  and length * _nbytes(v.aval for v in e.outputs) <= budget):
+                budget -= length * _nbytes(v.aval for v in e.outputs)
+                where, what = batched, "x"
+            else:
+                where, what = rest, "carry"
+            where.append(e)
+            kind.update({id(v): what for v in e.outputs})
+        read_by = lambda eqns: {id(a) for e in eqns for a in e.inputs if isinstance(a, Var)}
+        step_reads = read_by(rest) | {id(a) for a in body.out_vars if isinstance(a, Var)}
+        batched_reads = read_by(batched)
+        made_inv = [v for e in invariant for v in e.outputs]
+        made_bat = [v for e in batched for v in e.outputs]
+        inv_out = [v for v in made_inv if id(v) in step_reads | batched_reads]
+        self.invariant = Program(list(consts), invariant, inv_out) if invariant else None
+        self.inv_for_step = [i for i, v in enumerate(inv_out) if id(v) in step_reads]
+        self.batched = None
+        if batched:
+            self.batched = (batched, [v for v in list(consts) + inv_out if id(v) in batched_reads],
+                            [v for v in xs if id(v) in batched_reads],
+                            [v for v in made_bat if id(v) in step_reads])
+        self.xs_read = [i for i, v in enumerate(xs) if id(v) in step_reads]
+        bat_out = self.batched[3] if batched else []
+        self.n_consts = n_consts + len(self.inv_for_step)
+        self.step = Program(list(consts) + [inv_out[i] for i in self.inv_for_step] + list(carry)
+                            + [xs[i] for i in self.xs_read] + bat_out, rest, body.out_vars)
+        self.moved = bool(invariant or batched)
+
+
+def _with_dims(xp, x, rank):
+    """``x`` as an array of ``rank`` dims (leading ones added: a Python scalar, a value without
+    its mesh dims)."""
+    if getattr(x, "ndim", -1) == rank:
+        return x
+    x = xp.asarray(x)
+    return x.reshape((1,) * (rank - x.ndim) + x.shape)
+
+
+def _batched_steps(eqns, const_in, xs_in, outs):
+    """``fn(xp, k, *consts, *xs)`` for ``run.local``: ``eqns`` for every step at once, the
+    steps one more leading batch dim (after the ``k`` mesh dims) of the implementations; the
+    consts have size 1 there.  Returns ``outs`` stacked like ``xs``."""
+    def fn(xp, k, *vals):
+        env = {}
+        for v, x in zip(const_in, vals):
+            x = _with_dims(xp, x, k + v.aval.ndim)
+            env[id(v)] = x.reshape(x.shape[:k] + (1,) + x.shape[k:])
+        for v, x in zip(xs_in, vals[len(const_in):]):
+            env[id(v)] = _with_dims(xp, x, k + 1 + v.aval.ndim)
+        read = lambda a: env[id(a)] if isinstance(a, Var) else (
+            a.val if isinstance(a.val, (bool, int, float, complex))
+            else _with_dims(xp, a.val, k + 1 + a.aval.ndim))
+        for e in eqns:
+            r = e.prim.rule("impl")(xp, k + 1, *[read(a) for a in e.inputs], **e.params)
+            for v, o in zip(e.outputs, r if e.prim.multiple_results else [r]):
+                env[id(v)] = o
+        return [env[id(v)] for v in outs]
+    return fn
+
+
+def _hoisted(run, split: _Split):
+    """The function of the consts giving the invariant values of ``split``, or None."""
+    if split.invariant is None:
+        return None
+    invariant, compact = run.call(split.invariant), run.local(_compact)
+    return lambda *consts: compact(*invariant(*consts))
+
+
 def _scan_execute(run, *, body, length, reverse, unroll, n_consts, n_carry, name):
-    step = run.call(body)
-    n_x = len(body.in_vars) - n_consts - n_carry
-    n_ys = len(body.out_vars) - n_carry
-    unstack = run.local(lambda xp, k, *xs: [x[(slice(None),) * k + (i,)]
-                                            for x in xs for i in range(length)])
+    split = _Split(body, n_consts, n_carry, length)
+    step = run.call(split.step)
+    hoisted = _hoisted(run, split)
+    if split.batched is not None:
+        eqns, const_in, xs_in, bat_out = split.batched
+        batched = run.local(_batched_steps(eqns, const_in, xs_in, bat_out))
+        inv_vars = split.invariant.out_vars if split.invariant is not None else []
+        sources = {id(v): i for i, v in enumerate(list(body.in_vars[:n_consts]) + inv_vars)}
+        bat_consts = [sources[id(v)] for v in const_in]
+        x_pos = {id(v): i for i, v in enumerate(body.in_vars[n_consts + n_carry:])}
+        bat_xs = [x_pos[id(v)] for v in xs_in]
+    unstack = run.local(lambda xp, k, *xs: _unstack(length, xp, k, *xs))
     stack = run.local(lambda xp, k, *ys: _stack(length, body.out_avals[n_carry:], xp, k, *ys))
+    n_ys = len(body.out_vars) - n_carry
     order = range(length - 1, -1, -1) if reverse else range(length)
 
     def loop(*vals):
         consts, carry = vals[:n_consts], vals[n_consts:n_consts + n_carry]
-        slices = unstack(*vals[n_consts + n_carry:]) if n_x else ()
-        ys = [None] * length
-        for i in order:
-            outs = step(*consts, *carry, *slices[i::length])
-            carry, ys[i] = outs[:n_carry], outs[n_carry:]
+        xs = vals[n_consts + n_carry:]
+        ys = [()] * length
+        if length:
+            inv = hoisted(*consts) if hoisted is not None else []
+            step_consts = list(consts) + [inv[i] for i in split.inv_for_step]
+            per_step = [xs[i] for i in split.xs_read]
+            if split.batched is not None:
+                known = list(consts) + list(inv)
+                per_step += batched(*[known[i] for i in bat_consts], *[xs[i] for i in bat_xs])
+            flat = unstack(*per_step) if per_step else []
+            per_step = [flat[i::length] for i in range(length)]
+            for i in order:
+                outs = step(*step_consts, *carry, *per_step[i])
+                carry = outs[:n_carry]
+                ys[i] = outs[n_carry:]
         return list(carry) + (stack(*[y[j] for j in range(n_ys) for y in ys]) if n_ys else [])
     return loop
 
@@ -543,17 +719,30 @@ def fori_loop(lower, upper, body_fun, init_val, *, unroll=None):
 # ---------------------------------------------------------------------------------------------
 
 def _while_abstract(*avals, cond, body, n_cond_consts, n_body_consts, name):
-    return _untyped(body.out_avals)
+    return _typed(body.out_avals)
 
 
 def _while_execute(run, *, cond, body, n_cond_consts, n_body_consts, name):
-    test, step = run.call(cond), run.call(body)
     nc, nb = n_cond_consts, n_body_consts
+    n_carry = len(body.in_vars) - nb
+    csplit, bsplit = _Split(cond, nc, n_carry), _Split(body, nb, n_carry)
+    test, step = run.call(csplit.step), run.call(bsplit.step)
+    choist, bhoist = _hoisted(run, csplit), _hoisted(run, bsplit)
+
+    def with_invariant(split, hoist, consts):
+        if hoist is None:
+            return list(consts)
+        inv = hoist(*consts)
+        return list(consts) + [inv[i] for i in split.inv_for_step]
 
     def loop(*vals):
         cc, bc, carry = vals[:nc], vals[nc:nc + nb], list(vals[nc + nb:])
-        while run.scalar(test(*cc, *carry)[0]):
+        cc = with_invariant(csplit, choist, cc)
+        if run.scalar(test(*cc, *carry)[0]):
+            bc = with_invariant(bsplit, bhoist, bc)     # the body runs at least once
             carry = step(*bc, *carry)
+            while run.scalar(test(*cc, *carry)[0]):
+                carry = step(*bc, *carry)
         return carry
     return loop
 
@@ -737,7 +926,7 @@ def while_loop(cond_fun, body_fun, init_val):
 # ---------------------------------------------------------------------------------------------
 
 def _cond_abstract(index, *avals, branches, name):
-    return _untyped(branches[0].out_avals)
+    return _typed(branches[0].out_avals)
 
 
 def _cond_execute(run, *, branches, name):

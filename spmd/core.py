@@ -24,6 +24,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import optree
 
 from .errors import TracingError, VmaError
 from .sharding import NamedSharding, sharding_type
@@ -50,7 +51,10 @@ class Hooks:
     execute: Callable             # spmd.jit: run a Program on concrete arguments
     jit: Callable                 # spmd.jit: ``jit(f, _name=...)`` for eager transformations
     reshard: Callable             # spmd.jit: an Array moved by the redistribution planner
+    constrain: Callable           # spmd.jit: a traced value given a sharding (its Explicit type)
     sharding_rule: Callable       # spmd.sharding_rules: the output sharding type on Explicit axes
+    manual_unreduced: Callable    # spmd.sharding_rules: unreduced / reduced Manual axes of results
+    reduced_vary_cast: "Primitive"  # spmd.collectives: the implicit cast of a reduced operand
     process_allgather: Callable   # spmd.distributed: the whole of an Array across processes
     eager: Any                    # spmd.eager: NumPy on sharded Arrays, one compiled op a time
 
@@ -86,12 +90,19 @@ class Aval:
     its type (a ``NamedSharding`` on the abstract mesh, one spec entry per dim, printed
     ``f32[8@data,4]``); every primitive computes it for its outputs by its sharding rule
     (``spmd.sharding_rules``).  None: no Explicit axis is involved.
+
+    ``unreduced`` / ``reduced`` (inside ``shard_map``, JAX's ``manual_axis_type``): Manual axes
+    over which the value is a sum still pending (each device holds a part; the data vary as a
+    varying value's do), or over which it is the same everywhere and its cotangent is such a
+    pending sum.  ``pcast`` moves a value between these states (``spmd.collectives``).
     """
     shape: tuple[int, ...]
     dtype: np.dtype
     vma: frozenset = frozenset()
     weak: bool = False
     sharding: NamedSharding | None = None
+    unreduced: frozenset = frozenset()
+    reduced: frozenset = frozenset()
 
     @property
     def ndim(self) -> int:
@@ -115,9 +126,15 @@ class Aval:
         return ",".join(f"{n}@{axes_str(axes)}" if axes else str(n) for n, axes in dims)
 
     def unreduced_str(self) -> str:
-        """``{U:x}``: the mesh axes over which the value is a pending sum (JAX's unreduced)."""
-        axes = sorted(self.sharding.spec.unreduced) if self.sharding is not None else ()
-        return "{U:" + axes_str(axes) + "}" if axes else ""
+        """``{U:x}`` / ``{R:x}``: the mesh axes over which the value is a pending sum (JAX's
+        unreduced) or a reduced copy, on Explicit and Manual axes."""
+        spec = self.sharding.spec if self.sharding is not None else None
+        out = ""
+        for tag, manual, typed in (("U", self.unreduced, spec and spec.unreduced),
+                                   ("R", self.reduced, spec and spec.reduced)):
+            axes = sorted(set(manual) | set(typed or ()))
+            out += "{" + tag + ":" + axes_str(axes) + "}" if axes else ""
+        return out
 
     def __str__(self):
         t = _SHORT.get(np.dtype(self.dtype).name, np.dtype(self.dtype).name)
@@ -221,6 +238,8 @@ class Eqn:
 
 
 _SPMD_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# optree's frames (``tree_map`` calling back into spmd, as ``psum`` does) are not the user's
+_NOT_USER = (_SPMD_DIR, os.path.dirname(os.path.abspath(optree.__file__)) + os.sep)
 _inside_spmd: dict = {}        # code object -> whether it is spmd's own (asked once per code)
 
 
@@ -232,7 +251,7 @@ def _user_source():
         code = f.f_code
         inside = _inside_spmd.get(code)
         if inside is None:
-            inside = _inside_spmd[code] = os.path.abspath(code.co_filename).startswith(_SPMD_DIR)
+            inside = _inside_spmd[code] = os.path.abspath(code.co_filename).startswith(_NOT_USER)
         if not inside:
             return code, f.f_lineno
         f = f.f_back
@@ -425,6 +444,9 @@ class Primitive:
         "multiple_results": "bool: the primitive returns a list of values",
         "vma": "(*avals, **params) -> frozenset: the varying mesh axes of the result, instead of "
                "the union of the operands' (collectives); also turns off the implicit pvary",
+        "unreduced": "(*avals, **params) -> (unreduced, reduced): the Manual axes over which "
+                     "the result is a pending sum or a reduced copy (pcast, collectives); "
+                     "other primitives follow spmd.sharding_rules.manual_unreduced",
         "jvp": "(primals, tangents, **params) -> (primal out, tangent out)",
         "transpose": "(cts, *operands, **params) -> one cotangent (or None) per operand; linear "
                      "operands are ad_util.UndefinedPrimal",
@@ -504,6 +526,13 @@ class Primitive:
         if self.multiple_results:
             return [o if o.vma else o.update(vma=vma) for o in out]
         out = out.update(vma=vma) if not out.vma else out
+        if self.unreduced is not None or any(a.unreduced or a.reduced for a in avals):
+            b = current_builder()
+            if b is not None and b.check_vma:      # unchecked bodies carry no Manual types
+                rule = self.unreduced or hooks.manual_unreduced
+                unreduced, reduced = rule(*avals, **params) if self.unreduced else rule(
+                    self, avals, params)
+                out = out.update(unreduced=frozenset(unreduced), reduced=frozenset(reduced))
         typed = any(a.sharding is not None for a in avals)
         if typed and out.sharding is None and not _types_off.get():
             out = out.update(sharding=hooks.sharding_rule(self, avals, out, params))
@@ -571,6 +600,7 @@ class Builder:
         if isinstance(x, Tracer):
             if x.builder is self:
                 return x.node
+            self._check_closure(x.aval)
             # A tracer of an enclosing trace: close over it as an extra input.
             key = id(x)
             if key not in self.captured:
@@ -579,8 +609,21 @@ class Builder:
                 self.captured[key] = (x, var)
             return self.captured[key][1]
         if isinstance(x, hooks.array_types):
+            self._check_closure(aval_of(x))
             x = np.asarray(x)
         return Literal(x)
+
+    def _check_closure(self, aval: Aval):
+        """A per-device body may not close over a value split over its Manual axes on Explicit
+        ones (JAX refuses it too): which block would each device see?"""
+        split = [a for ax in (aval.sharding.spec.axes if aval.sharding is not None else ())
+                 for a in ax if a in self.manual_axes]
+        if split:
+            raise NotImplementedError(
+                f"{self.context}: the function closes over a value of type {aval}, split over "
+                f"the Explicit mesh axes {split} that are Manual here; closing over inputs "
+                f"sharded on Explicit axes is not supported: pass the value as an argument of "
+                f"the shard_map, with its in_specs.")
 
 
 # The stack of builders being traced into, per thread (and per asyncio task): threads trace and
@@ -675,13 +718,23 @@ def _implicit_pvary(builder: Builder, atoms, source):
     union = frozenset().union(*vmas)
     out = []
     for a in atoms:
-        if isinstance(a, Var) and a.aval.vma != union:
-            v = Var(a.aval.update(vma=union))
-            axes = _ordered(builder, union - a.aval.vma)
-            builder.eqns.append(Eqn(hooks.pvary, [a], Params(axes=axes), [v], source))
-            a = v
+        if isinstance(a, Var):
+            for prim, axes in _casts_to_vary(builder, a.aval, union):
+                v = Var(prim.abstract_eval(a.aval, axes=axes))
+                builder.eqns.append(Eqn(prim, [a], Params(axes=axes), [v], source))
+                a = v
         out.append(a)
     return out
+
+
+def _casts_to_vary(builder: Builder, aval: Aval, union) -> list:
+    """``(primitive, axes)`` making a value of type ``aval`` vary over ``union``: over the axes
+    it is reduced on a ``reduced_vary_cast`` (its cotangent then stays a pending sum there, as
+    JAX inserts it), over the others a ``pvary``."""
+    missing = frozenset(union) - aval.vma
+    red = missing & aval.reduced
+    return [(p, _ordered(builder, axes)) for p, axes in
+            ((hooks.reduced_vary_cast, red), (hooks.pvary, missing - red)) if axes]
 
 
 def implicit_pvary(xs: Sequence) -> list:
@@ -694,8 +747,13 @@ def implicit_pvary(xs: Sequence) -> list:
     if builder is None or not builder.manual_axes or not builder.check_vma:
         return list(xs)
     union = frozenset().union(*[x.aval.vma for x in xs if isinstance(x, Tracer)])
-    return [bind(hooks.pvary, x, axes=_ordered(builder, union - x.aval.vma))
-            if isinstance(x, Tracer) and x.aval.vma != union else x for x in xs]
+    out = []
+    for x in xs:
+        if isinstance(x, Tracer):
+            for prim, axes in _casts_to_vary(builder, x.aval, union):
+                x = bind(prim, x, axes=axes)
+        out.append(x)
+    return out
 
 
 def _ordered(builder: Builder, axes) -> tuple[str, ...]:

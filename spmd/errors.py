@@ -13,6 +13,11 @@ class ShardingError(SpmdError, ValueError):
     """A PartitionSpec or sharding does not fit the mesh or the array."""
 
 
+class UnreducedError(ShardingError, NotImplementedError):
+    """An op that is not linear met a value that is a sum still pending over mesh axes
+    (unreduced): the sum must be made first."""
+
+
 class TracingError(SpmdError, TypeError):
     """A traced value was used in a way that needs a concrete value."""
 

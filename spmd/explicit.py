@@ -46,18 +46,24 @@ class ShapedArray:
     def __init__(self, aval: Aval, sharding: NamedSharding):
         self.shape, self.dtype, self.weak_type = aval.shape, np.dtype(aval.dtype), aval.weak
         self.sharding = sharding
-        self.manual_axis_type = ManualAxisType(varying=frozenset(aval.vma))
+        self.manual_axis_type = ManualAxisType(frozenset(aval.vma), frozenset(aval.unreduced),
+                                               frozenset(aval.reduced))
         self._aval = aval
 
     ndim = property(lambda self: len(self.shape))
     size = property(lambda self: int(np.prod(self.shape, dtype=np.int64)))
     vma = property(lambda self: self.manual_axis_type.varying)
+    mat = property(lambda self: self.manual_axis_type)
 
     def str_short(self) -> str:
-        vma = self.manual_axis_type.varying
-        order = self.sharding.mesh.axis_names
-        varying = "{V:" + axes_str([a for a in order if a in vma]) + "}" if vma else ""
-        return f"{self.dtype.name}[{self._aval.dims_str()}]{varying}{self._aval.unreduced_str()}"
+        """JAX's printed type: ``float32[8@X,4]{V:i, U:(j,k), R:l}`` (Manual and Explicit
+        unreduced and reduced axes together, in mesh order)."""
+        mat, spec, order = self.manual_axis_type, self.sharding.spec, self.sharding.mesh.axis_names
+        parts = [f"{tag}:{axes_str([a for a in order if a in axes])}" for tag, axes in (
+            ("V", mat.varying), ("U", mat.unreduced | spec.unreduced),
+            ("R", mat.reduced | spec.reduced)) if axes]
+        states = "{" + ", ".join(parts) + "}" if parts else ""
+        return f"{self.dtype.name}[{self._aval.dims_str()}]{states}"
 
     __str__ = str_short
 

@@ -42,7 +42,7 @@ from .layout import GlobalValue
 from .mesh import Mesh, get_mesh
 from .sharding import (NamedSharding, PartitionSpec, ShardingAssertionError, as_sharding,
                        check_spec, sharding_type)
-from .transforms.ad import dce
+from .transforms.ad import dce, eval_program
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,7 +108,11 @@ def _on_devices(outs, leaves):
 
 
 def execute(program, args) -> list:
-    """Run ``program`` on concrete arguments with the default executor; ``Array`` results."""
+    """Run ``program`` on concrete arguments; ``Array`` results.  Where an argument is split
+    over a mesh (``vjp`` or ``jvp`` of sharded arrays) it is compiled as ``jit`` would compile
+    it, so the results have the shardings their types give; else the default executor runs it."""
+    if any(isinstance(a, Array) and a.sharding.mesh.size > 1 for a in args):
+        return jit(lambda *xs: eval_program(program, xs), _name="program")(*args)
     return [_as_array(o) for o in default_executor().run(program, list(args))]
 
 
@@ -328,9 +332,15 @@ class Jitted:
         # shard_map inside already says where everything lives; or a sharding constraint, or
         # results whose type (on Explicit axes) splits them over an axis a shard_map left out
         constrained = _constraint_mesh(program) is not None
-        if _has_manual_subprogram(program) and not constrained:
+        # a shard_map result that is a sum still pending (out_specs P(unreduced=...)): the
+        # compiler makes the sum where the program needs it
+        pending = any(v.aval.sharding is not None and v.aval.sharding.spec.unreduced
+                      for e in program.eqns for v in e.outputs) or any(
+            s.unreduced for e in program.eqns if e.prim.manual is not None
+            for s in e.params["in_specs"] + e.params["out_specs"])
+        if _has_manual_subprogram(program) and not constrained and not pending:
             return False
-        return _sharded_arguments(leaves) or constrained
+        return _sharded_arguments(leaves) or constrained or pending
 
     def _argument_names(self, args, kwargs) -> list[str]:
         """Each dynamic argument leaf as ``explain()`` names it: its pytree path under the name
@@ -808,4 +818,4 @@ def make_program(f, *, static_argnums=()):
     return build
 
 
-hooks.execute, hooks.jit, hooks.reshard = execute, jit, reshard_planned
+hooks.execute, hooks.jit, hooks.reshard, hooks.constrain = execute, jit, reshard_planned, constrain

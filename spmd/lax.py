@@ -25,13 +25,12 @@ import types
 from typing import NamedTuple
 
 import numpy as np
-import optree
 
 from . import _xla_math, ad_util, prims
 from . import numpy as _snp
 from .numpy_api import HANDLED_FUNCTIONS, implements
-from .collectives import (all_gather, all_to_all, axis_index, axis_size, pbroadcast, pmax, pmean,
-                          pmin, ppermute, psum, psum_scatter, pvary)
+from .collectives import (all_gather, all_to_all, axis_index, axis_size, pbroadcast, pcast, pmax,
+                          pmean, pmin, ppermute, psum, psum_scatter, pvary)
 from .control_flow import cond, fori_loop, map, scan, switch, while_loop
 from .core import Aval, Primitive, Tracer, aval_of, bind
 from .custom_derivatives import custom_jvp
@@ -778,31 +777,6 @@ def conv(lhs, rhs, window_strides, padding, precision=None, preferred_element_ty
     """``conv_general_dilated`` in the NCHW / OIHW layout without dilation."""
     return conv_general_dilated(lhs, rhs, window_strides, padding, precision=precision,
                                 preferred_element_type=preferred_element_type)
-
-
-def pcast(x, axis_name, *, to: str):
-    """Change how a value varies over mesh axes (JAX 0.10): ``to='varying'`` marks an invariant
-    value as varying over ``axis_name`` (``pvary``)."""
-    if isinstance(axis_name, (set, frozenset)):
-        raise TypeError(f"axis_name={axis_name} must be a tuple or a str. Got {axis_name}")
-    if not axis_name:
-        return x
-    if to not in ("varying", "reduced", "unreduced"):
-        raise ValueError(f"lax.pcast: unexpected to={to!r}; the allowed values are 'varying', "
-                         f"'reduced' and 'unreduced'")
-    if to != "varying":
-        raise NotImplementedError(f"lax.pcast(to={to!r}): reduced and unreduced values are not "
-                                  f"supported; to='varying' is")
-    axes = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
-
-    def one(leaf):
-        already = [a for a in axes if isinstance(leaf, Tracer) and a in leaf.aval.vma]
-        if already:
-            raise ValueError(f"lax.pcast: the value ({leaf.aval}) already varies over mesh axis "
-                             f"{already[0]!r} (unsupported pcast from='varying', to='varying'); "
-                             f"drop the axis from the pcast.")
-        return pvary(leaf, axes)
-    return optree.tree_map(one, x)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -793,7 +793,16 @@ def where(cond, x=None, y=None):
                                   "pass both x and y")
     cond = astype(_operand(cond), np.bool_)
     x, y = _same_dtype([x, y])
-    cond, x, y = _broadcast_operands(implicit_pvary([cond, x, y]))
+    cond, x, y = implicit_pvary([cond, x, y])
+    if np.ndim(cond) or not isinstance(cond, Tracer):
+        cond, x, y = _broadcast_operands([cond, x, y])
+        return bind(prims.select_p, cond, x, y)
+    # a traced scalar condition takes the cases' sharding (JAX's select takes it unbroadcast)
+    x, y = _broadcast_operands([x, y])
+    typed = [v.aval.sharding for v in (x, y) if isinstance(v, Tracer) and v.aval.sharding]
+    shape = broadcast_shapes(_shape(x), _shape(y))
+    cond = broadcast_to(cond, shape)
+    cond = hooks.constrain(cond, typed[0], "where") if typed and shape else cond
     return bind(prims.select_p, cond, x, y)
 
 
@@ -905,12 +914,19 @@ def empty_like(x, dtype=None, order="K", subok=True, shape=None):
 
 @implements(np.full_like)
 def full_like(x, fill_value, dtype=None, order="K", subok=True, shape=None):
-    """Constant, but typed like ``x``: inside shard_map it has ``x``'s varying axes."""
+    """Constant, but typed like ``x``: inside shard_map it has ``x``'s varying axes; on
+    Explicit axes, unless ``shape=`` is given, ``x``'s sharding (as ``jax.numpy``'s)."""
     dt = np.dtype(dtype) if dtype is not None else _dtype(x)
+    typed = isinstance(x, Tracer) and shape is None and x.aval.sharding is not None
     shape = tuple(_shape(x)) if shape is None else tuple(shape)
-    if isinstance(x, Tracer) and x.vma and current_builder() is not None:
-        c = pvary(np.full((), fill_value, dt), tuple(a for a in current_builder().mesh.axis_names if a in x.vma))
+    b = current_builder()
+    if isinstance(x, Tracer) and x.vma and b is not None:
+        c = pvary(np.full((), fill_value, dt), tuple(a for a in b.mesh.axis_names if a in x.vma))
         return broadcast_to(c, shape)
+    if typed and b is not None and not b.manual_axes:
+        ns = x.aval.sharding
+        return hooks.constrain(broadcast_to(np.full((), fill_value, dt), shape),
+                               type(ns)(ns.mesh, type(ns.spec)(*ns.spec)), "full_like")
     return np.full(shape, fill_value, dtype=dt)
 
 

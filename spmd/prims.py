@@ -18,7 +18,7 @@ import numpy as np
 from ._shapes import broadcast_shapes
 import optree
 
-from .core import Aval, Primitive, aval_of, bind, current_builder, hooks
+from .core import Aval, Primitive, aval_of, bind, current_builder, hooks, untyped
 from .sharding import NamedSharding, PartitionSpec, sharding_type
 from . import _host_parallel
 from . import ad_util, batching, sharding_rules
@@ -700,12 +700,14 @@ def _dot_transpose(ct, x, y, *, contract, batch):
     order that makes its dims come out as the operand's (no transpose in the common cases)."""
     if ad_util.is_undefined(x) and ad_util.is_undefined(y):
         raise TypeError("transpose rule for dot_general: both operands are linear")
-    if ad_util.is_undefined(x):
-        return [sharding_rules.as_cotangent_of(x.aval, lambda: _dot_transpose_operand(
-            ct, x.aval.ndim, y, contract, batch, is_y=False)), None]
-    (xc, yc), (xb, yb) = contract, batch
-    return [None, sharding_rules.as_cotangent_of(y.aval, lambda: _dot_transpose_operand(
-        ct, y.aval.ndim, x, (yc, xc), (yb, xb), is_y=True))]
+    # On Explicit axes the product may contract a dim sharded on both sides (ct's and the
+    # other operand's): it is computed untyped, and the backward pass types it as the operand's
+    # cotangent (JAX's out_sharding=), the compiler planning the reduction.
+    with untyped():
+        if ad_util.is_undefined(x):
+            return [_dot_transpose_operand(ct, x.aval.ndim, y, contract, batch, is_y=False), None]
+        (xc, yc), (xb, yb) = contract, batch
+        return [None, _dot_transpose_operand(ct, y.aval.ndim, x, (yc, xc), (yb, xb), is_y=True)]
 
 
 def _dot_transpose_operand(ct, ndim, other, contract, batch, is_y):
@@ -1029,9 +1031,11 @@ sharding_constraint_p = Primitive(
     impl=lambda xp, k, x, **p: x, linear=True, category="constraint")
 sharding_constraint_p.jvp = _constraint_jvp
 sharding_constraint_p.transpose = _constraint_transpose
-# under vmap the new leading dim is split over vmap's spmd_axis_name (by default over nothing)
+# under vmap the new leading dim is split over vmap's spmd_axis_name, or for a reshard on
+# Explicit axes over the axes the mapped arguments are split over (by default over nothing)
 sharding_constraint_p.batch = batching.shifted_batch(sharding_constraint_p, lambda p, n: dict(
-    p, sharding=p["sharding"].with_dims((sharding_rules.batch_axes(), *p["sharding"].dims))))
+    p, sharding=p["sharding"].with_dims((sharding_rules.batch_axes(p["mesh"]),
+                                         *p["sharding"].dims))))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,13 +12,14 @@ import math
 import optree
 
 from . import _cache
-from .core import Aval, Primitive, Program, short_repr, aval_of, bind, current_builder, hooks, trace
+from .core import (Aval, Primitive, Program, Tracer, short_repr, aval_of, bind, current_builder,
+                   hooks, trace)
 from .errors import ShardingError, VmaError
 from .mesh import AbstractMesh, AxisType, Mesh, get_mesh
 from .sharding import NamedSharding, PartitionSpec, check_spec, sharding_type
 from . import prims
 from .batching import batch_size, moveaxis, to_front
-from .collectives import psum_p
+from .collectives import psum_p, pvary_p, vary_unreduced_cast_p
 from .transforms import ad
 from .transforms.vmap import batch_eval
 
@@ -36,7 +37,8 @@ def _shard_map_abstract(*avals, body, mesh, in_specs, out_specs, manual_axes, ch
         if aval.sharding is not None:   # the body's type on the other Explicit axes joins
             inner = aval.sharding._dim_axes(len(shape))
             spec = PartitionSpec(*[tuple(a) + tuple(b) or None
-                                   for a, b in zip(spec.axes + ((),) * len(shape), inner)])
+                                   for a, b in zip(spec.axes + ((),) * len(shape), inner)],
+                                 unreduced=spec.unreduced, reduced=spec.reduced)
         typed = None if vma else sharding_type(NamedSharding(mesh, spec), len(shape))
         outs.append(Aval(tuple(shape), aval.dtype, vma, sharding=typed))
     return outs
@@ -152,9 +154,11 @@ def _shard_map_transpose(cts, *invals, body, mesh, in_specs, out_specs, manual_a
     ct_avals = []
     for ct, spec, o in zip(cts, out_specs, body.out_avals):
         named = {a for axes in spec.axes for a in axes} if check_vma else set(manual_axes)
-        ct_avals.append(o.update(vma=frozenset(ad.aval_of_value(ct).vma) | named))
+        ct_avals.append(o.update(vma=frozenset(ad.aval_of_value(ct).vma) | named,
+                                 unreduced=o.reduced, reduced=o.unreduced))
     live = ad.linear_vars(body, linear)
     n = len(consts)
+    ct_out_specs = tuple(_cotangent_spec(s) for s, l in zip(in_specs, linear) if l)
 
     def transposed_body(*args):
         cts_in = []
@@ -172,9 +176,11 @@ def _shard_map_transpose(cts, *invals, body, mesh, in_specs, out_specs, manual_a
             extra = tuple(a for a in mesh.axis_names if a in ct.aval.vma - v.aval.vma and a in manual_axes)
             cts_in.append(bind(psum_p, ct, axes=extra, groups=None) if extra and id(v) in live else ct)
         out = ad.backward_pass(body, linear, args[:n], cts_in)
-        out = [ad.instantiate(c, v.aval) for c, v in zip(out, [v for v, l in zip(body.in_vars, linear) if l])]
-        if check_vma:
-            return out
+        lin_vars = [v for v, l in zip(body.in_vars, linear) if l]
+        if check_vma:   # the cotangent of a reduced input is a pending sum, a zero one too
+            return [_as_spec_says(ad.instantiate(c, v.aval), s, mesh, zero=ad.is_zero(c))
+                    for c, v, s in zip(out, lin_vars, ct_out_specs)]
+        out = [ad.instantiate(c, v.aval) for c, v in zip(out, lin_vars)]
         # Untyped (check_vma=False): every value counts as varying, so an input replicated over
         # an axis its spec omits collects its cotangent from every device here.
         specs = [s for s, l in zip(in_specs, linear) if l]
@@ -182,10 +188,27 @@ def _shard_map_transpose(cts, *invals, body, mesh, in_specs, out_specs, manual_a
         return [bind(psum_p, c, axes=u, groups=None) if u else c for c, u in zip(out, unnamed)]
     tbody, _ = trace(transposed_body, [v.aval for v, l in zip(body.in_vars, linear) if not l] + ct_avals, **ctx)
     outs = iter(bind(shard_map_p, *consts, *cts, body=tbody, mesh=mesh,
-                     in_specs=tuple(s for s, l in zip(in_specs, linear) if not l) + tuple(out_specs),
-                     out_specs=tuple(s for s, l in zip(in_specs, linear) if l), manual_axes=manual_axes,
+                     in_specs=tuple(s for s, l in zip(in_specs, linear) if not l)
+                     + tuple(map(_cotangent_spec, out_specs)),
+                     out_specs=ct_out_specs, manual_axes=manual_axes,
                      check_vma=check_vma, name=f"transpose({name})"))
     return [next(outs) if l else None for l in linear]
+
+
+def _cotangent_spec(spec: PartitionSpec) -> PartitionSpec:
+    """The spec of a cotangent: a pending sum's is reduced there, a reduced value's pending."""
+    return PartitionSpec(*spec, unreduced=spec.reduced, reduced=spec.unreduced)
+
+
+def _as_spec_says(x, spec, mesh, zero=False):
+    """A body result made a pending sum over the axes its out_specs entry names unreduced
+    where it varies (JAX casts it so); a symbolic zero is one, whatever its type."""
+    missing = tuple(a for a in mesh.axis_names if a in spec.unreduced - x.aval.unreduced)
+    if not missing or not (zero or set(missing) <= x.aval.vma):
+        return x
+    if zero:
+        x = bind(pvary_p, x, axes=tuple(a for a in missing if a not in x.aval.vma))
+    return bind(vary_unreduced_cast_p, x, axes=missing)
 
 
 def _shard_map_batch(vals, dims, *, body, mesh, in_specs, out_specs, manual_axes, check_vma, name):
@@ -375,6 +398,7 @@ def _bind_shard_map(f, name, mesh, args, in_specs, out_specs, axis_names, check_
     for leaf, spec, path in zip(leaves, specs, paths):
         aval = aval_of(leaf)
         _check_spec_for(ctx, "in_specs", path, spec, mesh, aval.ndim, manual)
+        _check_pending_argument(ctx, path, spec, aval)
         shape = list(aval.shape)
         for d, axes in enumerate(spec.axes):
             n = math.prod(mesh.axis_size(a) for a in axes)
@@ -389,7 +413,9 @@ def _bind_shard_map(f, name, mesh, args, in_specs, out_specs, axis_names, check_
         vma = set(aval.vma)
         vma |= set(manual) if not check_vma else {a for axes in spec.axes for a in axes}
         in_avals.append(Aval(tuple(shape), aval.dtype, frozenset(vma),
-                             sharding=_inner_type(aval, mesh, manual)))
+                             sharding=_inner_type(aval, mesh, manual),
+                             unreduced=spec.unreduced & set(manual) if check_vma else frozenset(),
+                             reduced=spec.reduced & set(manual) if check_vma else frozenset()))
 
     out_tree_box = []
 
@@ -398,19 +424,20 @@ def _bind_shard_map(f, name, mesh, args, in_specs, out_specs, axis_names, check_
         full = [passed[i] if i in passed else next(mapped) for i in range(tree.num_leaves)]
         out = f(*optree.tree_unflatten(tree, full))
         out_leaves, out_tree = optree.tree_flatten(out, none_is_leaf=False)
-        out_tree_box.append((out, out_tree))
-        return out_leaves
+        specs = _broadcast_specs(ctx, "out_specs", out_specs, out, out_tree, out_tree.num_leaves)
+        out_tree_box.append((out, out_tree, specs))
+        return [_as_spec_says(x, s, mesh) if check_vma and isinstance(x, Tracer) else x
+                for x, s in zip(out_leaves, specs)]
 
     all_manual = tuple(a for a in mesh.axis_names if a in set(outer_manual) | set(manual))
     body, captured = trace(body_flat, in_avals, mesh=mesh, manual_axes=all_manual,
                            check_vma=check_vma, context=ctx)
-    out_struct, out_tree = out_tree_box[0]
-    out_specs_flat = _broadcast_specs(ctx, "out_specs", out_specs, out_struct, out_tree,
-                                      out_tree.num_leaves)
+    out_struct, out_tree, out_specs_flat = out_tree_box[0]
     out_paths = [f"output{_path_str(p)}" for p in optree.tree_paths(out_struct, none_is_leaf=False)]
     for aval, spec, path in zip(body.out_avals, out_specs_flat, out_paths):
         _check_spec_for(ctx, "out_specs", path, spec, mesh, aval.ndim, manual)
         if check_vma:
+            _check_pending(ctx, path, spec, aval, manual)
             named = {a for axes in spec.axes for a in axes}
             for a in manual:
                 if a in aval.vma and a not in named:
@@ -426,10 +453,49 @@ def _bind_shard_map(f, name, mesh, args, in_specs, out_specs, axis_names, check_
     return optree.tree_unflatten(out_tree, outs)
 
 
+def _check_pending(ctx, path, spec, aval, manual):
+    """out_specs' unreduced and reduced axes must be the body value's (JAX's check)."""
+    for a in manual:
+        if (a in spec.unreduced) != (a in aval.unreduced):
+            says = "a sum still pending" if a in spec.unreduced else "not a pending sum"
+            raise ShardingError(
+                f"{ctx}: out_specs {spec} for {path} says the value is {says} over mesh axis "
+                f"{a!r} (unreduced), but it is {aval}. Name {a!r} in unreduced={{...}} exactly "
+                f"where the value is unreduced (pcast(x, {a!r}, to='unreduced') makes a varying "
+                f"value so; psum makes the sum).")
+        if (a in spec.reduced) != (a in aval.reduced):
+            raise ShardingError(
+                f"{ctx}: out_specs {spec} for {path} should be equal to the reduced present on "
+                f"the value ({aval}) over mesh axis {a!r}: name it in reduced={{...}} exactly "
+                f"where the value is reduced (pcast(x, {a!r}, to='reduced')).")
+
+
+def _check_pending_argument(ctx, path, spec, aval):
+    """in_specs' unreduced and reduced axes must be the argument's type's (JAX's check): a
+    pending sum enters the body as one, and nothing else becomes one at the boundary."""
+    typed = aval.sharding.spec if aval.sharding is not None else PartitionSpec()
+    for kind in ("unreduced", "reduced"):
+        if getattr(spec, kind) != getattr(typed, kind):
+            raise ShardingError(
+                f"{ctx}: in_specs {spec} for {path} should be equal to the {kind} present on the "
+                f"argument ({aval}, {kind} over {sorted(getattr(typed, kind))}): name in "
+                f"{kind}={{...}} exactly the mesh axes the argument's type does, or reshard the "
+                f"argument first (spmd.reshard(x, P(..., {kind}={{...}}))).")
+
+
 def _check_spec_for(ctx, which, path, spec, mesh, ndim, manual):
     if not isinstance(spec, PartitionSpec):
         raise ShardingError(f"{ctx}: {which} entry for {path} is {spec!r}, not a PartitionSpec.")
     check_spec(spec, mesh, ndim, what=f"{ctx}: {which} {spec} for {path}")
+    if spec.unreduced or spec.reduced:
+        kinds = " and ".join(k for k in ("unreduced", "reduced") if getattr(spec, k))
+        if set(manual) != set(mesh.axis_names):
+            raise NotImplementedError(f"{ctx}: {which} {spec} for {path}: {kinds} axes can only "
+                                      f"be passed when shard_map is manual over every mesh axis.")
+        if any(t is not AxisType.Explicit for t in mesh.axis_types):
+            raise ShardingError(f"{ctx}: {which} {spec} for {path}: {kinds} axes can only be used "
+                                f"when the mesh passed to shard_map has only Explicit axes "
+                                f"(its axis types: {mesh.axis_types}).")
     for axes in spec.axes:
         for a in axes:
             if a not in manual:

@@ -31,8 +31,8 @@ import contextlib
 import contextvars
 import math
 
-from .core import Tracer, hooks, untyped
-from .errors import ShardingError
+from .core import hooks
+from .errors import ShardingError, UnreducedError
 from .mesh import AxisType
 from .sharding import NamedSharding, PartitionSpec, spec_entry
 
@@ -258,36 +258,29 @@ _RULES = {"elementwise": _elementwise, "broadcast": _broadcast, "transpose": _tr
           "scatter": _scatter, "window_update": _window_update}
 
 
-# The mesh axes ``vmap(..., spmd_axis_name=)`` splits its batch dim over, while it batches: the
-# sharding constraints inside keep the batch dim split over them (JAX's spmd_axis_name).
-_spmd_axis: contextvars.ContextVar[tuple] = contextvars.ContextVar("spmd_axis_name", default=())
+# While ``vmap`` batches: the mesh axes its ``spmd_axis_name=`` names, and the Explicit axes
+# the mapped dims of its arguments are split over.  A constraint inside keeps its batch dim split
+# over them: a ``with_sharding_constraint`` over the first (JAX's spmd_axis_name), a ``reshard``
+# on Explicit axes over the second (JAX's explicit mesh axis), as in JAX.
+_spmd_axis: contextvars.ContextVar[tuple] = contextvars.ContextVar("spmd_axis_name",
+                                                                   default=((), ()))
 
 
 @contextlib.contextmanager
-def spmd_axis_name(name):
+def spmd_axis_name(name, explicit=()):
     axes = () if name is None else (name,) if isinstance(name, str) else tuple(name)
-    token = _spmd_axis.set(axes)
+    token = _spmd_axis.set((axes, tuple(explicit)))
     try:
         yield
     finally:
         _spmd_axis.reset(token)
 
 
-def batch_axes() -> tuple:
-    """The mesh axes the batch dim of the ``vmap`` being applied is split over."""
-    return _spmd_axis.get()
-
-
-def as_cotangent_of(primal_aval, fn):
-    """``fn()``'s result typed as a cotangent of a value of type ``primal_aval``: it has the
-    primal's sharding (as JAX's transposes give the op ``out_sharding=`` the primal's), and
-    the ops computing it refuse nothing (their operands' shardings may contract a sharded dim
-    on both sides: the compiler then plans the reduction)."""
-    with untyped():
-        ct = fn()
-    if isinstance(ct, Tracer) and primal_aval.sharding is not None:
-        ct.node.aval = ct.aval.update(sharding=primal_aval.sharding)
-    return ct
+def batch_axes(mesh) -> tuple:
+    """The mesh axes the batch dim of the ``vmap`` being applied is split over, for a
+    constraint on ``mesh`` (a ``reshard`` where the mesh has Explicit axes)."""
+    named, explicit = _spmd_axis.get()
+    return explicit if mesh is not None and mesh.explicit_axes else named
 
 
 def sharding_rule(prim, avals, out, params) -> NamedSharding | None:
@@ -326,4 +319,61 @@ def _unreduced(prim, avals, params) -> frozenset:
     return pending[0]
 
 
+def manual_unreduced(prim, avals, params) -> tuple[frozenset, frozenset]:
+    """The Manual axes over which ``prim``'s result is a pending sum (unreduced) or a reduced
+    copy, from its operands' (JAX's rules inside ``shard_map``):
+
+    - reduced: every reduced operand on the same axes, which the result keeps; the other
+      operands must be pending sums there (a replicated or constant one would be counted once
+      per device by the cotangent's sum);
+    - unreduced: an op linear in all its operands keeps a sum pending when every operand pends
+      the same one (``u + u``, ``u.sum(0)``, ``u.T``); an op linear in each operand apart
+      (``mul``, ``dot``) when one operand pends it and the others are reduced on its axes
+      (``u * r``); any other op needs the sum made first (``psum``), or communication would be
+      implicit."""
+    reduced = {a.reduced for a in avals if a.reduced}
+    if len(reduced) > 1:
+        _fail_manual(prim, avals, "its operands are reduced over different mesh axes "
+                                  f"{' and '.join(str(sorted(r)) for r in reduced)}")
+    red = reduced.pop() if reduced else frozenset()
+    for a in avals:
+        if red and not a.reduced and not red <= a.unreduced:
+            _fail_manual(prim, avals, f"an operand ({a}) is replicated over mesh axes "
+                                      f"{sorted(red)}, which another operand is reduced over; "
+                                      f"pcast it to 'reduced' there too")
+    pending = [a.unreduced for a in avals]
+    if not any(pending):
+        return frozenset(), red
+    n = len(avals)
+    if prim.linear_operands(n, params) == tuple(range(n)) and prim.category != "contraction":
+        if len(set(pending)) > 1:
+            which = next(a for a, u in zip(avals, pending) if u != pending[0])
+            _fail_manual(prim, avals, f"an operand ({which}) is not a sum pending over the same "
+                                      f"mesh axes as the others; {prim.name} would communicate "
+                                      f"implicitly")
+        return pending[0], red
+    sums = [i for i, u in enumerate(pending) if u]
+    if len(sums) > 1 and set(sums) <= set(prim.multilinear):
+        _fail_manual(prim, avals, f"{prim.name} is linear in each operand apart, so at most one "
+                                  f"of them may be a pending sum")
+    if len(sums) == 1 and sums[0] in prim.multilinear:
+        u = pending[sums[0]]
+        others = [a for i, a in enumerate(avals) if i != sums[0]]
+        if all(a.reduced == u for a in others):
+            return u, red - u
+        _fail_manual(prim, avals, f"{prim.name} is linear in its pending-sum operand only while "
+                                  f"the other operands are reduced over the same mesh axes "
+                                  f"{sorted(u)} (pcast them to 'reduced')")
+    raise UnreducedError(
+        f"unreduced rule for {prim.name}: an operand is a sum still pending over mesh axes "
+        f"{sorted(set().union(*pending))} and {prim.name} is not linear in it (operand types: "
+        f"{', '.join(map(str, avals))}); make the sum first with spmd.psum(x, axes).")
+
+
+def _fail_manual(prim, avals, problem: str):
+    raise ShardingError(f"{prim.name} inside shard_map: {problem} (operand types: "
+                        f"{', '.join(map(str, avals))}).")
+
+
 hooks.sharding_rule = sharding_rule
+hooks.manual_unreduced = manual_unreduced

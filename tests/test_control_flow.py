@@ -107,7 +107,54 @@ def nested(L, N, w, xs):
     return L.scan(outer, xs[0, 0], xs)
 
 
+def rnn_bias(L, N, w, u, b, h0, xs):
+    # the benchmark's cell: the bias broadcast is the same every step, x @ u reads no carry
+    def cell(h, x):
+        h = N.tanh(h @ w + x @ u + b)
+        return h, h
+    return L.scan(cell, h0, xs)
+
+
+def scan_products(L, N, a, big, xs):
+    # products with either operand transposed, stacks of them, one over the size at which
+    # the host spreads a product over threads, and a product of three dims by two (x is (2,3,3))
+    def body(c, x):
+        c = N.tanh(c @ a.T * 0.5 + (a.T @ c) * 0.25 + x[0] @ x[1].T)
+        stacked = N.matmul(x, x) + N.matmul(N.swapaxes(x, 1, 2), x)
+        wide = N.tanh(N.tile(c, (22, 27)) @ big)
+        counts = (x[0] * 4).astype(N.int32) @ N.arange(9, dtype=N.int32).reshape(3, 3)
+        return c, (stacked, wide.sum(), (x @ a).sum(0), counts)
+    return L.scan(body, a * 0.1, xs)
+
+
+def scan_invariant_ys(L, N, w, xs):
+    # ys the same every step (a const's function, a literal), a scalar per step, an ``xs``
+    # value the carry never reads, and a carry updated by a value computed from w alone
+    def body(c, x):
+        k = N.exp(w) * 2
+        return c * 0.5 + k, (k, 1.5, (c * x).sum(), N.sin(x) * w, c)
+    return L.scan(body, w, xs, reverse=True)
+
+
+def scan_empty(L, N, w, xs):
+    return L.scan(lambda c, x: (c + N.exp(w) * x, c * x), w, xs[:0])
+
+
+def while_invariant(L, N, w, x):
+    # the predicate's bound and the body's factor are computed from consts only
+    limit = w.sum() * 0
+    return L.while_loop(lambda c: c[0] < N.abs(w).sum() * 0 + 5 + limit,
+                        lambda c: (c[0] + 1, c[1] * N.cos(w) + N.exp(w * 0.1)), (N.int32(0), x))
+
+
 PROGRAMS = {                          # name -> (program, args, differentiable)
+    "rnn_bias": (rnn_bias, lambda: (_f32(5, 5) * 0.3, _f32(3, 5) * 0.3, _f32(5), _f32(2, 5),
+                                    _f32(7, 2, 3)), True),
+    "scan_products": (scan_products, lambda: (_f32(3, 3) * 0.5, _f32(81, 64) * 0.1,
+                                              _f32(4, 2, 3, 3) * 0.5), True),
+    "scan_invariant_ys": (scan_invariant_ys, lambda: (_f32(3) * 0.5, _f32(4, 3)), True),
+    "scan_empty": (scan_empty, lambda: (_f32(3), _f32(4, 3)), True),
+    "while_invariant": (while_invariant, lambda: (_f32(3), _f32(3)), False),
     "rnn": (rnn, lambda: (_f32(4, 4) * 0.5, _f32(3, 4) * 0.5, _f32(2, 4), _f32(6, 2, 3)), True),
     "scan_pytree_reverse": (scan_pytree_reverse, lambda: (_f32(3), _f32(3), _f32(5, 3)), True),
     "scan_length": (scan_length, lambda: (_f32(3),), True),
@@ -359,9 +406,14 @@ def test_loop_on_explicit_mesh_axes():
     mesh = spmd.make_mesh((2, 4), ("data", "model"))        # Explicit axes, JAX 0.10's default
     w, h0, xs = _f32(8, 8) * 0.3, _f32(4, 8), _f32(5, 4, 8)
     put = lambda a, *spec: spmd.device_put(a, NamedSharding(mesh, P(*spec)))
-    h, ys = spmd.jit(lambda w, h0, xs: slax.scan(lambda h, x: (np.tanh(h @ w + x), h.sum(1)),
-                                                 h0, xs))(put(w, None, "model"), put(h0, "data"),
-                                                          put(xs, None, "data"))
+    args = put(w, None, "model"), put(h0, "data"), put(xs, None, "data")
+    with pytest.raises(TypeError, match="shardings differ"):    # h @ w is split over "model"
+        spmd.jit(lambda w, h0, xs: slax.scan(lambda h, x: (np.tanh(h @ w + x), h.sum(1)),
+                                             h0, xs))(*args)
+    keep = NamedSharding(mesh, P("data", None))         # the carry keeps its type, as JAX asks
+    h, ys = spmd.jit(lambda w, h0, xs: slax.scan(
+        lambda h, x: (np.tanh(spmd.numpy.matmul(h, w, out_sharding=keep) + x), h.sum(1)),
+        h0, xs))(*args)
     want_h, want_ys = h0, []
     for x in xs:                                            # the loop in Python, on NumPy
         want_ys.append(want_h.sum(1))

@@ -1,14 +1,19 @@
 """spmd.io: sharded checkpoints.
 
 - Round trips are bit-exact for every dtype, saved on 2x4 (five specs), 8-way and one device,
-  loaded onto 4x2, 8-way, one device and other specs (uneven dims); across 1, 2 and 4 processes
-  (``mp_scripts/io_roundtrip.py``), where each process reads only the chunks its block overlaps.
+  loaded onto 4x2, 8-way, one device and other specs (uneven dims), each chunk read once; across
+  1, 2 and 4 processes (``mp_scripts/io_roundtrip.py``: 4 processes read what 1 wrote, 2 what 1
+  and 4 wrote, 1 what 2 and 4 wrote), where each process reads only the chunks its block overlaps.
 - A save killed with SIGKILL at each of its five phases leaves the previous step loadable, bit
   for bit; the partial folder is ignored, then removed.
 - A flipped byte in a chunk is an error naming the array and the chunk.
 - orbax reads what spmd wrote into ``jax.Array``s, and spmd reads what orbax wrote (its default
   OCDBT format and zarr v3), both bit for bit.
-- Background saves, the manager (interval, retention, latest step) and the errors.
+- Background saves, the manager (interval, retention, latest step) and the errors; without
+  tensorstore (the ``io`` extra) ``import spmd`` works and ``spmd.io`` names the extra.
+- A 2-process training job (``examples/train_gpt.py``, ``examples/checkpoint_resume.py``)
+  whose rank 1 is SIGKILLed mid-run restarts under ``spmd-run --max-restarts 1``, resumes from
+  the last checkpoint and gives the losses of an uninterrupted run, bit for bit.
 """
 from __future__ import annotations
 
@@ -28,6 +33,8 @@ import pytest
 import spmd
 from spmd import P, NamedSharding
 from spmd.array import SUPPORTED_DTYPES
+
+from _mp import needs_mpi
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "tests", "mp_scripts")
@@ -59,19 +66,22 @@ def assert_bits_equal(got, want, what=""):
     assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), what
 
 
+# the specs an n-process job (one device each) saves and loads, on the mesh of mp_layouts(n)
+MP_LAYOUTS = {2: {"rows": P("x"), "cols": P(None, "x"), "repl": P()},
+              4: {"rows": P("data", "model"), "cols": P("model", "data"),
+                  "flat": P(("data", "model")), "model": P(None, "model"), "repl": P()}}
+
+
 def mp_layouts(n):
-    """The mesh of an n-process job (one device each) and the specs saved and loaded there."""
-    if n == 2:
-        return spmd.make_mesh((2,), ("x",)), {"rows": P("x"), "cols": P(None, "x"), "repl": P()}
-    return spmd.make_mesh((2, 2), ("data", "model")), {
-        "rows": P("data", "model"), "cols": P("model", "data"), "flat": P(("data", "model")),
-        "model": P(None, "model"), "repl": P()}
+    """The mesh of an n-process job and the specs saved and loaded there."""
+    shape, names = ((2,), ("x",)) if n == 2 else ((2, 2), ("data", "model"))
+    return spmd.make_mesh(shape, names), MP_LAYOUTS[n]
 
 
 def save_names(source):
     if source == "single":
         return [*SINGLE_LAYOUTS, "x8", "one"]
-    return list(mp_layouts(int(source[2:].split("-")[0]))[1])
+    return list(MP_LAYOUTS[int(source[2:].split("-")[0])])
 
 
 def single_tree(dtype, seed):
@@ -122,7 +132,8 @@ def expected_bytes(array_dir, indices) -> int:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_round_trip_table_one_process(tmp_path, dtype):
-    """Seven save layouts x six load layouts, bit for bit, with the saved specs in metadata."""
+    """Seven save layouts x six load layouts, bit for bit, with the saved specs in metadata;
+    each load reads every chunk once (replicated or straddled blocks included)."""
     tree = single_tree(dtype, seed=1)
     spmd.io.save(tmp_path / "ck", tree)
     meta = spmd.io.metadata(tmp_path / "ck")
@@ -131,8 +142,12 @@ def test_round_trip_table_one_process(tmp_path, dtype):
         assert meta[name].spec == a.sharding.spec
         assert meta[name].mesh_shape == dict(a.sharding.mesh.shape)
     want = make_data(dtype, SHAPE, seed=1)
+    whole = [(slice(None),) * len(SHAPE)]
+    every_chunk = sum(expected_bytes(tmp_path / "ck" / name, whole) for name in tree)
     for load_name, sharding in load_layouts().items():
+        before = bytes_read()
         back = spmd.io.load(tmp_path / "ck", {name: sharding for name in tree})
+        assert bytes_read() - before == every_chunk, load_name
         for name, a in back.items():
             assert a.sharding == sharding
             assert_bits_equal(np.asarray(a), want, f"{name} -> {load_name}")
@@ -202,20 +217,22 @@ def spmd_run(*args, timeout=60, env=None):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.timeout(90)
-@pytest.mark.parametrize("n", [2, 4])
-def test_round_trip_across_processes(tmp_path, n):
-    """One process saves on 2x4, n processes load it onto their layouts; n processes save (and
-    save in the background), one process loads that onto 2x4, 4x2, 8-way and one device."""
-    pytest.importorskip("mpi4py")
+@pytest.mark.timeout(180)
+@needs_mpi
+def test_round_trip_across_processes(tmp_path):
+    """One process saves on 2x4; then 4 processes, then 2, save (blocking and in the
+    background) and load every checkpoint there so far onto their layouts: 4 processes read
+    what one wrote, 2 read what one and what 4 wrote.  One process loads what 2 and 4 wrote onto
+    2x4, 4x2, 8-way and one device."""
     tree = {dt.name: single_tree(dt, seed=i) for i, dt in enumerate(MP_DTYPES)}
     spmd.io.save(tmp_path / "single", tree)
-    code, out, err = spmd_run("-n", str(n), os.path.join(SCRIPTS, "io_roundtrip.py"), str(tmp_path),
-                              timeout=80)
-    assert code == 0, (out + err)[-3000:]
-    assert out.count("OK io") == n, out
-    names = list(mp_layouts(n)[1])
-    for source in (f"mp{n}", f"mp{n}-async"):
+    for n, sources in ((4, "single mp4"), (2, "single mp4 mp2")):
+        code, out, err = spmd_run("-n", str(n), os.path.join(SCRIPTS, "io_roundtrip.py"),
+                                  str(tmp_path), timeout=80)
+        assert code == 0, (out + err)[-3000:]
+        assert out.count(f"OK io from {sources}") == n, out
+    for source in ("mp2", "mp2-async", "mp4", "mp4-async"):
+        names = save_names(source)
         for load_name, sharding in load_layouts().items():
             target = {dt.name: {k: sharding for k in names} for dt in MP_DTYPES}
             back = spmd.io.load(tmp_path / source, target)
@@ -424,29 +441,71 @@ def test_errors_name_the_leaf_and_the_fix(tmp_path):
         spmd.io.CheckpointManager(tmp_path / "m", max_to_keep=0)
 
 
+_WITHOUT_TENSORSTORE = r"""
+import os, sys, numpy as np, pytest, spmd
+assert "tensorstore" not in sys.modules, "import spmd loaded tensorstore"
+sys.modules["tensorstore"] = None                  # as if it were not installed
+root = sys.argv[1]
+w = spmd.device_put(np.ones((4, 2)), spmd.NamedSharding(spmd.make_mesh((2,), ("x",)), spmd.P("x")))
+calls = [lambda: spmd.io.save(root + "/ck", {"w": w}),
+         lambda: spmd.io.save(root + "/ck", {"w": w}, block=False),
+         lambda: spmd.io.load(root + "/orbax", {"w": w.sharding}),
+         lambda: spmd.io.CheckpointManager(root + "/mgr")]
+for call in calls:
+    with pytest.raises(ImportError, match=r"tensorstore.*pip install 'spmd\[io\]'"):
+        call()
+print("OK", sorted(os.listdir(root)))
+"""
+
+
+def test_tensorstore_is_optional_and_its_absence_names_the_extra(tmp_path):
+    """tensorstore is the ``io`` extra: ``import spmd`` does not load it, and without it every
+    entry point of ``spmd.io`` raises an ImportError naming ``pip install 'spmd[io]'`` on the
+    caller's thread, before writing anything."""
+    (tmp_path / "orbax").mkdir()             # a checkpoint's JSON only: its arrays need tensorstore
+    (tmp_path / "orbax" / "_METADATA").write_text(json.dumps({"tree_metadata": {"('w',)": {
+        "key_metadata": [{"key": "w", "key_type": 2}],
+        "value_metadata": {"value_type": "jax.Array"}}}}))
+    p = subprocess.run([sys.executable, "-c", _WITHOUT_TENSORSTORE, str(tmp_path)], cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip() == "OK ['orbax']", p.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # resume after a kill
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.multiprocess
-@pytest.mark.timeout(150)
-def test_training_resumes_after_a_rank_is_killed(tmp_path):
-    """``examples/checkpoint_resume.py`` under ``spmd-run -n 2 --max-restarts 1``: rank 1 is
-    SIGKILLed at step 5, the job restarts from the last committed step (4), and every loss
-    after it equals, bit for bit, the same job's when nothing is killed (run at the same time)."""
-    pytest.importorskip("mpi4py")
-    example = os.path.join(ROOT, "examples", "checkpoint_resume.py")
+# the examples that resume, with the arguments of a short run saving every 2 steps
+RESUMABLE = {"checkpoint_resume": ["--steps", "7", "--every", "2"],
+             "train_gpt": ["--steps", "6", "--checkpoint-every", "2", "--plot", "{tmp}/loss.png"]}
 
-    def job(name, launcher=(), script=()):
-        cmd = [sys.executable, "-m", "spmd.run", "-n", "2", *launcher, example, *script,
-               "--checkpoint-dir", str(tmp_path / name), "--steps", "7",
-               "--out", str(tmp_path / f"{name}.json")]
-        return subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(200)
+@needs_mpi
+@pytest.mark.parametrize("example", list(RESUMABLE))
+def test_training_resumes_after_a_rank_is_killed(tmp_path, example):
+    """``examples/<example>.py --checkpoint-dir D`` under ``spmd-run -n 2 --max-restarts 1``
+    with ``SPMD_IO_KILL_AT_STEP=5``: rank 1 SIGKILLs itself when step 5 is to be saved, the
+    launcher restarts the job, which resumes from the last committed step (4), and every loss
+    after it equals, bit for bit, the same job's when nothing is killed (run at the same time).
+    The checkpoint holds the parameters, the optimizer state, the step (and, for the GPT, the
+    position in the data)."""
+    script = os.path.join(ROOT, "examples", f"{example}.py")
+    args = [a.format(tmp=tmp_path) for a in RESUMABLE[example]]
+
+    def job(name, launcher=(), env=None):
+        cmd = [sys.executable, "-m", "spmd.run", "-n", "2", *launcher, script, *args,
+               "--checkpoint-dir", str(tmp_path / name), "--out", str(tmp_path / f"{name}.json")]
+        env = dict(os.environ, PYTHONPATH=ROOT, SPMD_RUN_DIR=str(tmp_path / "runs"), **env or {})
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
     jobs = {"uninterrupted": job("uninterrupted"),
-            "killed": job("killed", ("--max-restarts", "1"), ("--kill-at", "5"))}
+            "killed": job("killed", ("--max-restarts", "1"), {"SPMD_IO_KILL_AT_STEP": "5"})}
     try:
-        outputs = {name: p.communicate(timeout=140) for name, p in jobs.items()}
+        outputs = {name: p.communicate(timeout=180) for name, p in jobs.items()}
     finally:
         for p in jobs.values():
             if p.poll() is None:
@@ -455,12 +514,11 @@ def test_training_resumes_after_a_rank_is_killed(tmp_path):
     for name, p in jobs.items():
         assert p.returncode == 0, (name, "".join(outputs[name])[-3000:])
     out, err = outputs["killed"]
-    assert "restarting the job" in err and "SIGKILL" in err, err[-3000:]
-    assert "[0] resumed from step 4" in out, out
-    losses = {}
-    for name in jobs:
-        with open(tmp_path / f"{name}.json") as f:
-            losses[name] = {int(k): v for k, v in json.load(f).items()}
-    resumed, reference = losses["killed"], losses["uninterrupted"]
-    assert sorted(resumed) == [4, 5, 6] and sorted(reference) == list(range(7))
-    assert all(resumed[s] == reference[s] for s in resumed), (resumed, reference)
+    assert "process 1 kills itself with SIGKILL" in err, err[-3000:]
+    assert "rank 1 failed first: killed by signal SIGKILL" in err, err[-3000:]
+    assert "restarting the job (1 of 1 restarts)" in err, err[-3000:]
+    assert "[0] resumed from step 4" in out and "resumed" not in outputs["uninterrupted"][0], out
+    losses = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in jobs}
+    reference, steps = losses["uninterrupted"], int(args[args.index("--steps") + 1])
+    assert len(reference) == steps and losses["killed"] == reference[4:], losses
+    assert spmd.io.CheckpointManager(tmp_path / "killed").all_steps()[-1] == 6

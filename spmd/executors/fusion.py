@@ -66,11 +66,12 @@ def _into_contraction(xp, x, k, mesh_dims, c):
 
 @dataclasses.dataclass
 class Fused:
-    """Equations that run as one step: it reads ``inputs`` and writes ``outputs``."""
+    """Equations ``eqns`` that run as one step: it reads ``inputs`` and writes ``outputs``."""
     kind: str
     inputs: list
     outputs: list
     params: dict
+    eqns: tuple
 
     def make(self, xp, mesh):
         if self.kind == "dot_then_psum":
@@ -78,6 +79,12 @@ class Fused:
             return functools.partial(dot_then_psum, xp, mesh, dot.prim.rule("impl"), **dot.params,
                                      axes=self.params["axes"])
         return ElementwiseChain(xp, self.params["members"], self.params["results"], len(self.inputs))
+
+
+# A chain whose result is smaller than this runs its members in turn: each is one quick NumPy
+# call on arrays that stay in cache, and the block path's bookkeeping (tens of microseconds)
+# costs more than the temporaries it saves (an Adam update of a bias or a small weight).
+IN_TURN_MAX_BYTES = 128 << 10
 
 
 class ElementwiseChain:
@@ -105,7 +112,10 @@ class ElementwiseChain:
             dtypes = [np.result_type(p) for p in (probe if len(self.results) > 1 else (probe,))]
             # blocks only when every member has the one shape (they line up) and one dtype
             # (scratch blocks are shared between them)
-            blocked = all(sh == full for sh in shapes[self.n_in:]) and len(set(dtypes)) == 1
+            small = math.prod(full) * dtypes[0].itemsize < min(
+                IN_TURN_MAX_BYTES, _host_parallel.PARALLEL_MIN_BYTES)
+            blocked = (all(sh == full for sh in shapes[self.n_in:]) and len(set(dtypes)) == 1
+                       and not small)
             hit = self.layouts[key] = (blocked, dtypes)
         return hit
 
@@ -184,7 +194,7 @@ def plan_fusions(program, k: int, xp) -> dict:
                 and d.params["contract"][0]:
             plan[id(d)] = "skip"
             plan[id(e)] = Fused("dot_then_psum", list(d.inputs), list(e.outputs),
-                                {"dot": d, "axes": e.params["axes"]})
+                                {"dot": d, "axes": e.params["axes"]}, (d, e))
     for group in _elementwise_groups(program, plan):
         _plan_group(group, uses, plan)
     return plan
@@ -238,4 +248,5 @@ def _plan_group(group, uses, plan):
     if not outputs:
         return
     plan[id(group[-1])] = Fused("elementwise", inputs, outputs,
-                                {"members": tuple(members), "results": tuple(refs[id(v)] for v in outputs)})
+                                {"members": tuple(members), "results": tuple(refs[id(v)] for v in outputs)},
+                                tuple(group))

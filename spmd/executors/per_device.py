@@ -13,6 +13,7 @@ from ..communicators.inprocess import InProcessCommunicator
 from ..core import Literal, Program
 from ..layout import GlobalValue
 from ..sharding import NamedSharding
+from . import profiling
 
 
 class PerDeviceExecutor:
@@ -39,15 +40,16 @@ class PerDeviceExecutor:
         shard_map stay as this process's blocks (``_Blocks``) until something needs them whole."""
         env = {id(v): a for v, a in zip(program.in_vars, args)}
         read = lambda a: a.val if isinstance(a, Literal) else env[id(a)]
-        for e in program.eqns:
-            vals = [read(a) for a in e.inputs]
+
+        def apply(e, vals):
             if e.prim.execute is not None:              # higher-order: runs its sub-programs
-                outs = e.prim.execute(_Run(self), **e.params)(*vals)
-            else:
-                outs = e.prim.rule("impl")(np, 0, *[self._whole(v) for v in vals], **e.params)
-                if not e.prim.multiple_results:
-                    outs = [outs]
-            for v, o in zip(e.outputs, outs):
+                return e.prim.execute(_Run(self), **e.params)(*vals)
+            outs = e.prim.rule("impl")(np, 0, *[self._whole(v) for v in vals], **e.params)
+            return outs if e.prim.multiple_results else [outs]
+        if profiling.active is not None:
+            apply = profiling.per_equation(apply)
+        for e in program.eqns:
+            for v, o in zip(e.outputs, apply(e, [read(a) for a in e.inputs])):
                 env[id(v)] = o
         return [read(a) for a in program.out_vars]
 
@@ -84,21 +86,21 @@ class PerDeviceExecutor:
                 return {p: a.val for p in positions}
             return env[id(a)]
 
-        for e in program.eqns:
-            vals = [read(a) for a in e.inputs]
+        def apply(e, vals):
             if e.prim.execute is not None:
-                outs = e.prim.execute(_Run(self, comm, manual), **e.params)(*vals)
-            elif e.prim.per_device is not None:
+                return e.prim.execute(_Run(self, comm, manual), **e.params)(*vals)
+            if e.prim.per_device is not None:
                 outs = e.prim.per_device(comm, *vals, **e.params)
-                if e.prim.multiple_results is False:
-                    outs = [outs]
-            else:
-                impl = e.prim.rule("impl")
-                per = {p: _placement(comm).call(p, impl, 0, *[v[p] for v in vals], **e.params)
-                       for p in positions}
-                outs = ([{p: per[p][i] for p in positions} for i in range(len(e.outputs))]
-                        if e.prim.multiple_results else [per])
-            for v, o in zip(e.outputs, outs):
+                return [outs] if e.prim.multiple_results is False else outs
+            impl = e.prim.rule("impl")
+            per = {p: _placement(comm).call(p, impl, 0, *[v[p] for v in vals], **e.params)
+                   for p in positions}
+            return ([{p: per[p][i] for p in positions} for i in range(len(e.outputs))]
+                    if e.prim.multiple_results else [per])
+        if profiling.active is not None:
+            apply = profiling.per_equation(apply)
+        for e in program.eqns:
+            for v, o in zip(e.outputs, apply(e, [read(a) for a in e.inputs])):
                 env[id(v)] = o
         return [read(a) for a in program.out_vars]
 

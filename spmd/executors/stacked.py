@@ -15,7 +15,7 @@ from .. import _cache, layout
 from ..layout import GlobalValue
 from ..core import Literal, Program
 from ..sharding import NamedSharding
-from . import fusion
+from . import fusion, lean, profiling
 
 
 class StackedExecutor:
@@ -66,6 +66,7 @@ class StackedExecutor:
             return slots[id(a)]
 
         steps = []
+        covered = []                                    # (eqns, inputs, outputs) of each step
         fused = fusion.plan_fusions(program, k, xp)
         for e in program.eqns:
             how = fused.get(id(e))
@@ -74,9 +75,11 @@ class StackedExecutor:
             if how is not None:
                 ins, outputs, fn = how.inputs, how.outputs, how.make(xp, mesh)
                 many = len(outputs) > 1
+                covered.append((how.eqns, ins, outputs))
             else:
                 ins, outputs, fn = e.inputs, e.outputs, self._step(e, xp, mesh, k)
                 many = e.prim.multiple_results
+                covered.append(((e,), ins, outputs))
             ins = tuple(slot(a) for a in ins)
             outs = []
             for v in outputs:
@@ -98,11 +101,19 @@ class StackedExecutor:
             if i not in keep:
                 frees[j].append(i)
         steps = [(fn, ins, out, tuple(f)) for (fn, ins, out), f in zip(steps, frees)]
+        timed_steps = []                                # the steps recording their time
+
+        def timed():
+            if len(timed_steps) < len(steps):
+                timed_steps[:] = [(functools.partial(profiling.timed, profiling.step_of(*c), fn),
+                                   ins, out, free)
+                                  for (fn, ins, out, free), c in zip(steps, covered)]
+            return timed_steps
 
         def run(args):
             env = template.copy()
             env[:n_in] = args
-            for fn, ins, out, free in steps:
+            for fn, ins, out, free in (steps if profiling.active is None else timed()):
                 r = fn(*[env[i] for i in ins])
                 for i in free:
                     env[i] = None
@@ -204,8 +215,20 @@ class _Run:
         self.executor, self.mesh = executor, mesh
 
     def call(self, program: Program):
-        run = self.executor._compile(program, self.mesh)
-        return lambda *vals: run(list(vals))
+        ex = self.executor
+        if self.mesh is not None:
+            run = ex._compile(program, self.mesh)
+            return lambda *vals: run(list(vals))
+        # At the top level the program (a loop's body, run once per step) is one straight-line
+        # function of array calls; the plan, whose steps profiling times, while it is on.
+        plan = []
+
+        def timed(vals):
+            if not plan:
+                plan.append(ex._compile(program, None))
+            return plan[0](vals)
+        return lean.straight_line(program, ex.xp, higher=lambda e: ex._step(e, ex.xp, None, 0),
+                                  gather=_global, timed=timed)
 
     def manual(self, program: Program, **region):
         return self.executor._compile_manual(self.mesh, program, **region)

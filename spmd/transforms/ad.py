@@ -18,6 +18,12 @@ The ``vma`` types make the collectives of the backward pass fall out of the alge
 invariant and a varying operand inside ``shard_map`` leaves an explicit ``pvary`` in the
 program, ``pvary`` transposes to ``psum``, and ``psum`` transposes to ``pvary``.  No psum is
 added "to be safe".
+
+On Explicit mesh axes a tangent or cotangent has its primal's type, as in JAX: the JVP's
+tangents are typed by the same sharding rules as the primals, a zero is made with its primal's
+sharding (``ad_util.full``), and the backward pass gives each cotangent its primal's sharding
+(``_typed_like``: a reshard only where a transpose rule left it untyped or typed otherwise),
+so ``grad`` returns gradients typed like the parameters.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ from ..ad_util import (UndefinedPrimal, Zero, add_tangents, aval_of_value, deriv
                        no_jvp, zero_jvp)
 from ..core import (Aval, Eqn, Literal, Params, Program, Var, attributed, bind, current_builder,
                     hooks, trace)
+from ..sharding import NamedSharding, PartitionSpec
 from . import simplify
 
 
@@ -213,8 +220,26 @@ def backward_pass(program: Program, linear, consts, cts):
                                           *invals, **e.params)
         for a, x, ct in zip(e.inputs, invals, cts_in):
             if is_undefined(x):
-                accumulate(a, ct)
-    return [ct_env.get(id(v), Zero(v.aval)) for v, l in zip(program.in_vars, linear) if l]
+                accumulate(a, _typed_like(ct, x.aval))
+    return [_typed_like(ct_env.get(id(v), Zero(v.aval)), v.aval)
+            for v, l in zip(program.in_vars, linear) if l]
+
+
+def _typed_like(ct, aval):
+    """A cotangent carries its primal's sharding on Explicit axes (a pending sum's cotangent
+    reduced there, a reduced one's pending), as every transpose of JAX gives it with
+    ``out_sharding=``: one that a transpose rule left untyped (a product whose contraction
+    is ambiguous by the rules) or typed otherwise is resharded to it, so the types of the
+    backward pass survive every replay of the program and the compiler sees JAX's
+    placements."""
+    b = current_builder()
+    if aval.sharding is None or is_zero(ct) or b is None or b.manual_axes:
+        return ct
+    spec = aval.sharding.spec
+    want = NamedSharding(aval.sharding.mesh, PartitionSpec(*spec, unreduced=spec.reduced,
+                                                           reduced=spec.unreduced))
+    typed = getattr(getattr(ct, "aval", None), "sharding", None)
+    return ct if typed == want else hooks.constrain(ct, want, "the cotangent")
 
 
 def transpose_program(program: Program, linear, ctx, *, ct_avals=None) -> Program:

@@ -16,6 +16,7 @@ import optree
 
 from ..core import Literal, Tracer, attributed, aval_of, bind, current_builder, hooks, trace
 from ..mesh import AbstractMesh
+from ..sharding import NamedSharding, PartitionSpec, spec_entry
 from . import ad
 from ..sharding_rules import spmd_axis_name as spmd_axis
 from ..batching import batch_rule, batch_size, moveaxis, to_front  # noqa: F401
@@ -97,10 +98,49 @@ def _with_named_axis(ctx, axis_name, size, name):
                 check_vma=ctx.get("check_vma", True))
 
 
+def _per_example(aval):
+    """The type ``f`` sees of a mapped argument (batch dim in front): the batch dim goes, with
+    the Explicit mesh axes it is split over, as in JAX."""
+    if aval.sharding is None:
+        return aval.update(shape=aval.shape[1:])
+    spec, dims = aval.sharding.spec, aval.sharding._dim_axes(aval.ndim)[1:]
+    spec = PartitionSpec(*map(spec_entry, dims), unreduced=spec.unreduced, reduced=spec.reduced)
+    return aval.update(shape=aval.shape[1:], sharding=NamedSharding(aval.sharding.mesh, spec))
+
+
+def _explicit_batch_axes(name, mapped, unmapped, spmd_axis_name):
+    """The Explicit mesh axes the mapped dims of the arguments are split over (the batch dims
+    of reshards inside, and so of the results, stay split over them); JAX's errors where the
+    arguments disagree, where an unmapped one is split over those axes, or where
+    ``spmd_axis_name`` names another split."""
+    dim0 = lambda a: a.sharding._dim_axes(a.ndim)[0] if a.sharding is not None else ()
+    splits = {dim0(a) for a in mapped}
+    if len(splits) > 1:
+        raise ValueError(f"vmap({name}): the mapped dims of the arguments are split over "
+                         f"different mesh axes {sorted(splits)}; they must be split alike "
+                         f"(reshard them first).")
+    typed = splits.pop() if splits else ()
+    if not typed:
+        return ()
+    for a in unmapped:
+        if a.sharding is not None and set(typed) & {x for ax in a.sharding.spec.axes for x in ax}:
+            raise ValueError(f"vmap({name}): an unmapped argument {a} is split over the mesh "
+                             f"axes {typed} that the mapped dims are split over; reshard it, or "
+                             f"map it too.")
+    given = (spmd_axis_name,) if isinstance(spmd_axis_name, str) else spmd_axis_name
+    if given is not None and tuple(given) != typed:
+        raise ValueError(f"vmap({name}): the mapped dims of the arguments are split over the "
+                         f"Explicit mesh axes {typed}, and spmd_axis_name={spmd_axis_name!r} "
+                         f"names another split; give only one of the two (as in JAX).")
+    return typed
+
+
 def vmap(f, in_axes=0, out_axes=0, axis_name=None, axis_size=None, spmd_axis_name=None):
     """Map ``f`` over a new leading (or ``in_axes``) dim of its arguments.  With
     ``spmd_axis_name``, the sharding constraints inside (a sharded ``jit``'s shardings,
-    ``with_sharding_constraint``, ``reshard``) split the mapped dim over that mesh axis.
+    ``with_sharding_constraint``) split the mapped dim over that mesh axis.  On Explicit axes
+    ``f`` sees each argument's type without the mapped dim, and a mapped dim split over mesh
+    axes stays split over them in the results (``reshard`` inside keeps it), as in JAX.
 
     >>> import numpy as np, spmd
     >>> np.asarray(spmd.vmap(lambda r: r @ r)(np.arange(6.).reshape(2, 3))).tolist()
@@ -133,8 +173,11 @@ def vmap(f, in_axes=0, out_axes=0, axis_name=None, axis_size=None, spmd_axis_nam
                              f"all be equal (or pass axis_size= when no argument is mapped).")
         size = sizes.pop()
         leaves = [moveaxis(x, a, 0) if a is not None else x for x, a in zip(leaves, ax)]
-        avals = [aval_of(x).update(shape=aval_of(x).shape[1:]) if a is not None else aval_of(x)
+        avals = [_per_example(aval_of(x)) if a is not None else aval_of(x)
                  for x, a in zip(leaves, ax)]
+        explicit = _explicit_batch_axes(
+            name, [aval_of(x) for x, a in zip(leaves, ax) if a is not None],
+            [aval_of(x) for x, a in zip(leaves, ax) if a is None], spmd_axis_name)
         box = []
 
         def flat_fn(*xs):
@@ -148,7 +191,7 @@ def vmap(f, in_axes=0, out_axes=0, axis_name=None, axis_size=None, spmd_axis_nam
             avals = [v.update(vma=v.vma | {axis_name}) if a is not None else v
                      for v, a in zip(avals, ax)]
         prog, captured = trace(flat_fn, avals, **ctx, context=f"vmap({name})")
-        with spmd_axis(spmd_axis_name):
+        with spmd_axis(spmd_axis_name, explicit):
             outs, odims = batch_eval(prog, leaves + captured,
                                      [0 if a is not None else None for a in ax] + [None] * len(captured),
                                      size, axis_name)

@@ -3,12 +3,14 @@
 ``io_roundtrip.py DIR``: the dtypes of ``test_io.MP_DTYPES``, one array per layout of
 ``test_io.mp_layouts(N)`` (uneven dims included), saved blocking to ``DIR/mp<N>`` and in the
 background to ``DIR/mp<N>-async``; then ``DIR/single`` (written by one process on a 2x4
-simulated mesh) and ``DIR/mp<N>`` are loaded onto every N-process layout and each addressable
-shard is compared bit for bit with the global data.  Each process counts the bytes tensorstore
+simulated mesh) and every ``DIR/mp<M>`` (written by M processes, this job's included) are
+loaded onto every N-process layout and each addressable shard is compared bit for bit with the
+global data.  Each process counts the bytes tensorstore
 read on one resharded load and checks they are exactly the chunks its block overlaps (plus the
-array's zarr.json).  Prints ``OK io <checks>``.
+array's zarr.json).  Prints ``OK io from <the sources loaded> ...``.
 """
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,7 +32,9 @@ tree = {dt.name: {name: spmd.device_put(T.make_data(dt, T.SHAPE, seed=i),
 spmd.io.save(os.path.join(root, f"mp{N}"), tree)
 handle = spmd.io.save(os.path.join(root, f"mp{N}-async"), tree, block=False)
 checks = 0
-for source in ("single", f"mp{N}"):
+sources = ["single", *sorted(p for p in os.listdir(root)           # committed, not the async
+                             if re.fullmatch(r"mp\d+", p) and p != f"mp{N}"), f"mp{N}"]
+for source in sources:
     for load_name, load_spec in layouts.items():
         sharding = spmd.NamedSharding(mesh, load_spec)
         target = {dt.name: {name: sharding for name in T.save_names(source)} for dt in T.MP_DTYPES}
@@ -54,4 +58,4 @@ want = T.expected_bytes(os.path.join(path, f"{name}.rows"), [s.index for s in a.
 assert got == want, f"process {me} read {got} bytes, its chunks are {want}"
 total = T.expected_bytes(os.path.join(path, f"{name}.rows"), [tuple(slice(None) for _ in T.SHAPE)])
 assert got < total, (got, total)
-print(f"OK io {checks} bytes {got} of {total}", flush=True)
+print(f"OK io from {' '.join(sources)}: {checks} shards, {got} of {total} bytes", flush=True)
