@@ -5,6 +5,8 @@
     python examples/train_gpt.py --parallel dp            # data parallel only, 8 devices
     python examples/train_gpt.py --parallel tp            # tensor parallel only, 4 devices
     python examples/train_gpt.py --compiler               # global code + spmd.jit shardings
+    python examples/train_gpt.py --parallel fsdp          # a recipe of spmd.parallel (also
+                                                          # zero2, tp_vocab, dp_fsdp_tp_pp)
     python examples/train_gpt.py --steps 2 --profile      # where one step's time goes
     spmd-run -n 4 examples/train_gpt.py                   # 4 processes (a 2x2 mesh)
     spmd-run -n 4 --max-restarts 1 examples/train_gpt.py --checkpoint-dir /tmp/gpt   # resumable
@@ -184,6 +186,141 @@ def make_step(jax, jnp, mesh, compiler: bool = False):
                    out_shardings=(shardings[0], state, rep)), shardings
 
 
+# ---------------------------------------------------------------------------------------------
+# the same GPT with the recipes of spmd.parallel (spmd only), and spmd.optim's Adam
+# ---------------------------------------------------------------------------------------------
+
+RECIPES = {
+    "fsdp": "FSDP: parameters and Adam state stored 1/n per device, all_gather before use, "
+            "psum_scatter of the gradients",
+    "zero2": "ZeRO-2: parameters replicated, gradients reduce-scattered, Adam state 1/n",
+    "tp_vocab": "Megatron TP with the vocabulary split too: embedding and cross-entropy "
+                "never gather the logits",
+    "dp_fsdp_tp_pp": "2x2x2: DP and FSDP over data, one layer per pipeline stage (GPipe), "
+                     "Megatron TP over model",
+}
+
+
+def recipe_mesh(recipe: str, n_devices: int):
+    """``fsdp``/``zero2``: every device on ``data``; ``tp_vocab``: up to 4 on ``model``;
+    ``dp_fsdp_tp_pp``: 2 x 2 x 2 (data, stage, model), 8 devices."""
+    if recipe in ("fsdp", "zero2"):
+        return spmd.make_mesh((n_devices,), ("data",))
+    if recipe == "tp_vocab":
+        return spmd.make_mesh((min(n_devices, HEADS),), ("model",))
+    if n_devices < 8:
+        raise SystemExit(f"--parallel {recipe} needs 8 devices (2 x 2 x 2), this job has "
+                         f"{n_devices}")
+    return spmd.make_mesh((2, 2, 2), ("data", "stage", "model"))
+
+
+def recipe_params(recipe: str, params: dict) -> dict:
+    """The parameters as the recipe holds them: for the pipeline, the layers stacked (one per
+    stage)."""
+    if recipe != "dp_fsdp_tp_pp":
+        return params
+    layers = params["layers"]
+    return dict({k: v for k, v in params.items() if k != "layers"},
+                layers={k: np.stack([layer[k] for layer in layers]) for k in layers[0]})
+
+
+def _cross_entropy(logits, y):
+    top = np.max(logits, axis=-1, keepdims=True)
+    log_z = np.log(np.sum(np.exp(logits - top), axis=-1)) + top[..., 0]
+    return np.mean(log_z - np.take_along_axis(logits, y[..., None], axis=-1)[..., 0])
+
+
+def make_recipe_step(recipe: str, mesh, tx):
+    """``step(params, state, x, y) -> (loss, params, state)``: one jitted ``shard_map`` of the
+    loss, its gradient and ``tx``'s update, laid out by ``recipe``."""
+    from spmd import P, pmean, pvary
+    from spmd.parallel import fsdp, pipeline, tensor
+    optim = spmd.optim
+    template = recipe_params(recipe, init_params())
+    state = tx.init(template)
+    if recipe in ("fsdp", "zero2"):
+        state_specs = fsdp.state_specs(state, "data")
+
+        def step(params, state, x, y):
+            if recipe == "fsdp":                         # params are this device's shards
+                def loss(shards):
+                    return pmean(loss_fn(np, fsdp.gather_params(shards, "data"), x, y), "data")
+                value, grads = spmd.value_and_grad(loss)(params)
+                updates, state = tx.update(grads, state, params)
+                return value, optim.apply_updates(params, updates), state
+            value, grads = spmd.value_and_grad(lambda p: loss_fn(np, p, x, y))(
+                pvary(params, "data"))
+            params, state = fsdp.zero_update(tx, grads, state, params, "data", stage=2)
+            return pmean(value, "data"), params, state
+        specs, batch = (P("data") if recipe == "fsdp" else P()), P("data")
+    elif recipe == "tp_vocab":
+        col, row = P(None, "model"), P("model", None)
+        layer = dict(ln1_g=P(), ln1_b=P(), wq=col, wk=col, wv=col, wo=row, bo=P(), ln2_g=P(),
+                     ln2_b=P(), w1=col, b1=P("model"), w2=row, b2=P())
+        specs = dict(wte=P("model"), wpe=P(), lnf_g=P(), lnf_b=P(), w_out=col,
+                     layers=[layer] * LAYERS)
+        state_specs, batch = (optim.ScaleByAdamState(P(), specs, specs), optim.EmptyState()), P()
+
+        def loss(p, x, y):
+            psum = lambda a: spmd.psum(a, "model")
+            h = tensor.vocab_parallel_embedding(x, p["wte"], "model") + p["wpe"]
+            for q in p["layers"]:
+                h = h + psum(attention(np, layer_norm(np, h, q["ln1_g"], q["ln1_b"]), q)) + q["bo"]
+                u = gelu(np, tensor.column_parallel_linear(
+                    layer_norm(np, h, q["ln2_g"], q["ln2_b"]), q["w1"], q["b1"]))
+                h = h + tensor.row_parallel_linear(u, q["w2"], "model", q["b2"])
+            logits = tensor.column_parallel_linear(
+                layer_norm(np, h, p["lnf_g"], p["lnf_b"]), p["w_out"])
+            return np.mean(tensor.vocab_parallel_cross_entropy(logits, y, "model"))
+    else:
+        split_rows = P("stage", ("model", "data"))       # row-parallel, then stored over data
+        layer = dict(ln1_g=P("stage", "data"), ln1_b=P("stage", "data"), bo=P("stage", "data"),
+                     wq=P("stage", "data", "model"), wk=P("stage", "data", "model"),
+                     wv=P("stage", "data", "model"), wo=split_rows, ln2_g=P("stage", "data"),
+                     ln2_b=P("stage", "data"), w1=P("stage", "data", "model"), b1=split_rows,
+                     w2=split_rows, b2=P("stage", "data"))
+        specs = dict(wte=P("data"), wpe=P("data"), lnf_g=P("data"), lnf_b=P("data"),
+                     w_out=P("data"), layers=layer)
+        state_specs = (optim.ScaleByAdamState(P(), specs, specs), optim.EmptyState())
+        batch = P("data")
+
+        def block(p, h):                                  # one stage: a GPT block, Megatron TP
+            psum = lambda a: spmd.psum(a, "model")
+            h = h + psum(attention(np, layer_norm(np, h, p["ln1_g"], p["ln1_b"]), p)) + p["bo"]
+            u = gelu(np, layer_norm(np, h, p["ln2_g"], p["ln2_b"]) @ p["w1"] + p["b1"])
+            return h + psum(u @ p["w2"]) + p["b2"]
+
+        def loss(shards, x, y):
+            params = fsdp.gather_params(dict(shards, layers={k: v[0] for k, v in
+                                                             shards["layers"].items()}), "data")
+            h = params["wte"][x] + params["wpe"]
+            h = pipeline.gpipe(block, params["layers"], h.reshape((2, -1) + h.shape[1:]), "stage")
+            h = layer_norm(np, h.reshape((-1,) + h.shape[2:]), params["lnf_g"], params["lnf_b"])
+            return pmean(_cross_entropy(h @ params["w_out"], y), "data")
+    if recipe in ("tp_vocab", "dp_fsdp_tp_pp"):
+        def step(params, state, x, y):
+            value, grads = spmd.value_and_grad(loss)(params, x, y)
+            updates, state = tx.update(grads, state, params)
+            return value, optim.apply_updates(params, updates), state
+    return spmd.jit(spmd.shard_map(step, mesh=mesh, in_specs=(specs, state_specs, batch, batch),
+                                   out_specs=(P(), specs, state_specs)))
+
+
+def train_recipe(recipe: str, steps: int = 30, n_devices: int = 8, progress=None, tx=None):
+    """Train ``steps`` steps with ``recipe`` (``RECIPES``) and ``tx`` (default: Adam with this
+    file's hyperparameters); returns the losses."""
+    tx = tx or spmd.optim.adam(LR, b1=BETA1, b2=BETA2, eps=EPS)
+    step = make_recipe_step(recipe, recipe_mesh(recipe, n_devices), tx)
+    params = recipe_params(recipe, init_params())
+    state, losses, data = tx.init(params), [], batches()
+    for t in range(1, steps + 1):
+        loss, params, state = step(params, state, *next(data))
+        losses.append(float(loss))
+        if progress is not None:
+            progress(t, losses[-1])
+    return losses
+
+
 def batches(seed: int = 0, position: int = 0):
     """Endless batches of ``(x, y)`` from batch number ``position`` on: random windows of the
     training text's bytes, ``y`` one ahead.  The window starts of the batches before
@@ -253,7 +390,9 @@ def profile_step(parallel: str, compiler: bool, path: str, show: bool = True, to
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parallel", choices=("dp", "tp", "dp_tp"), default="dp_tp")
+    parser.add_argument("--parallel", choices=("dp", "tp", "dp_tp") + tuple(RECIPES),
+                        default="dp_tp", help="dp, tp, dp_tp: shard_map written here; "
+                        + "; ".join(f"{k}: {v}" for k, v in RECIPES.items()))
     parser.add_argument("--compiler", action="store_true",
                         help="global code with spmd.jit in_shardings/out_shardings")
     parser.add_argument("--steps", type=int, default=30)
@@ -268,8 +407,14 @@ def main(argv=None):
     if spmd.distributed.detect_environment() is not None:
         spmd.distributed.initialize()           # started by spmd-run, torchrun, SLURM, mpiexec
     lead = spmd.process_index() == 0
-    how = "spmd.jit shardings" if args.compiler else "shard_map"
-    mesh = mesh_for(spmd, args.parallel, spmd.device_count())
+    recipe = args.parallel in RECIPES
+    if recipe and (args.compiler or args.checkpoint_dir or args.profile):
+        parser.error(f"--parallel {args.parallel} (a recipe of spmd.parallel) runs its own "
+                     f"shard_map: leave out --compiler, --checkpoint-dir and --profile")
+    how = ("spmd.jit shardings" if args.compiler else
+           f"spmd.parallel {args.parallel}" if recipe else "shard_map")
+    mesh = (recipe_mesh if recipe else lambda p, n: mesh_for(spmd, p, n))(
+        args.parallel, spmd.device_count())
     if lead:
         print(f"GPT {LAYERS}x{D_MODEL}, {HEADS} heads, {how} on mesh {dict(mesh.shape)} "
               f"({spmd.process_count()} process(es))")
@@ -290,8 +435,11 @@ def main(argv=None):
             print(f"step {t:3d}  loss {loss:.4f}", flush=True)
 
     t0 = time.perf_counter()
-    losses = train(spmd, np, args.parallel, args.compiler, args.steps, spmd.device_count(),
-                   progress, checkpoints)
+    if recipe:
+        losses = train_recipe(args.parallel, args.steps, spmd.device_count(), progress)
+    else:
+        losses = train(spmd, np, args.parallel, args.compiler, args.steps, spmd.device_count(),
+                       progress, checkpoints)
     if bar is not None:
         bar.close()
     if lead and losses:
