@@ -136,3 +136,29 @@ def test_compiler_benchmarks_run_quick():
     assert all("error" not in r.extra for r in rows)
     assert rows[0].spmd_s > 0 and rows[0].extra["equations"] > 100
     assert rows[1].extra["collectives"] == ["psum(data)", "psum(model)"]     # 3 gradient psums, combined
+
+
+def test_embedding_gradient_over_a_split_batch_reduces_the_table_not_the_activations():
+    """The gradient of ``table[ids]`` with the ids split over ``data``: each device scatter-adds
+    its own rows and one psum of the table's size follows; no all_gather of the ids or of the
+    (batch, seq, d) cotangent."""
+    mesh = spmd.make_mesh((2, 4), ("data", "model"), axis_types=(spmd.AxisType.Auto,) * 2)
+    rng = np.random.default_rng(3)
+    table = rng.standard_normal((64, 16)).astype(np.float32)
+    ids = rng.integers(0, 64, (8, 12))
+    weights = rng.standard_normal((8, 12, 16)).astype(np.float32)
+
+    def loss(table, ids):
+        return np.sum(np.tanh(table[ids]) * weights)
+    step = spmd.jit(spmd.value_and_grad(loss), in_shardings=(
+        NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))))
+    value, grad = step(table, ids)
+    expected = np.zeros_like(table, dtype=np.float64)
+    np.add.at(expected, ids, (1 - np.tanh(table[ids].astype(np.float64)) ** 2) * weights)
+    np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(value), np.sum(np.tanh(table[ids]) * weights), rtol=1e-5)
+    uses = spmd.collectives_of(step.lower(table, ids).per_device_program)
+    assert "all_gather" not in [c.op for c in uses], uses
+    # one psum over data: the table's gradient, and the loss's scalar riding along
+    assert [(c.op, c.axes) for c in uses] == [("psum", ("data",))], uses
+    assert uses[0].bytes_per_device == table.nbytes + 4, uses

@@ -327,7 +327,30 @@ def _strategies(e, cur: list, hints: list, sizes: dict) -> list[Strategy]:
                 if s not in seen:
                     seen.add(s)
                     result.append(s)
+    if scatter_add:
+        result += [s for s in _split_index_scatter(e, cur, ins, out, sizes) if s not in seen]
     return result
+
+
+def _split_index_scatter(e, cur, ins, out, sizes) -> list[Strategy]:
+    """``scatter_add`` with its indices split (an embedding's gradient over a split batch):
+    each device adds its own updates into the operand, and the result is a sum pending over the
+    indices' axes (the operand, masked to one device, counted once) -- a reduction of the
+    operand's size instead of gathering the updates."""
+    if cur[1] is None or not any(cur[1].dims) or e.inputs[1].aval.ndim == 0:
+        return []
+    ax, idx = e.params["axis"], cur[1].dims
+    axes = {a for d in idx for a in d}
+    upd = [()] * ins[2].ndim
+    for j, d in enumerate(idx):
+        upd[ax + j] = d
+    part = tuple(sorted((a, "sum") for a in axes))
+    req = (Sharding(((),) * ins[0].ndim, part), Sharding(tuple(idx)), Sharding(tuple(upd)))
+    osh = Sharding(((),) * out.ndim, part)
+    if not (_valid(osh, out.shape, sizes) and all(_valid(r, a.shape, sizes)
+                                                  for r, a in zip(req, ins))):
+        return []
+    return [Strategy(req, (osh,))]
 
 
 # ---------------------------------------------------------------------------------------------
