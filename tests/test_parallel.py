@@ -60,18 +60,25 @@ def _counts(program):
     return out
 
 
-def _reference_training(tx, params, x, y, steps=STEPS):
-    """The unsharded model trained on one device: losses and final parameters."""
+def _train(step, params, state, x, y, steps=STEPS):
+    """``steps`` calls of ``step(params, state, x, y) -> (loss, params, state)``: the losses,
+    the final parameters and the final state."""
+    losses = []
+    for _ in range(steps):
+        loss, params, state = step(params, state, x, y)
+        losses.append(float(np.asarray(loss)))
+    return losses, params, state
+
+
+def _reference_training(tx, params, x, y, steps=STEPS, loss_fn=None):
+    """The unsharded model (``loss_fn``, default the MLP's) trained on one device: losses and
+    final parameters."""
     @spmd.jit
-    def step(params, state):
-        loss, grads = spmd.value_and_grad(_loss)(params, x, y)
+    def step(params, state, x, y):
+        loss, grads = spmd.value_and_grad(loss_fn or _loss)(params, x, y)
         updates, state = tx.update(grads, state, params)
         return loss, optim.apply_updates(params, updates), state
-    state, losses = tx.init(params), []
-    for _ in range(steps):
-        loss, params, state = step(params, state)
-        losses.append(float(np.asarray(loss)))
-    return losses, params
+    return _train(step, params, tx.init(params), x, y, steps)[:2]
 
 
 def _assert_tree_close(a, b, tol=1e-5):
@@ -109,10 +116,7 @@ def test_data_parallel_training_equals_one_device(bucket_bytes, compress, psums)
     params, state = _mlp_params(), TX.init(_mlp_params())
     counts = _counts(spmd.make_program(step)(params, state, x, y))
     assert counts == {"psum": psums + 1}          # the gradient buckets and the loss
-    losses = []
-    for _ in range(STEPS):
-        loss, params, state = step(params, state, x, y)
-        losses.append(float(np.asarray(loss)))
+    losses, params, state = _train(step, params, state, x, y)
     expected_losses, expected = _reference_training(TX, _mlp_params(), x, y)
     np.testing.assert_allclose(losses, expected_losses, rtol=1e-5, atol=1e-6)
     _assert_tree_close(params, expected)
@@ -168,10 +172,7 @@ def test_fsdp_training_equals_one_device_with_one_gather_and_scatter_per_leaf():
     gathers = [c for c in spmd.collectives_of(program) if c.op == "all_gather"]
     assert sum(c.bytes_per_device for c in gathers) * 8 == sum(p.nbytes for p in
                                                                spmd.tree_util.tree_leaves(params))
-    losses = []
-    for _ in range(STEPS):
-        loss, params, state = step(params, state, x, y)
-        losses.append(float(np.asarray(loss)))
+    losses, params, state = _train(step, params, state, x, y)
     expected_losses, expected = _reference_training(TX, _mlp_params(), x, y)
     np.testing.assert_allclose(losses, expected_losses, rtol=1e-5, atol=1e-6)
     _assert_tree_close(params, expected)
@@ -229,10 +230,7 @@ def test_zero_training_equals_one_device(stage, counts):
                               in_specs=(P(), state_specs, P("data"), P("data")),
                               out_specs=(P(), P(), state_specs)))
     assert _counts(spmd.make_program(step)(params, state, x, y)) == counts
-    losses = []
-    for _ in range(STEPS):
-        loss, params, state = step(params, state, x, y)
-        losses.append(float(np.asarray(loss)))
+    losses, params, state = _train(step, params, state, x, y)
     expected_losses, expected = _reference_training(TX, _mlp_params(), x, y)
     np.testing.assert_allclose(losses, expected_losses, rtol=1e-5, atol=1e-6)
     _assert_tree_close(params, expected)
@@ -290,20 +288,9 @@ def test_tensor_parallel_times_data_parallel_training_equals_one_device():
     assert {c.bytes_per_device for c in uses if c.axes == ("model",)} == {BATCH // 2 * D * 4}
     # the data axis: one bucket of gradients split over "model", one of replicated ones, the loss
     assert collections.Counter(c.op for c in uses if c.axes == ("data",)) == {"psum": 3}
-    losses = []
-    for _ in range(STEPS):
-        loss, params, state = step(params, state, x, y)
-        losses.append(float(np.asarray(loss)))
-
-    @spmd.jit
-    def dense_step(params, state):
-        loss, grads = spmd.value_and_grad(_dense_loss)(params, x, y)
-        updates, state = TX.update(grads, state, params)
-        return loss, optim.apply_updates(params, updates), state
-    expected, state, expected_losses = _tp_params(), TX.init(_tp_params()), []
-    for _ in range(STEPS):
-        loss, expected, state = dense_step(expected, state)
-        expected_losses.append(float(np.asarray(loss)))
+    losses, params, state = _train(step, params, state, x, y)
+    expected_losses, expected = _reference_training(TX, _tp_params(), x, y,
+                                                    loss_fn=_dense_loss)
     np.testing.assert_allclose(losses, expected_losses, rtol=1e-5, atol=1e-6)
     _assert_tree_close(params, expected)
     assert params[0]["w1"].sharding.shard_shape((D, 4 * D)) == (D, D)
@@ -584,20 +571,9 @@ def test_data_fsdp_tensor_pipeline_composition_trains_like_one_device():
                        ("psum", ("model",)): 2 * ticks - 1,
                        ("ppermute", ("stage",)): 2 * ticks, ("psum", ("stage",)): 1,
                        ("psum", ("data",)): 1}                                          # loss
-    losses = []
-    for _ in range(STEPS):
-        loss, stacked, state = step(stacked, state, x, y)
-        losses.append(float(np.asarray(loss)))
-
-    @spmd.jit
-    def dense_step(params, state):
-        loss, grads = spmd.value_and_grad(_dense_loss)(params, x, y)
-        updates, state = TX.update(grads, state, params)
-        return loss, optim.apply_updates(params, updates), state
-    expected, state, expected_losses = _tp_params(layers=2), TX.init(_tp_params(layers=2)), []
-    for _ in range(STEPS):
-        loss, expected, state = dense_step(expected, state)
-        expected_losses.append(float(np.asarray(loss)))
+    losses, stacked, state = _train(step, stacked, state, x, y)
+    expected_losses, expected = _reference_training(TX, _tp_params(layers=2), x, y,
+                                                    loss_fn=_dense_loss)
     np.testing.assert_allclose(losses, expected_losses, rtol=1e-5, atol=1e-6)
     _assert_tree_close(stacked, {k: np.stack([b[k] for b in expected]) for k in specs})
     assert stacked["w1"].sharding.shard_shape(stacked["w1"].shape) == (1, D // 2, 2 * D)
