@@ -3,26 +3,10 @@
 - ``sleep``: it sleeps 6 s before a psum; every rank prints the CPU time it used while waiting;
 - ``stall``: it passes the check of a psum, then stalls inside the data exchange.
 """
-import sys
 import time
 
-import numpy as np
-
-import spmd
-from spmd import P
+from _warm_job import me, mode, psum, x          # joins the job: 3 psums, then "warm"
 from spmd.communicators import mpi
-
-mode = sys.argv[1]
-spmd.distributed.initialize()
-rank, n = spmd.process_index(), spmd.process_count()
-mesh = spmd.make_mesh((n,), ("i",))
-smap = lambda body, out=P(): spmd.shard_map(body, mesh=mesh, in_specs=P("i"), out_specs=out)
-psum = smap(lambda b: spmd.psum(b, "i"))
-x = np.arange(2.0 * n)
-for _ in range(3):
-    psum(x)
-print("warm", flush=True)
-me = rank == 1
 if mode == "sleep":
     if me:
         time.sleep(6)
