@@ -38,6 +38,7 @@ import optree
 
 from .core import Primitive, Program, Tracer, Var, aval_of, bind, current_builder, hooks, trace
 from .transforms import ad
+from .tree_util import flat_call
 from .batching import batch_size, moveaxis, to_front
 from .transforms.vmap import batch_eval
 from .tree_util import keystr, tree_flatten_with_path
@@ -139,19 +140,6 @@ def _merge(diff, nondiff, nums):
     return [next(n) if i in nums else next(d) for i in range(len(diff) + len(nondiff))]
 
 
-def _flat_call(fn, in_tree):
-    """``fn`` of pytree arguments as a function of their leaves returning leaves; the output
-    tree is kept in the returned box."""
-    box = []
-
-    def flat(*leaves):
-        out = fn(*optree.tree_unflatten(in_tree, list(leaves)))
-        leaves_out, tree = optree.tree_flatten(out, none_is_leaf=False)
-        box.append(tree)
-        return leaves_out
-    return flat, box
-
-
 def _trace_rule(fn, avals, name, what):
     """Trace a rule in the current context: ``(program, captured)``.  What it captures must be
     a value of a trace still running (its closure cells were rebound); a helper closing over a
@@ -224,7 +212,7 @@ def _bind_call(prim, name, fun, diff, nondiff, nums, **rules):
     subst = _substitutions.get()
     fun = _with_cells(fun, {c: subst[id(t)] for c, t in _cell_tracers(fun) if id(t) in subst})
     leaves, in_tree = optree.tree_flatten(tuple(diff), none_is_leaf=False)
-    flat, box = _flat_call(lambda *d: fun(*_merge(d, nondiff, nums)), in_tree)
+    flat, box = flat_call(lambda *d: fun(*_merge(d, nondiff, nums)), in_tree)
     body, captured = trace(flat, [aval_of(x) for x in leaves], **ad.context(),
                            context=f"{prim.name}({name})")
     consts = list(captured)

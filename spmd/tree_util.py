@@ -117,6 +117,20 @@ def keystr(keys, *, simple: bool = False, separator: str = "") -> str:
 # flattening, mapping, reducing
 # ---------------------------------------------------------------------------------------------
 
+def flat_call(fn: Callable, in_tree):
+    """(spmd's own, not ``jax.tree_util``'s) ``fn`` of pytree arguments as a function of their
+    leaves returning leaves, for tracing: each call appends its output tree to the returned
+    box."""
+    box = []
+
+    def flat(*leaves):
+        out = fn(*optree.tree_unflatten(in_tree, list(leaves)))
+        leaves_out, tree = optree.tree_flatten(out, none_is_leaf=False)
+        box.append(tree)
+        return leaves_out
+    return flat, box
+
+
 def tree_flatten(tree, is_leaf: Callable | None = None):
     return optree.tree_flatten(tree, is_leaf=is_leaf)
 

@@ -23,6 +23,7 @@ from ..core import Primitive, Program, Var, aval_of, bind, current_builder, trac
 from . import ad
 from ..batching import batch_size, moveaxis, to_front
 from .vmap import batch_eval
+from ..tree_util import flat_call
 
 
 class checkpoint_policies:
@@ -159,13 +160,7 @@ def checkpoint(fun=None, *, policy=None, prevent_cse=True, static_argnums=()):
         if current_builder() is None:       # not under a transformation: nothing to save
             return fun(*args)
         leaves, tree = optree.tree_flatten(args, none_is_leaf=False)
-        box = []
-
-        def flat(*xs):
-            out = fun(*optree.tree_unflatten(tree, list(xs)))
-            out_leaves, out_tree = optree.tree_flatten(out, none_is_leaf=False)
-            box.append(out_tree)
-            return out_leaves
+        flat, box = flat_call(fun, tree)
         body, captured = trace(flat, [aval_of(x) for x in leaves], **ad.context(),
                                context=f"checkpoint({name})")
         outs = bind(checkpoint_p, *leaves, *captured, body=body, policy=policy, name=name)
