@@ -118,6 +118,10 @@ def check_same_calls(entry: dict, ranks, theirs: dict, *, who: str = "",
     group sent the same call (``CALL_FIELDS``) for collective ``entry``. ``theirs``: {rank:
     signature}; ``who``: this rank's call, to start the message; ``differ``: the ranks already
     know that they disagree (their digests differ), so raise in any case."""
+    if not differ:             # the usual case, cheap: every rank sent the same values
+        calls = [tuple(s.get(f) for f in CALL_FIELDS) for s in theirs.values()]
+        if all(c == calls[0] for c in calls):
+            return
     keys = {r: call_key(s) for r, s in theirs.items()}
     if len(set(keys.values())) <= 1 and not differ:
         return
