@@ -37,9 +37,9 @@ def merge_padded_sums(program: Program) -> Program:
     return Program(program.in_vars, eqns, program.out_vars) if changed else program
 
 
-def _padded_dim(eqn, made, uses):
-    """``(dim, lo, inner var)`` if ``eqn``'s input is a zero pad along one dim used only here."""
-    pad = made.get(id(eqn)) if isinstance(eqn, Var) and uses.get(id(eqn)) == 1 else None
+def _padded_dim(x, made, uses):
+    """``(dim, lo, the pad equation)`` if ``x`` is a zero pad along one dim read only here."""
+    pad = made.get(id(x)) if isinstance(x, Var) and uses.get(id(x)) == 1 else None
     if pad is None or pad.prim is not prims.pad_p or pad.outputs[0].aval.sharding is not None:
         return None
     value = pad.inputs[1]
