@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 from inspect import signature
 
 import numpy as np
@@ -328,19 +329,10 @@ class Jitted:
     def _uses_compiler(self, program, leaves) -> bool:
         if self.explicit:
             return True
-        # sharded Arrays in: the compiler follows their shardings (as jax.jit does), unless a
-        # shard_map inside already says where everything lives; or a sharding constraint, or
-        # results whose type (on Explicit axes) splits them over an axis a shard_map left out
-        constrained = _constraint_mesh(program) is not None
-        # a shard_map result that is a sum still pending (out_specs P(unreduced=...)): the
-        # compiler makes the sum where the program needs it
-        pending = any(v.aval.sharding is not None and v.aval.sharding.spec.unreduced
-                      for e in program.eqns for v in e.outputs) or any(
-            s.unreduced for e in program.eqns if e.prim.manual is not None
-            for s in e.params["in_specs"] + e.params["out_specs"])
-        if _has_manual_subprogram(program) and not constrained and not pending:
-            return False
-        return _sharded_arguments(leaves) or constrained or pending
+        needs = _needs.get(program)
+        if needs is None:
+            needs = _needs[program] = _program_needs(program)
+        return needs if needs is not None else _sharded_arguments(leaves)
 
     def _argument_names(self, args, kwargs) -> list[str]:
         """Each dynamic argument leaf as ``explain()`` names it: its pytree path under the name
@@ -586,6 +578,27 @@ def _signature(x):
     if t in (bool, int, float, complex):
         return t
     return aval_of(x)
+
+
+def _program_needs(program) -> bool | None:
+    """Whether ``program`` runs through the compiler whatever its arguments (True), never
+    (False: a ``shard_map`` inside already says where everything lives), or only when an
+    argument is split over a mesh (None), as ``jax.jit`` follows its arguments' shardings."""
+    # a sharding constraint, or results whose type (on Explicit axes) splits them over an axis
+    # a shard_map left out
+    constrained = _constraint_mesh(program) is not None
+    # a shard_map result that is a sum still pending (out_specs P(unreduced=...)): the compiler
+    # makes the sum where the program needs it
+    pending = any(v.aval.sharding is not None and v.aval.sharding.spec.unreduced
+                  for e in program.eqns for v in e.outputs) or any(
+        s.unreduced for e in program.eqns if e.prim.manual is not None
+        for s in e.params["in_specs"] + e.params["out_specs"])
+    if constrained or pending:
+        return True
+    return False if _has_manual_subprogram(program) else None
+
+
+_needs: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()     # Program -> _program_needs
 
 
 def _sharded_arguments(leaves) -> bool:

@@ -6,14 +6,18 @@ MPI or NCCL communicator the same loop runs over this process's devices only.
 """
 from __future__ import annotations
 
+import functools
+import math
+
 import numpy as np
 
+from .. import _cache
 from ..comm_protocol import placement as _placement, rank_in
 from ..communicators.inprocess import InProcessCommunicator
 from ..core import Literal, Program
 from ..layout import GlobalValue
 from ..sharding import NamedSharding
-from . import profiling
+from . import lean, profiling
 
 
 class PerDeviceExecutor:
@@ -23,6 +27,8 @@ class PerDeviceExecutor:
     def __init__(self, make_communicator):
         self.make_communicator = make_communicator
         self._comms = {}
+        self._plans = _cache.LRU()      # Program -> its plan (the top level)
+        self._lines = _cache.LRU()      # (program, comm, manual axes) -> its straight line
 
     def comm(self, mesh):
         if mesh not in self._comms:
@@ -32,8 +38,40 @@ class PerDeviceExecutor:
     def run(self, program: Program, args) -> list:
         args = [(_Blocks.of(a) if a._blocks is not None else np.array(a._gather()))
                 if isinstance(a, GlobalValue) else a for a in args]
-        outs = self._eval_global(program, args)
+        outs = self._plan(program)(args)
         return [o.to_array() if isinstance(o, _Blocks) else o for o in outs]
+
+    def _plan(self, program):
+        """``program`` (at the top level) as a function of its list of arguments: each equation
+        bound once to what runs it (a ``shard_map`` to its prepared region); while profiling,
+        :meth:`_eval_global`, which times every equation."""
+        plan = self._plans.get(program)
+        if plan is not None:
+            return plan
+        steps = []
+        for e in program.eqns:
+            if e.prim.execute is not None:              # higher-order: runs its sub-programs
+                fn, many = e.prim.execute(_Run(self), **e.params), True
+            else:
+                fn = functools.partial(_on_whole, self, e.prim.rule("impl"), e.params)
+                many = e.prim.multiple_results
+            steps.append((fn, tuple(e.inputs), tuple(e.outputs), many))
+
+        def plan(args):
+            if profiling.active is not None:
+                return self._eval_global(program, args)
+            env = {id(v): a for v, a in zip(program.in_vars, args)}
+            read = lambda a: a.val if isinstance(a, Literal) else env[id(a)]
+            for fn, ins, outs, many in steps:
+                r = fn(*[read(a) for a in ins])
+                if many:
+                    for v, o in zip(outs, r):
+                        env[id(v)] = o
+                else:
+                    env[id(outs[0])] = r
+            return [read(a) for a in program.out_vars]
+        self._plans.put(program, plan)
+        return plan
 
     def _eval_global(self, program, args):
         """Top-level values are whole arrays, except that across processes the outputs of a
@@ -53,22 +91,33 @@ class PerDeviceExecutor:
                 env[id(v)] = o
         return [read(a) for a in program.out_vars]
 
-    def _manual_global(self, body, vals, *, mesh, in_specs, out_specs, manual_axes, check_vma):
-        """A manual region at the top level: whole values in, whole values out (across
-        processes, this process's blocks out)."""
+    def _region(self, body, *, mesh, in_specs, out_specs, manual_axes, check_vma):
+        """A manual region at the top level, prepared once: a function of whole values (or,
+        across processes, blocks) in, whole values out (across processes, this process's
+        blocks out)."""
         comm = self.comm(mesh)
         split = getattr(comm, "multi_process", False)
-        bufs = [v.bufs if isinstance(v, _Blocks) and v.fits(mesh, spec)
-                else {p: self._whole(v) for p in comm.local_positions}
-                for v, spec in zip(vals, in_specs)]
-        outs = self._shard_map(comm, bufs, outer_axes=(), gather=not split, body=body, mesh=mesh,
-                               in_specs=in_specs, out_specs=out_specs, manual_axes=manual_axes,
-                               check_vma=check_vma)
-        if split:
-            return [_Blocks(o, comm, mesh, spec, _global_shape(a, spec, mesh))
-                    for o, spec, a in zip(outs, out_specs, body.out_avals)]
-        any_pos = comm.local_positions[0]
-        return [_placement(comm).to_host(o[any_pos]) for o in outs]
+        positions = comm.local_positions
+        region = dict(mesh=mesh, in_specs=in_specs, out_specs=out_specs, manual_axes=manual_axes,
+                      check_vma=check_vma)
+        # an input held as blocks that are the region's own (same mesh, same split, even dims)
+        # goes in as it is
+        own = [(tuple(_dim_axes(spec, a.ndim)), _global_shape(a, spec, mesh))
+               for spec, a in zip(in_specs, body.in_avals)]
+        shapes = [_global_shape(a, spec, mesh) for spec, a in zip(out_specs, body.out_avals)]
+        shardings = [NamedSharding(mesh, spec) for spec in out_specs]
+
+        def run(*vals):
+            bufs = [v.bufs if isinstance(v, _Blocks) and v.mesh == mesh
+                    and (v.dim_axes, v.shape) == fit else {p: self._whole(v) for p in positions}
+                    for v, fit in zip(vals, own)]
+            outs = self._shard_map(comm, bufs, outer_axes=(), gather=not split, body=body,
+                                   **region)
+            if split:
+                return [_Blocks(o, comm, sharding, shape)
+                        for o, sharding, shape in zip(outs, shardings, shapes)]
+            return [_placement(comm).to_host(o[positions[0]]) for o in outs]
+        return run
 
     def _whole(self, v):
         if isinstance(v, _Blocks):
@@ -78,8 +127,13 @@ class PerDeviceExecutor:
 
     def _eval_local(self, comm, program, bufs_in, manual):
         """``bufs_in``: per program input, a dict position -> local array."""
-        env = {id(v): b for v, b in zip(program.in_vars, bufs_in)}
         positions = comm.local_positions
+        if len(positions) == 1 and profiling.active is None:     # one device per process
+            (p,) = positions
+            line = self._line(comm, program, manual)
+            outs = _placement(comm).call(p, _call_line, line, *[b[p] for b in bufs_in])
+            return [{p: o} for o in outs]
+        env = {id(v): b for v, b in zip(program.in_vars, bufs_in)}
 
         def read(a):
             if isinstance(a, Literal):
@@ -103,6 +157,34 @@ class PerDeviceExecutor:
             for v, o in zip(e.outputs, apply(e, [read(a) for a in e.inputs])):
                 env[id(v)] = o
         return [read(a) for a in program.out_vars]
+
+    def _line(self, comm, program, manual):
+        """The body ``program`` of a manual region on a process that holds one device, as one
+        straight-line function of its local arrays (:func:`lean.straight_line`): each equation
+        bound once to the array call or collective that computes it, so a call costs the calls
+        and little besides (a collective of a small buffer is dominated by what surrounds it)."""
+        key = (program, comm, manual)
+        line = self._lines.get(key)
+        if line is None:
+            xp = _placement(comm).xp
+            line = lean.straight_line(program, xp, higher=functools.partial(
+                self._local_step, comm, manual, xp), gather=lambda v: v)
+            self._lines.put(key, line)
+        return line
+
+    def _local_step(self, comm, manual, xp, e):
+        """Equation ``e`` of a region's straight line (a higher-order equation or a collective)
+        on this process's one local array per operand."""
+        (p,) = comm.local_positions
+        if e.prim.execute is not None:
+            run = e.prim.execute(_Run(self, comm, manual), **e.params)
+            return lambda *xs: [o[p] for o in run(*[{p: x} for x in xs])]
+        if e.prim.per_device is not None:
+            rule, params, many = e.prim.per_device, e.params, e.prim.multiple_results
+            if many:
+                return lambda *xs: [o[p] for o in rule(comm, *[{p: x} for x in xs], **params)]
+            return lambda *xs: rule(comm, *[{p: x} for x in xs], **params)[p]
+        return functools.partial(e.prim.rule("impl"), xp, 0, **e.params)
 
     def _shard_map(self, comm, bufs, *, outer_axes, body, mesh, in_specs, out_specs,
                    manual_axes, check_vma, gather=True):
@@ -165,7 +247,7 @@ class _Run:
     def manual(self, program: Program, **region):
         ex, comm = self.executor, self.comm
         if comm is None:
-            return lambda *vals: ex._manual_global(program, list(vals), **region)
+            return ex._region(program, **region)
         return lambda *vals: ex._shard_map(comm, list(vals), outer_axes=self.manual_axes,
                                            body=program, **region)
 
@@ -191,9 +273,18 @@ class _Run:
         return v.reshape(-1)[0].item() if hasattr(v, "reshape") else v
 
 
+def _on_whole(ex, impl, params, *vals):
+    """A local equation outside ``shard_map``: on whole arrays."""
+    return impl(np, 0, *[ex._whole(v) for v in vals], **params)
+
+
+def _call_line(xp, line, *xs):
+    return line(*xs)
+
+
 def _global_shape(aval, spec, mesh) -> tuple:
     """The global shape of a manual region's output whose blocks are ``aval``."""
-    return tuple(d * int(np.prod([mesh.axis_size(a) for a in axes]))
+    return tuple(d * math.prod(mesh.axis_size(a) for a in axes)
                  for d, axes in zip(aval.shape, _dim_axes(spec, aval.ndim)))
 
 
@@ -209,24 +300,18 @@ def _dim_axes(spec, ndim):
 class _Blocks:
     """A global value held as this process's blocks (the mesh spans processes)."""
 
-    def __init__(self, bufs, comm, mesh, spec, shape):
+    def __init__(self, bufs, comm, sharding: NamedSharding, shape):
         self.bufs = _LocalBlocks(bufs)
-        self.comm, self.mesh, self.spec, self.shape = comm, mesh, spec, tuple(shape)
+        self.comm, self.sharding, self.shape = comm, sharding, tuple(shape)
+        self.mesh, self.spec = sharding.mesh, sharding.spec
+        self.dim_axes = tuple(_dim_axes(self.spec, len(self.shape)))
 
     @classmethod
     def of(cls, value):
-        return cls(dict(value._blocks), None, value.sharding.mesh, value.sharding.spec, value.shape)
-
-    def fits(self, mesh, spec) -> bool:
-        """Are the blocks those that a shard_map with ``spec`` over ``mesh`` takes as input?"""
-        n = len(self.shape)
-        if mesh != self.mesh or _dim_axes(spec, n) != _dim_axes(self.spec, n):
-            return False
-        return all(d % int(np.prod([mesh.axis_size(a) for a in axes] or [1])) == 0
-                   for d, axes in zip(self.shape, _dim_axes(spec, n)))
+        return cls(value._blocks, None, value.sharding, value.shape)
 
     def to_array(self):
-        return GlobalValue.from_blocks(dict(self.bufs), self.shape, NamedSharding(self.mesh, self.spec))
+        return GlobalValue.from_blocks(self.bufs, self.shape, self.sharding)
 
 
 def gather_blocks(comm, mesh, spec, shape, bufs) -> np.ndarray:
