@@ -177,16 +177,16 @@ def _registers(members, results, n_in):
 
 def plan_fusions(program, k: int, xp) -> dict:
     """``{id(eqn): "skip" | Fused}`` for the equations of ``program`` (a shard_map body with
-    ``k`` mesh axes) that run fused: a ``Fused`` step runs where its last equation was, and
+    ``k`` mesh axes, or with ``k = 0`` a program's top level) that run fused: a ``Fused`` step runs where its last equation was, and
     the other equations it covers are skipped."""
-    if k == 0 or xp is not np:
+    if xp is not np:
         return {}
     uses: dict[int, int] = {}
     for a in [a for e in program.eqns for a in e.inputs] + list(program.out_vars):
         uses[id(a)] = uses.get(id(a), 0) + 1
     producer = {id(v): e for e in program.eqns for v in e.outputs}
     plan = {}
-    for e in program.eqns:
+    for e in program.eqns if k else ():            # psums are inside shard_map only
         if e.prim is not psum_p or e.params.get("groups") is not None:
             continue
         d = producer.get(id(e.inputs[0]))
@@ -201,31 +201,37 @@ def plan_fusions(program, k: int, xp) -> dict:
 
 
 def _elementwise_groups(program, taken):
-    """Runs of elementwise equations with one output type that feed each other, in program
-    order; a group ends where an equation outside it reads one of its values (so the group
-    can run where its last equation was)."""
-    groups, members, made, aval = [], [], set(), None
+    """Groups of elementwise equations with one output type, joined by what they read from
+    each other (independent chains that meet, as ``a * m + b * g`` and the three lines of an
+    Adam update of one parameter, become one group), members in program order.  A group runs
+    where its last equation was, so once an equation outside it reads one of its values the
+    group takes no more members (it would run after that reader)."""
+    group_of: dict[int, int] = {}        # id(var) -> the group (index in `groups`) that makes it
+    groups: list = []                    # list of members, or None once merged into another
+    closed: set[int] = set()
     for e in program.eqns:
-        fn = e.prim.elementwise
-        if id(e) in taken:
-            fn = None
-        reads = any(id(a) in made for a in e.inputs)
-        out = e.outputs[0].aval if e.outputs else None
-        if fn is not None and reads and (out.shape, out.vma, out.dtype) == aval:
-            members.append(e)
-            made.add(id(e.outputs[0]))
-            continue
-        if fn is not None and not reads and members and not out.shape:
-            continue        # scalar index arithmetic between members (a slice's start): in place
-        if reads or fn is not None:
-            if len(members) > 1:
-                groups.append(members)
-            members, made, aval = [], set(), None
+        fn = None if id(e) in taken else e.prim.elementwise
+        readers = {group_of[id(a)] for a in e.inputs if id(a) in group_of}
+        out = e.outputs[0].aval if fn is not None and e.outputs else None
+        key = (out.shape, out.vma, out.dtype) if out is not None else None
+        joins = [g for g in readers if g not in closed and groups[g][1] == key]
+        closed.update(readers.difference(joins))
         if fn is not None:
-            members, made, aval = [e], {id(e.outputs[0])}, (out.shape, out.vma, out.dtype)
-    if len(members) > 1:
-        groups.append(members)
-    return groups
+            g = min(joins) if joins else len(groups)
+            if not joins:
+                groups.append(([], key))
+            for other in joins:                  # the chains meet here: one group
+                if other != g:
+                    groups[g][0].extend(groups[other][0])
+                    for m in groups[other][0]:
+                        group_of[id(m.outputs[0])] = g
+                    groups[other] = None
+                    closed.add(other)
+            groups[g][0].append(e)
+            group_of[id(e.outputs[0])] = g
+    order = {id(e): i for i, e in enumerate(program.eqns)}
+    return [sorted(g[0], key=lambda e: order[id(e)]) for g in groups
+            if g is not None and len(g[0]) > 1]
 
 
 def _plan_group(group, uses, plan):

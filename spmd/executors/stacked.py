@@ -47,7 +47,7 @@ class StackedExecutor:
 
     # values at top level are global arrays (np.ndarray or spmd.Array, kept sharded as long
     # as possible); inside shard_map they are stacked arrays.
-    def _compile(self, program: Program, mesh):
+    def _compile(self, program: Program, mesh, fuse: bool = True):
         xp = self.xp
         k = len(mesh.axis_sizes) if mesh is not None else 0
         slots: dict[int, int] = {}
@@ -67,13 +67,15 @@ class StackedExecutor:
 
         steps = []
         covered = []                                    # (eqns, inputs, outputs) of each step
-        fused = fusion.plan_fusions(program, k, xp)
+        fused = fusion.plan_fusions(program, k, xp) if fuse else {}
         for e in program.eqns:
             how = fused.get(id(e))
             if how == "skip":                           # runs inside a later fused step
                 continue
             if how is not None:
                 ins, outputs, fn = how.inputs, how.outputs, how.make(xp, mesh)
+                if k == 0:                              # top level: on whole arrays
+                    fn = functools.partial(_gathered, fn)
                 many = len(outputs) > 1
                 covered.append((how.eqns, ins, outputs))
             else:
@@ -220,12 +222,13 @@ class _Run:
             run = ex._compile(program, self.mesh)
             return lambda *vals: run(list(vals))
         # At the top level the program (a loop's body, run once per step) is one straight-line
-        # function of array calls; the plan, whose steps profiling times, while it is on.
+        # function of array calls; while profiling is on, the plan of the same unfused steps,
+        # each timed.
         plan = []
 
         def timed(vals):
             if not plan:
-                plan.append(ex._compile(program, None))
+                plan.append(ex._compile(program, None, fuse=False))
             return plan[0](vals)
         return lean.straight_line(program, ex.xp, higher=lambda e: ex._step(e, ex.xp, None, 0),
                                   gather=_global, timed=timed)
@@ -248,6 +251,11 @@ class _Run:
 def _on_global(impl, xp, params, *vals):
     """A local primitive outside shard_map: on whole (gathered) arrays."""
     return impl(xp, 0, *[_global(v) for v in vals], **params)
+
+
+def _gathered(fn, *vals):
+    """A fused step outside shard_map: on whole (gathered) arrays."""
+    return fn(*[_global(v) for v in vals])
 
 
 def _global(v):
