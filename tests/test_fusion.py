@@ -221,6 +221,36 @@ def test_chains_with_dead_and_shared_values(paths):
         np.testing.assert_allclose(np.asarray(g), e, rtol=1e-4, atol=1e-5)
 
 
+def test_chains_that_meet_fuse_into_one_step_inside_and_outside_shard_map(paths):
+    """An Adam update of each parameter: the m, v and parameter chains meet (interleaved with
+    the other parameter's as tree_map orders them), and each parameter's update runs as one
+    fused step writing m, v and p; outside shard_map as well."""
+    def adam(ps, gs, ms, vs):
+        ms = [0.9 * m + 0.1 * g for m, g in zip(ms, gs)]
+        vs = [0.99 * v + 0.01 * g * g for v, g in zip(vs, gs)]
+        ps = [p - 0.1 * (m * 2.0) / (np.sqrt(v * 3.0) + 1e-8) for p, m, v in zip(ps, ms, vs)]
+        return ps, ms, vs
+    shapes = ((8, 12), (4, 8))
+    args = [[rng.normal(size=s).astype(np.float32) for s in shapes] for _ in range(4)]
+    args[3] = [np.abs(a) for a in args[3]]
+    want = adam(*args)
+    specs = ([P("data"), P(None, "model")],) * 4
+    f = spmd.shard_map(adam, mesh=MESH, in_specs=specs, out_specs=specs[:3])
+    body = spmd.make_program(f)(*args).eqns[0].params["body"]
+    top = spmd.make_program(adam)(*args)
+    for prog, k in ((body, 2), (top, 0)):
+        runs = [v for v in fusion.plan_fusions(prog, k, np).values() if v != "skip"]
+        assert [len(r.outputs) for r in runs] == [3, 3], runs        # p, m, v per parameter
+        assert sum(len(r.eqns) for r in runs) == len(prog.eqns) - sum(
+            e.prim.name == "broadcast_in_dim" for e in prog.eqns)
+    for fn in (spmd.jit(f), spmd.jit(adam)):
+        for g, w in zip(spmd.tree_util.tree_leaves(fn(*args)), spmd.tree_util.tree_leaves(want)):
+            np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-6)
+    got, ref = _both(adam, specs, specs[:3], *args)
+    for g, r in zip(spmd.tree_util.tree_leaves(got), spmd.tree_util.tree_leaves(ref)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # property test: random products reduced over random axes, then random elementwise chains
 # ---------------------------------------------------------------------------------------------
