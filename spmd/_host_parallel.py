@@ -175,6 +175,13 @@ def empty(xp, shape, dtype):
     return buf.view(dtype).reshape(shape)
 
 
+def release_pool() -> None:
+    """Forget the pooled buffers (arrays still using one keep it): the next big outputs are
+    fresh allocations again, which is what a memory measurement should see."""
+    with _buffers_lock:
+        _buffers.clear()
+
+
 def copy(xp, src):
     """A C-contiguous copy of ``src``."""
     if xp is not np or src.nbytes < PARALLEL_MIN_BYTES:

@@ -28,7 +28,7 @@ import operator
 import numpy as np
 import optree
 
-from . import ad_util, prims
+from . import _host_parallel, ad_util, prims
 from .batching import batch_size, moveaxis, to_front
 from .collectives import pmax, pvary_p
 from .core import (Aval, Primitive, Program, Tracer, Var, aval_of, bind, current_builder, hooks,
@@ -237,7 +237,9 @@ def _stack(length, ys_avals, xp, k, *ys):
         # constants among varying values, values without their mesh dims: broadcast in
         shape = np.broadcast_shapes(*[(1,) * (rank - len(s)) + s for s in shapes])
         dtype = next((y.dtype for y in group if hasattr(y, "dtype")), aval.dtype)
-        stacked = xp.empty(shape[:k] + (length,) + shape[k:], dtype)
+        # from the buffer pool: the residuals of a pipeline's or RNN's forward scan are many
+        # MiB, made every training step; a fresh array faults in every page of them
+        stacked = _host_parallel.empty(xp, shape[:k] + (length,) + shape[k:], dtype)
         steps = xp.moveaxis(stacked, k, 0) if k else stacked
         for i, y in enumerate(group):
             steps[i] = y
