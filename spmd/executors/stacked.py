@@ -15,6 +15,8 @@ from .. import _cache, layout
 from ..layout import GlobalValue
 from ..core import Literal, Program
 from ..sharding import NamedSharding
+from ..transforms import simplify
+from ..transforms.ad import dce
 from . import fusion, lean, profiling
 
 
@@ -50,6 +52,9 @@ class StackedExecutor:
     def _compile(self, program: Program, mesh, fuse: bool = True):
         xp = self.xp
         k = len(mesh.axis_sizes) if mesh is not None else 0
+        if k and fuse:                  # sums of joined products: one contraction per piece
+            summed = simplify.psums_before_joins(program)
+            program = program if summed is program else dce(summed)
         slots: dict[int, int] = {}
         template: list = [None] * len(program.in_vars)
         for i, v in enumerate(program.in_vars):

@@ -4,19 +4,23 @@
 of cotangents each padded with zeros to the whole array; adding them costs a full-size fill,
 copy and add per slice. Where the padded ranges are adjacent along one dim, the sum is one
 concatenation padded once.
+
+``psums_before_joins``: a sum over devices of values joined (concatenated, reshaped) on every
+device in the same way is the join of the sums.  A data-parallel step sums the concatenated
+weight gradients of its stacked layers; summed piece by piece, each sum meets the product that
+made the piece, which the executor runs as one contraction over the devices.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .. import prims
+from ..collectives import psum_p
 from ..core import Eqn, Literal, Params, Program, Var
 
 
-def merge_padded_sums(program: Program) -> Program:
-    """``pad(a) + pad(b)`` -> ``pad(concatenate([a, b]))`` where ``a`` and ``b`` are padded with
-    zeros along the same single dim into adjacent ranges and nothing else reads the pads.
-    ``program`` has no dead equations; the replaced ones are left dead (run ``dce`` after)."""
+def _uses(program: Program) -> dict[int, int]:
+    """How many times each variable is read (a program output counts twice: never folded)."""
     uses: dict[int, int] = {}
     for e in program.eqns:
         for a in e.inputs:
@@ -24,7 +28,46 @@ def merge_padded_sums(program: Program) -> Program:
                 uses[id(a)] = uses.get(id(a), 0) + 1
     for a in program.out_vars:
         if isinstance(a, Var):
-            uses[id(a)] = uses.get(id(a), 0) + 2          # never folded away
+            uses[id(a)] = uses.get(id(a), 0) + 2
+    return uses
+
+
+def psums_before_joins(program: Program) -> Program:
+    """``psum(concatenate(a, b))`` -> ``concatenate(psum(a), psum(b))`` and ``psum(reshape(a))``
+    -> ``reshape(psum(a))``, recursively, where the joined values are read only by the join and
+    vary over every axis of the sum.  The replaced joins are left dead (run ``dce`` after)."""
+    uses = _uses(program)
+    made = {id(v): e for e in program.eqns for v in e.outputs}
+    eqns, changed = [], False
+    for e in program.eqns:
+        if e.prim is psum_p and e.params.get("groups") is None:
+            new = _summed(e.inputs[0], e.outputs[0], e, made, uses)
+            changed |= len(new) > 1
+            eqns += new
+        else:
+            eqns.append(e)
+    return Program(program.in_vars, eqns, program.out_vars) if changed else program
+
+
+def _summed(x, out, psum, made, uses) -> list:
+    """Equations that compute ``out = psum(x)`` with the sum moved before ``x``'s joins."""
+    axes = set(psum.params["axes"])
+    join = made.get(id(x)) if isinstance(x, Var) and uses.get(id(x)) == 1 else None
+    if join is None or join.prim not in (prims.reshape_p, prims.concatenate_p) or not all(
+            isinstance(a, Var) and axes <= a.aval.vma for a in join.inputs):
+        return [Eqn(psum_p, [x], psum.params, [out], psum.source)]
+    eqns, sums = [], []
+    for a in join.inputs:
+        sums.append(Var(a.aval.update(vma=a.aval.vma - axes)))
+        eqns += _summed(a, sums[-1], psum, made, uses)
+    return eqns + [Eqn(join.prim, sums, join.params, [out], join.source)]
+
+
+def merge_padded_sums(program: Program) -> Program:
+    """``pad(a) + pad(b)`` -> ``pad(concatenate([a, b]))`` where ``a`` and ``b`` are padded with
+    zeros along the same single dim into adjacent ranges and nothing else reads the pads.
+    ``program`` has no dead equations; the replaced ones are left dead (run ``dce`` after)."""
+    uses = _uses(program)
     made: dict[int, Eqn] = {}
     eqns, changed = [], False
     for e in program.eqns:
