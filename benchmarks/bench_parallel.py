@@ -3,7 +3,8 @@ by hand with ``jax.shard_map``: data parallelism, FSDP, tensor parallelism and G
 
 Each case is one jitted ``value_and_grad`` of a tanh MLP on 8 simulated CPU devices. The JAX
 side spells out the same collectives (``pmean`` per gradient, tiled ``all_gather`` per layer,
-column/row-parallel ``psum``, a ``ppermute`` per pipeline tick); values and gradients are
+column/row-parallel ``psum``, a ``ppermute`` per pipeline tick) and the same program (GPipe's
+ticks as one ``lax.scan``, as ``pipeline.gpipe`` runs them); values and gradients are
 checked equal before timing.
 """
 from __future__ import annotations
@@ -119,18 +120,23 @@ def _jax_step(jax, name, layers):
             return jax.value_and_grad(loss)(p)
         spec, batch = {"w1": JP(None, None, "model"), "w2": JP(None, "model")}, JP()
     else:
+        # GPipe as spmd.parallel.pipeline.gpipe writes it: the first tick, then the other
+        # ticks as one lax.scan, then the last stage's outputs psummed to every stage
         def body(p, x, y):
             def loss(p):
                 me, n = lax.axis_index("data"), 8
-                mbs, outs = x.reshape(4, -1, x.shape[-1]), []
-                carry = jnp.zeros_like(mbs[0])
-                for t in range(4 + n - 1):
-                    h = layer(p["w"][0], p["b"][0], jnp.where(me == 0, mbs[min(t, 3)], carry))
-                    if t >= n - 1:
-                        outs.append(h)
-                    if t < 4 + n - 2:
-                        carry = lax.ppermute(h, "data", [(s, s + 1) for s in range(n - 1)])
-                out = jnp.stack(outs)
+                mbs = x.reshape(4, -1, x.shape[-1])
+                forward = [(s, s + 1) for s in range(n - 1)]
+                stage = lambda h: layer(p["w"][0], p["b"][0], h)
+
+                def tick(arrived, fed):
+                    h = stage(jnp.where(me == 0, fed, arrived))
+                    return lax.ppermute(h, "data", forward), h
+                first = stage(jnp.where(me == 0, mbs[0], jnp.zeros_like(mbs[0])))
+                drain = jnp.zeros((n - 1,) + mbs.shape[1:], mbs.dtype)
+                _, ys = lax.scan(tick, lax.ppermute(first, "data", forward),
+                                 jnp.concatenate([mbs[1:], drain]))
+                out = jnp.concatenate([first[None], ys])[n - 1:]
                 out = lax.psum(jnp.where(me == n - 1, out, jnp.zeros_like(out)), "data")
                 return jnp.mean((out.reshape(y.shape) - y) ** 2)
             return jax.value_and_grad(loss)(p)

@@ -554,18 +554,38 @@ def all_to_all(x, axis_name, split_axis, concat_axis, *, axis_index_groups=None,
 # ppermute, pbroadcast
 # ---------------------------------------------------------------------------------------------
 
+def _runs(src_of) -> list[tuple[int, int, int]]:
+    """``(first destination, end, source of the first)`` of each run of destinations that
+    receive from consecutive sources (``source -1``: a run that receives nothing).
+
+    >>> _runs(np.array([-1, 0, 1, 2, 5, 4]))
+    [(0, 1, -1), (1, 4, 0), (4, 5, 5), (5, 6, 4)]
+    """
+    runs, d, n = [], 0, len(src_of)
+    while d < n:
+        src, end = int(src_of[d]), d + 1
+        while end < n and (src_of[end] < 0 if src < 0 else src_of[end] == src + end - d):
+            end += 1
+        runs.append((d, end, src))
+        d = end
+    return runs
+
+
 def _ppermute_body(xp, rm, y, *, perm):
     src_of = np.full(rm.n, -1)
     for s, d in perm:
         src_of[d] = s
     if y.nbytes >= _host_parallel.LOOP_MIN_BYTES:
-        # big: one block copy per destination (zeros where nothing arrives), over the threads
+        # big: one block copy per run of destinations whose sources are consecutive too (a
+        # shift, as a pipeline's, is one copy), zeros where nothing arrives, over the threads
         out = _host_parallel.empty(xp, y.shape, y.dtype)
-        for d in np.flatnonzero(src_of < 0):
-            out[:, d] = 0
-        parts = -(-4 * _host_parallel.num_threads() // rm.n)     # a few tasks per thread in all
-        tasks = [t for d in np.flatnonzero(src_of >= 0)
-                 for t in _host_parallel.copy_tasks(xp, out[:, d], y[:, src_of[d]], parts)]
+        tasks, parts = [], 4 * _host_parallel.num_threads()      # a few tasks per thread in all
+        for d, end, src in _runs(src_of):
+            if src < 0:
+                out[:, d:end] = 0
+            else:
+                tasks += _host_parallel.copy_tasks(xp, out[:, d:end], y[:, src:src + end - d],
+                                                   -(-parts * (end - d) // rm.n))
         _host_parallel.run(xp, 2 * y.nbytes, tasks)
         return out
     z = xp.take(y, np.maximum(src_of, 0), axis=1)

@@ -61,6 +61,8 @@ ROWS = [
     ("all_to_all-1-0", lambda x, ax, n: spmd.all_to_all(x, ax, 1, 0), lambda n: (2, n), f32),
     ("ppermute-ring", lambda x, ax, n: spmd.ppermute(x, ax, _ring(n)), lambda n: (2, 3), f32),
     ("ppermute-partial", lambda x, ax, n: spmd.ppermute(x, ax, [(0, n - 1)]), lambda n: (2, 3), f32),
+    ("ppermute-shift", lambda x, ax, n: spmd.ppermute(x, ax, [(s, s + 1) for s in range(n - 1)]),
+     lambda n: (2, 3), f32),
     ("ppermute-invariant-input", lambda x, ax, n: spmd.ppermute(spmd.psum(x, ax), ax, _ring(n)),
      lambda n: (2, 3), f32),
 ]
