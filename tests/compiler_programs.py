@@ -71,6 +71,21 @@ def grad_dp(xp, x, w, y):
     return x.T @ (x @ w - y)
 
 
+def reduced_then_nonlinear(xp, x, w, s, t):
+    """A row-parallel product read by a reduction and then by a nonlinearity (a layer norm's
+    backward): reduced once, right after the product, not once per reader."""
+    u = (x @ w) * s
+    r = xp.sum(u * t, axis=1, keepdims=True)
+    return r + xp.tanh(u)
+
+
+def summed_then_nonlinear(xp, x, w):
+    """A row-parallel product summed (a bias gradient) and then read by a nonlinearity: the
+    sum reads the reduced product, which the nonlinearity needs anyway."""
+    y = x @ w
+    return xp.sum(y, axis=1, keepdims=True) + xp.tanh(y)
+
+
 def scatter_add(xp, t, i, u):
     """``t`` with rows ``u`` added at ``i`` (the embedding gradient's primitive)."""
     from spmd import prims
@@ -87,6 +102,11 @@ ROWS = [
         ((None, "model"), ("model",)), ("model",), ["psum_scatter(model)"]),
     Row("matmul chain megatron", lambda xp, x, w1, w2: (x @ w1) @ w2, ((8, 16), (16, 32), (32, 16)), MESH2,
         (("data",), (None, "model"), ("model",)), ("data",), ["psum(model)"]),
+    Row("row-parallel product read twice", reduced_then_nonlinear,
+        ((32, 64), (64, 64), (32, 64), (32, 64)), MESH2,
+        ((None, "model"), ("model",), (), ()), (), ["psum(model)"]),
+    Row("row-parallel product summed first", summed_then_nonlinear, ((32, 64), (64, 64)), MESH2,
+        ((None, "model"), ("model",)), (), ["psum(model)"]),
     Row("matmul chain of three", lambda xp, x, a, b, c: x @ a @ b @ c, ((8, 8), (8, 16), (16, 8), (8, 8)),
         MESH2, (("data",), (None, "model"), ("model",), ()), ("data",), ["psum(model)"]),
     Row("matmul weight gathered", lambda xp, x, w: x @ w, ((16, 8), (8, 8)), MESH1,

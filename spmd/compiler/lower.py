@@ -20,10 +20,11 @@ from ..collectives import psum_p, psum_scatter_p
 from ..core import (Aval, Eqn, Literal, Params, Program, Var, _fmt_param, _ProgramPrinter,
                     attributed, bind, current_builder, trace)
 from ..shard_map import shard_map_p
+from ..transforms.ad import dce
 from .cost import CostModel
 from .placements import Sharding
 from .redistribute import Step, apply, axis_index, plan
-from .rules import category
+from .rules import Strategy, category, dim_maps
 
 _FILL = {"sum": 0, "max": -np.inf, "min": np.inf, "prod": 1, "and": True, "or": False}
 
@@ -183,12 +184,19 @@ def lower(program: Program, prop, mesh, cm: CostModel, name: str, in_names=None,
 
     made: dict[tuple, object] = {}       # (id(var), sharding) -> block: redistribute once
     psum_records: dict[int, Inserted] = {}   # id(psum equation) -> its record
+    broadcasts: dict[int, tuple] = {}        # id(var) -> (equation, strategy, operand blocks)
 
     def reshard(x, a, src, dst, eqn_index, where, why):
         if src == dst:
             return x
         if isinstance(a, Var) and (id(a), dst) in made:
             return made[(id(a), dst)]
+        if isinstance(a, Var) and id(a) in broadcasts and _splits_new_dims(
+                *broadcasts[id(a)][:2], dst, sizes):
+            e, s, args = broadcasts[id(a)]
+            made[(id(a), dst)] = y = lower_equation(e, Strategy(s.ins, (dst,)), list(args),
+                                                    sizes)[0]
+            return y
         pl = plan(tuple(a.aval.shape), a.aval.dtype.itemsize, src, dst, mesh_sizes, cm)
         records = []
         for st in pl.collectives:
@@ -225,6 +233,8 @@ def lower(program: Program, prop, mesh, cm: CostModel, name: str, in_names=None,
             outs = lower_equation(e, s, args, sizes)
             for v, o, sh in zip(e.outputs, outs, s.outs):
                 env[id(v)] = (o, sh)
+            if category(e.prim) == "broadcast":
+                broadcasts[id(e.outputs[0])] = (e, s, args)
         results = [None] * len(program.out_vars)
         batches: dict[tuple, list] = {}
         for k, (a, want) in enumerate(zip(program.out_vars, prop.out_shardings)):
@@ -257,6 +267,7 @@ def lower(program: Program, prop, mesh, cm: CostModel, name: str, in_names=None,
     body_prog, captured = trace(body, in_avals, mesh=mesh, manual_axes=mesh.axis_names,
                                 check_vma=False, context=f"jit({name}) per-device body")
     assert not captured
+    body_prog = dce(body_prog)     # whole broadcasts that every reader made again at its shape
     body_prog = reduce_before_scaling(body_prog, psum_records)
     body_prog = reduce_once(body_prog, psum_records, inserted)
     body_prog = combine_psums(body_prog, psum_records, inserted, sizes, cm)
@@ -270,6 +281,19 @@ def lower(program: Program, prop, mesh, cm: CostModel, name: str, in_names=None,
     glob_out = [Var(a) for a in out_avals]
     manual = Program(glob_in, [Eqn(shard_map_p, list(glob_in), params, glob_out)], glob_out)
     return manual, inserted
+
+
+def _splits_new_dims(e, s: Strategy, dst: Sharding, sizes) -> bool:
+    """Whether broadcast ``e``'s result, made under ``s``, is wanted as ``dst`` that only
+    splits (evenly) dims the broadcast creates: then each device broadcasts its operand block
+    straight to its own block, instead of broadcasting the whole array and slicing it (an
+    ``axis_index``, a product and a ``dynamic_slice`` per reader: a position embedding or a
+    layer norm's gain added to a batch-split activation)."""
+    have, shape = s.outs[0], e.outputs[0].aval.shape
+    made = {d for d in dim_maps(e)[0] if d is not None}
+    return (not have.partial and not dst.partial and dst.is_even(shape, sizes)
+            and all(w == h or (not h and d not in made)
+                    for d, (w, h) in enumerate(zip(dst.dims, have.dims))))
 
 
 def _scaled_operands(f) -> tuple:

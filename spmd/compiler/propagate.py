@@ -5,8 +5,11 @@
    priority: user constraints (3) > output shardings (2) > inferred (1).
 2. **Forward**: equation by equation, each candidate strategy of the rule is priced with the
    cost model: the redistributions it needs on its inputs, plus moving its output to the
-   preferred sharding (if any).  The cheapest wins; ties go to the strategy that splits the
-   work over more devices.
+   preferred sharding, or else reducing the sums its output leaves pending (a pending sum is
+   a reduction owed, not one saved: carried through an op that does not shrink it, it costs
+   the same later, and every device computes on a varying value meanwhile).  The cheapest
+   wins; ties go to the strategy that splits the work over more devices, then to the earlier
+   one (which reduces its inputs first).
 
 Inputs without a given sharding take their preferred sharding, else replicated.
 """
@@ -41,7 +44,6 @@ def _sharding_of(env, a):
 
 def propagate(program: Program, in_shardings: list, out_shardings: list, sizes: dict,
               cm: CostModel) -> Propagation:
-    mesh_sizes = tuple(sizes.items())
     hints: dict[int, tuple[int, Sharding]] = {}
 
     def hint(v, prio, sh):
@@ -68,16 +70,35 @@ def propagate(program: Program, in_shardings: list, out_shardings: list, sizes: 
             sh = Sharding(known_dims(hints[id(v)][1])) if id(v) in hints else Sharding.replicated(v.aval.ndim)
         env[id(v)] = sh
         ins.append(sh)
+    chosen, final, owed = _forward(program, env, hints, sizes, cm, frozenset())
+    if owed:
+        chosen, final, _ = _forward(program, env, hints, sizes, cm, owed)
+    outs = []
+    for a, want in zip(program.out_vars, out_shardings):
+        outs.append(want if want is not None else _sharding_of(final, a).without_partial())
+    return Propagation(ins, chosen, outs, hints)
 
-    avail: dict[tuple, bool] = {}      # (id(var), sharding): a redistribution already made
+
+def _forward(program: Program, env: dict, hints: dict, sizes: dict, cm: CostModel,
+             owed: frozenset):
+    """Choose every equation's strategy in program order (step 2 of the module docstring):
+    ``(strategies, every value's sharding, owed)``.
+
+    ``owed``: the reductions of pending values that some equation makes while another reads
+    the same value still pending (a bias gradient summed from a cotangent that the layer
+    norm's backward then reduces).  Given them, a second pass prices them as made: the
+    reader takes the reduced value, and the product whose sum it is stays read once (which
+    the stacked executor fuses with its psum)."""
+    env = dict(env)
+    mesh_sizes = tuple(sizes.items())
+    avail = set(owed)                   # (id(var), sharding): a redistribution already made
 
     def cost(a, src, dst):
         if src == dst or (id(a), dst) in avail:
             return 0.0
-        shape = a.aval.shape
-        return plan(tuple(shape), a.aval.dtype.itemsize, src, dst, mesh_sizes, cm).time
+        return plan(tuple(a.aval.shape), a.aval.dtype.itemsize, src, dst, mesh_sizes, cm).time
 
-    chosen = []
+    chosen, reduced, read_pending = [], set(), set()
     for e in program.eqns:
         cur = [_sharding_of(env, a) for a in e.inputs]
         out_hints = [hints.get(id(v), (0, None))[1] for v in e.outputs]
@@ -88,21 +109,22 @@ def propagate(program: Program, in_shardings: list, out_shardings: list, sizes: 
             c = sum(cost(a, src, req) for a, src, req in zip(e.inputs, cur, s.ins))
             if is_dot:
                 c += cm.compute(contraction_flops(e, s, sizes))
-            c += sum(cost(v, o, resolve_hint(h, o)) for v, o, h in zip(e.outputs, s.outs, out_hints)
-                     if h is not None)
+            c += sum(cost(v, o, resolve_hint(h, o) if h is not None else o.without_partial())
+                     for v, o, h in zip(e.outputs, s.outs, out_hints))
             key = (round(c, 15), -s.parallelism(sizes), idx)
             if best_key is None or key < best_key:
                 best, best_key = s, key
         chosen.append(best)
-        for a, req in zip(e.inputs, best.ins):
+        for a, src, req in zip(e.inputs, cur, best.ins):
             if isinstance(a, Var):
-                avail[(id(a), req)] = True
+                avail.add((id(a), req))
+                if src.partial and req == src.without_partial():
+                    reduced.add((id(a), req))
+                elif req.partial:
+                    read_pending.add(id(a))
         for v, o in zip(e.outputs, best.outs):
             env[id(v)] = o
-    outs = []
-    for a, want in zip(program.out_vars, out_shardings):
-        outs.append(want if want is not None else _sharding_of(env, a).without_partial())
-    return Propagation(ins, chosen, outs, hints)
+    return chosen, env, frozenset(r for r in reduced if r[0] in read_pending)
 
 
 def _typed(e: Eqn, cands: list) -> list:

@@ -39,7 +39,12 @@ class Strategy:
     variant: str = ""   # lowering variant: "masked" for a lookup in a sharded table
 
     def parallelism(self, sizes) -> int:
-        return max(math.prod(sizes[a] for a in o.used_axes | o.partial_axes) for o in self.outs) if self.outs else 1
+        """Over how many devices the work is split: the most of any operand or result.  A
+        pending sum does not count: an elementwise op on a pending value repeats the whole
+        block on every device; a reduction or a contraction that leaves a sum pending split
+        their input, which counts."""
+        return max((math.prod(sizes[a] for a in sh.used_axes) for sh in self.ins + self.outs),
+                   default=1)
 
 
 def category(prim) -> str:
