@@ -634,6 +634,18 @@ def _dot_abstract(x, y, *, contract, batch):
                 x.dtype)
 
 
+def _one_block(a, k):
+    """Stacked ``a`` with each mesh dim along which it is a broadcast (stride 0: every device's
+    block is the same, as after a ``pvary``) cut to size 1, so that a product with an operand
+    that varies there folds the devices into its rows or columns (one big product) instead of
+    repeating the same block once per device."""
+    strides = getattr(a, "strides", None)
+    if not k or strides is None:
+        return a
+    cut = [a.shape[i] > 1 and strides[i] == 0 for i in range(k)]
+    return a[tuple(slice(0, 1) if c else slice(None) for c in cut)] if any(cut) else a
+
+
 def _dot_impl(xp, k, x, y, *, contract, batch):
     """Transpose both operands to (batch, free, contract) / (batch, contract, free) and use
     matmul (BLAS).  A mesh dim along which only one operand varies (the other has size 1
@@ -642,6 +654,7 @@ def _dot_impl(xp, k, x, y, *, contract, batch):
     view of the global array), else one (2B,K) block times each (K,N) block; not 8 products
     of B rows."""
     (xc, yc), (xb, yb) = contract, batch
+    x, y = _one_block(x, k), _one_block(y, k)
     xf = [i for i in range(x.ndim - k) if i not in xc + xb]
     yf = [j for j in range(y.ndim - k) if j not in yc + yb]
     B = tuple(x.shape[k + i] for i in xb)

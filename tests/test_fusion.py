@@ -400,3 +400,22 @@ def test_property_random_programs_plan_and_run_like_the_reference(data):
             got = spmd.jit(f)(x, w)
         for g, r in zip(got, ref):
             np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-6)
+
+
+def test_product_with_a_pvaried_operand_folds_the_devices(monkeypatch):
+    """``x @ pvary(w)``: ``w`` is the same block on every device (a broadcast view), so the
+    stacked executor makes one product of all devices' rows, not one product per device."""
+    mesh = spmd.make_mesh((8,), ("data",))
+    x = rng.normal(size=(64, 12)).astype(np.float32)
+    w = rng.normal(size=(12, 5)).astype(np.float32)
+    shapes = []
+    real = _host_parallel.matmul
+    monkeypatch.setattr(_host_parallel, "matmul",
+                        lambda xp, a, b, **kw: shapes.append((a.shape, b.shape)) or real(xp, a, b, **kw))
+    body = lambda x, w: np.tanh(x @ spmd.pvary(w, "data"))
+    f = spmd.shard_map(body, mesh=mesh, in_specs=(P("data"), P()), out_specs=P("data"))
+    got = spmd.jit(f)(x, w)
+    assert shapes == [((64, 12), (12, 5))], shapes
+    np.testing.assert_allclose(np.asarray(got), np.tanh(x @ w), rtol=1e-5, atol=1e-6)
+    ref = spmd.jit(f, executor=REFERENCE)(x, w)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-6)
