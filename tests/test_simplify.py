@@ -159,3 +159,35 @@ def test_data_parallel_sum_of_stacked_weight_gradients_is_summed_per_layer():
     ref = spmd.jit(f, executor=reference_executor())(w, x)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(got), numpy_grad(w, x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_sum_of_products_is_summed_per_product_and_other_joins_are_left_alone():
+    """psum(a @ w1 + b @ w2) -> psum(a @ w1) + psum(b @ w2), each fused with its product; a
+    concatenation of a product and a reduction keeps its one psum (more, smaller sums of
+    values that are not products would cost more)."""
+    from spmd.executors import fusion, reference_executor
+    from spmd.transforms import simplify
+    from spmd.transforms.ad import dce
+    mesh = spmd.make_mesh((4,), ("model",))
+    rng = np.random.default_rng(3)
+    a, b = (rng.standard_normal((5, 8)).astype(np.float32) for _ in range(2))
+    w1, w2 = (rng.standard_normal((8, 3)).astype(np.float32) for _ in range(2))
+
+    def local(a, b, w1, w2):
+        both = spmd.psum(a @ w1 + b @ w2, "model")
+        mixed = spmd.psum(np.concatenate([a @ w1, np.sum(b, axis=1, keepdims=True)], axis=1),
+                          "model")
+        return both, mixed
+    specs = (P(None, "model"), P(None, "model"), P("model"), P("model"))
+    f = shard_map(local, mesh=mesh, in_specs=specs, out_specs=(P(), P()))
+    body = spmd.make_program(f)(a, b, w1, w2).eqns[0].params["body"]
+    summed = dce(simplify.psums_before_joins(body))
+    assert _ops(body).count("psum") == 2 and _ops(summed).count("psum") == 3
+    fused = [v for v in fusion.plan_fusions(summed, 1, np).values() if v != "skip"]
+    assert sum(v.kind == "dot_then_psum" for v in fused) == 2
+    got = spmd.jit(f)(a, b, w1, w2)
+    ref = spmd.jit(f, executor=reference_executor())(a, b, w1, w2)
+    want = (a @ w1 + b @ w2, np.concatenate([a @ w1, np.sum(b, axis=1, keepdims=True)], axis=1))
+    for g, r, w in zip(got, ref, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4, atol=1e-4)

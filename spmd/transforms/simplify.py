@@ -5,8 +5,8 @@ of cotangents each padded with zeros to the whole array; adding them costs a ful
 copy and add per slice. Where the padded ranges are adjacent along one dim, the sum is one
 concatenation padded once.
 
-``psums_before_joins``: a sum over devices of values joined (concatenated, reshaped) on every
-device in the same way is the join of the sums.  A data-parallel step sums the concatenated
+``psums_before_joins``: a sum over devices of values joined (concatenated, reshaped, products
+added) on every device in the same way is the join of the sums.  A data-parallel step sums the concatenated
 weight gradients of its stacked layers; summed piece by piece, each sum meets the product that
 made the piece, which the executor runs as one contraction over the devices.
 """
@@ -33,9 +33,10 @@ def _uses(program: Program) -> dict[int, int]:
 
 
 def psums_before_joins(program: Program) -> Program:
-    """``psum(concatenate(a, b))`` -> ``concatenate(psum(a), psum(b))`` and ``psum(reshape(a))``
-    -> ``reshape(psum(a))``, recursively, where the joined values are read only by the join and
-    vary over every axis of the sum.  The replaced joins are left dead (run ``dce`` after)."""
+    """``psum(concatenate(a, b))`` -> ``concatenate(psum(a), psum(b))``, ``psum(reshape(a))``
+    -> ``reshape(psum(a))`` and ``psum(a + b)`` -> ``psum(a) + psum(b)``, recursively, where
+    the pieces are products (or such joins of them) read only by the join and varying over
+    every axis of the sum.  The replaced joins are left dead (run ``dce`` after)."""
     uses = _uses(program)
     made = {id(v): e for e in program.eqns for v in e.outputs}
     eqns, changed = [], False
@@ -49,12 +50,32 @@ def psums_before_joins(program: Program) -> Program:
     return Program(program.in_vars, eqns, program.out_vars) if changed else program
 
 
+_JOINS = (prims.reshape_p, prims.concatenate_p)
+
+
+def _join(x, axes, made, uses):
+    """The equation that joins ``x`` from products the sum can move before, or None: a
+    reshape, a concatenation or an addition (``g_q @ wq.T + g_k @ wk.T``, an input's gradient
+    through several projections), read only here, whose pieces vary over ``axes`` and are
+    products or such joins of products (other pieces would only be summed in more, smaller
+    sums)."""
+    e = made.get(id(x)) if isinstance(x, Var) and uses.get(id(x)) == 1 else None
+    if e is None or e.prim not in _JOINS + (prims.add_p,) or not all(
+            isinstance(a, Var) and axes <= a.aval.vma for a in e.inputs):
+        return None
+    return e if all(_ends_in_product(a, axes, made, uses) for a in e.inputs) else None
+
+
+def _ends_in_product(x, axes, made, uses) -> bool:
+    e = made.get(id(x)) if isinstance(x, Var) and uses.get(id(x)) == 1 else None
+    return e is not None and (e.prim is prims.dot_general_p or _join(x, axes, made, uses) is not None)
+
+
 def _summed(x, out, psum, made, uses) -> list:
     """Equations that compute ``out = psum(x)`` with the sum moved before ``x``'s joins."""
     axes = set(psum.params["axes"])
-    join = made.get(id(x)) if isinstance(x, Var) and uses.get(id(x)) == 1 else None
-    if join is None or join.prim not in (prims.reshape_p, prims.concatenate_p) or not all(
-            isinstance(a, Var) and axes <= a.aval.vma for a in join.inputs):
+    join = _join(x, axes, made, uses)
+    if join is None:
         return [Eqn(psum_p, [x], psum.params, [out], psum.source)]
     eqns, sums = [], []
     for a in join.inputs:
