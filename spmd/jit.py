@@ -681,13 +681,17 @@ def _deleted_argument(name, where) -> RuntimeError:
 def run_compiled(comp: Compiled, leaves, paths, executor=None):
     """Place the arguments as the compiled program expects, run it, wrap the outputs."""
     mesh = comp.mesh
+    named = getattr(comp, "_named", None)
+    if named is None:           # made once per compiled program, not per argument per call
+        named = comp._named = ([NamedSharding(mesh, sh.spec) for sh in comp.prop.in_shardings],
+                               [NamedSharding(mesh, sh.spec) for sh in comp.prop.out_shardings])
     placed = []
-    for x, sh, p in zip(leaves, comp.prop.in_shardings, paths):
-        want = NamedSharding(mesh, sh.spec)
+    for x, want, p in zip(leaves, named[0], paths):
         if isinstance(x, Array):
             if x.is_deleted():
                 raise _deleted_argument(comp.name, p)
-            if not (x.sharding.mesh == mesh and x.sharding.is_equivalent_to(want, x.ndim)):
+            if not (x.sharding is want or (x.sharding.mesh == mesh
+                                            and x.sharding.is_equivalent_to(want, x.ndim))):
                 x = device_put(x, want)
         else:
             x = device_put(np.asarray(x), want)
@@ -706,8 +710,7 @@ def run_compiled(comp: Compiled, leaves, paths, executor=None):
     else:
         outs = executor.run(comp.manual, placed)
     result = []
-    for o, shape, sh in zip(outs, comp.out_shapes, comp.prop.out_shardings):
-        ns = NamedSharding(mesh, sh.spec)
+    for o, shape, ns in zip(outs, comp.out_shapes, named[1]):
         if isinstance(o, GlobalValue):
             result.append(_array_of(o, shape, ns))
         else:
