@@ -120,6 +120,7 @@ def test_threads_run_every_task(big_paths):
 
 
 def test_pooled_buffers_are_reused_only_once_free():
+    _host_parallel.release_pool()                 # no free buffer of this size left by others
     shape = (_host_parallel.POOL_MIN_BYTES // 4,)
     a = _host_parallel.empty(np, shape, np.float32)
     a[:] = 1
