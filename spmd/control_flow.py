@@ -23,6 +23,7 @@ that disagree on the number of collectives hang).
 from __future__ import annotations
 
 import builtins
+import functools
 import operator
 
 import numpy as np
@@ -333,12 +334,70 @@ class _Split:
             self.batched = (batched, [v for v in list(consts) + inv_out if id(v) in batched_reads],
                             [v for v in xs if id(v) in batched_reads],
                             [v for v in made_bat if id(v) in step_reads])
+        out_vars, self.accumulators, extra = list(body.out_vars), [], []
+        if length:
+            rest, budget = self._accumulate(rest, body, carry, xs, kind, out_vars, extra, budget,
+                                            length)
+        self.extra_ys = extra
+        step_reads = read_by(rest) | {id(a) for a in out_vars + extra if isinstance(a, Var)}
         self.xs_read = [i for i, v in enumerate(xs) if id(v) in step_reads]
         bat_out = self.batched[3] if batched else []
         self.n_consts = n_consts + len(self.inv_for_step)
         self.step = Program(list(consts) + [inv_out[i] for i in self.inv_for_step] + list(carry)
-                            + [xs[i] for i in self.xs_read] + bat_out, rest, body.out_vars)
-        self.moved = bool(invariant or batched)
+                            + [xs[i] for i in self.xs_read] + bat_out, rest, out_vars + extra)
+        self.moved = bool(invariant or batched or self.accumulators)
+
+    def _accumulate(self, rest, body, carry, xs, kind, out_vars, extra, budget, length):
+        """Carries that only sum a product per step (``dw = dw + x.T @ g``, a weight's
+        gradient in a backward scan, one operand stacked already: an ``xs``, or a value made
+        for all steps before the loop): the step passes the carry through and gives the
+        product's other operand as an extra stacked output,
+        and after the loop the carry takes all the products at once, as one product that also
+        contracts over the steps (``accumulators``: ``(carry, product, where each operand
+        comes from)``).  The sum then runs as one big product instead of one small product and
+        one addition per step."""
+        stacked = self.batched[3] if self.batched is not None else []   # made for all steps
+        uses: dict[int, int] = {}
+        for e in rest:
+            for a in e.inputs:
+                uses[id(a)] = uses.get(id(a), 0) + 1
+        for a in body.out_vars:
+            uses[id(a)] = uses.get(id(a), 0) + 1
+        made = {id(v): e for e in rest for v in e.outputs}
+        dropped = set()
+        for j, c in enumerate(carry):
+            add = made.get(id(body.out_vars[j]))
+            if add is None or add.prim is not prims.add_p or uses.get(id(c)) != 1 \
+                    or uses.get(id(body.out_vars[j])) != 1:
+                continue
+            d = next((a for a in add.inputs if a is not c), None)
+            dot = made.get(id(d)) if isinstance(d, Var) and uses.get(id(d)) == 1 else None
+            # one operand must be stacked already (an ``xs``: a forward pass's residual), so
+            # stacking the other costs no more memory than the loop holds anyway (a loop
+            # that keeps a bounded stash, as 1F1B does, keeps its products in the loop)
+            if (dot is None or dot.prim is not prims.dot_general_p or c not in add.inputs
+                    or d.aval.shape != c.aval.shape or d.aval.dtype != c.aval.dtype
+                    or not all(isinstance(a, Var) and kind[id(a)] in ("x", "carry")
+                               for a in dot.inputs)
+                    or not any(a in xs or a in stacked for a in dot.inputs)):
+                continue
+            cost = length * _nbytes(a.aval for a in dot.inputs if a not in xs and a not in stacked)
+            if cost > budget:
+                continue
+            budget -= cost
+            where = []
+            for a in dot.inputs:
+                if a in xs:
+                    where.append(("xs", xs.index(a)))
+                elif a in stacked:
+                    where.append(("batched", stacked.index(a)))
+                else:
+                    where.append(("ys", len(extra)))
+                    extra.append(a)
+            self.accumulators.append((j, dot, tuple(where)))
+            out_vars[j] = c
+            dropped |= {id(add), id(dot)}
+        return [e for e in rest if id(e) not in dropped], budget
 
 
 def _with_dims(xp, x, rank):
@@ -393,9 +452,12 @@ def _scan_execute(run, *, body, length, reverse, unroll, n_consts, n_carry, name
         x_pos = {id(v): i for i, v in enumerate(body.in_vars[n_consts + n_carry:])}
         bat_xs = [x_pos[id(v)] for v in xs_in]
     unstack = run.local(lambda xp, k, *xs: _unstack(length, xp, k, *xs))
-    stack = run.local(lambda xp, k, *ys: _stack(length, body.out_avals[n_carry:], xp, k, *ys))
+    ys_avals = body.out_avals[n_carry:] + [v.aval for v in split.extra_ys]
+    stack = run.local(lambda xp, k, *ys: _stack(length, ys_avals, xp, k, *ys))
     n_ys = len(body.out_vars) - n_carry
+    n_out = n_ys + len(split.extra_ys)
     order = range(length - 1, -1, -1) if reverse else range(length)
+    summed = [run.local(functools.partial(_all_steps_product, dot)) for _, dot, _ in split.accumulators]
 
     def loop(*vals):
         consts, carry = vals[:n_consts], vals[n_consts:n_consts + n_carry]
@@ -404,18 +466,42 @@ def _scan_execute(run, *, body, length, reverse, unroll, n_consts, n_carry, name
         if length:
             inv = hoisted(*consts) if hoisted is not None else []
             step_consts = list(consts) + [inv[i] for i in split.inv_for_step]
-            per_step = [xs[i] for i in split.xs_read]
+            per_step, made = [xs[i] for i in split.xs_read], []
             if split.batched is not None:
                 known = list(consts) + list(inv)
-                per_step += batched(*[known[i] for i in bat_consts], *[xs[i] for i in bat_xs])
+                made = batched(*[known[i] for i in bat_consts], *[xs[i] for i in bat_xs])
+                per_step += made
             flat = unstack(*per_step) if per_step else []
             per_step = [flat[i::length] for i in range(length)]
             for i in order:
                 outs = step(*step_consts, *carry, *per_step[i])
                 carry = outs[:n_carry]
                 ys[i] = outs[n_carry:]
-        return list(carry) + (stack(*[y[j] for j in range(n_ys) for y in ys]) if n_ys else [])
+        stacked = stack(*[y[j] for j in range(n_out) for y in ys]) if n_out and length else []
+        if length and split.accumulators:
+            carry = list(carry)
+            for (j, _, where), total in zip(split.accumulators, summed):
+                ops = [{"xs": xs, "batched": made}[src][i] if src != "ys" else stacked[n_ys + i]
+                       for src, i in where]
+                carry[j], = total(carry[j], *ops)
+        return list(carry) + (stacked[:n_ys] if n_ys and length else
+                              (stack() if n_ys else []))
     return loop
+
+
+def _all_steps_product(dot, xp, k, c, a, b):
+    """``[c`` plus the sum over the steps of ``dot`` of each step's operands``]``: ``a`` and ``b``
+    stacked (the steps after the ``k`` mesh dims), the steps one more contracted dim."""
+    (xc, yc), (xb, yb) = dot.params["contract"], dot.params["batch"]
+    up = lambda dims: tuple(d + 1 for d in dims)
+    a = _with_dims(xp, a, k + 1 + dot.inputs[0].aval.ndim)
+    b = _with_dims(xp, b, k + 1 + dot.inputs[1].aval.ndim)
+    steps = max(a.shape[k], b.shape[k])         # an ``xs`` the same at every step: size 1
+    a, b = (x if x.shape[k] == steps else
+            xp.broadcast_to(x, x.shape[:k] + (steps,) + x.shape[k + 1:]) for x in (a, b))
+    total = dot.prim.rule("impl")(xp, k, a, b, contract=((0,) + up(xc), (0,) + up(yc)),
+                                  batch=(up(xb), up(yb)))
+    return [xp.add(_with_dims(xp, c, total.ndim), total)]
 
 
 def _split_scan(xs, n_consts, n_carry):

@@ -566,3 +566,72 @@ def test_bad_input_is_a_clear_error(row):
         call()
     for fragment in fragments:
         assert fragment in str(info.value), (fragment, str(info.value))
+
+
+# ---------------------------------------------------------------------------------------------
+# a carry that only sums a product per step runs as one product after the loop
+# ---------------------------------------------------------------------------------------------
+
+def _splits(monkeypatch):
+    from spmd import control_flow
+    made, real = [], control_flow._Split.__init__
+
+    def record(self, *a, **kw):
+        real(self, *a, **kw)
+        made.append(self)
+    monkeypatch.setattr(control_flow._Split, "__init__", record)
+    return made
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_weight_gradients_of_a_scan_are_one_product_after_the_loop(monkeypatch, reverse):
+    """The backward scan of an RNN sums ``h.T @ g`` and ``x.T @ g`` into its weights'
+    gradients at every step: those carries leave the loop, which stacks ``g`` (``x`` is read
+    where it is), and each gradient is one product over all steps; JAX's gradients."""
+    splits = _splits(monkeypatch)
+    w, u, h0, xs = _f32(5, 5) * 0.4, _f32(3, 5) * 0.4, _f32(2, 5), _f32(9, 2, 3)
+
+    def loss(L, N, w, u):
+        def cell(h, x):
+            h = N.tanh(h @ w + x @ u)
+            return h, h
+        return (L.scan(cell, h0, xs, reverse=reverse)[1] ** 2).sum()
+    got = spmd.jit(spmd.grad(lambda w, u: loss(slax, np, w, u), argnums=(0, 1)))(w, u)
+    jax, lax, jnp = _jax()
+    want = _jax_run(jax.grad(lambda w, u: loss(lax, jnp, w, u), argnums=(0, 1)), w, u)
+    _close(got, want, tol=5e-5)
+    backward = [s for s in splits if s.accumulators]
+    assert len(backward) == 1 and len(backward[0].accumulators) == 2
+    assert not any(e.prim.name == "dot_general" and e.outputs[0].aval.shape in ((5, 5), (3, 5))
+                   for e in backward[0].step.eqns)
+
+
+def test_summed_products_inside_shard_map_and_a_carry_read_in_the_body_stays(monkeypatch):
+    """Per device inside shard_map (the pipeline's backward): the same values as the reference
+    executor; a carry the body also reads (here: scaled each step) is left in the loop."""
+    splits = _splits(monkeypatch)
+    mesh = spmd.make_mesh((4,), ("x",))
+    a, g0 = _f32(4 * 6, 3, 5), _f32(4 * 3, 2)
+
+    def body(a, g0):
+        def step(c, x):
+            acc, decayed, g = c
+            g = np.tanh(g + 1)                          # the product reads a carry
+            return (acc + x.T @ g, 0.5 * decayed + x.T @ g, g), None
+        zero = spmd.pvary(np.zeros((5, 2), np.float32), "x")
+        return slax.scan(step, (zero, zero, g0), a)[0]
+    specs = (P("x"), P("x"), P("x"))
+    f = spmd.shard_map(body, mesh=mesh, in_specs=(P("x"), P("x")), out_specs=specs)
+    got = spmd.jit(f)(a, g0)
+    ref = spmd.jit(f, executor=REFERENCE)(a, g0)
+    _close(got, ref)
+    want = []
+    for i in range(4):
+        acc, g = np.zeros((5, 2), np.float32), g0[i * 3:(i + 1) * 3]
+        for x in a[i * 6:(i + 1) * 6]:
+            g = np.tanh(g + 1)
+            acc = acc + x.T @ g
+        want.append(acc)
+    np.testing.assert_allclose(np.asarray(got[0]), np.concatenate(want), rtol=1e-4, atol=1e-5)
+    # one split per executor (stacked, reference), each with the one pure accumulator
+    assert [len(s.accumulators) for s in splits if s.accumulators] == [1, 1]
