@@ -1127,7 +1127,9 @@ def take(x, indices, axis=None, out=None, mode=None):
 
 @implements(np.take_along_axis)
 def take_along_axis(x, indices, axis=-1):
-    """One ``take`` from the flattened ``x`` at the flat positions the indices name."""
+    """One ``take`` from the flattened ``x`` at the flat positions the indices name; or, for
+    one traced index per row of a float array (a cross-entropy's target), the sum of the row
+    masked to that position (see :func:`_pick_one`)."""
     x, idx = _operand(x), _operand(indices)
     if axis is None:
         x, axis = ravel(x), 0
@@ -1138,6 +1140,9 @@ def take_along_axis(x, indices, axis=-1):
     others = lambda s, v: tuple(v if i == ax else d for i, d in enumerate(s))
     out_shape = broadcast_shapes(others(shape, 1), others(ishape, 1))
     x = broadcast_to(x, others(out_shape, shape[ax]))
+    if (isinstance(idx, Tracer) and ishape[ax] == 1 and shape[ax] <= _PICK_ONE_MAX
+            and np.issubdtype(_dtype(x), np.inexact)):
+        return _pick_one(x, broadcast_to(idx, out_shape), ax)
     out_shape = others(out_shape, ishape[ax])
     idx = _index_in_range(broadcast_to(idx, out_shape), shape[ax], ax)
     strides = [math.prod(_shape(x)[d + 1:]) for d in range(len(shape))]
@@ -1145,6 +1150,25 @@ def take_along_axis(x, indices, axis=-1):
                         for d, n in enumerate(out_shape) if d != ax)
     flat = _ew(np.add, _ew(np.multiply, idx, strides[ax]), np.broadcast_to(base, out_shape))
     return take(ravel(x), flat, axis=0)
+
+
+_PICK_ONE_MAX = 4096      # longest axis a one-per-row pick reads whole (masked) instead of gathering
+
+
+def _pick_one(x, idx, ax):
+    """``take_along_axis(x, idx, ax)`` for one index per row (``idx`` has size 1 along ``ax``):
+    the row's sum masked to the index.  Every dim but ``ax`` stays where it is (a batch split
+    over devices stays split, where a take from the flattened array would gather it), and the
+    gradient is the mask times the cotangent, not a scatter into zeros.  An index outside
+    ``[-n, n)`` gives NaN, as JAX's default ``fill`` mode does."""
+    n = _shape(x)[ax]
+    idx = astype(idx, np.int64)
+    valid = apply_ufunc(np.logical_and, apply_ufunc(np.greater_equal, idx, -n),
+                        apply_ufunc(np.less, idx, n))
+    idx = where(apply_ufunc(np.less, idx, 0), apply_ufunc(np.add, idx, n), idx)
+    positions = np.arange(n).reshape(tuple(n if d == ax else 1 for d in range(len(_shape(x)))))
+    picked = sum(where(apply_ufunc(np.equal, idx, positions), x, 0), axis=ax, keepdims=True)
+    return where(valid, picked, np.nan)
 
 
 def _is_int(k):

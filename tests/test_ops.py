@@ -687,3 +687,28 @@ def test_stacked_dynamic_slice_matches_per_device_slices(lead, starts_shape, bro
     for pos in np.ndindex(*out_lead):
         s = int(np.clip(ss[pos], 0, 9 - 4))
         np.testing.assert_array_equal(got[pos], xs[pos][s:s + 4, 1:4])
+
+
+def test_take_along_axis_of_one_traced_index_per_row_is_jaxs_and_keeps_the_batch_split():
+    """One traced index per row (a cross-entropy's target): JAX's values (a wrapped negative
+    index, NaN for one out of range, as JAX's default ``fill`` mode) and gradient; compiled
+    with the batch split over ``data``, no collective moves the logits."""
+    import jax
+    import jax.numpy as jnp
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 3, 6)).astype(np.float32)
+    idx = np.array([[0, 5, -1], [2, 6, -7], [1, 1, 1], [3, 4, -6]])[..., None]
+    pick = lambda xp: lambda x, i: xp.take_along_axis(x, i, axis=-1)
+    got = np.asarray(spmd.jit(pick(np))(x, idx))
+    want = np.asarray(jax.jit(pick(jnp))(x, idx))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got, want, rtol=0, atol=0)
+    ok = np.where(np.abs(idx) < 6, idx, 0)
+    loss = lambda xp: lambda x, i: (xp.take_along_axis(x, i, axis=-1) ** 2).sum()
+    g = np.asarray(spmd.jit(spmd.grad(loss(np)))(x, ok))
+    np.testing.assert_allclose(g, np.asarray(jax.grad(loss(jnp))(x, ok)), rtol=1e-6)
+    mesh = spmd.make_mesh((2, 4), ("data", "model"), (spmd.AxisType.Auto,) * 2)
+    sharded = spmd.jit(pick(np), in_shardings=(spmd.NamedSharding(mesh, P("data")),) * 2,
+                       out_shardings=spmd.NamedSharding(mesh, P("data")))
+    np.testing.assert_allclose(np.asarray(sharded(x, ok)), np.take_along_axis(x, ok, axis=-1))
+    assert sharded.lower(x, ok).collectives() == []
