@@ -10,6 +10,8 @@ def broadcast_shapes(*shapes) -> tuple[int, ...]:
     (2, 3)
     """
     shapes = [(s,) if isinstance(s, int) else tuple(s) for s in shapes]
+    if shapes and all(s == shapes[0] for s in shapes[1:]):     # the common case: one shape
+        return shapes[0]
     rank = max((len(s) for s in shapes), default=0)
     out = [1] * rank
     for s in shapes:

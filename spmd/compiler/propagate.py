@@ -70,9 +70,15 @@ def propagate(program: Program, in_shardings: list, out_shardings: list, sizes: 
             sh = Sharding(known_dims(hints[id(v)][1])) if id(v) in hints else Sharding.replicated(v.aval.ndim)
         env[id(v)] = sh
         ins.append(sh)
-    chosen, final, owed = _forward(program, env, hints, sizes, cm, frozenset())
+    times: dict = {}                    # (shape, itemsize, src, dst) -> the move's time
+    chosen, final, owed = _forward(program, env, hints, sizes, cm, frozenset(), times=times)
     if owed:
-        chosen, final, _ = _forward(program, env, hints, sizes, cm, owed)
+        # equations before the first that makes or reads an owed value choose as before
+        touched = {v for v, _ in owed}
+        start = next(i for i, e in enumerate(program.eqns)
+                     if any(id(a) in touched for a in list(e.inputs) + list(e.outputs)))
+        chosen, final, _ = _forward(program, env, hints, sizes, cm, owed, chosen[:start],
+                                    times=times)
     outs = []
     for a, want in zip(program.out_vars, out_shardings):
         outs.append(want if want is not None else _sharding_of(final, a).without_partial())
@@ -80,7 +86,7 @@ def propagate(program: Program, in_shardings: list, out_shardings: list, sizes: 
 
 
 def _forward(program: Program, env: dict, hints: dict, sizes: dict, cm: CostModel,
-             owed: frozenset):
+             owed: frozenset, known: list = (), times: dict | None = None):
     """Choose every equation's strategy in program order (step 2 of the module docstring):
     ``(strategies, every value's sharding, owed)``.
 
@@ -88,24 +94,32 @@ def _forward(program: Program, env: dict, hints: dict, sizes: dict, cm: CostMode
     the same value still pending (a bias gradient summed from a cotangent that the layer
     norm's backward then reduces).  Given them, a second pass prices them as made: the
     reader takes the reduced value, and the product whose sum it is stays read once (which
-    the stacked executor fuses with its psum)."""
+    the stacked executor fuses with its psum).  ``known``: the strategies of the first
+    equations, already chosen (by a pass that they do not depend on)."""
     env = dict(env)
     mesh_sizes = tuple(sizes.items())
     avail = set(owed)                   # (id(var), sharding): a redistribution already made
 
+    times = {} if times is None else times
+
     def cost(a, src, dst):
         if src == dst or (id(a), dst) in avail:
             return 0.0
-        return plan(tuple(a.aval.shape), a.aval.dtype.itemsize, src, dst, mesh_sizes, cm).time
+        key = (a.aval.shape, a.aval.dtype.itemsize, src, dst)
+        t = times.get(key)
+        if t is None:
+            t = times[key] = plan(tuple(a.aval.shape), a.aval.dtype.itemsize, src, dst,
+                                  mesh_sizes, cm).time
+        return t
 
     chosen, reduced, read_pending = [], set(), set()
-    for e in program.eqns:
+    for j, e in enumerate(program.eqns):
         cur = [_sharding_of(env, a) for a in e.inputs]
         out_hints = [hints.get(id(v), (0, None))[1] for v in e.outputs]
-        cands = _typed(e, strategies(e, cur, out_hints, sizes))
+        cands = [known[j]] if j < len(known) else _typed(e, strategies(e, cur, out_hints, sizes))
         is_dot = category(e.prim) == "contraction"
-        best, best_key = None, None
-        for idx, s in enumerate(cands):
+        best, best_key = (cands[0], None) if j < len(known) else (None, None)
+        for idx, s in enumerate(cands if j >= len(known) else ()):
             c = sum(cost(a, src, req) for a, src, req in zip(e.inputs, cur, s.ins))
             if is_dot:
                 c += cm.compute(contraction_flops(e, s, sizes))
