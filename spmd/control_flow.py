@@ -349,13 +349,13 @@ class _Split:
 
     def _accumulate(self, rest, body, carry, xs, kind, out_vars, extra, budget, length):
         """Carries that only sum a product per step (``dw = dw + x.T @ g``, a weight's
-        gradient in a backward scan, one operand stacked already: an ``xs``, or a value made
-        for all steps before the loop): the step passes the carry through and gives the
-        product's other operand as an extra stacked output,
-        and after the loop the carry takes all the products at once, as one product that also
-        contracts over the steps (``accumulators``: ``(carry, product, where each operand
-        comes from)``).  The sum then runs as one big product instead of one small product and
-        one addition per step."""
+        gradient in a backward scan) of which one operand is stacked already (an ``xs``, or a
+        value made for all steps before the loop): the step passes the carry through and
+        gives the product's other operand as an extra stacked output, and after the loop the
+        carry takes all the products at once, as one product that also contracts over the
+        steps (``accumulators``: ``(carry, product, where each operand comes from)``).  The
+        sum then runs as one big product instead of one small product and one addition per
+        step."""
         stacked = self.batched[3] if self.batched is not None else []   # made for all steps
         uses: dict[int, int] = {}
         for e in rest:
