@@ -136,3 +136,35 @@ def test_profiling_runs_the_timed_steps_with_the_same_values(monkeypatch):
         np.testing.assert_array_equal(a, b)
     ops = [event[0].op for event in recording.events]
     assert ops.count("tanh") == 6 and ops.count("dot_general") == 6
+
+
+def test_ops_write_into_temporaries_that_die_and_never_into_inputs_or_live_values():
+    """``tanh(x @ w + b) * 2``: the sum, tanh and product reuse the product's buffer; the
+    inputs, a temporary read again later and the returned values keep their contents."""
+    f4 = np.dtype("float32")
+    x, w, b = _arr((3, 4)), _arr((4, 4)), _arr((4,))
+    saved = [a.copy() for a in (x, w, b)]
+
+    def fn(x, w, b):
+        h = x @ w
+        y = np.tanh(h + b) * 2           # h + b, tanh, * 2: into the product's buffer
+        z = np.exp(-x)                   # x is an input: never written
+        return [y, z, h]                 # h is returned: never written
+    prog, _ = trace(fn, [Aval((3, 4), f4), Aval((4, 4), f4), Aval((4,), f4)])
+    real = lean._reusable
+    reused = []
+    lean._reusable = lambda e, *a: reused.append((e.prim.name, real(e, *a))) or reused[-1][1]
+    try:
+        step = lean.straight_line(prog, np, higher=None, gather=lambda v: v)
+    finally:
+        lean._reusable = real
+    y, z, h = step(x, w, b)
+    for a, s in zip((x, w, b), saved):
+        np.testing.assert_array_equal(a, s)
+    np.testing.assert_allclose(h, x @ w, rtol=1e-6)
+    np.testing.assert_allclose(y, np.tanh(x @ w + b) * 2, rtol=1e-5)
+    np.testing.assert_allclose(z, np.exp(-x), rtol=1e-6)
+    into = {name: r is not None for name, r in reused}
+    assert into == {"dot_general": False, "broadcast_in_dim": False,
+                    "add": False,                         # h + b: h is returned, kept
+                    "tanh": True, "mul": True, "neg": False, "exp": True}, into

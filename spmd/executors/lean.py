@@ -71,11 +71,17 @@ def straight_line(program: Program, xp, *, higher, gather, timed=None):
         for a in e.inputs:
             last_use[id(a)] = j
     keep = {id(a) for a in program.out_vars}
+    fresh: set[int] = set()              # vars holding an array this function made itself
     for j, e in enumerate(program.eqns):
         local = e.prim.execute is None and e.prim.stacked is None
         fn = f"f{j}"
-        ns[fn] = host_call(e, xp) if local else higher(e)
+        call = ns[fn] = host_call(e, xp) if local else higher(e)
         args = ", ".join(name(a, gather_it=local) for a in e.inputs)
+        into = _reusable(e, call, fresh, last_use, keep, j) if local else None
+        if into is not None:             # write into a temporary that dies here
+            args += f", out={names[id(into)]}"
+        if local and (isinstance(call, np.ufunc) or e.prim is prims.dot_general_p):
+            fresh.update(id(v) for v in e.outputs)
         outs = []
         for v in e.outputs:
             names[id(v)] = f"v{next(number)}"
@@ -97,6 +103,22 @@ def straight_line(program: Program, xp, *, higher, gather, timed=None):
     source = "\n    ".join([f"def body({', '.join(params)}):"] + lines + [f"return [{results}]"])
     exec(compile(source, f"<straight line of {len(program.eqns)} equations>", "exec"), ns)
     return ns["body"]
+
+
+def _reusable(e, call, fresh, last_use, keep, j):
+    """An operand of ufunc equation ``e`` whose array the ufunc may write its result into:
+    one this function made (not a view of an input), read for the last time here, of the
+    result's shape and dtype (as every operand is), with at least one dim (a ufunc of 0-d
+    arrays gives a scalar); or None.  In a loop's body this saves an allocation per op."""
+    if not isinstance(call, np.ufunc) or len(e.outputs) != 1:
+        return None
+    out = e.outputs[0].aval
+    if not out.shape or any(not isinstance(a, Literal) and a.aval.dtype != out.dtype
+                            for a in e.inputs):
+        return None
+    return next((a for a in e.inputs if not isinstance(a, Literal) and id(a) in fresh
+                 and last_use[id(a)] == j and id(a) not in keep and a.aval.shape == out.shape),
+                None)
 
 
 def host_call(eqn, xp):
