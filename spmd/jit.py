@@ -273,6 +273,7 @@ class Jitted:
                          or bool(self.donate_argnums) or bool(self.donate_argnames))
         self._traces = _cache.LRU()     # trace key -> (program, in_tree, out_tree)
         self._compiled = _cache.LRU()   # (trace key, mesh, specs, cost model) -> Compiled
+        self._calls = _cache.LRU()      # (trace key, context, leaf shardings) -> (Compiled, paths)
         functools.update_wrapper(self, f)
 
     # -- tracing ---------------------------------------------------------------------------------
@@ -445,6 +446,18 @@ class Jitted:
         return out
 
     def _compile(self, args, kwargs, key, traced, leaves):
+        # a call like an earlier one (the same arguments' shardings, mesh in context and cost
+        # model) has its compiled program: no per-leaf paths, prefixes and checks again
+        fast = (key, get_mesh(), self.cost_model or default_cost_model(),
+                tuple(x.sharding if type(x) is Array else None for x in leaves))
+        hit = self._calls.get(fast)
+        if hit is not None:
+            return hit
+        hit = self._compile_slow(args, kwargs, key, traced, leaves)
+        self._calls.put(fast, hit)
+        return hit
+
+    def _compile_slow(self, args, kwargs, key, traced, leaves):
         program, in_tree, out_tree = traced
         mesh, shardings, paths = self._arg_shardings(args, kwargs, leaves, program)
         ckey = (key, mesh, tuple(None if s is None else s.spec for s in shardings),
