@@ -117,10 +117,10 @@ class StackedExecutor:
                                   for (fn, ins, out, free), c in zip(steps, covered)]
             return timed_steps
 
-        def run(args):
+        def interpreted(args):          # while profiling: each step timed
             env = template.copy()
             env[:n_in] = args
-            for fn, ins, out, free in (steps if profiling.active is None else timed()):
+            for fn, ins, out, free in timed():
                 r = fn(*[env[i] for i in ins])
                 for i in free:
                     env[i] = None
@@ -130,7 +130,7 @@ class StackedExecutor:
                     for o, val in zip(out, r):
                         env[o] = val
             return [env[i] for i in out_slots]
-        return run
+        return _generated(steps, template, n_in, out_slots, interpreted, len(program.eqns))
 
     def _step(self, e, xp, mesh, k):
         """Equation ``e`` as a function of its input values."""
@@ -212,6 +212,42 @@ class StackedExecutor:
             outs = run_body([f(v) for f, v in zip(stackers, vals)])
             return [f(z) for f, z in zip(unstackers, outs)]
         return run
+
+
+def _generated(steps, template, n_in, out_slots, interpreted, n_eqns):
+    """The plan ``steps`` (``(fn, input slots, output slot(s), slots freed)``) as one
+    generated Python function of the list of inputs: each value a local variable, each step
+    one line, each value deleted after its last use; no list of values to index, no loop.
+    ``template`` holds the constants at their slots; ``interpreted`` runs instead while
+    profiling is on."""
+    ns = {"profiling": profiling, "interpreted": interpreted}
+    made = set(range(n_in))
+
+    def ref(i):
+        if i in made:
+            return f"s{i}"
+        ns[f"k{i}"] = template[i]               # a constant
+        return f"k{i}"
+    lines = ["if profiling.active is not None: return interpreted(args)"]
+    if n_in:
+        lines.append(f"{', '.join(f's{i}' for i in range(n_in))}, = args")
+    for j, (fn, ins, out, free) in enumerate(steps):
+        ns[f"f{j}"] = fn
+        call = f"f{j}({', '.join(ref(i) for i in ins)})"
+        if type(out) is int:
+            lines.append(f"s{out} = {call}")
+            made.add(out)
+        else:
+            lines.append(f"r = {call}")
+            lines += [f"s{o} = r[{n}]" for n, o in enumerate(out)] + ["del r"]
+            made.update(out)
+        dead = [f"s{i}" for i in free if i in made]
+        if dead:
+            lines.append(f"del {', '.join(dead)}")
+    lines.append(f"return [{', '.join(ref(i) for i in out_slots)}]")
+    source = "\n    ".join(["def run(args):"] + lines)
+    exec(compile(source, f"<plan of {n_eqns} equations>", "exec"), ns)
+    return ns["run"]
 
 
 class _Run:
