@@ -27,7 +27,7 @@ class PerDeviceExecutor:
     def __init__(self, make_communicator):
         self.make_communicator = make_communicator
         self._comms = {}
-        self._plans = _cache.LRU()      # Program -> its plan (the top level)
+        self._plans = _cache.LRU()      # Program -> its equations bound (the top level)
         self._lines = _cache.LRU()      # (program, comm, manual axes) -> its straight line
 
     def comm(self, mesh):
@@ -38,52 +38,33 @@ class PerDeviceExecutor:
     def run(self, program: Program, args) -> list:
         args = [(_Blocks.of(a) if a._blocks is not None else np.array(a._gather()))
                 if isinstance(a, GlobalValue) else a for a in args]
-        outs = self._plan(program)(args)
+        outs = self._eval_global(program, args)
         return [o.to_array() if isinstance(o, _Blocks) else o for o in outs]
 
-    def _plan(self, program):
-        """``program`` (at the top level) as a function of its list of arguments: each equation
-        bound once to what runs it (a ``shard_map`` to its prepared region); while profiling,
-        :meth:`_eval_global`, which times every equation."""
-        plan = self._plans.get(program)
-        if plan is not None:
-            return plan
-        steps = []
-        for e in program.eqns:
-            if e.prim.execute is not None:              # higher-order: runs its sub-programs
-                fn, many = e.prim.execute(_Run(self), **e.params), True
-            else:
-                fn = functools.partial(_on_whole, self, e.prim.rule("impl"), e.params)
-                many = e.prim.multiple_results
-            steps.append((fn, tuple(e.inputs), tuple(e.outputs), many))
-
-        def plan(args):
-            if profiling.active is not None:
-                return self._eval_global(program, args)
-            env = {id(v): a for v, a in zip(program.in_vars, args)}
-            read = lambda a: a.val if isinstance(a, Literal) else env[id(a)]
-            for fn, ins, outs, many in steps:
-                r = fn(*[read(a) for a in ins])
-                if many:
-                    for v, o in zip(outs, r):
-                        env[id(v)] = o
-                else:
-                    env[id(outs[0])] = r
-            return [read(a) for a in program.out_vars]
-        self._plans.put(program, plan)
-        return plan
+    def _bound(self, program) -> dict:
+        """``{id(eqn): fn(*values) -> list of results}`` for the equations of ``program`` at
+        the top level, bound once per program (a ``shard_map`` to its prepared region)."""
+        bound = self._plans.get(program)
+        if bound is None:
+            bound = {}
+            for e in program.eqns:
+                if e.prim.execute is not None:          # higher-order: runs its sub-programs
+                    bound[id(e)] = e.prim.execute(_Run(self), **e.params)
+                    continue
+                call = functools.partial(_on_whole, self, e.prim.rule("impl"), e.params)
+                bound[id(e)] = call if e.prim.multiple_results else _one_result(call)
+            self._plans.put(program, bound)
+        return bound
 
     def _eval_global(self, program, args):
         """Top-level values are whole arrays, except that across processes the outputs of a
         shard_map stay as this process's blocks (``_Blocks``) until something needs them whole."""
+        bound = self._bound(program)
         env = {id(v): a for v, a in zip(program.in_vars, args)}
         read = lambda a: a.val if isinstance(a, Literal) else env[id(a)]
 
         def apply(e, vals):
-            if e.prim.execute is not None:              # higher-order: runs its sub-programs
-                return e.prim.execute(_Run(self), **e.params)(*vals)
-            outs = e.prim.rule("impl")(np, 0, *[self._whole(v) for v in vals], **e.params)
-            return outs if e.prim.multiple_results else [outs]
+            return bound[id(e)](*vals)
         if profiling.active is not None:
             apply = profiling.per_equation(apply)
         for e in program.eqns:
@@ -276,6 +257,10 @@ class _Run:
 def _on_whole(ex, impl, params, *vals):
     """A local equation outside ``shard_map``: on whole arrays."""
     return impl(np, 0, *[ex._whole(v) for v in vals], **params)
+
+
+def _one_result(call):
+    return lambda *vals: [call(*vals)]
 
 
 def _call_line(xp, line, *xs):

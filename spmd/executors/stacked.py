@@ -139,7 +139,8 @@ class StackedExecutor:
         if e.prim.stacked is not None:
             return functools.partial(self._stacked_rule(e.prim), xp, mesh, **e.params)
         if k == 0:
-            return functools.partial(_on_global, e.prim.rule("impl"), xp, e.params)
+            return functools.partial(_gathered, functools.partial(e.prim.rule("impl"), xp, 0,
+                                                                   **e.params))
         return functools.partial(e.prim.rule("impl"), xp, k, **e.params)
 
     def _compile_manual(self, outer_mesh, body, *, mesh, in_specs, out_specs, manual_axes,
@@ -289,13 +290,8 @@ class _Run:
         return v.reshape(-1)[0].item() if hasattr(v, "reshape") else v
 
 
-def _on_global(impl, xp, params, *vals):
-    """A local primitive outside shard_map: on whole (gathered) arrays."""
-    return impl(xp, 0, *[_global(v) for v in vals], **params)
-
-
 def _gathered(fn, *vals):
-    """A fused step outside shard_map: on whole (gathered) arrays."""
+    """A step outside shard_map (an equation, or a fused chain): on whole (gathered) arrays."""
     return fn(*[_global(v) for v in vals])
 
 
