@@ -333,6 +333,15 @@ def _openblas():
     return None
 
 
+def _pooled_matmul(a, b, lead):
+    """``np.matmul(a, b)``, a big result written into a pooled buffer (no fresh pages)."""
+    shape = lead + (a.shape[-2], b.shape[-1])
+    dtype = np.result_type(a, b)
+    if math.prod(shape) * dtype.itemsize < POOL_MIN_BYTES:
+        return np.matmul(a, b)
+    return np.matmul(a, b, out=empty(np, shape, dtype))
+
+
 def matmul(xp, a, b, devices_folded=False):
     """``xp.matmul(a, b)`` where the leading dims are the simulated devices: one single-threaded
     BLAS call per device, the devices spread over the host threads (as XLA runs one thread per
@@ -343,11 +352,17 @@ def matmul(xp, a, b, devices_folded=False):
     if xp is not np or a.ndim < 2 or b.ndim < 2:
         return xp.matmul(a, b)
     lead = broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    if a.ndim > 2 and math.prod(b.shape[:-2]) == 1 and reshape_is_view(
+            xp, a, (-1, a.shape[-1])):
+        # the same matrix for every leading index (a loop's weight against all its steps):
+        # one product of all the rows, not one per leading index
+        rows = a.reshape(-1, a.shape[-1])
+        return matmul(xp, rows, b.reshape(b.shape[-2:])).reshape(lead + (a.shape[-2], b.shape[-1]))
     rows = a.shape[-2]
     flops = math.prod(lead) * rows * a.shape[-1] * b.shape[-1]
     blas = _openblas()
     if blas is None or flops <= MATMUL_SINGLE_THREAD_FLOPS:
-        return np.matmul(a, b)
+        return _pooled_matmul(a, b, lead)
     # one product (a weight gradient with the devices folded into its contraction): row blocks
     devices_folded = devices_folded or math.prod(lead) < 2
     get, set_ = blas
@@ -355,7 +370,7 @@ def matmul(xp, a, b, devices_folded=False):
     set_(1)
     try:
         if flops < MATMUL_MIN_FLOPS or num_threads() < 2 or getattr(_local, "worker", False):
-            return np.matmul(a, b)
+            return _pooled_matmul(a, b, lead)
         out = empty(xp, lead + (rows, b.shape[-1]), np.result_type(a, b))
         a = np.broadcast_to(a, lead + a.shape[-2:])
         b = np.broadcast_to(b, lead + b.shape[-2:])

@@ -458,26 +458,33 @@ def _scan_execute(run, *, body, length, reverse, unroll, n_consts, n_carry, name
     n_out = n_ys + len(split.extra_ys)
     order = range(length - 1, -1, -1) if reverse else range(length)
     summed = [run.local(functools.partial(_all_steps_product, dot)) for _, dot, _ in split.accumulators]
+    # the steps as one call of native code, where the executor has it for this body
+    native = run.native_scan(split.step, split.n_consts, n_carry, reverse)
 
     def loop(*vals):
         consts, carry = vals[:n_consts], vals[n_consts:n_consts + n_carry]
         xs = vals[n_consts + n_carry:]
-        ys = [()] * length
+        stacked, made = [], []
         if length:
             inv = hoisted(*consts) if hoisted is not None else []
             step_consts = list(consts) + [inv[i] for i in split.inv_for_step]
-            per_step, made = [xs[i] for i in split.xs_read], []
+            per_step = [xs[i] for i in split.xs_read]
             if split.batched is not None:
                 known = list(consts) + list(inv)
                 made = batched(*[known[i] for i in bat_consts], *[xs[i] for i in bat_xs])
                 per_step += made
-            flat = unstack(*per_step) if per_step else []
-            per_step = [flat[i::length] for i in range(length)]
-            for i in order:
-                outs = step(*step_consts, *carry, *per_step[i])
-                carry = outs[:n_carry]
-                ys[i] = outs[n_carry:]
-        stacked = stack(*[y[j] for j in range(n_out) for y in ys]) if n_out and length else []
+            done = native(length, step_consts, carry, per_step) if native is not None else None
+            if done is not None:
+                carry, stacked = done
+            else:
+                flat = unstack(*per_step) if per_step else []
+                per_step = [flat[i::length] for i in range(length)]
+                ys = [()] * length
+                for i in order:
+                    outs = step(*step_consts, *carry, *per_step[i])
+                    carry = outs[:n_carry]
+                    ys[i] = outs[n_carry:]
+                stacked = stack(*[y[j] for j in range(n_out) for y in ys]) if n_out else []
         if length and split.accumulators:
             carry = list(carry)
             for (j, _, where), total in zip(split.accumulators, summed):

@@ -474,6 +474,10 @@ class Primitive:
                        "Program-valued param)",
         "execute": "(run, **params) -> function of the operands returning the list of results: "
                    "how executors run a higher-order primitive (see above)",
+        "c": "how a loop body is written as C (spmd.executors.native): elementwise, (cw, "
+             "operand dtypes, result dtype) -> a C expression of the operands' elements {0}, "
+             "{1}, ... or None; other primitives, (cw, *views, **params) -> the result views, "
+             "made with the writer's operations",
         "inline": "(params) -> Program: the equation is this program applied to its operands "
                   "(its own meaning matters to autodiff only); the compiler inlines it",
         "manual": "(params) -> (mesh, in_specs, out_specs, body) or None: the equation is a "

@@ -64,6 +64,35 @@ UNARY = {}
 BINARY = {}
 
 
+# How a loop body is written as C (``spmd.executors.native``).  An elementwise primitive's
+# ``c`` rule is ``(cw, operand dtypes, result dtype)`` -> the C expression of its operands'
+# elements ``{0}``, ``{1}``, ... (None where it has none for those dtypes); ``cw.ctype(dtype)``
+# names a dtype's C type.  Other primitives' ``c`` rules are ``(cw, *views, **params)`` -> the
+# list of result views, built with the writer's operations.
+
+def _c_kind(dt):
+    return "b" if dt == np.bool_ else dt.kind
+
+
+def c_math(f32, f64):
+    """On float32 or float64 operands (all one dtype): the C expression for each."""
+    return lambda cw, dts, out: ({np.dtype(np.float32): f32, np.dtype(np.float64): f64}.get(dts[0])
+                                 if len(set(dts)) == 1 else None)
+
+
+def c_expr(expr, kinds="fiu"):
+    """On operands of one dtype of ``kinds`` (``f``: floats, ``i``/``u``: integers, ``b``:
+    booleans): the C expression ``expr``."""
+    return lambda cw, dts, out: expr if len(set(dts)) == 1 and _c_kind(dts[0]) in kinds else None
+
+
+def c_either(*rules):
+    """The first of ``rules`` that has an expression for the dtypes."""
+    def rule(cw, dts, out):
+        return next((e for e in (r(cw, dts, out) for r in rules) if e is not None), None)
+    return rule
+
+
 class ufunc:
     """The elementwise function that is one NumPy (or CuPy) ufunc, by name: called as
     ``f(xp, *args)``, and with ``out=`` it writes its result into an existing array (what the
@@ -151,62 +180,106 @@ def _chooser(first, tie):
 # elementwise
 # ---------------------------------------------------------------------------------------------
 
-neg_p = unary("neg", ufunc("negative"), linear=True, transpose=lambda ct, x: [-ct])
-exp_p = unary("exp", ufunc("exp"), deriv=lambda x, y: y)
-exp2_p = unary("exp2", ufunc("exp2"), deriv=lambda x, y: y * math.log(2))
-log_p = unary("log", ufunc("log"), deriv=lambda x, y: 1 / x)
-log2_p = unary("log2", ufunc("log2"), deriv=lambda x, y: 1 / (x * math.log(2)))
-log10_p = unary("log10", ufunc("log10"), deriv=lambda x, y: 1 / (x * math.log(10)))
-log1p_p = unary("log1p", ufunc("log1p"), deriv=lambda x, y: 1 / (1 + x))
-expm1_p = unary("expm1", ufunc("expm1"), deriv=lambda x, y: y + 1)
-tanh_p = unary("tanh", ufunc("tanh"), deriv=lambda x, y: 1 - y * y)
-sinh_p = unary("sinh", ufunc("sinh"), deriv=lambda x, y: np.cosh(x))
-cosh_p = unary("cosh", ufunc("cosh"), deriv=lambda x, y: np.sinh(x))
-sin_p = unary("sin", ufunc("sin"), deriv=lambda x, y: np.cos(x))
-cos_p = unary("cos", ufunc("cos"), deriv=lambda x, y: -np.sin(x))
-tan_p = unary("tan", ufunc("tan"), deriv=lambda x, y: 1 + y * y)
-asin_p = unary("asin", ufunc("arcsin"), deriv=lambda x, y: 1 / np.sqrt(1 - x * x))
-acos_p = unary("acos", ufunc("arccos"), deriv=lambda x, y: -1 / np.sqrt(1 - x * x))
-atan_p = unary("atan", ufunc("arctan"), deriv=lambda x, y: 1 / (1 + x * x))
-asinh_p = unary("asinh", ufunc("arcsinh"), deriv=lambda x, y: 1 / np.sqrt(x * x + 1))
-acosh_p = unary("acosh", ufunc("arccosh"), deriv=lambda x, y: 1 / np.sqrt(x * x - 1))
-atanh_p = unary("atanh", ufunc("arctanh"), deriv=lambda x, y: 1 / (1 - x * x))
-sqrt_p = unary("sqrt", ufunc("sqrt"), deriv=lambda x, y: 0.5 / y)
-cbrt_p = unary("cbrt", ufunc("cbrt"), deriv=lambda x, y: 1 / (3 * y * y))
-rsqrt_p = unary("rsqrt", lambda xp, x: 1 / xp.sqrt(x), deriv=lambda x, y: -0.5 * y / x)
-square_p = unary("square", ufunc("square"), deriv=lambda x, y: 2 * x)
-reciprocal_p = unary("reciprocal", ufunc("reciprocal"), deriv=lambda x, y: -y * y)
-abs_p = unary("abs", ufunc("abs"), out_dtype=_real_dtype, deriv=lambda x, y: np.sign(x))
-sign_p = unary("sign", ufunc("sign"), nondiff=True)
-floor_p = unary("floor", ufunc("floor"), nondiff=True)
-ceil_p = unary("ceil", ufunc("ceil"), nondiff=True)
-trunc_p = unary("trunc", ufunc("trunc"), nondiff=True)
-round_p = unary("round", ufunc("round"), nondiff=True)
-rint_p = unary("rint", ufunc("rint"), nondiff=True)
+neg_p = unary("neg", ufunc("negative"), linear=True, transpose=lambda ct, x: [-ct],
+              c=c_expr("(-{0})"))
+exp_p = unary("exp", ufunc("exp"), deriv=lambda x, y: y,
+              c=c_math("spmd_expf({0})", "exp({0})"))
+exp2_p = unary("exp2", ufunc("exp2"), deriv=lambda x, y: y * math.log(2),
+               c=c_math("exp2f({0})", "exp2({0})"))
+log_p = unary("log", ufunc("log"), deriv=lambda x, y: 1 / x,
+              c=c_math("logf({0})", "log({0})"))
+log2_p = unary("log2", ufunc("log2"), deriv=lambda x, y: 1 / (x * math.log(2)),
+               c=c_math("log2f({0})", "log2({0})"))
+log10_p = unary("log10", ufunc("log10"), deriv=lambda x, y: 1 / (x * math.log(10)),
+                c=c_math("log10f({0})", "log10({0})"))
+log1p_p = unary("log1p", ufunc("log1p"), deriv=lambda x, y: 1 / (1 + x),
+                c=c_math("log1pf({0})", "log1p({0})"))
+expm1_p = unary("expm1", ufunc("expm1"), deriv=lambda x, y: y + 1,
+                c=c_math("expm1f({0})", "expm1({0})"))
+tanh_p = unary("tanh", ufunc("tanh"), deriv=lambda x, y: 1 - y * y,
+               c=c_math("spmd_tanhf({0})", "tanh({0})"))
+sinh_p = unary("sinh", ufunc("sinh"), deriv=lambda x, y: np.cosh(x),
+               c=c_math("sinhf({0})", "sinh({0})"))
+cosh_p = unary("cosh", ufunc("cosh"), deriv=lambda x, y: np.sinh(x),
+               c=c_math("coshf({0})", "cosh({0})"))
+sin_p = unary("sin", ufunc("sin"), deriv=lambda x, y: np.cos(x),
+              c=c_math("sinf({0})", "sin({0})"))
+cos_p = unary("cos", ufunc("cos"), deriv=lambda x, y: -np.sin(x),
+              c=c_math("cosf({0})", "cos({0})"))
+tan_p = unary("tan", ufunc("tan"), deriv=lambda x, y: 1 + y * y,
+              c=c_math("tanf({0})", "tan({0})"))
+asin_p = unary("asin", ufunc("arcsin"), deriv=lambda x, y: 1 / np.sqrt(1 - x * x),
+               c=c_math("asinf({0})", "asin({0})"))
+acos_p = unary("acos", ufunc("arccos"), deriv=lambda x, y: -1 / np.sqrt(1 - x * x),
+               c=c_math("acosf({0})", "acos({0})"))
+atan_p = unary("atan", ufunc("arctan"), deriv=lambda x, y: 1 / (1 + x * x),
+               c=c_math("atanf({0})", "atan({0})"))
+asinh_p = unary("asinh", ufunc("arcsinh"), deriv=lambda x, y: 1 / np.sqrt(x * x + 1),
+                c=c_math("asinhf({0})", "asinh({0})"))
+acosh_p = unary("acosh", ufunc("arccosh"), deriv=lambda x, y: 1 / np.sqrt(x * x - 1),
+                c=c_math("acoshf({0})", "acosh({0})"))
+atanh_p = unary("atanh", ufunc("arctanh"), deriv=lambda x, y: 1 / (1 - x * x),
+                c=c_math("atanhf({0})", "atanh({0})"))
+sqrt_p = unary("sqrt", ufunc("sqrt"), deriv=lambda x, y: 0.5 / y,
+               c=c_math("sqrtf({0})", "sqrt({0})"))
+cbrt_p = unary("cbrt", ufunc("cbrt"), deriv=lambda x, y: 1 / (3 * y * y),
+               c=c_math("cbrtf({0})", "cbrt({0})"))
+rsqrt_p = unary("rsqrt", lambda xp, x: 1 / xp.sqrt(x), deriv=lambda x, y: -0.5 * y / x,
+                c=c_math("(1.0f / sqrtf({0}))", "(1.0 / sqrt({0}))"))
+square_p = unary("square", ufunc("square"), deriv=lambda x, y: 2 * x,
+                 c=c_expr("({0} * {0})"))
+reciprocal_p = unary("reciprocal", ufunc("reciprocal"), deriv=lambda x, y: -y * y,
+                     c=c_math("(1.0f / {0})", "(1.0 / {0})"))
+abs_p = unary("abs", ufunc("abs"), out_dtype=_real_dtype, deriv=lambda x, y: np.sign(x),
+              c=c_either(c_math("fabsf({0})", "fabs({0})"), c_expr("({0} < 0 ? -{0} : {0})", "iu")))
+sign_p = unary("sign", ufunc("sign"), nondiff=True,
+               c=c_either(c_math("({0} != {0} ? {0} : (float)(({0} > 0) - ({0} < 0)))", "({0} != {0} ? {0} : (double)(({0} > 0) - ({0} < 0)))"), c_expr("(({0} > 0) - ({0} < 0))", "iu")))
+floor_p = unary("floor", ufunc("floor"), nondiff=True,
+                c=c_math("floorf({0})", "floor({0})"))
+ceil_p = unary("ceil", ufunc("ceil"), nondiff=True,
+               c=c_math("ceilf({0})", "ceil({0})"))
+trunc_p = unary("trunc", ufunc("trunc"), nondiff=True,
+                c=c_math("truncf({0})", "trunc({0})"))
+round_p = unary("round", ufunc("round"), nondiff=True,
+                c=c_math("rintf({0})", "rint({0})"))
+rint_p = unary("rint", ufunc("rint"), nondiff=True,
+               c=c_math("rintf({0})", "rint({0})"))
 conj_p = unary("conj", ufunc("conj"), linear=True, transpose=lambda ct, x: [np.conj(ct)])
 real_p = unary("real", ufunc("real"), out_dtype=_real_dtype, linear=True,
                transpose=lambda ct, x: [ct.astype(x.aval.dtype)])
 imag_p = unary("imag", ufunc("imag"), out_dtype=_real_dtype, linear=True,
                transpose=lambda ct, x: [ct.astype(x.aval.dtype) * -1j])
-logistic_p = unary("logistic", lambda xp, x: 1 / (1 + xp.exp(-x)), deriv=lambda x, y: y * (1 - y))
-not_p = unary("not", ufunc("logical_not"), out_dtype=_bool, nondiff=True)
-invert_p = unary("invert", ufunc("invert"), nondiff=True)
-isnan_p = unary("isnan", ufunc("isnan"), out_dtype=_bool, nondiff=True)
-isinf_p = unary("isinf", ufunc("isinf"), out_dtype=_bool, nondiff=True)
-isfinite_p = unary("isfinite", ufunc("isfinite"), out_dtype=_bool, nondiff=True)
-signbit_p = unary("signbit", ufunc("signbit"), out_dtype=_bool, nondiff=True)
+logistic_p = unary("logistic", lambda xp, x: 1 / (1 + xp.exp(-x)), deriv=lambda x, y: y * (1 - y),
+                   c=c_math("(1.0f / (1.0f + spmd_expf(-{0})))", "(1.0 / (1.0 + exp(-{0})))"))
+not_p = unary("not", ufunc("logical_not"), out_dtype=_bool, nondiff=True,
+              c=c_expr("(!{0})", "biu"))
+invert_p = unary("invert", ufunc("invert"), nondiff=True,
+                 c=c_either(c_expr("(!{0})", "b"), c_expr("(~{0})", "iu")))
+isnan_p = unary("isnan", ufunc("isnan"), out_dtype=_bool, nondiff=True,
+                c=c_expr("({0} != {0})", "f"))
+isinf_p = unary("isinf", ufunc("isinf"), out_dtype=_bool, nondiff=True,
+                c=c_expr("(isinf({0}) != 0)", "f"))
+isfinite_p = unary("isfinite", ufunc("isfinite"), out_dtype=_bool, nondiff=True,
+                   c=c_expr("(isfinite({0}) != 0)", "f"))
+signbit_p = unary("signbit", ufunc("signbit"), out_dtype=_bool, nondiff=True,
+                  c=c_expr("(signbit({0}) != 0)", "f"))
 
 add_p = binary("add", ufunc("add"), linear=True,
-               transpose=lambda ct, x, y: [ct if ad_util.is_undefined(x) else None, ct if ad_util.is_undefined(y) else None])
+               transpose=lambda ct, x, y: [ct if ad_util.is_undefined(x) else None, ct if ad_util.is_undefined(y) else None],
+               c=c_expr("({0} + {1})"))
 sub_p = binary("sub", ufunc("subtract"), linear=True,
-               transpose=lambda ct, x, y: [ct if ad_util.is_undefined(x) else None, -ct if ad_util.is_undefined(y) else None])
+               transpose=lambda ct, x, y: [ct if ad_util.is_undefined(x) else None, -ct if ad_util.is_undefined(y) else None],
+               c=c_expr("({0} - {1})"))
 mul_p = binary("mul", ufunc("multiply"), partials=lambda x, y, o: (y, x), multilinear=(0, 1),
-               transpose=_mul_transpose)
+               transpose=_mul_transpose,
+               c=c_expr("({0} * {1})"))
 div_p = binary("div", ufunc("true_divide"), partials=lambda x, y, o: (1 / y, -o / y),
-               multilinear=(0,), transpose=lambda ct, x, y: [ct / y, None])
+               multilinear=(0,), transpose=lambda ct, x, y: [ct / y, None],
+               c=c_expr("({0} / {1})", "f"))
 floordiv_p = binary("floordiv", ufunc("floor_divide"), nondiff=True)
 rem_p = binary("rem", ufunc("remainder"), partials=lambda x, y, o: (1, -np.floor(x / y)))
-fmod_p = binary("fmod", ufunc("fmod"), partials=lambda x, y, o: (1, -np.trunc(x / y)))
+fmod_p = binary("fmod", ufunc("fmod"), partials=lambda x, y, o: (1, -np.trunc(x / y)),
+                c=c_math("fmodf({0}, {1})", "fmod({0}, {1})"))
 class _power(ufunc):
     """``power``, with a float array raised to the scalar 2 or 3 (``x ** 3``, the derivative's
     ``x ** 2``) as products: what XLA computes for JAX's ``integer_pow``, and several times
@@ -225,31 +298,48 @@ class _power(ufunc):
 
 
 pow_p = binary("pow", _power("power"),
-               partials=lambda x, y, o: (_pow_dx(x, y), np.log(np.where(x > 0, x, 1)) * o))
+               partials=lambda x, y, o: (_pow_dx(x, y), np.log(np.where(x > 0, x, 1)) * o),
+               c=c_math("powf({0}, {1})", "pow({0}, {1})"))
 max_p = binary("max", ufunc("maximum"), partials=lambda x, y, o: _chooser(x > y, x == y),
-               monoid="max")
+               monoid="max",
+               c=c_expr("(({0} != {0} || {0} > {1}) ? {0} : {1})"))
 min_p = binary("min", ufunc("minimum"), partials=lambda x, y, o: _chooser(x < y, x == y),
-               monoid="min")
-fmax_p = binary("fmax", ufunc("fmax"), partials=lambda x, y, o: _chooser(x > y, x == y))
-fmin_p = binary("fmin", ufunc("fmin"), partials=lambda x, y, o: _chooser(x < y, x == y))
+               monoid="min",
+               c=c_expr("(({0} != {0} || {0} < {1}) ? {0} : {1})"))
+fmax_p = binary("fmax", ufunc("fmax"), partials=lambda x, y, o: _chooser(x > y, x == y),
+                c=c_math("fmaxf({0}, {1})", "fmax({0}, {1})"))
+fmin_p = binary("fmin", ufunc("fmin"), partials=lambda x, y, o: _chooser(x < y, x == y),
+                c=c_math("fminf({0}, {1})", "fmin({0}, {1})"))
 atan2_p = binary("atan2", ufunc("arctan2"),
-                 partials=lambda x, y, o: (y / (x * x + y * y), -x / (x * x + y * y)))
-hypot_p = binary("hypot", ufunc("hypot"), partials=lambda x, y, o: (x / o, y / o))
+                 partials=lambda x, y, o: (y / (x * x + y * y), -x / (x * x + y * y)),
+                 c=c_math("atan2f({0}, {1})", "atan2({0}, {1})"))
+hypot_p = binary("hypot", ufunc("hypot"), partials=lambda x, y, o: (x / o, y / o),
+                 c=c_math("hypotf({0}, {1})", "hypot({0}, {1})"))
 copysign_p = binary("copysign", ufunc("copysign"),
-                    partials=lambda x, y, o: (np.sign(x) * np.sign(o), 0))
+                    partials=lambda x, y, o: (np.sign(x) * np.sign(o), 0),
+                    c=c_math("copysignf({0}, {1})", "copysign({0}, {1})"))
 logaddexp_p = binary("logaddexp", ufunc("logaddexp"),
                      partials=lambda x, y, o: (np.exp(x - o), np.exp(y - o)))
-and_p = binary("and", ufunc("bitwise_and"), nondiff=True)
-or_p = binary("or", ufunc("bitwise_or"), nondiff=True)
-xor_p = binary("xor", ufunc("bitwise_xor"), nondiff=True)
+and_p = binary("and", ufunc("bitwise_and"), nondiff=True,
+               c=c_expr("({0} & {1})", "biu"))
+or_p = binary("or", ufunc("bitwise_or"), nondiff=True,
+              c=c_expr("({0} | {1})", "biu"))
+xor_p = binary("xor", ufunc("bitwise_xor"), nondiff=True,
+               c=c_expr("({0} ^ {1})", "biu"))
 shift_left_p = binary("shift_left", ufunc("left_shift"), nondiff=True)
 shift_right_p = binary("shift_right", ufunc("right_shift"), nondiff=True)
-eq_p = binary("eq", ufunc("equal"), out_dtype=_bool, nondiff=True)
-ne_p = binary("ne", ufunc("not_equal"), out_dtype=_bool, nondiff=True)
-lt_p = binary("lt", ufunc("less"), out_dtype=_bool, nondiff=True)
-le_p = binary("le", ufunc("less_equal"), out_dtype=_bool, nondiff=True)
-gt_p = binary("gt", ufunc("greater"), out_dtype=_bool, nondiff=True)
-ge_p = binary("ge", ufunc("greater_equal"), out_dtype=_bool, nondiff=True)
+eq_p = binary("eq", ufunc("equal"), out_dtype=_bool, nondiff=True,
+              c=c_expr("({0} == {1})", "biuf"))
+ne_p = binary("ne", ufunc("not_equal"), out_dtype=_bool, nondiff=True,
+              c=c_expr("({0} != {1})", "biuf"))
+lt_p = binary("lt", ufunc("less"), out_dtype=_bool, nondiff=True,
+              c=c_expr("({0} < {1})", "biuf"))
+le_p = binary("le", ufunc("less_equal"), out_dtype=_bool, nondiff=True,
+              c=c_expr("({0} <= {1})", "biuf"))
+gt_p = binary("gt", ufunc("greater"), out_dtype=_bool, nondiff=True,
+              c=c_expr("({0} > {1})", "biuf"))
+ge_p = binary("ge", ufunc("greater_equal"), out_dtype=_bool, nondiff=True,
+              c=c_expr("({0} >= {1})", "biuf"))
 
 
 def _select_abstract(pred, on_true, on_false):
@@ -272,7 +362,8 @@ def _select_transpose(ct, c, x, y):
 select_p = Primitive("select", abstract=_select_abstract,
                      impl=lambda xp, k, c, x, y: xp.where(c, x, y), category="elementwise",
                      linear=(1, 2), jvp=_select_jvp, transpose=_select_transpose,
-                     sharding=sharding_rules.select)
+                     sharding=sharding_rules.select,
+                     c=lambda cw, dts, out: "({0} ? {1} : {2})" if dts[1] == dts[2] else None)
 select_p.batch = batching.elementwise_batch(select_p)
 
 
@@ -292,8 +383,17 @@ def _convert_jvp(primals, tangents, *, dtype):
     return out, bind(convert_element_type_p, t, dtype=dtype)
 
 
+def _convert_c(cw, dts, out):
+    if out == np.bool_:
+        return "({0} != 0)"
+    if dts[0].kind == "f" and out.kind in "iu":
+        return None                 # out of range or NaN: C leaves it undefined, NumPy does not
+    return f"(({cw.ctype(out)}){{0}})"
+
+
 convert_element_type_p = Primitive(
     "convert_element_type", abstract=_convert_abstract, impl=_convert_impl, category="elementwise",
+    c=_convert_c,
     linear=lambda dtype: np.dtype(dtype).kind in "fc",     # rounding to integers is not linear
     jvp=_convert_jvp,
     transpose=lambda ct, x, *, dtype: [bind(convert_element_type_p, ct, dtype=x.aval.dtype)])
@@ -341,7 +441,8 @@ def _bid_transpose(ct, x, *, shape, dims):
 
 
 broadcast_in_dim_p = Primitive("broadcast_in_dim", abstract=_bid_abstract, impl=_bid_impl,
-                               category="broadcast", linear=True, transpose=_bid_transpose)
+                               category="broadcast", linear=True, transpose=_bid_transpose,
+                               c=lambda cw, x, *, shape, dims: [cw.broadcast_in_dim(x, shape, dims)])
 broadcast_in_dim_p.batch = batching.shifted_batch(broadcast_in_dim_p, lambda p, n: dict(
     p, shape=(n,) + tuple(p["shape"]), dims=(0,) + tuple(d + 1 for d in p["dims"])))
 
@@ -355,7 +456,8 @@ def _reshape_abstract(x, *, shape):
 reshape_p = Primitive("reshape", abstract=_reshape_abstract,
                       impl=lambda xp, k, x, *, shape: xp.reshape(x, x.shape[:k] + tuple(shape)),
                       linear=True, category="reshape",
-                      transpose=lambda ct, x, *, shape: [bind(reshape_p, ct, shape=x.aval.shape)])
+                      transpose=lambda ct, x, *, shape: [bind(reshape_p, ct, shape=x.aval.shape)],
+                      c=lambda cw, x, *, shape: [cw.reshape(x, shape)])
 reshape_p.batch = batching.shifted_batch(reshape_p, lambda p, n: dict(p, shape=(n,) + tuple(p["shape"])))
 
 
@@ -368,7 +470,8 @@ def _transpose_abstract(x, *, perm):
 transpose_p = Primitive("transpose", abstract=_transpose_abstract,
                         impl=lambda xp, k, x, *, perm: xp.transpose(x, tuple(range(k)) + _shift(perm, k)),
                         linear=True, category="transpose",
-                        transpose=lambda ct, x, *, perm: [bind(transpose_p, ct, perm=tuple(np.argsort(perm).tolist()))])
+                        transpose=lambda ct, x, *, perm: [bind(transpose_p, ct, perm=tuple(np.argsort(perm).tolist()))],
+                        c=lambda cw, x, *, perm: [cw.transpose(x, perm)])
 transpose_p.batch = batching.shifted_batch(transpose_p, lambda p, n: dict(p, perm=(0,) + tuple(a + 1 for a in p["perm"])))
 
 
@@ -379,7 +482,8 @@ def _slice_abstract(x, *, index):
 slice_p = Primitive("slice", abstract=_slice_abstract,
                     impl=lambda xp, k, x, *, index: x[(slice(None),) * k + tuple(
                         slice(a, None if (c < 0 and b < 0) else b, c) for a, b, c in index)],
-                    linear=True, category="slice", transpose=lambda ct, x, *, index: [_unslice(ct, x.aval, index)])
+                    linear=True, category="slice", transpose=lambda ct, x, *, index: [_unslice(ct, x.aval, index)],
+                    c=lambda cw, x, *, index: [cw.slice(x, index)])
 slice_p.batch = batching.shifted_batch(slice_p, lambda p, n: dict(p, index=((0, n, 1),) + tuple(p["index"])))
 
 
@@ -448,7 +552,8 @@ def _concat_abstract(*xs, axis):
 
 concatenate_p = Primitive("concatenate", abstract=_concat_abstract,
                           impl=lambda xp, k, *xs, axis: _host_parallel.concatenate(xp, _common_batch(xp, k, list(xs)), axis + k),
-                          linear=True, category="concatenate", transpose=lambda ct, *xs, axis: _concat_transpose(ct, xs, axis))
+                          linear=True, category="concatenate", transpose=lambda ct, *xs, axis: _concat_transpose(ct, xs, axis),
+                          c=lambda cw, *xs, axis: [cw.concatenate(xs, axis)])
 concatenate_p.batch = batching.shifted_batch(concatenate_p, batching.plus1("axis"))
 
 
@@ -490,7 +595,8 @@ def _reduce_abstract(out_dtype=None):
 def reduction(name, fn, monoid, out_dtype=None, **rules):
     p = Primitive(name, abstract=_reduce_abstract(out_dtype),
                   impl=lambda xp, k, x, *, axes: fn(xp, x, _shift(axes, k)),
-                  category="reduction", monoid=monoid, **rules)
+                  category="reduction", monoid=monoid,
+                  c=lambda cw, x, *, axes: [cw.reduce(x, axes, monoid)], **rules)
     p.batch = batching.shifted_batch(p, batching.plus1("axes"))
     return p
 
@@ -762,7 +868,8 @@ def _dot_batch(vals, dims, *, contract, batch):
 
 
 dot_general_p = Primitive("dot_general", abstract=_dot_abstract, impl=_dot_impl, category="contraction",
-                          multilinear=(0, 1), jvp=_dot_jvp, transpose=_dot_transpose, batch=_dot_batch)
+                          multilinear=(0, 1), jvp=_dot_jvp, transpose=_dot_transpose, batch=_dot_batch,
+                          c=lambda cw, x, y, *, contract, batch: [cw.dot_general(x, y, contract, batch)])
 
 # ---------------------------------------------------------------------------------------------
 # indexing
@@ -1056,7 +1163,8 @@ sharding_constraint_p.batch = batching.shifted_batch(sharding_constraint_p, lamb
 # ---------------------------------------------------------------------------------------------
 
 stop_gradient_p = Primitive("stop_gradient", abstract=lambda x: Aval(x.shape, x.dtype),
-                            impl=lambda xp, k, x: x, category="elementwise")
+                            impl=lambda xp, k, x: x, category="elementwise",
+                            c=c_expr("{0}", "biuf"))
 stop_gradient_p.jvp = ad_util.zero_jvp(stop_gradient_p)
 stop_gradient_p.batch = batching.elementwise_batch(stop_gradient_p)
 

@@ -179,8 +179,11 @@ def test_compiled_step_rows_are_per_device_and_fused_on_the_stacked_executor(exe
     assert all(sources(r) == [(HERE, line)] for r in body)
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("executor", EXECUTORS)
-def test_a_loop_is_one_row_with_its_body_one_level_deeper(executor):
+def test_a_loop_is_one_row_with_its_body_one_level_deeper(executor, native, monkeypatch):
+    monkeypatch.setenv("SPMD_NATIVE", "1" if native else "0")
+
     def loop(c, xs):            # sin of the carry: each step needs the one before
         return spmd.lax.scan(lambda c, x: (np.sin(c) + x, None), c, xs)[0]
     xs = np.arange(12, dtype=np.float32).reshape(6, 2)
@@ -193,7 +196,11 @@ def test_a_loop_is_one_row_with_its_body_one_level_deeper(executor):
     np.testing.assert_allclose(np.asarray(got), c, rtol=1e-6)
     rows = {r.op: r for r in prof.rows()}
     assert rows["scan"].depth == 0 and rows["scan"].calls == 1
-    assert rows["sin"].depth == 1 and rows["sin"].calls == len(xs)
+    if native:                  # the steps: one call of native code
+        assert rows["native(sin·add)"].depth == 1 and rows["native(sin·add)"].calls == 1
+        assert "sin" not in rows
+    else:
+        assert rows["sin"].depth == 1 and rows["sin"].calls == len(xs)
     assert rows["scan"].total_s >= sum(r.total_s for r in prof.rows() if r.depth == 1)
 
 

@@ -17,7 +17,7 @@ from ..communicators.inprocess import InProcessCommunicator
 from ..core import Literal, Program
 from ..layout import GlobalValue
 from ..sharding import NamedSharding
-from . import lean, profiling
+from . import lean, native, profiling
 
 
 class PerDeviceExecutor:
@@ -245,6 +245,12 @@ class _Run:
             n = len(next(iter(per.values())))
             return [{p: per[p][i] for p in per} for i in range(n)]
         return per_device
+
+    def native_scan(self, step: Program, n_consts: int, n_carry: int, reverse: bool):
+        """A scan's steps as one native call (``native.Loop``) at the top level, or None."""
+        if self.comm is not None:
+            return None
+        return native.scan_runner(step, n_consts, n_carry, reverse, self.executor._whole)
 
     def scalar(self, value):
         """A value that is the same on every device (a loop's predicate) as a Python scalar."""

@@ -17,7 +17,7 @@ from ..core import Literal, Program
 from ..sharding import NamedSharding
 from ..transforms import simplify
 from ..transforms.ad import dce
-from . import fusion, lean, profiling
+from . import fusion, lean, native, profiling
 
 
 class StackedExecutor:
@@ -283,6 +283,13 @@ class _Run:
         mesh dims in front; whole arrays at the top level): a loop's slicing and stacking."""
         xp, k = self.executor.xp, len(self.mesh.axis_sizes) if self.mesh is not None else 0
         return lambda *vals: fn(xp, k, *[_global(v) for v in vals])
+
+    def native_scan(self, step: Program, n_consts: int, n_carry: int, reverse: bool):
+        """A scan's steps as one native call (``native.Loop``) at the top level on the host,
+        or None (inside ``shard_map`` each value is a stack of devices' blocks)."""
+        if self.mesh is not None or self.executor.xp is not np:
+            return None
+        return native.scan_runner(step, n_consts, n_carry, reverse, _global)
 
     def scalar(self, value):
         """A value that is the same on every device (a loop's predicate) as a Python scalar."""
