@@ -34,11 +34,12 @@ LOOP_MIN_BYTES = 1 << 18
 # quicker than handing blocks to threads.
 REDUCE_LOOP_MIN_BYTES = 16 << 20
 
-# Big outputs come from a pool of host buffers: the first touch of a fresh ``np.empty`` of many
-# MiB faults in and zeroes every page, which costs about as much as the copy that fills it.  A
+# Big outputs come from a pool of host buffers: the first touch of a fresh ``np.empty`` of a MiB
+# faults in and zeroes every page (glibc maps each anew), costing as much as the work that fills
+# it (a 1,000-step scan of a small RNN ran twice as long).  A
 # pooled buffer is handed out again once no array refers to it any more (like the memory pools
 # of JAX's and CuPy's allocators); at most POOL_MAX_BYTES stay pooled.
-POOL_MIN_BYTES = 1 << 20
+POOL_MIN_BYTES = 1 << 18
 # Reductions go block by block: a block of the result this big stays in a core's L2 cache.
 BLOCK_BYTES = 256 << 10
 # Elementwise work goes in blocks this big, at least one per host thread: handing out a block
@@ -47,7 +48,9 @@ ELEMENTWISE_BLOCK_BYTES = 4 << 20
 # Per-thread scratch blocks (``scratch``) up to this size are kept for the next call.
 SCRATCH_MAX_BYTES = 16 << 20
 POOL_MAX_BYTES = 1 << 30
-_buffers: list = []                     # least recently handed out first
+_buffers: list = []                     # every pooled buffer, oldest first
+_by_size: dict = {}                     # nbytes -> the pooled buffers of that size
+_pooled_bytes = 0
 _buffers_lock = threading.Lock()
 
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -155,31 +158,37 @@ def _copy_block(xp, out, src, idx):
 
 def empty(xp, shape, dtype):
     """``xp.empty(shape, dtype)``, from the buffer pool when it is NumPy and big."""
+    global _pooled_bytes
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
     if xp is not np or nbytes < POOL_MIN_BYTES:
         return xp.empty(shape, dtype)
     with _buffers_lock:
-        for i in range(len(_buffers)):
-            # free: referenced only by the list (and getrefcount's own argument)
-            if _buffers[i].nbytes == nbytes and sys.getrefcount(_buffers[i]) == 2:
-                buf = _buffers.pop(i)
-                _buffers.append(buf)
+        for buf in _by_size.get(nbytes, ()):
+            # free: referenced only by the two lists (and ``buf`` and getrefcount's argument)
+            if sys.getrefcount(buf) == 4:
                 break
         else:
             buf = np.empty(nbytes, np.uint8)
             _buffers.append(buf)
-            total = sum(b.nbytes for b in _buffers)
-            while total > POOL_MAX_BYTES and len(_buffers) > 1:
-                total -= _buffers.pop(0).nbytes      # still-used ones just stop being pooled
+            _by_size.setdefault(nbytes, []).append(buf)
+            _pooled_bytes += nbytes
+            while _pooled_bytes > POOL_MAX_BYTES and len(_buffers) > 1:
+                old = _buffers.pop(0)               # still-used ones just stop being pooled
+                same = _by_size[old.nbytes]
+                del same[next(i for i, b in enumerate(same) if b is old)]
+                _pooled_bytes -= old.nbytes
     return buf.view(dtype).reshape(shape)
 
 
 def release_pool() -> None:
     """Forget the pooled buffers (arrays still using one keep it): the next big outputs are
     fresh allocations again, which is what a memory measurement should see."""
+    global _pooled_bytes
     with _buffers_lock:
         _buffers.clear()
+        _by_size.clear()
+        _pooled_bytes = 0
 
 
 def copy(xp, src):
