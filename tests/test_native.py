@@ -174,6 +174,14 @@ def test_carries_that_swap_pass_through_or_are_read_as_outputs(calls, monkeypatc
     _close(got, want, 0)
 
 
+def test_integers_wrap_around_on_overflow_as_numpys_do(calls, monkeypatch):
+    body = lambda c, x: (c * np.int32(1000003) + x, c - np.int32(2**30))
+    xs = np.arange(40, dtype=np.int32).reshape(10, 4)
+    got, want = _both(monkeypatch, lambda c, xs: slax.scan(body, c, xs), xs[0] + 7, xs)
+    assert calls[0] == 1
+    _close(got, want, 0)
+
+
 def test_lengths_one_and_zero_and_no_xs(calls, monkeypatch):
     body = lambda c, x: (np.tanh(c * 1.5 + x), c * 2)
     for xs in (_arr((1, 4)), _arr((0, 4))):

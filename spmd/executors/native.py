@@ -42,8 +42,10 @@ from . import profiling
 
 ENV_VAR = "SPMD_NATIVE"
 CACHE_ENV_VAR = "SPMD_NATIVE_CACHE"
-FLAGS = ("-O2", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared",
-         "-std=c11")
+# -O2: vectorised, and faster than -O3 on these loops (0.47 against 0.77 us per RNN step);
+# -fwrapv: integers wrap around on overflow, as NumPy's do
+FLAGS = ("-O2", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fwrapv", "-fPIC",
+         "-shared", "-std=c11")
 
 _CTYPE = {np.dtype(t): c for t, c in [
     ("float32", "float"), ("float64", "double"), ("int8", "int8_t"), ("int16", "int16_t"),
