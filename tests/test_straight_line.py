@@ -124,8 +124,10 @@ def test_sharded_inputs_and_higher_order_results_are_gathered():
         np.testing.assert_allclose(np.asarray(got[1]), want[1], rtol=1e-5, atol=1e-5)
 
 
-def test_profiling_runs_the_timed_steps_with_the_same_values(monkeypatch):
-    monkeypatch.setenv("SPMD_NATIVE", "0")          # the NumPy loop (the native one: below)
+@pytest.mark.parametrize("native", [False, True])
+def test_profiling_runs_the_timed_steps_with_the_same_values(native, monkeypatch):
+    # the NumPy loop: each step's equations timed; a native loop: one timed call
+    monkeypatch.setenv("SPMD_NATIVE", "1" if native else "0")
     w, h0, xs = _arr((4, 4)) * 0.3, _arr((2, 4)), _arr((6, 2, 4))
     f = spmd.jit(lambda w, h, xs: slax.scan(lambda h, x: (np.tanh(h @ w + x),) * 2, h, xs))
     fast = [np.asarray(o) for o in f(w, h0, xs)]
@@ -136,7 +138,10 @@ def test_profiling_runs_the_timed_steps_with_the_same_values(monkeypatch):
     for a, b in zip(fast, timed):
         np.testing.assert_array_equal(a, b)
     ops = [event[0].op for event in recording.events]
-    assert ops.count("tanh") == 6 and ops.count("dot_general") == 6
+    if native:
+        assert ops == ["native(dot_general·add·tanh)", "scan"], ops
+    else:
+        assert ops.count("tanh") == 6 and ops.count("dot_general") == 6
 
 
 def test_ops_write_into_temporaries_that_die_and_never_into_inputs_or_live_values():
@@ -170,16 +175,3 @@ def test_ops_write_into_temporaries_that_die_and_never_into_inputs_or_live_value
                     "add": False,                         # h + b: h is returned, kept
                     "tanh": True, "mul": True, "neg": False, "exp": True}, into
 
-
-def test_profiling_a_native_loop_times_it_as_one_step_with_the_same_values(monkeypatch):
-    w, h0, xs = _arr((4, 4)) * 0.3, _arr((2, 4)), _arr((6, 2, 4))
-    f = spmd.jit(lambda w, h, xs: slax.scan(lambda h, x: (np.tanh(h @ w + x),) * 2, h, xs))
-    fast = [np.asarray(o) for o in f(w, h0, xs)]
-    recording = profiling.Recording()
-    monkeypatch.setattr(profiling, "active", recording)
-    timed = [np.asarray(o) for o in f(w, h0, xs)]
-    monkeypatch.setattr(profiling, "active", None)
-    for a, b in zip(fast, timed):
-        np.testing.assert_array_equal(a, b)
-    ops = [event[0].op for event in recording.events]
-    assert ops == ["native(dot_general·add·tanh)", "scan"], ops
