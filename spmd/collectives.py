@@ -722,7 +722,8 @@ pvary_p = Primitive(
     "pvary", abstract=lambda x, **p: Aval(x.shape, x.dtype), unreduced=_unreduced_rule("pvary"),
     vma=lambda x, *, axes: x.vma | set(axes), stacked=_pvary_stacked,
     per_device=lambda comm, bufs, *, axes: bufs, collective="none", linear=True, free=True,
-    transpose=lambda ct, x, *, axes: [bind(psum_p, ct, axes=axes, groups=None)])
+    transpose=lambda ct, x, *, axes: [bind(psum_p, ct, axes=axes, groups=None)],
+    c=lambda cw, x, *, axes: [x])           # a device's block is its block: nothing moves
 pvary_p.jvp = ad_util.linear_jvp(pvary_p)
 hooks.pvary = pvary_p
 

@@ -8,6 +8,7 @@ import pytest
 
 import spmd
 import spmd.lax as slax
+from spmd import P
 from spmd.executors import native
 from spmd.executors.per_device import reference_executor
 
@@ -25,8 +26,8 @@ def calls(monkeypatch):
     count = [0]
     real = native.Loop.__call__
 
-    def counted(self, *args):
-        out = real(self, *args)
+    def counted(self, *args, **kw):
+        out = real(self, *args, **kw)
         count[0] += out is not None
         return out
     monkeypatch.setattr(native.Loop, "__call__", counted)
@@ -296,3 +297,38 @@ def test_the_disk_cache_keeps_the_most_recently_built_libraries(tmp_path, monkey
         spmd.jit(lambda c, xs: slax.scan(lambda c, x: (np.sin(c) * scale + x, c), c, xs))(
             _arr((3,)), _arr((4, 3)))
     assert len(list(tmp_path.glob("*.so"))) == 2
+
+
+@pytest.mark.parametrize("executor", ["stacked", "reference"])
+def test_a_loop_inside_shard_map_runs_natively_once_per_device(executor, calls, monkeypatch):
+    # a data-parallel RNN: each device runs the scan on its batch rows (the weights and a
+    # per-step input the same on every device), then a psum outside the loop
+    import jax
+    mesh = spmd.make_mesh((4,), ("data",))
+    w, u, b = _arr((6, 6), scale=0.4), _arr((3, 6), scale=0.4), _arr((6,))
+    h0, xs, shift = _arr((8, 6)), _arr((5, 8, 3)), _arr((5, 6), seed=3)
+
+    def body(lax, xp):
+        def f(w, u, b, h0, xs, shift):
+            def cell(h, x):
+                x, s = x
+                h = xp.tanh(h @ w + x @ u + b + s)
+                return h, h.sum(-1)
+            h, ys = lax.scan(cell, h0, (xs, shift))
+            return lax.psum(h.sum(), "data"), h, ys
+        return f
+    specs = (P(), P(), P(), P("data"), P(None, "data"), P())
+    out_specs = (P(), P("data"), P(None, "data"))
+    kw = {} if executor == "stacked" else {"executor": reference_executor()}
+    args = (w, u, b, h0, xs, shift)
+    f = spmd.shard_map(body(slax, np), mesh=mesh, in_specs=specs, out_specs=out_specs)
+    got, want = _both(monkeypatch, f, *args, **kw)
+    assert calls[0] == 4                                # one call per device
+    _close(got, want, 1e-5)
+    jmesh = jax.make_mesh((4,), ("data",))
+    JP = jax.sharding.PartitionSpec
+    theirs = jax.jit(jax.shard_map(body(jax.lax, jax.numpy), mesh=jmesh,
+                                   in_specs=tuple(JP(*s) for s in specs),
+                                   out_specs=tuple(JP(*s) for s in out_specs)))(
+        *[jax.device_put(a, jax.sharding.NamedSharding(jmesh, JP(*s))) for a, s in zip(args, specs)])
+    _close(got, theirs, 2e-5)

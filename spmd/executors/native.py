@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import hashlib
 import itertools
 import math
@@ -666,7 +667,8 @@ class Loop:
                 self._fn = False
         return self._fn or None
 
-    def __call__(self, length, consts, carries, per_step):
+    def __call__(self, length, consts, carries, per_step, ys=None):
+        """``ys``: C-contiguous arrays ``(length, ...)`` to write the per-step outputs into."""
         fn = self.function()
         if fn is None:
             return None
@@ -682,14 +684,42 @@ class Loop:
                 x = np.broadcast_to(x, (length,) + tuple(aval.shape))
             stacked.append(np.ascontiguousarray(x, dtype=aval.dtype))
         # from the buffer pool: a thousand steps' outputs are MiBs, made at every call
-        ys = [_host_parallel.empty(np, (length,) + tuple(a.shape), a.dtype)
-              for a in self.out_avals[nk:]]
+        if ys is None:
+            ys = [_host_parallel.empty(np, (length,) + tuple(a.shape), a.dtype)
+                  for a in self.out_avals[nk:]]
         arrays = [b.reshape(avals[i].shape) if b.ndim != len(avals[i].shape) else b
                   for i, b in enumerate(bufs)] + state + stacked + ys
         ptrs = (ctypes.c_void_p * max(1, len(arrays)))(*[a.ctypes.data for a in arrays])
         if fn(length, int(self.reverse), ptrs):
             raise MemoryError("spmd: a native loop could not allocate its scratch")
         return state, ys
+
+    def stacked(self, length, k, consts, carries, per_step):
+        """The loop on each device's blocks of values stacked with ``k`` mesh dims in front
+        (a dim of size 1, or a missing one: the same block for every device), the devices
+        spread over the host threads; the results stacked alike."""
+        avals, nc, nk = self.in_avals, self.n_consts, self.n_carry
+
+        def lead(v, rank):
+            a = np.asarray(v)
+            return a.reshape((1,) * (k + rank - a.ndim) + a.shape)
+        groups = [[lead(v, avals[i].ndim) for i, v in enumerate(consts)],
+                  [lead(v, avals[nc + i].ndim) for i, v in enumerate(carries)],
+                  [lead(v, 1 + avals[nc + nk + i].ndim) for i, v in enumerate(per_step)]]
+        mesh = tuple(max([a.shape[d] for g in groups for a in g] or [1]) for d in range(k))
+        carry_out = [np.empty(mesh + tuple(a.shape), a.dtype) for a in self.out_avals[:nk]]
+        ys_out = [_host_parallel.empty(np, mesh + (length,) + tuple(a.shape), a.dtype)
+                  for a in self.out_avals[nk:]]
+
+        def one(idx):
+            pick = lambda a: a[tuple(i if a.shape[d] > 1 else 0 for d, i in enumerate(idx))]
+            state, _ = self(length, *[[pick(a) for a in g] for g in groups],
+                            ys=[y[idx] for y in ys_out])
+            for c, v in zip(carry_out, state):
+                c[idx] = v
+        nbytes = sum(y.nbytes for y in ys_out) + sum(a.nbytes for g in groups for a in g)
+        _host_parallel.run(np, nbytes, [functools.partial(one, idx) for idx in np.ndindex(*mesh)])
+        return carry_out, ys_out
 
 
 def scan_loop(step: Program, n_consts: int, n_carry: int, reverse: bool):
@@ -705,23 +735,36 @@ def scan_loop(step: Program, n_consts: int, n_carry: int, reverse: bool):
                 [v.aval for v in step.out_vars], reverse)
 
 
-def scan_runner(step: Program, n_consts: int, n_carry: int, reverse: bool, whole):
+def scan_runner(step: Program, n_consts: int, n_carry: int, reverse: bool, whole, *, k=0,
+                positions=None):
     """What an executor's ``native_scan`` gives ``control_flow``: ``run(length, consts,
-    carries, per_step)`` on the executor's values (``whole`` makes each a host array), or
-    None.  While profiling, the call is one step of the profile, named after the equations it
-    runs."""
+    carries, per_step)`` on the executor's values, or None.  The values: host arrays after
+    ``whole``; with ``k``, stacked with ``k`` mesh dims in front (the stacked executor inside
+    ``shard_map``: the loop runs once per device); with ``positions``, dicts of the devices'
+    arrays (the per-device executor inside ``shard_map``).  While profiling, the call is one
+    step of the profile, named after the equations it runs."""
     loop = scan_loop(step, n_consts, n_carry, reverse)
     if loop is None or loop.function() is None:     # built with the plan, as part of compiling
         return None
     timed_as = []
 
-    def run(length, *groups):
+    def per_device(length, *groups):
+        outs = {p: loop(length, *[[v[p] for v in g] for g in groups]) for p in positions}
+        return [[{p: outs[p][j][i] for p in positions} for i in range(len(outs[positions[0]][j]))]
+                for j in range(2)]
+
+    def call(length, *groups):
+        if positions is not None:
+            return per_device(length, *groups)
         groups = [[whole(v) for v in g] for g in groups]
+        return loop.stacked(length, k, *groups) if k else loop(length, *groups)
+
+    def run(length, *groups):
         if profiling.active is None:
-            return loop(length, *groups)
+            return call(length, *groups)
         if not timed_as:
             names = "·".join(e.prim.name for e in step.eqns)
             timed_as.append(dataclasses.replace(
                 profiling.step_of(step.eqns, step.in_vars, step.out_vars), op=f"native({names})"))
-        return profiling.timed(timed_as[0], loop, length, *groups)
+        return profiling.timed(timed_as[0], call, length, *groups)
     return run

@@ -247,10 +247,11 @@ class _Run:
         return per_device
 
     def native_scan(self, step: Program, n_consts: int, n_carry: int, reverse: bool):
-        """A scan's steps as one native call (``native.Loop``) at the top level, or None."""
-        if self.comm is not None:
-            return None
-        return native.scan_runner(step, n_consts, n_carry, reverse, self.executor._whole)
+        """A scan's steps as one native call (``native.Loop``); inside ``shard_map``, one
+        call per device this process holds, on its arrays."""
+        positions = list(self.comm.local_positions) if self.comm is not None else None
+        return native.scan_runner(step, n_consts, n_carry, reverse, self.executor._whole,
+                                  positions=positions)
 
     def scalar(self, value):
         """A value that is the same on every device (a loop's predicate) as a Python scalar."""

@@ -285,11 +285,12 @@ class _Run:
         return lambda *vals: fn(xp, k, *[_global(v) for v in vals])
 
     def native_scan(self, step: Program, n_consts: int, n_carry: int, reverse: bool):
-        """A scan's steps as one native call (``native.Loop``) at the top level on the host,
-        or None (inside ``shard_map`` each value is a stack of devices' blocks)."""
-        if self.mesh is not None or self.executor.xp is not np:
+        """A scan's steps as one native call (``native.Loop``) on the host, or None (on a
+        GPU).  Inside ``shard_map``, one call per device on its blocks."""
+        if self.executor.xp is not np:
             return None
-        return native.scan_runner(step, n_consts, n_carry, reverse, _global)
+        k = len(self.mesh.axis_sizes) if self.mesh is not None else 0
+        return native.scan_runner(step, n_consts, n_carry, reverse, _global, k=k)
 
     def scalar(self, value):
         """A value that is the same on every device (a loop's predicate) as a Python scalar."""
