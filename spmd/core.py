@@ -112,6 +112,20 @@ class Aval:
     def size(self) -> int:
         return math.prod(self.shape)
 
+    def __hash__(self):               # every jit call hashes its arguments' types: once each
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.shape, self.dtype, self.vma, self.weak, self.sharding, self.unreduced,
+                      self.reduced))
+            object.__setattr__(self, "_hash", h)
+        return h
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
     def update(self, **kw) -> "Aval":
         if self.sharding is not None and "sharding" not in kw and \
                 len(kw.get("shape", self.shape)) != self.ndim:

@@ -56,6 +56,16 @@ class FlightRecorder:
         self.entries.append(entry)
         return entry
 
+    def begin(self, call: dict) -> dict:
+        """``start`` for a call whose fields (op, axes, ranks, shape, dtype, nbytes, and groups
+        or perm) are in ``call``, made once (its lists are shared, never changed)."""
+        entry = call.copy()
+        entry["seq"] = self.seq
+        entry["state"], entry["start"], entry["end"] = "started", time.time(), None
+        self.seq += 1
+        self.entries.append(entry)
+        return entry
+
     @staticmethod
     def finish(entry: dict, state: str = "completed"):
         entry["state"] = state

@@ -87,7 +87,7 @@ def _array_of(value: GlobalValue, shape, sharding) -> Array:
     """The ``Array`` over an executor's ``GlobalValue`` (its storage, or across processes its
     blocks), with the global ``shape`` and ``sharding`` given."""
     return (Array(value._storage, tuple(shape), sharding) if value._blocks is None else
-            Array.from_blocks(value._blocks, tuple(shape), sharding))
+            Array.over_blocks(value._blocks, shape, sharding, value._dtype))
 
 
 def _on_devices(outs, leaves):
@@ -585,7 +585,11 @@ def _signature(x):
     Explicit mesh axes, its sharding), or, for a Python scalar (weakly typed), its type."""
     t = type(x)
     if t is Array:
-        return aval_of(x) if x.sharding.mesh.explicit_axes else (x.shape, x.dtype)
+        sig = x.__dict__.get("_signature")       # an Array's type never changes: once per Array
+        if sig is None:
+            sig = x._signature = (aval_of(x) if x.sharding.mesh.explicit_axes
+                                  else (x.shape, x.dtype))
+        return sig
     if t is np.ndarray or isinstance(x, np.generic):
         return x.shape, x.dtype
     if t in (bool, int, float, complex):

@@ -119,9 +119,15 @@ class GlobalValue:
                 coords = dict(zip(mesh.axis_names, np.unravel_index(pos, mesh.axis_sizes)))
                 host[sharding.index_at(coords, shape)] = block
             return cls.from_host(host, sharding)
+        return cls.over_blocks({p: np.asarray(b) for p, b in blocks.items()}, shape, sharding)
+
+    @classmethod
+    def over_blocks(cls, blocks: dict, shape, sharding, dtype=None):
+        """The value of a mesh that spans processes over this process's ``blocks`` ({flat mesh
+        position: NumPy block}, kept as given)."""
         a = cls(None, shape, sharding)
-        a._blocks = {p: np.asarray(b) for p, b in blocks.items()}
-        a._dtype = next(iter(a._blocks.values())).dtype
+        a._blocks = blocks
+        a._dtype = next(iter(blocks.values())).dtype if dtype is None else dtype
         return a
 
     @property

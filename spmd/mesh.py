@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import enum
+import functools
 import math
 from collections import OrderedDict
 from typing import Iterable, Sequence
@@ -83,6 +84,10 @@ def _check_axis_types(axis_types, names, default: AxisType, where: str) -> tuple
     return types
 
 
+_CACHED = ("_identity", "explicit_axes", "auto_axes", "manual_axes", "abstract_mesh",
+           "is_multi_process")
+
+
 class AbstractMesh:
     """A mesh's shape, axis names and axis types without devices: enough for tracing and
     shard shapes (``jax.sharding.AbstractMesh``).  Axis types default to Auto."""
@@ -119,9 +124,10 @@ class AbstractMesh:
     def _axes_of(self, kind: AxisType) -> tuple[str, ...]:
         return tuple(n for n, t in zip(self.axis_names, self.axis_types) if t is kind)
 
-    explicit_axes = property(lambda self: self._axes_of(AxisType.Explicit))
-    auto_axes = property(lambda self: self._axes_of(AxisType.Auto))
-    manual_axes = property(lambda self: self._axes_of(AxisType.Manual))
+    # a mesh never changes after it is made: what every jit call asks of it is computed once
+    explicit_axes = functools.cached_property(lambda self: self._axes_of(AxisType.Explicit))
+    auto_axes = functools.cached_property(lambda self: self._axes_of(AxisType.Auto))
+    manual_axes = functools.cached_property(lambda self: self._axes_of(AxisType.Manual))
 
     def axis_type(self, name: str) -> AxisType:
         self.axis_size(name)
@@ -143,11 +149,19 @@ class AbstractMesh:
     def _key(self):
         return ("abstract", self.axis_names, self.axis_sizes, self.axis_types)
 
+    @functools.cached_property
+    def _identity(self) -> tuple:
+        key = self._key()
+        return key, hash(key)
+
     def __eq__(self, other):
-        return type(other) is type(self) and other._key() == self._key()
+        return other is self or (type(other) is type(self) and other._identity == self._identity)
 
     def __hash__(self):
-        return hash(self._key())
+        return self._identity[1]
+
+    def __getstate__(self):            # the cached values are this process's (hashes are salted)
+        return {k: v for k, v in self.__dict__.items() if k not in _CACHED}
 
     def _types_str(self) -> str:
         return f"axis_types={self.axis_types!r}"
@@ -193,7 +207,7 @@ class Mesh(AbstractMesh):
         self.device_ids = np.vectorize(lambda d: d.id, otypes=[np.int64])(arr) if arr.size else np.zeros(arr.shape, np.int64)
 
     # -- properties mirroring jax.sharding.Mesh --------------------------------------------
-    @property
+    @functools.cached_property
     def abstract_mesh(self) -> AbstractMesh:
         return AbstractMesh(self.axis_sizes, self.axis_names, self.axis_types)
 
@@ -206,7 +220,7 @@ class Mesh(AbstractMesh):
         me = process_index()
         return [d for d in self.devices.flat if d.process_index == me]
 
-    @property
+    @functools.cached_property
     def is_multi_process(self) -> bool:
         return len({d.process_index for d in self.devices.flat}) > 1
 

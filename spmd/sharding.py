@@ -5,6 +5,7 @@ trailing blocks are shorter or empty.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -80,7 +81,9 @@ class PartitionSpec(tuple):
         """The entries, one per dim (JAX's name; unreduced and reduced axes are apart)."""
         return tuple(self)
 
-    @property
+    # a spec never changes after it is made: its axes and identity are computed once (every
+    # jit call hashes and compares the specs of its arguments)
+    @functools.cached_property
     def axes(self) -> tuple[tuple[str, ...], ...]:
         """The mesh axes of each entry, as tuples."""
         return tuple(_entry_axes(e) for e in self)
@@ -91,17 +94,23 @@ class PartitionSpec(tuple):
             axes.pop()
         return tuple(axes)
 
+    @functools.cached_property
+    def _identity(self) -> tuple:
+        key = (self._normalized(), self.unreduced, self.reduced)
+        return key, hash(key)
+
     def __eq__(self, other):
+        if other is self:
+            return True
         if isinstance(other, PartitionSpec):
-            return (self._normalized(), self.unreduced, self.reduced) == \
-                (other._normalized(), other.unreduced, other.reduced)
+            return self._identity == other._identity
         return tuple.__eq__(self, other)
 
     def __ne__(self, other):
         return not self == other
 
     def __hash__(self):
-        return hash((self._normalized(), self.unreduced, self.reduced))
+        return self._identity[1]
 
     def __reduce__(self):
         return (_spec, (tuple(self), self.unreduced, self.reduced))
@@ -173,9 +182,12 @@ class NamedSharding:
 
     # -- geometry ----------------------------------------------------------------------------
     def _dim_axes(self, ndim: int) -> tuple[tuple[str, ...], ...]:
-        check_spec(self.spec, self.mesh, ndim, what=f"NamedSharding(mesh, {self.spec})")
-        axes = self.spec.axes
-        return axes + ((),) * (ndim - len(axes))
+        known = self.__dict__.setdefault("_dims", {})       # a sharding never changes
+        axes = known.get(ndim)
+        if axes is None:
+            check_spec(self.spec, self.mesh, ndim, what=f"NamedSharding(mesh, {self.spec})")
+            axes = known[ndim] = self.spec.axes + ((),) * (ndim - len(self.spec.axes))
+        return axes
 
     def num_parts(self, ndim: int) -> tuple[int, ...]:
         return tuple(math.prod(self.mesh.axis_size(a) for a in ax) for ax in self._dim_axes(ndim))
@@ -250,10 +262,17 @@ class NamedSharding:
                 and self._dim_axes(ndim) == other._dim_axes(ndim))
 
     def __eq__(self, other):
-        return isinstance(other, NamedSharding) and other.mesh == self.mesh and other.spec == self.spec
+        return other is self or (isinstance(other, NamedSharding) and other.mesh == self.mesh
+                                 and other.spec == self.spec)
 
     def __hash__(self):
-        return hash((self.mesh, self.spec))
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = self._hash = hash((self.mesh, self.spec))
+        return h
+
+    def __getstate__(self):            # the cached values are this process's (hashes are salted)
+        return {k: v for k, v in self.__dict__.items() if k not in ("_hash", "_dims", "_types")}
 
     def __repr__(self):
         return f"NamedSharding(mesh={self.mesh!r}, spec={self.spec!r})"

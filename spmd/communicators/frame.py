@@ -19,6 +19,8 @@ import os
 import time
 from typing import Callable
 
+import numpy as np
+
 from ..errors import CollectiveTimeoutError, ProcessExitedError, SpmdError
 from ..flight_recorder import ARGUMENT_FIELDS, check_same_calls, dump_quietly, recorder
 from ..runtime import collective_timeout_seconds
@@ -36,23 +38,62 @@ def signature_check(default: bool) -> bool:
     return raw == "1"
 
 
+class FrameCall:
+    """What one collective call is, apart from its data and its number: op, axes, the ranks of
+    the group, shape, dtype, bytes, ``axis_index_groups`` and ``perm``, with its flight-recorder
+    entry worked out.  A communicator makes one per distinct call and reuses it (a training
+    step runs the same collectives every step)."""
+
+    __slots__ = ("op", "axes", "ranks", "shape", "dtype", "groups", "perm", "entry")
+
+    def __init__(self, op: str, axes, ranks, shape, dtype, nbytes: int, *, groups=None,
+                 perm=None):
+        self.op, self.axes, self.ranks = op, tuple(axes), tuple(ranks)
+        self.shape, self.groups, self.perm = tuple(shape), groups, perm
+        dtype = np.dtype(dtype)
+        self.dtype = _DTYPE_NAMES.get(dtype) or _DTYPE_NAMES.setdefault(dtype, str(dtype))
+        self.entry = {"op": op, "axes": list(self.axes), "ranks": list(self.ranks),
+                      "shape": list(self.shape), "dtype": self.dtype, "nbytes": int(nbytes)}
+        for name, value in (("groups", groups), ("perm", perm)):
+            if value is not None:
+                self.entry[name] = [list(v) for v in value]
+
+    def signature(self, ranks) -> dict:
+        """What every rank of the group must agree on (see :meth:`CollectiveFrame.signature`),
+        without the sequence number."""
+        mine = {k: self.entry[k] for k in ("op", "axes", "shape", "dtype")}
+        mine["ranks"] = list(ranks)
+        for name in ARGUMENT_FIELDS:
+            if name in self.entry:
+                mine[name] = self.entry[name]
+        return mine
+
+
 class CollectiveFrame:
     """One collective as the flight recorder, the deadline and the cross-rank check see it.
 
     ``ranks``: the process ranks of this process's group; ``me``: this process's rank;
     ``x``: this rank's input (for shape, dtype and bytes); ``timeout``: seconds, default
-    :func:`spmd.runtime.collective_timeout_seconds`."""
+    :func:`spmd.runtime.collective_timeout_seconds`.  :meth:`begin` makes one from a
+    :class:`FrameCall` made beforehand."""
 
     def __init__(self, op: str, axes, ranks, x, *, me: int, timeout: float | None = None,
                  groups=None, perm=None):
-        self.op, self.axes, self.ranks, self.me = op, tuple(axes), tuple(ranks), me
-        self.shape, self.groups, self.perm = tuple(x.shape), groups, perm
+        call = FrameCall(op, axes, ranks, x.shape, x.dtype, x.nbytes, groups=groups, perm=perm)
+        self._start(call, me, timeout)
+
+    @classmethod
+    def begin(cls, call: FrameCall, me: int, timeout: float | None = None) -> "CollectiveFrame":
+        frame = cls.__new__(cls)
+        frame._start(call, me, timeout)
+        return frame
+
+    def _start(self, call: FrameCall, me: int, timeout):
+        self.call, self.me = call, me
+        self.op, self.axes, self.ranks, self.shape = call.op, call.axes, call.ranks, call.shape
+        self.groups, self.perm, self.dtype = call.groups, call.perm, call.dtype
         self.timeout = collective_timeout_seconds() if timeout is None else float(timeout)
-        self.dtype = _DTYPE_NAMES.get(x.dtype) or _DTYPE_NAMES.setdefault(x.dtype, str(x.dtype))
-        self.entry = recorder().start(op, self.axes, self.ranks, x.shape, self.dtype, x.nbytes)
-        for name, value in (("groups", groups), ("perm", perm)):
-            if value is not None:
-                self.entry[name] = [list(v) for v in value]
+        self.entry = recorder().begin(call.entry)
         self.deadline = time.monotonic() + self.timeout
 
     # -- entering and leaving --------------------------------------------------------------------

@@ -46,25 +46,30 @@ from .. import _host_parallel
 from ..comm_protocol import Communicator, group_of
 from ..errors import SpmdError
 from ..runtime import collective_timeout_seconds
-from .frame import CollectiveFrame
+from .frame import CollectiveFrame, FrameCall
 
 _SIGNATURE_BYTES = 512            # one check message: seq (8 bytes), digest (16), the call as JSON
 _SIGNATURE_TAG = 7071
 _PERMUTE_TAG = 7072
 _EXIT_TAG = 7073
+_MAX_CALLS = 4096                 # prepared calls kept (a program runs a few distinct ones)
 _WATCH_PERIOD = 0.25              # seconds between the watchdog's looks at the running collective
 _control = None
+_MPI = None
 _subcomms: dict[tuple[int, ...], object] = {}
 
 
 def mpi():
     """mpi4py's ``MPI`` module: the one place that imports mpi4py (an optional dependency)."""
-    try:
-        from mpi4py import MPI  # optional: mpi4py is the 'mpi' extra, needed only by backend='mpi'
-    except ImportError:
-        raise SpmdError("backend 'mpi' needs mpi4py: pip install 'spmd[mpi]' (mpi4py and "
-                        "mpich).") from None
-    return MPI
+    global _MPI
+    if _MPI is None:
+        try:
+            from mpi4py import MPI  # optional: the 'mpi' extra, needed only by backend='mpi'
+        except ImportError:
+            raise SpmdError("backend 'mpi' needs mpi4py: pip install 'spmd[mpi]' (mpi4py and "
+                            "mpich).") from None
+        _MPI = MPI
+    return _MPI
 
 
 def mpi4py_world():
@@ -92,26 +97,18 @@ def _from_bytes(b: np.ndarray, dtype, shape) -> np.ndarray:
 # the check: one small message to and from every peer of the axis group
 # ---------------------------------------------------------------------------------------------
 
-_messages: dict[tuple, np.ndarray] = {}
-
-
-def _message(frame, whole) -> np.ndarray:
+def _message(call: FrameCall, whole) -> np.ndarray:
     """The check message of a call (its seq left 0): a digest of every argument, then the
-    arguments as JSON (made once per distinct call)."""
-    key = (frame.op, frame.axes, frame.shape, frame.dtype, frame.groups, frame.perm, whole)
-    row = _messages.get(key)
-    if row is None:
-        signature = frame.signature(ranks=whole)
-        del signature["seq"]
-        text = json.dumps(signature, sort_keys=True).encode()
-        digest = hashlib.blake2b(text, digest_size=16).digest()
-        if len(text) > _SIGNATURE_BYTES - 24:      # too long to name: keep what fits in the text
-            short = {k: v for k, v in signature.items() if k not in ("groups", "perm")}
-            text = json.dumps(dict(short, truncated=True), sort_keys=True).encode()
-        row = np.zeros(_SIGNATURE_BYTES, np.uint8)
-        row[8:24] = np.frombuffer(digest, np.uint8)
-        row[24:24 + len(text)] = np.frombuffer(text[:_SIGNATURE_BYTES - 24], np.uint8)
-        _messages[key] = row
+    arguments as JSON."""
+    signature = call.signature(ranks=whole)
+    text = json.dumps(signature, sort_keys=True).encode()
+    digest = hashlib.blake2b(text, digest_size=16).digest()
+    if len(text) > _SIGNATURE_BYTES - 24:      # too long to name: keep what fits in the text
+        short = {k: v for k, v in signature.items() if k not in ("groups", "perm")}
+        text = json.dumps(dict(short, truncated=True), sort_keys=True).encode()
+    row = np.zeros(_SIGNATURE_BYTES, np.uint8)
+    row[8:24] = np.frombuffer(digest, np.uint8)
+    row[24:24 + len(text)] = np.frombuffer(text[:_SIGNATURE_BYTES - 24], np.uint8)
     return row
 
 
@@ -130,12 +127,15 @@ class _Check:
                                          for r in self.peers]
         self.out_seq = self.out[:8].view(np.int64)
         self.in_digests = self.inbox[:, 8:24]
+        self.posted = None                # the message in ``out`` (the seq apart)
 
-    def post(self, message: np.ndarray, seq: int):
-        self.out[:] = message
+    def post(self, message: np.ndarray, expected: bytes, seq: int):
+        if self.posted is not message:    # a step repeats its collectives: copy only on change
+            self.out[:] = message
+            self.posted = message
         self.out_seq[0] = seq
-        self.expected = message[8:24].tobytes() * len(self.peers)
-        mpi().Prequest.Startall(self.requests)
+        self.expected = expected
+        _MPI.Prequest.Startall(self.requests)
 
     def agree(self) -> bool:
         return self.in_digests.tobytes() == self.expected
@@ -215,6 +215,7 @@ class MPICommunicator(Communicator):
                             f"has {self.world.Get_size()} processes.")
         self._groups: dict = {}
         self._checks: dict = {}
+        self._calls: dict = {}
 
     # -- groups ----------------------------------------------------------------------------------
     def _group(self, axes, groups):
@@ -238,44 +239,53 @@ class MPICommunicator(Communicator):
         return comm
 
     # -- one collective in the shared frame: check, then the data with a watchdog ----------------
-    def _run(self, op, axes, groups, x, call, *, perm=None, timeout=None):
-        """Run one collective: ``call(comm)`` makes the blocking MPI call on the group's
+    def _call(self, op, axes, groups, x, perm=None) -> "_Call":
+        """The prepared call of this op, axes, groups, perm, shape and dtype (made once)."""
+        key = (op, axes, groups, perm, x.shape, x.dtype)
+        call = self._calls.get(key)
+        if call is None:
+            if len(self._calls) >= _MAX_CALLS:
+                self._calls.clear()
+            call = self._calls[key] = _Call(self, op, tuple(axes), groups, perm, x)
+        return call
+
+    def _run(self, call: "_Call", data, timeout=None):
+        """Run one collective: ``data(comm)`` makes the blocking MPI call on the group's
         communicator and returns the result."""
-        axes = tuple(axes)
-        ranks, whole = self._group(axes, groups)
-        with CollectiveFrame(op, axes, ranks, x, me=self.me, timeout=timeout, groups=groups,
-                             perm=perm) as frame:
-            self._arrive(frame, whole)
-            comm = self._subcomm(ranks)
-            _watchdog.watch(frame)
+        with CollectiveFrame.begin(call.frame, self.me, timeout) as frame:
+            if call.check is not None:
+                self._arrive(frame, call)
+            comm = self._subcomm(call.frame.ranks)   # after the check: Create_group waits for
+            _watchdog.watch(frame)                    # the whole group
             try:
-                return call(comm)
+                return data(comm)
             finally:
                 _watchdog.frame = None
 
-    def _arrive(self, frame, whole):
-        """The check over the whole axis group ``whole``: every peer is in this collective with
-        the same arguments, or the frame raises and names them."""
-        if len(whole) == 1:
-            return
-        check = self._checks.get(whole)
-        if check is None:
-            check = self._checks[whole] = _Check(self.control, self.me, whole)
-        check.post(_message(frame, whole), frame.seq)
-        try:
-            self._wait(frame, check)
-        except BaseException:
-            del self._checks[whole]          # its requests were cancelled: new ones next time
-            raise
-        if not check.agree():
+    def _arrive(self, frame, call):
+        """The check over the whole axis group: every peer is in this collective with the same
+        arguments, or the frame raises and names them."""
+        check = call.check
+        check.post(call.message, call.expected, frame.entry["seq"])
+        if not _MPI.Request.Testall(check.requests):
+            try:
+                self._wait(frame, check)
+            except BaseException:
+                self._forget(check)         # its requests were cancelled: new ones next time
+                raise
+        if check.in_digests.tobytes() != call.expected:
             theirs = check.theirs()
-            theirs[self.me] = frame.signature(ranks=whole)
+            theirs[self.me] = frame.signature(ranks=check.ranks)
             frame.check(theirs, differ=True)
+
+    def _forget(self, check):
+        self._checks.pop(check.ranks, None)
+        self._calls.clear()
 
     def _wait(self, frame, check):
         """Wait for the check's messages within the frame's deadline, naming the ranks that
         never arrive or that have exited."""
-        MPI = mpi()
+        MPI = _MPI
         pending = dict(zip(check.peers, check.receives))
 
         def gone():
@@ -297,93 +307,128 @@ class MPICommunicator(Communicator):
         requests = check.requests
         frame.wait(lambda: MPI.Request.Testall(requests), on_timeout=cancel, poll=gone)
 
+    def _check(self, whole):
+        check = self._checks.get(whole)
+        if check is None:
+            check = self._checks[whole] = _Check(self.control, self.me, whole)
+        return check
+
     # -- the protocol ----------------------------------------------------------------------------
     def _one(self, bufs):
         (p, x), = bufs.items()
-        return p, np.asarray(x)
+        return p, (x if type(x) is np.ndarray else np.asarray(x))
 
     def all_reduce(self, bufs, axes, groups, op, *, timeout=None):
         p, x = self._one(bufs)
-        work, mpi_op = _reduction(x.dtype, op)
-        if work is None:              # no MPI reduction for this dtype: gather, reduce in order
+        call = self._call(_REDUCE_NAMES[op], axes, groups, x)
+        if call.work is None:         # no MPI reduction for this dtype: gather, reduce in order
             g = self.all_gather(bufs, axes, groups, timeout=timeout)[p]
             return {p: np.array(_NUMPY_REDUCE[op].reduce(g, axis=0), dtype=x.dtype)}
-        send = np.ascontiguousarray(x, dtype=work)
-        recv = _host_parallel.empty(np, send.shape, work)
+        send = np.ascontiguousarray(x, dtype=call.work)
+        recv = _host_parallel.empty(np, send.shape, call.work)
 
-        def call(comm):
-            comm.Allreduce(send, recv, mpi_op)
+        def data(comm):
+            comm.Allreduce(send, recv, call.mpi_op)
             # ascontiguousarray makes a 0-d operand 1-d: give the result the operand's shape
             return recv.astype(x.dtype, copy=False).reshape(x.shape)
-        return {p: self._run(_REDUCE_NAMES[op], axes, groups, x, call, timeout=timeout)}
+        return {p: self._run(call, data, timeout)}
 
     def all_gather(self, bufs, axes, groups, *, timeout=None):
         p, x = self._one(bufs)
-        n = len(self._group(tuple(axes), groups)[0])
+        call = self._call("all_gather", axes, groups, x)
         send = _bytes(x)
-        recv = _host_parallel.empty(np, (n * send.size,), np.uint8)
+        recv = _host_parallel.empty(np, (call.size * send.size,), np.uint8)
 
-        def call(comm):
+        def data(comm):
             comm.Allgather(send, recv)
-            return _from_bytes(recv, x.dtype, (n,) + x.shape)
-        return {p: self._run("all_gather", axes, groups, x, call, timeout=timeout)}
+            return _from_bytes(recv, x.dtype, (call.size,) + x.shape)
+        return {p: self._run(call, data, timeout)}
 
     def reduce_scatter(self, bufs, axes, groups, op, *, timeout=None):
         p, x = self._one(bufs)
-        work, mpi_op = _reduction(x.dtype, op)
-        if work is None:
+        name = "psum_scatter" if op == "sum" else f"reduce_scatter({op})"
+        call = self._call(name, axes, groups, x)
+        if call.work is None:
             g = self.all_to_all(bufs, axes, groups, timeout=timeout)[p]
             return {p: np.array(_NUMPY_REDUCE[op].reduce(g, axis=0), dtype=x.dtype)}
-        send = np.ascontiguousarray(x, dtype=work)
-        recv = _host_parallel.empty(np, x.shape[1:], work)
+        send = np.ascontiguousarray(x, dtype=call.work)
+        recv = _host_parallel.empty(np, x.shape[1:], call.work)
 
-        def call(comm):
-            comm.Reduce_scatter_block(send, recv, mpi_op)
+        def data(comm):
+            comm.Reduce_scatter_block(send, recv, call.mpi_op)
             return recv.astype(x.dtype, copy=False)
-        name = "psum_scatter" if op == "sum" else f"reduce_scatter({op})"
-        return {p: self._run(name, axes, groups, x, call, timeout=timeout)}
+        return {p: self._run(call, data, timeout)}
 
     def all_to_all(self, bufs, axes, groups, *, timeout=None):
         p, x = self._one(bufs)
+        call = self._call("all_to_all", axes, groups, x)
         send = _bytes(x)
         recv = _host_parallel.empty(np, send.shape, np.uint8)
 
-        def call(comm):
+        def data(comm):
             comm.Alltoall(send, recv)
             return _from_bytes(recv, x.dtype, x.shape)
-        return {p: self._run("all_to_all", axes, groups, x, call, timeout=timeout)}
+        return {p: self._run(call, data, timeout)}
 
     def permute(self, bufs, axes, perm, *, timeout=None):
         p, x = self._one(bufs)
+        if type(perm) is not tuple:
+            perm = tuple((int(s), int(d)) for s, d in perm)
+        call = self._call("ppermute", axes, None, x, perm)
         send = _bytes(x)
-        perm = tuple((int(s), int(d)) for s, d in perm)
-        MPI = mpi()
+        src, dst = call.sources, call.dests
+        recv = _host_parallel.empty(np, send.shape, np.uint8) if src else np.zeros_like(send)
 
-        def call(comm):
-            index = comm.Get_rank()
-            src = [s for s, d in perm if d == index]
-            dst = [d for s, d in perm if s == index]
-            recv = _host_parallel.empty(np, send.shape, np.uint8) if src else np.zeros_like(send)
+        def data(comm):
             if len(src) == len(dst) == 1:            # a ring step: one combined call
                 comm.Sendrecv(send, dst[0], _PERMUTE_TAG, recv, src[0], _PERMUTE_TAG)
             else:
-                MPI.Request.Waitall([comm.Isend(send, dest=d, tag=_PERMUTE_TAG) for d in dst]
-                                    + [comm.Irecv(recv, source=s, tag=_PERMUTE_TAG) for s in src])
+                _MPI.Request.Waitall([comm.Isend(send, dest=d, tag=_PERMUTE_TAG) for d in dst]
+                                     + [comm.Irecv(recv, source=s, tag=_PERMUTE_TAG) for s in src])
             return _from_bytes(recv, x.dtype, x.shape)
-        return {p: self._run("ppermute", axes, None, x, call, perm=perm, timeout=timeout)}
+        return {p: self._run(call, data, timeout)}
 
     def broadcast(self, bufs, axes, groups, source, *, timeout=None):
         p, x = self._one(bufs)
+        call = self._call("pbroadcast", axes, groups, x)
 
-        def call(comm):
+        def data(comm):
             buf = np.array(_bytes(x)) if comm.Get_rank() == source else np.empty(x.nbytes, np.uint8)
             comm.Bcast(buf, root=source)
             return _from_bytes(buf, x.dtype, x.shape)
-        return {p: self._run("pbroadcast", axes, groups, x, call, timeout=timeout)}
+        return {p: self._run(call, data, timeout)}
 
     def barrier(self, *, timeout=None):
-        self._run("barrier", self.mesh.axis_names, None, np.zeros(0, np.uint8),
-                  lambda comm: comm.Barrier(), timeout=timeout)
+        call = self._call("barrier", tuple(self.mesh.axis_names), None, np.zeros(0, np.uint8))
+        self._run(call, lambda comm: comm.Barrier(), timeout)
+
+
+class _Call:
+    """One distinct collective of this process (op, axes, groups, perm, shape, dtype), with
+    everything that does not change from one call to the next worked out once: the group's
+    ranks, the check and its message, the flight-recorder entry, the
+    reduction's dtype and MPI op, a permutation's sources and destinations."""
+
+    __slots__ = ("frame", "check", "message", "expected", "size", "work", "mpi_op",
+                 "sources", "dests")
+
+    def __init__(self, owner: MPICommunicator, op, axes, groups, perm, x):
+        ranks, whole = owner._group(axes, groups)
+        self.frame = FrameCall(op, axes, ranks, x.shape, x.dtype, x.nbytes, groups=groups,
+                               perm=perm)
+        self.size = len(ranks)
+        self.check = owner._check(whole) if len(whole) > 1 else None
+        if self.check is not None:
+            self.message = _message(self.frame, whole)
+            self.expected = self.message[8:24].tobytes() * len(self.check.peers)
+        reduce = {"psum": "sum", "pmax": "max", "pmin": "min", "psum_scatter": "sum"}.get(op)
+        if reduce is None and op.startswith("reduce_scatter("):
+            reduce = op[len("reduce_scatter("):-1]
+        self.work, self.mpi_op = _reduction(x.dtype, reduce) if reduce else (None, None)
+        if perm is not None:
+            index = ranks.index(owner.me)
+            self.sources = [s for s, d in perm if d == index]
+            self.dests = [d for s, d in perm if s == index]
 
 
 _REDUCE_NAMES = {"sum": "psum", "max": "pmax", "min": "pmin"}

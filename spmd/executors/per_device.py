@@ -28,7 +28,9 @@ class PerDeviceExecutor:
         self.make_communicator = make_communicator
         self._comms = {}
         self._plans = _cache.LRU()      # Program -> its equations bound (the top level)
+        self._tops = _cache.LRU()       # Program -> its straight line (the top level)
         self._lines = _cache.LRU()      # (program, comm, manual axes) -> its straight line
+        self._region_ends = _cache.LRU()   # a manual region -> what finishes each output
 
     def comm(self, mesh):
         if mesh not in self._comms:
@@ -39,7 +41,7 @@ class PerDeviceExecutor:
         args = [(_Blocks.of(a) if a._blocks is not None else np.array(a._gather()))
                 if isinstance(a, GlobalValue) else a for a in args]
         outs = self._eval_global(program, args)
-        return [o.to_array() if isinstance(o, _Blocks) else o for o in outs]
+        return [o.to_array() if type(o) is _Blocks else o for o in outs]
 
     def _bound(self, program) -> dict:
         """``{id(eqn): fn(*values) -> list of results}`` for the equations of ``program`` at
@@ -58,7 +60,22 @@ class PerDeviceExecutor:
 
     def _eval_global(self, program, args):
         """Top-level values are whole arrays, except that across processes the outputs of a
-        shard_map stay as this process's blocks (``_Blocks``) until something needs them whole."""
+        shard_map stay as this process's blocks (``_Blocks``) until something needs them whole.
+        The program runs as one straight line (:func:`lean.straight_line`), made once."""
+        line = self._tops.get(program)
+        if line is None:
+            bound = self._bound(program)
+
+            def higher(e):
+                fn = bound[id(e)]
+                return fn if e.prim.multiple_results else (lambda *vals: fn(*vals)[0])
+            line = lean.straight_line(program, np, higher=higher, gather=self._whole,
+                                      timed=functools.partial(self._walk, program))
+            self._tops.put(program, line)
+        return line(*args)
+
+    def _walk(self, program, args):
+        """``_eval_global`` equation by equation (while profiling: each equation timed)."""
         bound = self._bound(program)
         env = {id(v): a for v, a in zip(program.in_vars, args)}
         read = lambda a: a.val if isinstance(a, Literal) else env[id(a)]
@@ -88,17 +105,41 @@ class PerDeviceExecutor:
         shapes = [_global_shape(a, spec, mesh) for spec, a in zip(out_specs, body.out_avals)]
         shardings = [NamedSharding(mesh, spec) for spec in out_specs]
 
-        def run(*vals):
-            bufs = [v.bufs if isinstance(v, _Blocks) and v.mesh == mesh
+        def inputs(vals):
+            return [v.bufs if type(v) is _Blocks and v.mesh == mesh
                     and (v.dim_axes, v.shape) == fit else {p: self._whole(v) for p in positions}
                     for v, fit in zip(vals, own)]
-            outs = self._shard_map(comm, bufs, outer_axes=(), gather=not split, body=body,
-                                   **region)
+
+        if split and len(positions) == 1:
+            # one device on this process (MPI, one GPU per process): the body's straight line
+            # on this device's blocks, the outputs left as its blocks; everything that does not
+            # depend on the values is worked out here, once
+            (p,) = positions
+            ends = self._ends(comm, mesh, body, out_specs, manual_axes, check_vma)
+            line = self._line(comm, body, tuple(manual_axes))
+            call = _placement(comm).call
+            outputs = list(zip(ends, shardings, shapes))
+
+            def run_one(*vals):
+                if profiling.active is not None:
+                    return run(*vals)
+                bufs = inputs(vals)
+                if all(type(b) is _LocalBlocks for b in bufs):
+                    outs = call(p, _call_line, line, *[b[p] for b in bufs])
+                else:
+                    outs = [o[p] for o in self._eval_local(comm, body, self._local_inputs(
+                        comm, bufs, mesh, in_specs), tuple(manual_axes))]
+                return [_Blocks({p: o} if end is None else end(comm, {p: o}), comm, sharding,
+                                shape) for o, (end, sharding, shape) in zip(outs, outputs)]
+
+        def run(*vals):
+            outs = self._shard_map(comm, inputs(vals), outer_axes=(), gather=not split,
+                                   body=body, **region)
             if split:
                 return [_Blocks(o, comm, sharding, shape)
                         for o, sharding, shape in zip(outs, shardings, shapes)]
             return [_placement(comm).to_host(o[positions[0]]) for o in outs]
-        return run
+        return run_one if split and len(positions) == 1 else run
 
     def _whole(self, v):
         if isinstance(v, _Blocks):
@@ -171,34 +212,14 @@ class PerDeviceExecutor:
                    manual_axes, check_vma, gather=True):
         """``bufs``: per input, {position: whole value}, or a ``_Blocks``' own blocks.  With
         ``gather=False`` the outputs stay as blocks (the caller wraps them)."""
-        positions = comm.local_positions
-        local_in = []
-        for b, spec in zip(bufs, in_specs):
-            if isinstance(b, _LocalBlocks):
-                local_in.append(b)
-                continue
-            per = {}
-            for p in positions:
-                v = b[p] if hasattr(b[p], "shape") else np.asarray(b[p])
-                index = []
-                for d, axes in enumerate(spec.axes):
-                    n = int(np.prod([mesh.axis_size(a) for a in axes]))
-                    blk = v.shape[d] // n if axes else v.shape[d]
-                    i = rank_in(mesh, axes, p) if axes else 0
-                    index.append(slice(i * blk, (i + 1) * blk))
-                per[p] = _placement(comm).to_local(p, v[tuple(index)])   # moves the block only
-            local_in.append(per)
+        local_in = self._local_inputs(comm, bufs, mesh, in_specs)
         all_manual = tuple(outer_axes) + tuple(manual_axes)
         outs = self._eval_local(comm, body, local_in, all_manual)
+        ends = self._ends(comm, mesh, body, out_specs, manual_axes, check_vma)
         results = []
-        for o, spec, var in zip(outs, out_specs, body.out_vars):
-            named = {a for axes in spec.axes for a in axes}
-            # Devices along manual axes the spec omits hold the same value (checked by the vma
-            # types); take the one at index 0, as the stacked executor does.
-            unnamed = tuple(a for a in mesh.axis_names if a in manual_axes and a not in named)
-            vma = getattr(getattr(var, "aval", None), "vma", None)
-            if unnamed and not (check_vma and vma is not None and not set(unnamed) & set(vma)):
-                o = comm.broadcast(o, unnamed, None, 0)
+        for o, spec, end in zip(outs, out_specs, ends):
+            if end is not None:
+                o = end(comm, o)
             if not gather:
                 results.append(o)
                 continue
@@ -209,6 +230,51 @@ class PerDeviceExecutor:
                          for p, g in gathered.items()}
             results.append(o)
         return results
+
+    def _local_inputs(self, comm, bufs, mesh, in_specs):
+        """Per input, {position: this device's block}: a ``_Blocks``' own blocks as they are,
+        a whole value sliced by its spec."""
+        local_in = []
+        for b, spec in zip(bufs, in_specs):
+            if isinstance(b, _LocalBlocks):
+                local_in.append(b)
+                continue
+            per = {}
+            for p in comm.local_positions:
+                v = b[p] if hasattr(b[p], "shape") else np.asarray(b[p])
+                index = []
+                for d, axes in enumerate(spec.axes):
+                    n = int(np.prod([mesh.axis_size(a) for a in axes]))
+                    blk = v.shape[d] // n if axes else v.shape[d]
+                    i = rank_in(mesh, axes, p) if axes else 0
+                    index.append(slice(i * blk, (i + 1) * blk))
+                per[p] = _placement(comm).to_local(p, v[tuple(index)])   # moves the block only
+            local_in.append(per)
+        return local_in
+
+    def _ends(self, comm, mesh, body, out_specs, manual_axes, check_vma) -> list:
+        """Per output of a manual region, None, or what makes its per-device values the
+        output: devices along manual axes its spec omits hold the same value (the vma types
+        check it); unless the types show it, the one at index 0 is broadcast, as the stacked
+        executor takes index 0.  Worked out once per region."""
+        key = (body, comm, mesh, tuple(out_specs), tuple(manual_axes), check_vma)
+        ends = self._region_ends.get(key)
+        if ends is None:
+            ends = []
+            for spec, var in zip(out_specs, body.out_vars):
+                named = {a for axes in spec.axes for a in axes}
+                unnamed = tuple(a for a in mesh.axis_names if a in manual_axes and a not in named)
+                vma = getattr(getattr(var, "aval", None), "vma", None)
+                if unnamed and not (check_vma and vma is not None and not set(unnamed) & set(vma)):
+                    ends.append(functools.partial(_broadcast_first, axes=unnamed))
+                else:
+                    ends.append(None)
+            self._region_ends.put(key, ends)
+        return ends
+
+
+def _broadcast_first(comm, o, *, axes):
+    return comm.broadcast(o, axes, None, 0)
 
 
 class _Run:
@@ -296,7 +362,7 @@ class _Blocks:
         self.bufs = _LocalBlocks(bufs)
         self.comm, self.sharding, self.shape = comm, sharding, tuple(shape)
         self.mesh, self.spec = sharding.mesh, sharding.spec
-        self.dim_axes = tuple(_dim_axes(self.spec, len(self.shape)))
+        self.dim_axes = sharding._dim_axes(len(self.shape))
 
     @classmethod
     def of(cls, value):
