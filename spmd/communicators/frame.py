@@ -188,18 +188,18 @@ class CollectiveFrame:
                 poll()
             if now > self.deadline:
                 raise self.timed_out(on_timeout())
-            # Spin briefly (a peer on its own core answers in microseconds), then give the core
-            # away to whoever needs it (ranks that share cores), then nap, longer and longer:
-            # a rank that waits for a late peer costs next to no CPU.
+            # Give the core away at once to whoever needs it (a peer that shares this core
+            # answers only once it runs; with no one else waiting the yield returns in about a
+            # microsecond), then nap, longer and longer: a rank that waits for a late peer
+            # costs next to no CPU.
             waited = now - start
-            if waited > _SPIN_SECONDS:
-                if waited < _YIELD_SECONDS:
-                    os.sched_yield()
-                else:
-                    time.sleep(nap)
-                    nap = min(nap * 1.5, _NAP_LAST if waited < _LONG_WAIT else _NAP_LONG)
+            if waited < _YIELD_SECONDS:
+                os.sched_yield()
+            else:
+                time.sleep(nap)
+                nap = min(nap * 1.5, _NAP_LAST if waited < _LONG_WAIT else _NAP_LONG)
 
 
-_SPIN_SECONDS, _YIELD_SECONDS = 1e-3, 10e-3     # spin, then yield the core, then nap
+_YIELD_SECONDS = 10e-3                            # yield the core, then nap
 _NAP_FIRST, _NAP_LAST, _LONG_WAIT, _NAP_LONG = 50e-6, 2e-3, 0.1, 20e-3
 _DTYPE_NAMES: dict = {}                           # str(dtype) takes microseconds: once per dtype

@@ -12,8 +12,8 @@ recorder, dump on failure, deadline ``SPMD_COLLECTIVE_TIMEOUT``) in two steps:
    persistent requests of a control communicator: the collective's number and a digest of its
    arguments (op, axes, shape, dtype, groups, perm), followed by those arguments as text.  It
    cannot be turned off (``SPMD_COLLECTIVE_CHECK`` does not apply: the check costs one small
-   message per peer).  It is waited for without keeping a core busy (a short spin, then
-   yielding the core, then naps, against the deadline), so a rank that never arrives is named
+   message per peer).  It is waited for without keeping a core busy (yielding the core, then
+   naps, against the deadline), so a rank that never arrives is named
    (``CollectiveTimeoutError``), a rank that has exited is named (``ProcessExitedError``), and
    ranks that disagree on any argument fail every rank with a
    ``CollectiveMismatchError`` naming the rank, the collective and the argument, before any
