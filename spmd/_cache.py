@@ -75,6 +75,7 @@ class LRU:
         self._maxsize = None if maxsize is None else _positive(maxsize, "LRU(maxsize=...)")
         self._data: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
+        self._last = None                  # (key, value) of the most recently used entry
         with _caches_lock:
             _caches.add(self)
 
@@ -84,11 +85,15 @@ class LRU:
 
     def get(self, key, default=None):
         """The value of ``key`` (now the most recently used), or ``default``."""
+        last = self._last              # a call repeats the last call's key: no hashing, no lock
+        if last is not None and last[0] == key:
+            return last[1]
         with self._lock:
             value = self._data.get(key, _MISSING)
             if value is _MISSING:
                 return default
             self._data.move_to_end(key)
+            self._last = (key, value)
             return value
 
     def put(self, key, value) -> None:
@@ -97,6 +102,7 @@ class LRU:
         with self._lock:
             self._data[key] = value
             self._data.move_to_end(key)
+            self._last = None
             while len(self._data) > maxsize:
                 self._data.popitem(last=False)
 
@@ -110,10 +116,12 @@ class LRU:
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
+            self._last = None
 
     def _trim(self) -> None:
         maxsize = self.maxsize
         with self._lock:
+            self._last = None
             while len(self._data) > maxsize:
                 self._data.popitem(last=False)
 

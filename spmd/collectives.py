@@ -441,7 +441,7 @@ def _to_front(v, dim, size, tiled):
     """Split dim ``dim`` into ``size`` chunks as a new leading dim (for per-device collectives)."""
     if tiled:
         v = v.reshape(v.shape[:dim] + (size, v.shape[dim] // size) + v.shape[dim + 1:])
-    return np.moveaxis(v, dim, 0)
+    return v if dim == 0 else np.moveaxis(v, dim, 0)
 
 
 def psum_scatter(x, axis_name, *, scatter_dimension=0, axis_index_groups=None, tiled=False):
@@ -508,7 +508,7 @@ def _join(xp, chunks, *, tiled, axis):
     (leading dim: the block) gets a view where the layout allows it (axis 0), not a copy."""
     if hasattr(chunks, "shape"):
         if not tiled:
-            return xp.moveaxis(chunks, 0, axis)
+            return chunks if axis == 0 else xp.moveaxis(chunks, 0, axis)
         if axis == 0:
             return chunks.reshape((chunks.shape[0] * chunks.shape[1],) + tuple(chunks.shape[2:]))
         moved = xp.moveaxis(chunks, 0, axis)
