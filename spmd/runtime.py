@@ -36,6 +36,9 @@ def float_setting(name: str, default: float, what: str = "a positive number of s
     raw = os.environ.get(name)
     if raw is None or not raw.strip():
         return default
+    known = _parsed.get((name, raw))         # read before every collective: parsed once
+    if known is not None:
+        return known
     try:
         value = float(raw)
     except ValueError:
@@ -43,7 +46,12 @@ def float_setting(name: str, default: float, what: str = "a positive number of s
     if not (math.isfinite(value) and value > 0):
         raise SpmdError(f"{name}={raw!r} is not {what}; set it to, for example, {name}={default:g}, "
                         f"or unset it (default {default:g}).")
+    if len(_parsed) < 64:
+        _parsed[(name, raw)] = value
     return value
+
+
+_parsed: dict = {}                              # (variable, its text) -> the valid value
 
 
 def int_setting(name: str, default: int, *, most: int, what: str) -> int:

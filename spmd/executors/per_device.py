@@ -20,6 +20,9 @@ from ..sharding import NamedSharding
 from . import lean, native, profiling
 
 
+_UNKNOWN = object()
+
+
 class PerDeviceExecutor:
     # global values come in whole (padded to the blocks' multiple where a dim is uneven)
     takes_padded_storage = False
@@ -29,6 +32,7 @@ class PerDeviceExecutor:
         self._comms = {}
         self._plans = _cache.LRU()      # Program -> its equations bound (the top level)
         self._tops = _cache.LRU()       # Program -> its straight line (the top level)
+        self._direct = _cache.LRU()     # Program -> the one-device region that is all of it
         self._lines = _cache.LRU()      # (program, comm, manual axes) -> its straight line
         self._region_ends = _cache.LRU()   # a manual region -> what finishes each output
 
@@ -38,10 +42,32 @@ class PerDeviceExecutor:
         return self._comms[mesh]
 
     def run(self, program: Program, args) -> list:
+        direct = self._direct.get(program, _UNKNOWN)
+        if direct is _UNKNOWN:
+            direct = self._direct_region(program)
+            self._direct.put(program, direct)
+        if direct is not None:
+            outs = direct.direct(args)
+            if outs is not None:
+                return outs
         args = [(_Blocks.of(a) if a._blocks is not None else np.array(a._gather()))
                 if isinstance(a, GlobalValue) else a for a in args]
         outs = self._eval_global(program, args)
         return [o.to_array() if type(o) is _Blocks else o for o in outs]
+
+    def _direct_region(self, program):
+        """The ``_OneDeviceRegion`` that is all of ``program`` (its one equation, taking the
+        program's inputs in order and giving its outputs), or None."""
+        if len(program.eqns) != 1:
+            return None
+        (e,) = program.eqns
+        region = self._bound(program)[id(e)]
+        if (not isinstance(region, _OneDeviceRegion)
+                or not getattr(region.mesh, "is_multi_process", False)   # else whole arrays out
+                or [id(v) for v in e.inputs] != [id(v) for v in program.in_vars]
+                or [id(v) for v in e.outputs] != [id(v) for v in program.out_vars]):
+            return None
+        return region
 
     def _bound(self, program) -> dict:
         """``{id(eqn): fn(*values) -> list of results}`` for the equations of ``program`` at
@@ -111,26 +137,9 @@ class PerDeviceExecutor:
                     for v, fit in zip(vals, own)]
 
         if split and len(positions) == 1:
-            # one device on this process (MPI, one GPU per process): the body's straight line
-            # on this device's blocks, the outputs left as its blocks; everything that does not
-            # depend on the values is worked out here, once
-            (p,) = positions
-            ends = self._ends(comm, mesh, body, out_specs, manual_axes, check_vma)
-            line = self._line(comm, body, tuple(manual_axes))
-            call = _placement(comm).call
-            outputs = list(zip(ends, shardings, shapes))
-
-            def run_one(*vals):
-                if profiling.active is not None:
-                    return run(*vals)
-                bufs = inputs(vals)
-                if all(type(b) is _LocalBlocks for b in bufs):
-                    outs = call(p, _call_line, line, *[b[p] for b in bufs])
-                else:
-                    outs = [o[p] for o in self._eval_local(comm, body, self._local_inputs(
-                        comm, bufs, mesh, in_specs), tuple(manual_axes))]
-                return [_Blocks({p: o} if end is None else end(comm, {p: o}), comm, sharding,
-                                shape) for o, (end, sharding, shape) in zip(outs, outputs)]
+            region_run = lambda *vals: run(*vals)
+            return _OneDeviceRegion(self, comm, body, own, shardings, shapes, region_run,
+                                    inputs, region)
 
         def run(*vals):
             outs = self._shard_map(comm, inputs(vals), outer_axes=(), gather=not split,
@@ -139,7 +148,7 @@ class PerDeviceExecutor:
                 return [_Blocks(o, comm, sharding, shape)
                         for o, sharding, shape in zip(outs, shardings, shapes)]
             return [_placement(comm).to_host(o[positions[0]]) for o in outs]
-        return run_one if split and len(positions) == 1 else run
+        return run
 
     def _whole(self, v):
         if isinstance(v, _Blocks):
@@ -275,6 +284,57 @@ class PerDeviceExecutor:
 
 def _broadcast_first(comm, o, *, axes):
     return comm.broadcast(o, axes, None, 0)
+
+
+class _OneDeviceRegion:
+    """A top-level manual region on a process that holds one device (MPI, one GPU per
+    process), prepared once: the body's straight line on this device's blocks, what finishes
+    each output, the outputs' shardings and shapes.  Called with the region's inputs (blocks
+    of the region's own layout go in as they are), it returns ``_Blocks``; :meth:`direct`
+    runs it on the program's ``GlobalValue`` arguments and returns ``GlobalValue``s, skipping
+    the top level's bookkeeping (a step that is one ``jit(shard_map(...))`` call)."""
+
+    def __init__(self, ex, comm, body, own, shardings, shapes, general, inputs, region):
+        self.ex, self.comm, self.body, self.own = ex, comm, body, own
+        (self.p,) = comm.local_positions
+        self.mesh, self.general, self.inputs = region["mesh"], general, inputs
+        self.region = region
+        self.line = ex._line(comm, body, tuple(region["manual_axes"]))
+        self.call = _placement(comm).call
+        ends = ex._ends(comm, self.mesh, body, region["out_specs"], region["manual_axes"],
+                        region["check_vma"])
+        self.outputs = list(zip(ends, shardings, shapes))
+
+    def __call__(self, *vals):
+        if profiling.active is not None:
+            return self.general(*vals)
+        p = self.p
+        bufs = self.inputs(vals)
+        if all(type(b) is _LocalBlocks for b in bufs):
+            outs = self.call(p, _call_line, self.line, *[b[p] for b in bufs])
+        else:
+            region = self.region
+            outs = [o[p] for o in self.ex._eval_local(self.comm, self.body, self.ex._local_inputs(
+                self.comm, bufs, self.mesh, region["in_specs"]), tuple(region["manual_axes"]))]
+        return [_Blocks({p: o} if end is None else end(self.comm, {p: o}), self.comm, sharding,
+                        shape) for o, (end, sharding, shape) in zip(outs, self.outputs)]
+
+    def direct(self, args):
+        """The region on ``args`` (``GlobalValue``s of this process's blocks, in the region's
+        own layout) as ``GlobalValue``s; None when an argument is anything else."""
+        if profiling.active is not None:
+            return None
+        p, mesh, xs = self.p, self.mesh, []
+        for a, (dim_axes, shape) in zip(args, self.own):
+            blocks = getattr(a, "_blocks", None)
+            if (blocks is None or a.shape != shape or a.sharding.mesh != mesh
+                    or a.sharding._dim_axes(len(shape)) != dim_axes):
+                return None
+            xs.append(blocks[p])
+        outs = self.call(p, _call_line, self.line, *xs)
+        over = GlobalValue.over_blocks
+        return [over({p: np.asarray(o if end is None else end(self.comm, {p: o})[p])}, shape,
+                     sharding) for o, (end, sharding, shape) in zip(outs, self.outputs)]
 
 
 class _Run:
