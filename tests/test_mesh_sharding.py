@@ -1,5 +1,8 @@
 """Devices, Mesh, AbstractMesh, PartitionSpec and NamedSharding; JAX is the oracle for the geometry."""
+import os
 import pickle
+import subprocess
+import sys
 from collections import OrderedDict
 
 import numpy as np
@@ -8,6 +11,7 @@ from hypothesis import given, settings
 
 import spmd
 from spmd import P, NamedSharding, Mesh, AbstractMesh
+from spmd.core import Aval
 from conftest import layouts
 
 jax = pytest.importorskip("jax")
@@ -136,6 +140,29 @@ def test_partition_spec_values():
     assert P(("a", "b")).axes == (("a", "b"),)
     assert pickle.loads(pickle.dumps(P("a", ("b", "c")))) == P("a", ("b", "c"))
     assert len(P(None, "a")) == 2 and P(None, "a")[1] == "a"
+
+
+def test_types_pickled_in_another_process_hash_as_made_here(tmp_path):
+    """Mesh, PartitionSpec, NamedSharding and Aval keep their hash once computed; a pickle
+    from a process with another string-hash salt must not carry that process's hash."""
+    made = tmp_path / "types.pkl"
+    code = ("import pickle, numpy as np, spmd; from spmd import P; from spmd.core import Aval\n"
+            "m = spmd.make_mesh((2, 4), ('data', 'model'))\n"
+            "s = spmd.NamedSharding(m, P('data', 'model'))\n"
+            "a = Aval((8, 4), np.dtype('float32'), sharding=s)\n"
+            "objs = (m, m.abstract_mesh, s.spec, s, a)\n"
+            "[hash(o) for o in objs]; m.explicit_axes; s._dim_axes(2)\n"
+            f"pickle.dump(objs, open({str(made)!r}, 'wb'))\n")
+    env = dict(os.environ, PYTHONHASHSEED="12345")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    with open(made, "rb") as fh:
+        theirs = pickle.load(fh)
+    m = spmd.make_mesh((2, 4), ("data", "model"))
+    s = NamedSharding(m, P("data", "model"))
+    ours = (m, m.abstract_mesh, s.spec, s, Aval((8, 4), np.dtype("float32"), sharding=s))
+    for a, b in zip(theirs, ours):
+        assert a == b and hash(a) == hash(b), (a, b)
+    assert {ours[3]: 1}[theirs[3]] == 1 and {ours[4]: 1}[theirs[4]] == 1
 
 
 def test_named_sharding_geometry(mesh):

@@ -137,6 +137,19 @@ def test_lru_order_and_size():
         _cache.LRU(maxsize=0)
 
 
+def test_lru_repeated_key_keeps_recency_and_sees_every_change():
+    c = _cache.LRU(maxsize=2)
+    c.put("a", 1)
+    c.put("b", 2)
+    assert c.get("a") == 1 and c.get("a") == 1        # the repeat is answered by the last entry
+    c.put("c", 3)                                     # "b" is the least recently used
+    assert c.get("b") is None and c.get("a") == 1 and c.get("c") == 3
+    c.put("c", 30)                                    # a new value under the last key
+    assert c.get("c") == 30
+    c.clear()
+    assert c.get("c") is None
+
+
 def test_set_default_size_trims_live_caches():
     c = _cache.LRU()
     try:
