@@ -32,7 +32,7 @@ import optree
 from . import _host_parallel, ad_util, prims
 from .batching import batch_size, moveaxis, to_front
 from .collectives import pmax, pvary_p
-from .core import (Aval, Primitive, Program, Tracer, Var, aval_of, bind, current_builder, hooks,
+from .core import (Aval, Eqn, Primitive, Program, Tracer, Var, aval_of, bind, current_builder, hooks,
                    trace)
 from .errors import VmaError
 from .sharding import NamedSharding, PartitionSpec, spec_entry
@@ -564,6 +564,11 @@ def _scan_partial_eval(eqn, unknown_ins, ctx):
     const_res = [r for r in residuals if position.get(id(r), nc) < nc]
     xs_res = [r for r in residuals if position.get(id(r), -1) >= nc + ncar]
     taken = {id(r) for r in const_res + xs_res}
+    known_consts = [(v, a) for v, a, u in zip(body.in_vars[:nc], eqn.inputs[:nc], unknown[:nc])
+                    if not u]
+    hoisted, before, outer_of = _invariant_residuals(
+        known, known_consts, [r for r in residuals if id(r) not in taken])
+    taken |= {id(r) for r in hoisted}
     stacked = [r for r in residuals if id(r) not in taken] + [body.out_vars[i] for i in forced]
     kbody = Program(known.in_vars, known.eqns,
                     [a for a, u in zip(body.out_vars, out_u) if not u] + stacked)
@@ -584,17 +589,47 @@ def _scan_partial_eval(eqn, unknown_ins, ctx):
     uouts = iter(unk.out_vars)
     carry_outs = [forced_vars[i] if i in forced_vars else next(uouts)
                   for i in range(ncar) if carry_u[i]]
-    ubody = Program(const_res + u_c + u_car + stacked_in + xs_res + u_x, unk.eqns,
+    ubody = Program(const_res + hoisted + u_c + u_car + stacked_in + xs_res + u_x, unk.eqns,
                     carry_outs + list(uouts))
     outer = lambda r: eqn.inputs[position[id(r)]]
-    uin = ([outer(r) for r in const_res] + [a for a, u in zip(eqn.inputs[:nc], unknown[:nc]) if u]
+    uin = ([outer(r) for r in const_res] + [outer_of[id(r)] for r in hoisted]
+           + [a for a, u in zip(eqn.inputs[:nc], unknown[:nc]) if u]
            + [a for a, u in zip(eqn.inputs[nc:nc + ncar], carry_u) if u] + list(res_outer)
            + [outer(r) for r in xs_res]
            + [a for a, u in zip(eqn.inputs[nc + ncar:], unknown[nc + ncar:]) if u])
-    ueqn = ad.new_eqn(scan_p, uin, dict(p, body=ubody, n_consts=len(const_res) + len(u_c),
-                                        n_carry=len(u_car)),
+    ueqn = ad.new_eqn(scan_p, uin, dict(p, body=ubody, n_consts=len(const_res) + len(hoisted)
+                                        + len(u_c), n_carry=len(u_car)),
                       outputs=[v for v, u in zip(eqn.outputs, out_u) if u])
-    return [keqn], ueqn, out_u
+    return before + [keqn], ueqn, out_u
+
+
+def _invariant_residuals(known: Program, consts, candidates):
+    """Residuals of a scan's known body that it computes from its known consts alone: the same
+    at every step, so they are computed once before the loop and handed to the unknown scan as
+    consts instead of being stacked once per step (JAX hoists loop-invariant residuals too).
+    ``consts``: (body variable, the scan's operand) of each known const.  Returns (those
+    residuals, the equations that compute them outside the loop, {id(residual): its variable
+    outside})."""
+    outer_of = {id(v): a for v, a in consts}
+    invariant = set(outer_of)
+    for e in known.eqns:
+        if _movable(e) and all(not isinstance(a, Var) or id(a) in invariant for a in e.inputs):
+            invariant.update(id(v) for v in e.outputs)
+    hoisted = [r for r in candidates if id(r) in invariant and id(r) not in outer_of]
+    if not hoisted:
+        return [], [], {}
+    need, chosen = {id(r) for r in hoisted}, []
+    for e in reversed(known.eqns):
+        if any(id(v) in need for v in e.outputs):
+            chosen.append(e)
+            need.update(id(a) for a in e.inputs if isinstance(a, Var))
+    before = []
+    for e in reversed(chosen):
+        outs = [Var(v.aval) for v in e.outputs]
+        before.append(Eqn(e.prim, [outer_of[id(a)] if isinstance(a, Var) else a
+                                   for a in e.inputs], e.params, outs, e.source))
+        outer_of.update({id(v): o for v, o in zip(e.outputs, outs)})
+    return hoisted, before, outer_of
 
 
 def _scan_transpose(cts, *invals, body, length, reverse, unroll, n_consts, n_carry, name):

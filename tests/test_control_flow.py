@@ -635,3 +635,26 @@ def test_summed_products_inside_shard_map_and_a_carry_read_in_the_body_stays(mon
     np.testing.assert_allclose(np.asarray(got[0]), np.concatenate(want), rtol=1e-4, atol=1e-5)
     # one split per executor (stacked, reference), each with the one pure accumulator
     assert [len(s.accumulators) for s in splits if s.accumulators] == [1, 1]
+
+
+def test_a_residual_made_from_consts_alone_is_computed_once_not_stacked_per_step():
+    """A value the body computes from its consts alone (here a select's predicate) is the same
+    at every step: the gradient computes it once before the loop and hands it to the backward
+    scan as a const, as JAX does, instead of storing a copy of it per step; JAX's gradient."""
+    w, xs = _f32(4), _f32(12, 4)
+
+    def loss(L, N, w):
+        def step(h, x):
+            keep = N.broadcast_to(w > 0, h.shape)              # from the const alone
+            h = N.where(keep, N.tanh(h * w + x), 0.5 * h)
+            return h, h
+        return (L.scan(step, N.zeros(4, N.float32), xs)[1] ** 2).sum()
+    grad = spmd.grad(lambda w: loss(slax, np, w))
+    jax, lax, jnp = _jax()
+    want = _jax_run(jax.grad(lambda w: loss(lax, jnp, w)), w)
+    _close(spmd.jit(grad)(w), want)
+    _close(spmd.jit(grad, executor=REFERENCE)(w), want)
+    program = spmd.make_program(grad)(w)
+    per_step = [v.aval for e in program.eqns if e.prim.name == "scan" for v in e.outputs
+                if v.aval.shape[:1] == (12,)]
+    assert per_step and not any(a.dtype == np.bool_ for a in per_step), per_step
