@@ -43,6 +43,13 @@ def test_collective_table_matches_simulated_mesh(n):
     assert ranks_saying(out, rf"OK \d+ on {n} processes") == list(range(n)), out
 
 
+@pytest.mark.timeout(60)
+def test_a_profiled_step_gives_the_same_values_and_a_row_per_collective():
+    code, out, err, _ = spmd_run("-n", "2", script("profiled.py"), timeout=50)
+    assert code == 0, err[-3000:]
+    assert ranks_saying(out, "profiled OK on 2 processes") == [0, 1], out
+
+
 @pytest.mark.timeout(40)
 def test_mismatched_collectives_fail_every_rank_and_analyzer_names_them(tmp_path):
     dumps = str(tmp_path / "fr")

@@ -136,11 +136,6 @@ class PerDeviceExecutor:
                     and (v.dim_axes, v.shape) == fit else {p: self._whole(v) for p in positions}
                     for v, fit in zip(vals, own)]
 
-        if split and len(positions) == 1:
-            region_run = lambda *vals: run(*vals)
-            return _OneDeviceRegion(self, comm, body, own, shardings, shapes, region_run,
-                                    inputs, region)
-
         def run(*vals):
             outs = self._shard_map(comm, inputs(vals), outer_axes=(), gather=not split,
                                    body=body, **region)
@@ -148,6 +143,8 @@ class PerDeviceExecutor:
                 return [_Blocks(o, comm, sharding, shape)
                         for o, sharding, shape in zip(outs, shardings, shapes)]
             return [_placement(comm).to_host(o[positions[0]]) for o in outs]
+        if split and len(positions) == 1:
+            return _OneDeviceRegion(self, comm, body, own, shardings, shapes, run, inputs, region)
         return run
 
     def _whole(self, v):
