@@ -32,8 +32,8 @@ import optree
 from . import _host_parallel, ad_util, prims
 from .batching import batch_size, moveaxis, to_front
 from .collectives import pmax, pvary_p
-from .core import (Aval, Eqn, Primitive, Program, Tracer, Var, aval_of, bind, current_builder, hooks,
-                   trace)
+from .core import (Aval, Eqn, Primitive, Program, Tracer, Var, aval_of, bind, current_builder,
+                   hooks, trace)
 from .errors import VmaError
 from .sharding import NamedSharding, PartitionSpec, spec_entry
 from .transforms import ad
@@ -567,7 +567,7 @@ def _scan_partial_eval(eqn, unknown_ins, ctx):
     known_consts = [(v, a) for v, a, u in zip(body.in_vars[:nc], eqn.inputs[:nc], unknown[:nc])
                     if not u]
     hoisted, before, outer_of = _invariant_residuals(
-        known, known_consts, [r for r in residuals if id(r) not in taken])
+        known, known_consts, ncar - sum(carry_u), [r for r in residuals if id(r) not in taken])
     taken |= {id(r) for r in hoisted}
     stacked = [r for r in residuals if id(r) not in taken] + [body.out_vars[i] for i in forced]
     kbody = Program(known.in_vars, known.eqns,
@@ -603,19 +603,18 @@ def _scan_partial_eval(eqn, unknown_ins, ctx):
     return before + [keqn], ueqn, out_u
 
 
-def _invariant_residuals(known: Program, consts, candidates):
-    """Residuals of a scan's known body that it computes from its known consts alone: the same
-    at every step, so they are computed once before the loop and handed to the unknown scan as
-    consts instead of being stacked once per step (JAX hoists loop-invariant residuals too).
-    ``consts``: (body variable, the scan's operand) of each known const.  Returns (those
-    residuals, the equations that compute them outside the loop, {id(residual): its variable
-    outside})."""
+def _invariant_residuals(known: Program, consts, n_carry: int, candidates):
+    """Residuals of a scan's known body that it computes from its known consts alone (the
+    invariant part of its :class:`_Split`): the same at every step, so they are computed once
+    before the loop and handed to the unknown scan as consts instead of being stacked once per
+    step (JAX hoists loop-invariant residuals too).  ``consts``: (body variable, the scan's
+    operand) of each known const; ``n_carry``: the known carries.  Returns (those residuals,
+    the equations that compute them outside the loop, {id(residual): its variable outside})."""
     outer_of = {id(v): a for v, a in consts}
-    invariant = set(outer_of)
-    for e in known.eqns:
-        if _movable(e) and all(not isinstance(a, Var) or id(a) in invariant for a in e.inputs):
-            invariant.update(id(v) for v in e.outputs)
-    hoisted = [r for r in candidates if id(r) in invariant and id(r) not in outer_of]
+    split = _Split(known, len(consts), n_carry)
+    made_once = split.invariant.eqns if split.invariant is not None else []
+    invariant = {id(v) for e in made_once for v in e.outputs}
+    hoisted = [r for r in candidates if id(r) in invariant]
     if not hoisted:
         return [], [], {}
     need, chosen = {id(r) for r in hoisted}, []

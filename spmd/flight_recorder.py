@@ -49,12 +49,8 @@ class FlightRecorder:
         self.seq = 0
 
     def start(self, op: str, axes, ranks, shape, dtype, nbytes: int) -> dict:
-        entry = {"seq": self.seq, "op": op, "axes": list(axes), "ranks": list(ranks),
-                 "shape": list(shape), "dtype": str(dtype), "nbytes": int(nbytes),
-                 "state": "started", "start": time.time(), "end": None}
-        self.seq += 1
-        self.entries.append(entry)
-        return entry
+        return self.begin({"op": op, "axes": list(axes), "ranks": list(ranks),
+                           "shape": list(shape), "dtype": str(dtype), "nbytes": int(nbytes)})
 
     def begin(self, call: dict) -> dict:
         """``start`` for a call whose fields (op, axes, ranks, shape, dtype, nbytes, and groups

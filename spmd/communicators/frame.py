@@ -127,12 +127,7 @@ class CollectiveFrame:
     def signature(self, ranks=None) -> dict:
         """What every rank of the group must agree on: op, axes, shape, dtype, the ranks that
         exchange it (``ranks``, default the group), and ``axis_index_groups`` / ``perm``."""
-        mine = {k: self.entry[k] for k in ("seq", "op", "axes", "shape", "dtype")}
-        mine["ranks"] = list(self.ranks if ranks is None else ranks)
-        for name in ARGUMENT_FIELDS:
-            if name in self.entry:
-                mine[name] = self.entry[name]
-        return mine
+        return {"seq": self.seq, **self.call.signature(self.ranks if ranks is None else ranks)}
 
     def check(self, theirs: dict, *, differ: bool = False) -> None:
         """``theirs``: {rank: signature} of every rank of the group (this one included);

@@ -240,15 +240,16 @@ class MPICommunicator(Communicator):
         return comm
 
     # -- one collective in the shared frame: check, then the data with a watchdog ----------------
-    def _call(self, op, axes, groups, x, perm=None) -> "_Call":
-        """The prepared call of this op, axes, groups, perm, shape and dtype (made once)."""
+    def _call(self, op, axes, groups, x, perm=None, reduce=None) -> "_Call":
+        """The prepared call of this op, axes, groups, perm, shape and dtype (made once);
+        ``reduce``: the reduction (sum, max, min) of a reducing op."""
         axes = axes if type(axes) is tuple else tuple(axes)
         key = (op, axes, groups, perm, x.shape, x.dtype)
         call = self._calls.get(key)
         if call is None:
             if len(self._calls) >= _MAX_CALLS:
                 self._calls.clear()
-            call = self._calls[key] = _Call(self, op, axes, groups, perm, x)
+            call = self._calls[key] = _Call(self, op, axes, groups, perm, x, reduce)
         return call
 
     def _run(self, call: "_Call", data, timeout=None):
@@ -322,7 +323,7 @@ class MPICommunicator(Communicator):
 
     def all_reduce(self, bufs, axes, groups, op, *, timeout=None):
         p, x = self._one(bufs)
-        call = self._call(_REDUCE_NAMES[op], axes, groups, x)
+        call = self._call(_REDUCE_NAMES[op], axes, groups, x, reduce=op)
         if call.work is None:         # no MPI reduction for this dtype: gather, reduce in order
             g = self.all_gather(bufs, axes, groups, timeout=timeout)[p]
             return {p: np.array(_NUMPY_REDUCE[op].reduce(g, axis=0), dtype=x.dtype)}
@@ -349,7 +350,7 @@ class MPICommunicator(Communicator):
     def reduce_scatter(self, bufs, axes, groups, op, *, timeout=None):
         p, x = self._one(bufs)
         name = "psum_scatter" if op == "sum" else f"reduce_scatter({op})"
-        call = self._call(name, axes, groups, x)
+        call = self._call(name, axes, groups, x, reduce=op)
         if call.work is None:
             g = self.all_to_all(bufs, axes, groups, timeout=timeout)[p]
             return {p: np.array(_NUMPY_REDUCE[op].reduce(g, axis=0), dtype=x.dtype)}
@@ -417,7 +418,7 @@ class _Call:
     __slots__ = ("frame", "check", "message", "expected", "size", "work", "mpi_op",
                  "sources", "dests")
 
-    def __init__(self, owner: MPICommunicator, op, axes, groups, perm, x):
+    def __init__(self, owner: MPICommunicator, op, axes, groups, perm, x, reduce):
         ranks, whole = owner._group(axes, groups)
         self.frame = FrameCall(op, axes, ranks, x.shape, x.dtype, x.nbytes, groups=groups,
                                perm=perm)
@@ -426,9 +427,6 @@ class _Call:
         if self.check is not None:
             self.message = _message(self.frame, whole)
             self.expected = self.message[8:24].tobytes() * len(self.check.peers)
-        reduce = {"psum": "sum", "pmax": "max", "pmin": "min", "psum_scatter": "sum"}.get(op)
-        if reduce is None and op.startswith("reduce_scatter("):
-            reduce = op[len("reduce_scatter("):-1]
         self.work, self.mpi_op = _reduction(x.dtype, reduce) if reduce else (None, None)
         if perm is not None:
             index = ranks.index(owner.me)

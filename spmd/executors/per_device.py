@@ -132,20 +132,23 @@ class PerDeviceExecutor:
         shardings = [NamedSharding(mesh, spec) for spec in out_specs]
 
         def inputs(vals):
-            return [v.bufs if type(v) is _Blocks and v.mesh == mesh
-                    and (v.dim_axes, v.shape) == fit else {p: self._whole(v) for p in positions}
-                    for v, fit in zip(vals, own)]
+            bufs = []
+            for v, fit in zip(vals, own):
+                b = _own_blocks(v, mesh, fit) if type(v) is _Blocks else None
+                bufs.append({p: self._whole(v) for p in positions} if b is None else b)
+            return bufs
 
-        def run(*vals):
-            outs = self._shard_map(comm, inputs(vals), outer_axes=(), gather=not split,
-                                   body=body, **region)
+        def finish(bufs):
+            outs = self._shard_map(comm, bufs, outer_axes=(), gather=not split, body=body,
+                                   **region)
             if split:
                 return [_Blocks(o, comm, sharding, shape)
                         for o, sharding, shape in zip(outs, shardings, shapes)]
             return [_placement(comm).to_host(o[positions[0]]) for o in outs]
         if split and len(positions) == 1:
-            return _OneDeviceRegion(self, comm, body, own, shardings, shapes, run, inputs, region)
-        return run
+            return _OneDeviceRegion(self, comm, body, own, shardings, shapes, finish, inputs,
+                                    region)
+        return lambda *vals: finish(inputs(vals))
 
     def _whole(self, v):
         if isinstance(v, _Blocks):
@@ -289,49 +292,64 @@ class _OneDeviceRegion:
     each output, the outputs' shardings and shapes.  Called with the region's inputs (blocks
     of the region's own layout go in as they are), it returns ``_Blocks``; :meth:`direct`
     runs it on the program's ``GlobalValue`` arguments and returns ``GlobalValue``s, skipping
-    the top level's bookkeeping (a step that is one ``jit(shard_map(...))`` call)."""
+    the top level's bookkeeping (a step that is one ``jit(shard_map(...))`` call).  Other
+    inputs, and every call while profiling, take the general path (``general(bufs)``)."""
 
     def __init__(self, ex, comm, body, own, shardings, shapes, general, inputs, region):
-        self.ex, self.comm, self.body, self.own = ex, comm, body, own
+        self.comm, self.own, self.general, self.inputs = comm, own, general, inputs
         (self.p,) = comm.local_positions
-        self.mesh, self.general, self.inputs = region["mesh"], general, inputs
-        self.region = region
+        self.mesh = region["mesh"]
         self.line = ex._line(comm, body, tuple(region["manual_axes"]))
         self.call = _placement(comm).call
         ends = ex._ends(comm, self.mesh, body, region["out_specs"], region["manual_axes"],
                         region["check_vma"])
         self.outputs = list(zip(ends, shardings, shapes))
 
+    def _run(self, xs) -> list:
+        """The outputs of the body's straight line on this device's blocks ``xs``, finished."""
+        p, comm = self.p, self.comm
+        outs = self.call(p, _call_line, self.line, *xs)
+        return [o if end is None else end(comm, {p: o})[p]
+                for o, (end, _, _) in zip(outs, self.outputs)]
+
     def __call__(self, *vals):
-        if profiling.active is not None:
-            return self.general(*vals)
-        p = self.p
         bufs = self.inputs(vals)
-        if all(type(b) is _LocalBlocks for b in bufs):
-            outs = self.call(p, _call_line, self.line, *[b[p] for b in bufs])
-        else:
-            region = self.region
-            outs = [o[p] for o in self.ex._eval_local(self.comm, self.body, self.ex._local_inputs(
-                self.comm, bufs, self.mesh, region["in_specs"]), tuple(region["manual_axes"]))]
-        return [_Blocks({p: o} if end is None else end(self.comm, {p: o}), self.comm, sharding,
-                        shape) for o, (end, sharding, shape) in zip(outs, self.outputs)]
+        if profiling.active is not None or not all(type(b) is _LocalBlocks for b in bufs):
+            return self.general(bufs)
+        p = self.p
+        return [_Blocks({p: o}, self.comm, sharding, shape)
+                for o, (_, sharding, shape) in zip(self._run([b[p] for b in bufs]), self.outputs)]
 
     def direct(self, args):
         """The region on ``args`` (``GlobalValue``s of this process's blocks, in the region's
         own layout) as ``GlobalValue``s; None when an argument is anything else."""
         if profiling.active is not None:
             return None
-        p, mesh, xs = self.p, self.mesh, []
-        for a, (dim_axes, shape) in zip(args, self.own):
-            blocks = getattr(a, "_blocks", None)
-            if (blocks is None or a.shape != shape or a.sharding.mesh != mesh
-                    or a.sharding._dim_axes(len(shape)) != dim_axes):
+        xs = []
+        for a, fit in zip(args, self.own):
+            blocks = _own_blocks(a, self.mesh, fit)
+            if blocks is None:
                 return None
-            xs.append(blocks[p])
-        outs = self.call(p, _call_line, self.line, *xs)
+            xs.append(blocks[self.p])
         over = GlobalValue.over_blocks
-        return [over({p: np.asarray(o if end is None else end(self.comm, {p: o})[p])}, shape,
-                     sharding) for o, (end, sharding, shape) in zip(outs, self.outputs)]
+        return [over({self.p: np.asarray(o)}, shape, sharding)
+                for o, (_, sharding, shape) in zip(self._run(xs), self.outputs)]
+
+
+def _own_blocks(v, mesh, fit):
+    """The blocks of ``v`` where it is held as this process's blocks in a region's own layout
+    (``fit``: the dims' mesh axes and the global shape, on ``mesh``): a ``_Blocks``' or a
+    ``GlobalValue``'s of a mesh that spans processes; else None."""
+    if type(v) is _Blocks:
+        blocks, sharding = v.bufs, v.sharding
+    elif isinstance(v, GlobalValue) and v._blocks is not None:
+        blocks, sharding = v._blocks, v.sharding
+    else:
+        return None
+    if (v.shape != fit[1] or sharding.mesh != mesh
+            or sharding._dim_axes(len(v.shape)) != fit[0]):
+        return None
+    return blocks
 
 
 class _Run:
