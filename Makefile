@@ -27,10 +27,20 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 
-test-gpu: $(BIN)/python
+# GPU_PY=python3: run with an interpreter that already has CuPy and the test packages (an
+# image with CUDA's Python stack, offline), instead of installing .[cuda12,test] into .venv.
+GPU_PY    ?=
+GPU_TESTS := $(shell grep -l 'mark.gpu' tests/test_*.py)
+test-gpu:
+ifeq ($(GPU_PY),)
+	$(MAKE) $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[cuda12,test]'
-	$(BIN)/python -m pytest -q -m gpu
-	JAX_PLATFORMS= $(BIN)/python -m benchmarks --quick --gpu --out $(VENV)/bench-gpu.json
+	$(MAKE) test-gpu GPU_PY=$(BIN)/python
+else
+	$(GPU_PY) -m pytest -q -m gpu $(GPU_TESTS)
+	mkdir -p $(VENV)
+	JAX_PLATFORMS= $(GPU_PY) -m benchmarks --quick --gpu --out $(VENV)/bench-gpu.json
+endif
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -80,7 +80,7 @@ def _virtual_rows(sizes, timing):
         ax = dict(axes=("i",))
         cases = [
             ("all_reduce", "psum (fused reduce kernel)",
-             lambda: stacked.KERNEL_RULES["psum"](cupy, mesh, x, **ax)),
+             lambda: stacked.KERNEL_RULES[psum_p](cupy, mesh, x, **ax)),
             ("all_reduce", "psum (CuPy generic)", lambda: psum_p.rules["stacked"](cupy, mesh, x, **ax)),
             ("all_gather", "all_gather tiled",
              lambda: cupy.ascontiguousarray(all_gather_p.rules["stacked"](

@@ -142,14 +142,20 @@ def reduce_into(xp, op: str, out, slabs):
         for s in slabs[2:]:
             ufunc(o, s[idx], out=o)
     run(xp, out.nbytes * (len(slabs) + 1),
-        [functools.partial(block, idx) for idx in chunks(out.shape, out.nbytes // BLOCK_BYTES)])
+        [functools.partial(block, idx) for idx in _blocks(xp, out.shape, out.nbytes // BLOCK_BYTES)])
     return out
 
 
 def copy_tasks(xp, out, src, parts: int | None = None) -> list:
     """Tasks that together copy ``src`` into ``out`` (default: a few per host thread)."""
     return [functools.partial(_copy_block, xp, out, src, idx)
-            for idx in chunks(out.shape, parts or 4 * num_threads())]
+            for idx in _blocks(xp, out.shape, parts or 4 * num_threads())]
+
+
+def _blocks(xp, shape, parts: int) -> list[tuple]:
+    """:func:`chunks` for host arrays; a device's array (CuPy) is one block: its kernels are
+    parallel already, and each block would cost a launch."""
+    return chunks(shape, parts) if xp is np else [()]
 
 
 def _copy_block(xp, out, src, idx):

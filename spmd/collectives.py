@@ -189,8 +189,17 @@ def _reduce_vma(x, *, axes, groups=None, **_):
     return x.vma if groups is not None else x.vma - set(axes)
 
 
+# A device's array module by name ("cupy") -> its one-pass reduction ``(y, op) -> y reduced
+# over axis 1``, or None where it does not apply; registered by the plug-in that brings the
+# device (spmd.gpu), without importing the module.
+DEVICE_REDUCE: dict = {}
+
+
 def _reduce_ranks(xp, y, op):
     """``y`` (G, g, rest...) reduced over the ranks: (G, rest...)."""
+    device = DEVICE_REDUCE.get(xp.__name__) if xp is not np else None
+    if device is not None and (out := device(y, op)) is not None:
+        return out
     if y.nbytes < _host_parallel.REDUCE_LOOP_MIN_BYTES:
         return {"sum": lambda: y.sum(axis=1, dtype=y.dtype),      # no int promotion
                 "max": lambda: y.max(axis=1), "min": lambda: y.min(axis=1)}[op]()
@@ -575,9 +584,10 @@ def _ppermute_body(xp, rm, y, *, perm):
     src_of = np.full(rm.n, -1)
     for s, d in perm:
         src_of[d] = s
-    if y.nbytes >= _host_parallel.LOOP_MIN_BYTES:
-        # big: one block copy per run of destinations whose sources are consecutive too (a
-        # shift, as a pipeline's, is one copy), zeros where nothing arrives, over the threads
+    if y.nbytes >= _host_parallel.LOOP_MIN_BYTES or xp is not np:
+        # big (or on a GPU, where a gather would first upload its index): one block copy per
+        # run of destinations whose sources are consecutive too (a shift, as a pipeline's, is
+        # one copy), zeros where nothing arrives, over the threads
         out = _host_parallel.empty(xp, y.shape, y.dtype)
         tasks, parts = [], 4 * _host_parallel.num_threads()      # a few tasks per thread in all
         for d, end, src in _runs(src_of):

@@ -1,5 +1,6 @@
 """The big-value paths of the stacked collectives (slab loops into output buffers, split over
 host threads), forced on small arrays and compared bit for bit with the reference executor."""
+import collections
 import math
 
 import numpy as np
@@ -203,3 +204,49 @@ def test_blocked_elementwise_writes_every_block_right(big_paths, monkeypatch, sh
         with np.errstate(all="ignore"):
             got = _host_parallel.elementwise(np, fn, *args)
         np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+class _DeviceNumpy:
+    """NumPy under another name, as the collectives see a GPU's array module (CuPy), counting
+    the calls made through it (each would be a kernel launch there)."""
+
+    def __init__(self):
+        self.calls = collections.Counter()
+
+    def __getattr__(self, name):
+        attr = getattr(np, name)
+        if not callable(attr) or isinstance(attr, type):
+            return attr
+
+        def counted(*args, **kwargs):
+            self.calls[name] += 1
+            return attr(*args, **kwargs)
+        return counted
+
+
+def test_device_arrays_are_one_block_per_call():
+    """Host-thread blocking is for host arrays: on a device's array module a reduction is one
+    call per slab and a copy is one call, however big."""
+    xp = _DeviceNumpy()
+    slabs = [np.full(4 * _host_parallel.BLOCK_BYTES // 4, i, np.float32) for i in range(5)]
+    out = np.empty_like(slabs[0])
+    _host_parallel.reduce_into(xp, "sum", out, slabs)
+    np.testing.assert_array_equal(out, sum(slabs))
+    assert xp.calls["add"] == 4
+    assert len(_host_parallel.copy_tasks(xp, out, slabs[1])) == 1
+    assert len(_host_parallel.copy_tasks(np, out, slabs[1])) > 1
+
+
+@pytest.mark.parametrize("perm", [[(i, (i + 1) % 8) for i in range(8)], [(0, 7)], [(3, 4), (4, 3)]],
+                         ids=["ring", "one", "swap"])
+def test_device_ppermute_copies_runs(perm):
+    """A ppermute on a device's arrays is block copies of runs (no gather with a host index),
+    with the same result as on the host."""
+    class Mesh:
+        axis_names, axis_sizes = ("i",), (8,)
+    rule = spmd.collectives.ppermute_p.rules["stacked"]
+    x = np.arange(8 * 6, dtype=np.float32).reshape(8, 2, 3)
+    xp = _DeviceNumpy()
+    got = rule(xp, Mesh, x, axes=("i",), perm=tuple(perm))
+    np.testing.assert_array_equal(got, rule(np, Mesh, x, axes=("i",), perm=tuple(perm)))
+    assert xp.calls["take"] == 0 and xp.calls["copyto"] >= 1

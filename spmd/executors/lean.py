@@ -31,14 +31,15 @@ from ..core import Literal, Program
 from . import profiling
 
 
-def straight_line(program: Program, xp, *, higher, gather, timed=None):
+def straight_line(program: Program, xp, *, higher, gather, timed=None, const=None):
     """``program`` as one function of its inputs returning the list of its outputs.
 
     Local equations run as :func:`host_call` on whole arrays: their operands pass through
     ``gather`` first where they may not be (the program's inputs, the results of other
     equations).  Every other equation (higher-order, or a collective) runs as ``higher(eqn)``
     on its operands as they are.  ``timed(list of inputs)``: how the program runs instead
-    while profiling is on (step by step, each step timed)."""
+    while profiling is on (step by step, each step timed).  ``const(array)``: a literal
+    array where the arrays live (a GPU's copy), made once here; None: literals as they are."""
     ns = {"gather": gather, "whole_array": type(xp.empty(0)), "profiling": profiling,
           "timed": timed}
     names: dict[int, str] = {}           # id(var) -> its name in the function
@@ -49,9 +50,9 @@ def straight_line(program: Program, xp, *, higher, gather, timed=None):
 
     def name(a, gather_it=False):
         if isinstance(a, Literal):
-            const = f"c{next(number)}"
-            ns[const] = a.val
-            return const
+            c = f"c{next(number)}"
+            ns[c] = const(a.val) if const is not None and isinstance(a.val, np.ndarray) else a.val
+            return c
         if not gather_it or id(a) in whole:
             return names[id(a)]
         if id(a) not in gathered:

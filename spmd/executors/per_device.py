@@ -166,9 +166,13 @@ class PerDeviceExecutor:
             return [{p: o} for o in outs]
         env = {id(v): b for v, b in zip(program.in_vars, bufs_in)}
 
+        placement = _placement(comm)
+
         def read(a):
             if isinstance(a, Literal):
-                return {p: a.val for p in positions}
+                if placement.xp is np or not isinstance(a.val, np.ndarray):
+                    return {p: a.val for p in positions}
+                return {p: placement.to_local(p, a.val) for p in positions}   # onto each GPU
             return env[id(a)]
 
         def apply(e, vals):
@@ -197,9 +201,11 @@ class PerDeviceExecutor:
         key = (program, comm, manual)
         line = self._lines.get(key)
         if line is None:
-            xp = _placement(comm).xp
-            line = lean.straight_line(program, xp, higher=functools.partial(
-                self._local_step, comm, manual, xp), gather=lambda v: v)
+            placement = _placement(comm)
+            (p,) = comm.local_positions
+            line = lean.straight_line(program, placement.xp, higher=functools.partial(
+                self._local_step, comm, manual, placement.xp), gather=lambda v: v,
+                const=None if placement.xp is np else functools.partial(placement.to_local, p))
             self._lines.put(key, line)
         return line
 

@@ -273,7 +273,8 @@ class _Run:
                 plan.append(ex._compile(program, None, fuse=False))
             return plan[0](vals)
         return lean.straight_line(program, ex.xp, higher=lambda e: ex._step(e, ex.xp, None, 0),
-                                  gather=_global, timed=timed)
+                                  gather=_global, timed=timed,
+                                  const=None if ex.xp is np else ex.xp.asarray)
 
     def manual(self, program: Program, **region):
         return self.executor._compile_manual(self.mesh, program, **region)

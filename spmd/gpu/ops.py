@@ -74,7 +74,8 @@ def reduce_axis(x, axis: int, op: str, scale: float | None = None, keepdims: boo
     after = im.runs(x.shape[axis + 1:], _elem_strides(x)[axis + 1:])
     if (ctype is None or kernels.env_disabled() or len(before) > 1 or len(after) > 1 or x.size == 0
             or any(s < 0 for s in x.strides)):
-        out = {"sum": cupy.sum, "max": cupy.max, "min": cupy.min}[op](x, axis=axis, keepdims=keepdims)
+        kw = {"dtype": x.dtype} if op == "sum" else {}           # no integer promotion
+        out = {"sum": cupy.sum, "max": cupy.max, "min": cupy.min}[op](x, axis=axis, keepdims=keepdims, **kw)
         return out * scale if scale is not None else out
     (outer, s_outer), = before or [(1, 0)]
     (inner, s_inner), = after or [(1, 1)]

@@ -4,7 +4,8 @@ mesh dims of CuPy arrays.
 The primitives' batched implementations run unchanged with ``xp = cupy``.  ``psum``, ``pmax``
 and ``pmin`` go through the fused n-way reduce kernel (``kernels/reduce.cu``: one pass over the
 strided stacked value, no transpose, no temporary); the other collectives are the generic
-stacked rules, which on this layout are views plus one CuPy copy.  Inputs are uploaded at the
+stacked rules, which on this layout are views plus one CuPy copy, their reductions over the
+ranks (``psum_scatter``, grouped psums) through the same kernel.  Inputs are uploaded at the
 start of a call and outputs come back to the host at the end, so ``np.asarray`` of a result
 works as on the CPU.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..collectives import pmax_p, pmin_p, psum_p
+from ..collectives import DEVICE_REDUCE, pmax_p, pmin_p, psum_p
 from ..communicators.cuda import cupy as _cupy
 from ..executors.stacked import StackedExecutor
 from ..layout import GlobalValue
@@ -36,6 +37,17 @@ def _all_reduce_rule(prim, op):
 
 KERNEL_RULES = {p: _all_reduce_rule(p, op) for p, op in ((psum_p, "sum"), (pmax_p, "max"),
                                                              (pmin_p, "min"))}
+
+
+def _reduce_ranks(y, op):
+    """The generic stacked rules' reduction over the ranks (axis 1: psum_scatter, grouped
+    psums) in one pass of the fused kernel, where it applies."""
+    if kernels.env_disabled() or kernels.reduce_ctype(y.dtype) is None:
+        return None
+    return ops.reduce_axis(y, 1, op, keepdims=False)
+
+
+DEVICE_REDUCE["cupy"] = _reduce_ranks
 
 
 class CupyStackedExecutor(StackedExecutor):
