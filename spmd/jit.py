@@ -51,12 +51,19 @@ from .transforms.ad import dce, eval_program
 # ---------------------------------------------------------------------------------------------
 
 _EXECUTORS: dict = {}     # one per SPMD_EXECUTOR value: executors keep their compiled plans
+# SPMD_EXECUTOR value -> a function making that executor; plug-ins add theirs (spmd.gpu: "gpu")
+_FACTORIES: dict = {"stacked": StackedExecutor, "reference": reference_executor}
+
+
+def register_executor(name: str, factory) -> None:
+    """Let ``SPMD_EXECUTOR=name`` choose the executor ``factory()`` makes (once, then kept)."""
+    _FACTORIES[name] = factory
 
 
 def default_executor():
     """The executor a call runs on: the job's per-device executor after
-    ``spmd.distributed.initialize()``, else ``SPMD_EXECUTOR`` (``stacked``, the default, or
-    ``reference``)."""
+    ``spmd.distributed.initialize()``, else ``SPMD_EXECUTOR`` (``stacked``, the default,
+    ``reference``, or one a plug-in registered: ``gpu``, the stacked executor on GPU 0)."""
     if distributed.process_count() > 1:
         return distributed.executor()
     if distributed.UNJOINED_LAUNCH:
@@ -64,13 +71,11 @@ def default_executor():
     name = os.environ.get("SPMD_EXECUTOR", "stacked")
     executor = _EXECUTORS.get(name)
     if executor is None:
-        if name == "reference":
-            executor = reference_executor()
-        elif name == "stacked":
-            executor = StackedExecutor()
-        else:
-            raise ValueError(f"SPMD_EXECUTOR={name!r}; use 'stacked' or 'reference'.")
-        executor = _EXECUTORS.setdefault(name, executor)
+        factory = _FACTORIES.get(name)
+        if factory is None:
+            raise ValueError(f"SPMD_EXECUTOR={name!r}; use one of "
+                             f"{', '.join(repr(k) for k in _FACTORIES)}.")
+        executor = _EXECUTORS.setdefault(name, factory())
     return executor
 
 

@@ -156,3 +156,12 @@ def test_weak_python_scalars_still_compute_under_jit():
     """Two Python scalars meet in a ufunc (a traced int and a literal): NumPy's loop for them is
     the object loop; spmd takes their default dtypes instead (the dtype check must not fire)."""
     assert bool(spmd.jit(lambda n: n < 7)(3)) and int(spmd.jit(lambda n: n + 7)(3)) == 10
+
+
+def test_executor_chosen_by_environment(monkeypatch):
+    f = spmd.jit(lambda x: x * 2)
+    monkeypatch.setenv("SPMD_EXECUTOR", "reference")
+    np.testing.assert_array_equal(np.asarray(f(np.arange(3.0))), [0, 2, 4])
+    monkeypatch.setenv("SPMD_EXECUTOR", "tpu")
+    with pytest.raises(ValueError, match=r"SPMD_EXECUTOR='tpu'; use one of 'stacked', 'reference'"):
+        f(np.arange(3.0))

@@ -374,3 +374,22 @@ def test_nccl_executor_rejects_virtual_devices():
             spmd.jit(f, executor=gpu.nccl_executor())(np.ones(4, np.float32))
     finally:
         os.environ.pop("SPMD_VIRTUAL_DEVICES", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# a whole model: SPMD_EXECUTOR=gpu
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("parallel,compiler", [("dp_tp", False), ("dp_tp", True), ("tp", False)])
+def test_gpt_trains_on_the_gpu_as_on_the_host(monkeypatch, parallel, compiler):
+    """``examples/train_gpt.py`` (shard_map or jit shardings, autodiff, Adam) with every
+    ``spmd.jit`` on the GPU (``SPMD_EXECUTOR=gpu``, 8 virtual devices): the losses of the host's
+    stacked executor, step by step."""
+    import test_train_gpt
+    G = test_train_gpt.G
+    monkeypatch.setenv("SPMD_EXECUTOR", "stacked")
+    host = G.train(spmd, np, parallel, compiler, steps=4)
+    monkeypatch.setenv("SPMD_EXECUTOR", "gpu")
+    on_gpu = G.train(spmd, np, parallel, compiler, steps=4)
+    np.testing.assert_allclose(on_gpu, host, rtol=2e-5)
+    assert on_gpu[-1] < on_gpu[0]

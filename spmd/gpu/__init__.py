@@ -8,7 +8,8 @@ for GPU devices then says why there are none.
 
 - ``spmd.devices("gpu")``: one device per visible GPU, or ``SPMD_VIRTUAL_DEVICES=N`` virtual
   devices on GPU 0 (for the stacked executor: the whole mesh as one array on one GPU).
-- :func:`stacked_executor`: virtual devices on one GPU (``spmd.gpu.stacked``).
+- :func:`stacked_executor`: virtual devices on one GPU (``spmd.gpu.stacked``); also what
+  ``SPMD_EXECUTOR=gpu`` makes every ``spmd.jit`` run on.
 - :func:`nccl_executor`: one process, one array per GPU, collectives through the NCCL
   communicator (``spmd.communicators.nccl.NcclCommunicator``, the class that also serves one GPU
   per process) and, for small all-reduces, the peer-memory kernels (``spmd.gpu.peer``).
@@ -25,6 +26,7 @@ from ..communicators.nccl import NcclCommunicator, NcclError, describe_nccl_erro
 from ..devices import Device, register_platform
 from ..errors import MeshError
 from ..executors.per_device import PerDeviceExecutor
+from ..jit import register_executor
 from . import index_math as im
 from . import kernels, ops
 from .peer import PeerAllReduce
@@ -150,6 +152,7 @@ def _peer_in_process(ordinals):
 
 
 register_platform("gpu", gpu_devices, aliases=("cuda",))
+register_executor("gpu", stacked_executor)          # SPMD_EXECUTOR=gpu
 _nccl.hooks.cuda_ordinal = cuda_ordinal
 _nccl.hooks.pack = ops.pack
 _nccl.hooks.peer_algorithm = _peer_algorithm
