@@ -393,3 +393,13 @@ def test_gpt_trains_on_the_gpu_as_on_the_host(monkeypatch, parallel, compiler):
     on_gpu = G.train(spmd, np, parallel, compiler, steps=4)
     np.testing.assert_allclose(on_gpu, host, rtol=2e-5)
     assert on_gpu[-1] < on_gpu[0]
+
+
+def test_pipeline_recipe_trains_on_the_gpu_as_on_the_host(monkeypatch):
+    """DP x FSDP x TP x GPipe (scan over the stages) with SPMD_EXECUTOR=gpu."""
+    import test_train_gpt
+    G = test_train_gpt.G
+    monkeypatch.setenv("SPMD_EXECUTOR", "stacked")
+    host = G.train_recipe("dp_fsdp_tp_pp", 3)
+    monkeypatch.setenv("SPMD_EXECUTOR", "gpu")
+    np.testing.assert_allclose(G.train_recipe("dp_fsdp_tp_pp", 3), host, rtol=2e-5)

@@ -63,8 +63,8 @@ class StackedExecutor:
         def slot(a):
             if isinstance(a, Literal):
                 val = a.val
-                if k and not isinstance(val, (bool, int, float, complex)):
-                    val = xp.asarray(val)
+                if (k or xp is not np) and not isinstance(val, (bool, int, float, complex)):
+                    val = xp.asarray(val)                 # onto the device (a GPU's copy)
                     val = val.reshape((1,) * k + val.shape)
                 template.append(val)
                 return len(template) - 1
