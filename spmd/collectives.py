@@ -596,7 +596,7 @@ def _ppermute_body(xp, rm, y, *, perm):
             else:
                 tasks += _host_parallel.copy_tasks(xp, out[:, d:end], y[:, src:src + end - d],
                                                    -(-parts * (end - d) // rm.n))
-        _host_parallel.run(xp, 2 * y.nbytes, tasks)
+        _host_parallel.run(xp, y.nbytes, tasks, _host_parallel.COPY_PARALLEL_MIN_BYTES)
         return out
     z = xp.take(y, np.maximum(src_of, 0), axis=1)
     if (src_of < 0).any():

@@ -570,15 +570,19 @@ def _scan_partial_eval(eqn, unknown_ins, ctx):
         known, known_consts, ncar - sum(carry_u), [r for r in residuals if id(r) not in taken])
     taken |= {id(r) for r in hoisted}
     stacked = [r for r in residuals if id(r) not in taken] + [body.out_vars[i] for i in forced]
-    kbody = Program(known.in_vars, known.eqns,
-                    [a for a, u in zip(body.out_vars, out_u) if not u] + stacked)
-    kin = [a for a, u in zip(eqn.inputs, unknown) if not u]
+    known_outs = [a for a, u in zip(body.out_vars, out_u) if not u]
     n_kcarry = ncar - sum(carry_u)
+    # a residual that is also one of the known ys is stacked once, as that y
+    as_y = {id(v): j for j, v in enumerate(known_outs) if j >= n_kcarry}
+    new = [r for r in stacked if id(r) not in as_y]
+    kbody = Program(known.in_vars, known.eqns, known_outs + new)
+    kin = [a for a, u in zip(eqn.inputs, unknown) if not u]
     keqn = ad.new_eqn(scan_p, kin, dict(p, body=kbody, n_consts=nc - sum(unknown[:nc]),
                                         n_carry=n_kcarry))
-    n_kout = len(kbody.out_vars) - len(stacked)
+    n_kout = len(known_outs)
     keqn.outputs[:n_kout] = [v for v, u in zip(eqn.outputs, out_u) if not u]
-    res_outer = keqn.outputs[n_kout:]
+    outer_new = {id(r): o for r, o in zip(new, keqn.outputs[n_kout:])}
+    res_outer = [keqn.outputs[as_y[id(r)]] if id(r) in as_y else outer_new[id(r)] for r in stacked]
     # the unknown body: residual consts, unknown consts, carries, stacked residuals, residual
     # xs, unknown xs
     forced_vars = {i: Var(body.out_vars[i].aval) for i in forced}

@@ -658,3 +658,21 @@ def test_a_residual_made_from_consts_alone_is_computed_once_not_stacked_per_step
     per_step = [v.aval for e in program.eqns if e.prim.name == "scan" for v in e.outputs
                 if v.aval.shape[:1] == (12,)]
     assert per_step and not any(a.dtype == np.bool_ for a in per_step), per_step
+
+
+def test_a_residual_that_is_also_a_y_is_stacked_once():
+    """``exp``'s derivative is its own output: the residual the backward scan reads is the ys
+    the forward scan stacks already, so the forward scan stacks it once, not twice; JAX's
+    gradient."""
+    w, xs = _f32(4), _f32(12, 4)
+
+    def loss(L, N, w):
+        return (L.scan(lambda c, x: (c, N.exp(x * w)), N.zeros((), N.float32), xs)[1] ** 2).sum()
+    grad = spmd.grad(lambda w: loss(slax, np, w))
+    jax, lax, jnp = _jax()
+    want = _jax_run(jax.grad(lambda w: loss(lax, jnp, w)), w)
+    _close(spmd.jit(grad)(w), want)
+    _close(spmd.jit(grad, executor=REFERENCE)(w), want)
+    program = spmd.make_program(grad)(w)
+    forward = next(e for e in program.eqns if e.prim.name == "scan")
+    assert [v.aval.shape for v in forward.outputs] == [(), (12, 4)]
