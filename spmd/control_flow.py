@@ -254,8 +254,10 @@ _COMPACT_MAX_BYTES = 1 << 20
 
 
 def _compact(xp, k, *vals):
+    """Small strided invariants made contiguous; one value per device broadcast over its block
+    stays a broadcast (``select`` picks whole blocks by it)."""
     return [xp.ascontiguousarray(v) if hasattr(v, "flags") and not v.flags.c_contiguous
-            and v.nbytes <= _COMPACT_MAX_BYTES else v for v in vals]
+            and v.nbytes <= _COMPACT_MAX_BYTES and any(v.strides[k:]) else v for v in vals]
 
 
 def _unstack(length, xp, k, *xs):

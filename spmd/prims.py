@@ -359,8 +359,27 @@ def _select_transpose(ct, c, x, y):
             bind(select_p, c, zero, ct) if ad_util.is_undefined(y) else None]
 
 
+def _select_impl(xp, k, c, x, y):
+    """``where(c, x, y)``; a predicate that is one value per device (a broadcast: a pipeline's
+    ``where(stage == 0, fed, arrived)``) picks each device's block whole: a copy, not a pass
+    over every element with its three operands."""
+    if xp is np and isinstance(c, np.ndarray) and c.ndim >= k and not any(c.strides[k:]):
+        shape = np.broadcast_shapes(c.shape, np.shape(x), np.shape(y))
+        if (len(shape) == c.ndim and math.prod(shape[:k]) <= _PICK_MAX_DEVICES
+                and math.prod(shape) >= _PICK_MIN_ELEMENTS):
+            out = np.empty(shape, np.result_type(x, y))
+            x, y = np.broadcast_to(x, shape), np.broadcast_to(y, shape)
+            for idx in np.ndindex(*shape[:k]):
+                at = tuple(min(i, n - 1) for i, n in zip(idx, c.shape)) + (0,) * (c.ndim - k)
+                np.copyto(out[idx], x[idx] if c[at] else y[idx])
+            return out
+    return xp.where(c, x, y)
+
+
+_PICK_MAX_DEVICES, _PICK_MIN_ELEMENTS = 64, 1 << 14
+
 select_p = Primitive("select", abstract=_select_abstract,
-                     impl=lambda xp, k, c, x, y: xp.where(c, x, y), category="elementwise",
+                     impl=_select_impl, category="elementwise",
                      linear=(1, 2), jvp=_select_jvp, transpose=_select_transpose,
                      sharding=sharding_rules.select,
                      c=lambda cw, dts, out: "({0} ? {1} : {2})" if dts[1] == dts[2] else None)

@@ -130,3 +130,23 @@ def test_shard_map_and_checkpoint_declare_execute():
     from spmd.transforms.checkpoint import checkpoint_p
     assert shard_map_p.execute is not None and checkpoint_p.execute is not None
     assert shard_map_p.manual is not None and checkpoint_p.inline is not None
+
+
+@pytest.mark.parametrize("k, c_shape, x_shape, y_shape", [
+    (1, (8, 1, 1), (8, 64, 256), (8, 64, 256)),        # one predicate per device
+    (1, (1, 1, 1), (8, 64, 256), (1, 64, 256)),        # the same predicate everywhere
+    (1, (8, 1, 1), (8, 64, 256), ()),                  # a scalar branch
+    (2, (2, 4, 1, 1), (2, 4, 128, 128), (1, 4, 128, 128)),
+    (0, (1, 1), (128, 256), (128, 256)),
+    (1, (8, 64, 1), (8, 64, 256), (8, 64, 256)),       # not one value per device: where
+])
+def test_select_of_one_predicate_per_device_is_where(k, c_shape, x_shape, y_shape):
+    """``select`` whose predicate is one value per device copies each device's block whole; it
+    equals ``np.where`` (broadcast operands, a scalar branch, no device dims)."""
+    rng = np.random.default_rng(0)
+    c = np.broadcast_to(rng.random(c_shape) > 0.5, np.broadcast_shapes(c_shape, x_shape))
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    y = rng.standard_normal(y_shape).astype(np.float32) if y_shape else np.float32(0)
+    got = prims.select_p.rule("impl")(np, k, c, x, y)
+    np.testing.assert_array_equal(got, np.where(c, x, y))
+    assert got.dtype == np.float32
