@@ -157,6 +157,15 @@ def copy_tasks(xp, out, src, parts: int | None = None) -> list:
             for idx in _blocks(xp, out.shape, parts or 4 * num_threads())]
 
 
+# The array modules whose arrays live on an accelerator (each call a kernel launch), by name.
+DEVICE_MODULES = {"cupy"}
+
+
+def on_device(xp) -> bool:
+    """``xp`` is a GPU's array module (not NumPy, nor a tracing namespace such as vmap's)."""
+    return getattr(xp, "__name__", None) in DEVICE_MODULES
+
+
 def _blocks(xp, shape, parts: int) -> list[tuple]:
     """:func:`chunks` for host arrays; a device's array (CuPy) is one block: its kernels are
     parallel already, and each block would cost a launch."""

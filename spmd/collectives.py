@@ -584,7 +584,7 @@ def _ppermute_body(xp, rm, y, *, perm):
     src_of = np.full(rm.n, -1)
     for s, d in perm:
         src_of[d] = s
-    if y.nbytes >= _host_parallel.LOOP_MIN_BYTES or xp is not np:
+    if y.nbytes >= _host_parallel.LOOP_MIN_BYTES or _host_parallel.on_device(xp):
         # big (or on a GPU, where a gather would first upload its index): one block copy per
         # run of destinations whose sources are consecutive too (a shift, as a pipeline's, is
         # one copy), zeros where nothing arrives, over the threads

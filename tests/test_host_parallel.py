@@ -211,6 +211,8 @@ class _DeviceNumpy:
     """NumPy under another name, as the collectives see a GPU's array module (CuPy), counting
     the calls made through it (each would be a kernel launch there)."""
 
+    __name__ = "device_numpy"
+
     def __init__(self):
         self.calls = collections.Counter()
 
@@ -240,7 +242,7 @@ def test_device_arrays_are_one_block_per_call():
 
 @pytest.mark.parametrize("perm", [[(i, (i + 1) % 8) for i in range(8)], [(0, 7)], [(3, 4), (4, 3)]],
                          ids=["ring", "one", "swap"])
-def test_device_ppermute_copies_runs(perm):
+def test_device_ppermute_copies_runs(monkeypatch, perm):
     """A ppermute on a device's arrays is block copies of runs (no gather with a host index),
     with the same result as on the host."""
     class Mesh:
@@ -248,6 +250,7 @@ def test_device_ppermute_copies_runs(perm):
     rule = spmd.collectives.ppermute_p.rules["stacked"]
     x = np.arange(8 * 6, dtype=np.float32).reshape(8, 2, 3)
     xp = _DeviceNumpy()
+    monkeypatch.setattr(_host_parallel, "DEVICE_MODULES", {"cupy", xp.__name__})
     got = rule(xp, Mesh, x, axes=("i",), perm=tuple(perm))
     np.testing.assert_array_equal(got, rule(np, Mesh, x, axes=("i",), perm=tuple(perm)))
     assert xp.calls["take"] == 0 and xp.calls["copyto"] >= 1
