@@ -637,6 +637,16 @@ def test_summed_products_inside_shard_map_and_a_carry_read_in_the_body_stays(mon
     assert [len(s.accumulators) for s in splits if s.accumulators] == [1, 1]
 
 
+def _grad_as_jax(loss, w):
+    """``loss(L, N, w)``'s gradient in ``w`` on both executors equals JAX's; returns its program."""
+    grad = spmd.grad(lambda w: loss(slax, np, w))
+    jax, lax, jnp = _jax()
+    want = _jax_run(jax.grad(lambda w: loss(lax, jnp, w)), w)
+    _close(spmd.jit(grad)(w), want)
+    _close(spmd.jit(grad, executor=REFERENCE)(w), want)
+    return spmd.make_program(grad)(w)
+
+
 def test_a_residual_made_from_consts_alone_is_computed_once_not_stacked_per_step():
     """A value the body computes from its consts alone (here a select's predicate) is the same
     at every step: the gradient computes it once before the loop and hands it to the backward
@@ -649,12 +659,7 @@ def test_a_residual_made_from_consts_alone_is_computed_once_not_stacked_per_step
             h = N.where(keep, N.tanh(h * w + x), 0.5 * h)
             return h, h
         return (L.scan(step, N.zeros(4, N.float32), xs)[1] ** 2).sum()
-    grad = spmd.grad(lambda w: loss(slax, np, w))
-    jax, lax, jnp = _jax()
-    want = _jax_run(jax.grad(lambda w: loss(lax, jnp, w)), w)
-    _close(spmd.jit(grad)(w), want)
-    _close(spmd.jit(grad, executor=REFERENCE)(w), want)
-    program = spmd.make_program(grad)(w)
+    program = _grad_as_jax(loss, w)
     per_step = [v.aval for e in program.eqns if e.prim.name == "scan" for v in e.outputs
                 if v.aval.shape[:1] == (12,)]
     assert per_step and not any(a.dtype == np.bool_ for a in per_step), per_step
@@ -668,11 +673,6 @@ def test_a_residual_that_is_also_a_y_is_stacked_once():
 
     def loss(L, N, w):
         return (L.scan(lambda c, x: (c, N.exp(x * w)), N.zeros((), N.float32), xs)[1] ** 2).sum()
-    grad = spmd.grad(lambda w: loss(slax, np, w))
-    jax, lax, jnp = _jax()
-    want = _jax_run(jax.grad(lambda w: loss(lax, jnp, w)), w)
-    _close(spmd.jit(grad)(w), want)
-    _close(spmd.jit(grad, executor=REFERENCE)(w), want)
-    program = spmd.make_program(grad)(w)
+    program = _grad_as_jax(loss, w)
     forward = next(e for e in program.eqns if e.prim.name == "scan")
     assert [v.aval.shape for v in forward.outputs] == [(), (12, 4)]
