@@ -75,7 +75,12 @@ def default_executor():
         if factory is None:
             raise ValueError(f"SPMD_EXECUTOR={name!r}; use one of "
                              f"{', '.join(repr(k) for k in _FACTORIES)}.")
-        executor = _EXECUTORS.setdefault(name, factory())
+        try:
+            made = factory()
+        except Exception as e:           # say which setting asked for it (a GPU, say)
+            e.args = (f"SPMD_EXECUTOR={name!r}: {e}",) + e.args[1:]
+            raise
+        executor = _EXECUTORS.setdefault(name, made)
     return executor
 
 

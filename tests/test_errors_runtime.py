@@ -165,3 +165,16 @@ def test_executor_chosen_by_environment(monkeypatch):
     monkeypatch.setenv("SPMD_EXECUTOR", "tpu")
     with pytest.raises(ValueError, match=r"SPMD_EXECUTOR='tpu'; use one of 'stacked', 'reference'"):
         f(np.arange(3.0))
+
+
+def test_gpu_executor_says_what_it_needs(monkeypatch):
+    """``SPMD_EXECUTOR=gpu`` runs on the GPU where there is one; where there is none the error
+    names the setting and what is missing."""
+    import spmd.gpu
+    monkeypatch.setenv("SPMD_EXECUTOR", "gpu")
+    f = spmd.jit(lambda x: x * 2)
+    if spmd.gpu.available()[0]:
+        np.testing.assert_array_equal(np.asarray(f(np.arange(3.0))), [0, 2, 4])
+    else:
+        with pytest.raises(spmd.gpu.GpuUnavailableError, match=r"^SPMD_EXECUTOR='gpu': "):
+            f(np.arange(3.0))
