@@ -157,8 +157,9 @@ def copy_tasks(xp, out, src, parts: int | None = None) -> list:
             for idx in _blocks(xp, out.shape, parts or 4 * num_threads())]
 
 
-# The array modules whose arrays live on an accelerator (each call a kernel launch), by name.
-DEVICE_MODULES = {"cupy"}
+# The array modules whose arrays live on an accelerator (each call a kernel launch), by name;
+# the plug-in that brings one adds it (spmd.gpu: "cupy").
+DEVICE_MODULES: set = set()
 
 
 def on_device(xp) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import _host_parallel
 from ..collectives import DEVICE_REDUCE, pmax_p, pmin_p, psum_p
 from ..communicators.cuda import cupy as _cupy
 from ..executors.stacked import StackedExecutor
@@ -48,6 +49,7 @@ def _reduce_ranks(y, op):
 
 
 DEVICE_REDUCE["cupy"] = _reduce_ranks
+_host_parallel.DEVICE_MODULES.add("cupy")
 
 
 class CupyStackedExecutor(StackedExecutor):
