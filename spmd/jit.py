@@ -55,20 +55,38 @@ _EXECUTORS: dict = {}     # one per SPMD_EXECUTOR value: executors keep their co
 _FACTORIES: dict = {"stacked": StackedExecutor, "reference": reference_executor}
 
 
-def register_executor(name: str, factory) -> None:
-    """Let ``SPMD_EXECUTOR=name`` choose the executor ``factory()`` makes (once, then kept)."""
+# a device platform -> () -> the executor name its meshes run on (spmd.gpu: "gpu" -> virtual
+# devices on GPU 0, or one GPU per device)
+_BY_PLATFORM: dict = {}
+
+
+def register_executor(name: str, factory, *, platform: str | None = None, when=None) -> None:
+    """Let ``SPMD_EXECUTOR=name`` choose the executor ``factory()`` makes (once, then kept);
+    with ``platform``, a program on a mesh of that platform's devices runs on it by default
+    where ``when()`` holds (the first registered whose ``when`` holds)."""
     _FACTORIES[name] = factory
+    if platform is not None:
+        _BY_PLATFORM.setdefault(platform, []).append((when or (lambda: True), name))
 
 
-def default_executor():
+def default_executor(platform=None):
     """The executor a call runs on: the job's per-device executor after
-    ``spmd.distributed.initialize()``, else ``SPMD_EXECUTOR`` (``stacked``, the default,
-    ``reference``, or one a plug-in registered: ``gpu``, the stacked executor on GPU 0)."""
+    ``spmd.distributed.initialize()``, else ``SPMD_EXECUTOR`` (``stacked``, ``reference``, or
+    one a plug-in registered: ``gpu``, the stacked executor on GPU 0), else the one registered
+    for the platform of the call's mesh (``platform()``: "gpu" runs on the GPUs), else
+    ``stacked``."""
     if distributed.process_count() > 1:
         return distributed.executor()
     if distributed.UNJOINED_LAUNCH:
         distributed.warn_if_unjoined()
-    name = os.environ.get("SPMD_EXECUTOR", "stacked")
+    name = os.environ.get("SPMD_EXECUTOR")
+    why = f"SPMD_EXECUTOR={name!r}"
+    if name is None:
+        name, on = "stacked", platform() if platform is not None else None
+        for when, candidate in _BY_PLATFORM.get(on, ()):
+            if when():
+                name, why = candidate, f"a mesh of {on} devices runs on the {candidate!r} executor"
+                break
     executor = _EXECUTORS.get(name)
     if executor is None:
         factory = _FACTORIES.get(name)
@@ -78,10 +96,31 @@ def default_executor():
         try:
             made = factory()
         except Exception as e:           # say which setting asked for it (a GPU, say)
-            e.args = (f"SPMD_EXECUTOR={name!r}: {e}",) + e.args[1:]
+            e.args = (f"{why}: {e}",) + e.args[1:]
             raise
         executor = _EXECUTORS.setdefault(name, made)
     return executor
+
+
+_PLATFORMS: dict = {}     # id(program) -> (program, the platform of its meshes or None)
+
+
+def _platform_of(program, leaves):
+    """The device platform of the mesh a call runs on: its first ``Array`` argument's, else
+    one its program names (a ``shard_map``'s mesh, an Explicit sharding's), else None."""
+    for x in leaves:
+        if type(x) is Array and isinstance(x.sharding.mesh, Mesh) and x.sharding.mesh.size:
+            return x.sharding.mesh.devices.flat[0].platform
+    hit = _PLATFORMS.get(id(program))
+    if hit is None or hit[0] is not program:
+        if len(_PLATFORMS) > 256:
+            _PLATFORMS.clear()
+        meshes = [e.params.get("mesh") for e in program.eqns]
+        meshes += [getattr(v.aval.sharding, "mesh", None) for v in program.in_vars]
+        found = next((m.devices.flat[0].platform for m in meshes
+                      if isinstance(m, Mesh) and m.size), None)
+        hit = _PLATFORMS[id(program)] = (program, found)
+    return hit[1]
 
 
 def _as_array(x):
@@ -507,7 +546,7 @@ class Jitted:
         key, traced, leaves = self._trace(args, kwargs)
         program, _, out_tree = traced
         if not self._uses_compiler(program, leaves):
-            executor = self.executor or default_executor()
+            executor = self.executor or default_executor(lambda: _platform_of(program, leaves))
             leaves = [np.asarray(x) if type(x) in (bool, int, float, complex) else x for x in leaves]
             outs = [_as_array(o) for o in executor.run(program, leaves)]
             return optree.tree_unflatten(out_tree, _on_devices(outs, leaves))
@@ -723,7 +762,8 @@ def run_compiled(comp: Compiled, leaves, paths, executor=None):
         else:
             x = device_put(np.asarray(x), want)
         placed.append(x)
-    executor = executor or default_executor()
+    executor = executor or default_executor(lambda: mesh.devices.flat[0].platform
+                                            if isinstance(mesh, Mesh) and mesh.size else None)
     if not executor.takes_padded_storage:
         # executors that split global arrays themselves get them padded like the blocks
         # (an Array whose shards live in other processes is passed as is when nothing is padded)

@@ -107,3 +107,43 @@ def test_recipes_train_as_on_the_host(monkeypatch, recipe):
     host = G.train_recipe(recipe, 2)
     monkeypatch.setenv("SPMD_EXECUTOR", "strict")
     np.testing.assert_allclose(G.train_recipe(recipe, 2), host, rtol=1e-6)
+
+
+def test_a_mesh_of_a_platforms_devices_runs_on_its_executor(monkeypatch):
+    """A program on a mesh of a plug-in platform's devices runs on the executor the plug-in
+    registered for it (as ``spmd.gpu`` does for "gpu"), found from an argument's mesh or from
+    a ``shard_map``'s; ``SPMD_EXECUTOR`` still overrides; a CPU mesh stays on the host."""
+    devices_module = importlib.import_module("spmd.devices")
+    Device = devices_module.Device
+    jit_module = importlib.import_module("spmd.jit")
+    fake = tuple(Device(i, "fake", 0, i) for i in range(8))
+    monkeypatch.setitem(devices_module._platforms, "fake", lambda: fake)
+    monkeypatch.setattr(jit_module, "_FACTORIES", dict(jit_module._FACTORIES))
+    monkeypatch.setattr(jit_module, "_BY_PLATFORM", {})
+    monkeypatch.setattr(jit_module, "_EXECUTORS", {})
+    monkeypatch.delenv("SPMD_EXECUTOR", raising=False)
+    ran = []
+
+    class Counting(StrictStacked):
+        def run(self, program, args):
+            ran.append(program)
+            return super().run(program, args)
+    jit_module.register_executor("fake", Counting, platform="fake")
+
+    mesh = spmd.make_mesh((2, 4), ("a", "b"), devices=spmd.devices("fake"))
+    x = np.arange(32, dtype=np.float32).reshape(8, 4)
+    f = spmd.shard_map(lambda b: spmd.psum(b, "b"), mesh=mesh, in_specs=P("a", "b"), out_specs=P("a"))
+    np.testing.assert_array_equal(np.asarray(spmd.jit(f)(x)),
+                                  np.asarray(spmd.jit(f, executor=REFERENCE)(x)))
+    assert len(ran) == 1                                  # from the shard_map's mesh
+    placed = spmd.device_put(x, spmd.NamedSharding(mesh, P("a")))
+    np.testing.assert_array_equal(np.asarray(spmd.jit(lambda v: v * 2)(placed)), x * 2)
+    assert len(ran) == 2                                  # from the argument's mesh
+    monkeypatch.setenv("SPMD_EXECUTOR", "stacked")
+    spmd.jit(f)(x)
+    assert len(ran) == 2
+    monkeypatch.delenv("SPMD_EXECUTOR")
+    cpu = spmd.shard_map(lambda b: b * 2, mesh=spmd.make_mesh((8,), ("i",)), in_specs=P("i"),
+                         out_specs=P("i"))
+    spmd.jit(cpu)(x)
+    assert len(ran) == 2

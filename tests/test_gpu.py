@@ -403,3 +403,25 @@ def test_pipeline_recipe_trains_on_the_gpu_as_on_the_host(monkeypatch):
     host = G.train_recipe("dp_fsdp_tp_pp", 3)
     monkeypatch.setenv("SPMD_EXECUTOR", "gpu")
     np.testing.assert_allclose(G.train_recipe("dp_fsdp_tp_pp", 3), host, rtol=2e-5)
+
+
+@pytest.mark.parametrize("virtual", [8, None], ids=["virtual", "one-gpu-per-device"])
+def test_a_gpu_mesh_runs_on_the_gpus_by_default(monkeypatch, virtual):
+    """Without ``executor=`` or ``SPMD_EXECUTOR``, a program on a mesh of GPU devices runs on
+    the GPUs: virtual devices on the stacked executor on GPU 0, real ones on NCCL."""
+    import importlib
+    jit_module = importlib.import_module("spmd.jit")
+    monkeypatch.delenv("SPMD_EXECUTOR", raising=False)
+    if virtual:
+        monkeypatch.setenv("SPMD_VIRTUAL_DEVICES", str(virtual))
+    else:
+        monkeypatch.delenv("SPMD_VIRTUAL_DEVICES", raising=False)
+    devs = spmd.devices("gpu")
+    n = 8 if virtual else len(devs)
+    mesh = spmd.make_mesh((n,), ("i",), devices=devs[:n])
+    x = np.arange(n * 4, dtype=np.float32).reshape(n, 4)
+    f = spmd.shard_map(lambda b: spmd.psum(b, "i") * 2, mesh=mesh, in_specs=P("i"), out_specs=P())
+    np.testing.assert_allclose(np.asarray(spmd.jit(f)(x)), x.sum(0, keepdims=True) * 2)
+    name = "gpu" if virtual else "nccl"
+    made = jit_module._EXECUTORS[name]
+    assert isinstance(made, gpu.CupyStackedExecutor if virtual else gpu.PerDeviceExecutor)

@@ -10,6 +10,8 @@ for GPU devices then says why there are none.
   devices on GPU 0 (for the stacked executor: the whole mesh as one array on one GPU).
 - :func:`stacked_executor`: virtual devices on one GPU (``spmd.gpu.stacked``); also what
   ``SPMD_EXECUTOR=gpu`` makes every ``spmd.jit`` run on.
+- A program on a mesh of GPU devices runs on them without ``executor=``: on the stacked
+  executor where they are virtual, else on :func:`nccl_executor`.
 - :func:`nccl_executor`: one process, one array per GPU, collectives through the NCCL
   communicator (``spmd.communicators.nccl.NcclCommunicator``, the class that also serves one GPU
   per process) and, for small all-reduces, the peer-memory kernels (``spmd.gpu.peer``).
@@ -152,7 +154,10 @@ def _peer_in_process(ordinals):
 
 
 register_platform("gpu", gpu_devices, aliases=("cuda",))
-register_executor("gpu", stacked_executor)          # SPMD_EXECUTOR=gpu
+# SPMD_EXECUTOR=gpu / nccl; and by default a mesh of GPU devices runs on its GPUs: virtual
+# devices on the stacked executor on GPU 0, one GPU per device on NCCL
+register_executor("gpu", stacked_executor, platform="gpu", when=is_virtual)
+register_executor("nccl", nccl_executor, platform="gpu")
 _nccl.hooks.cuda_ordinal = cuda_ordinal
 _nccl.hooks.pack = ops.pack
 _nccl.hooks.peer_algorithm = _peer_algorithm
