@@ -525,7 +525,8 @@ class NcclCommunicator(Communicator):
         source = {d: s for s, d in perm}
 
         def enqueue(x, comm, index, size, stream):
-            out = cupy.zeros_like(x)
+            # zeros only where nothing arrives; a received block is written whole
+            out = cupy.empty_like(x) if index in source else cupy.zeros_like(x)
             if index in dest:
                 comm.send(x.data.ptr, x.nbytes, nccl.NCCL_UINT8, dest[index], stream)
             if index in source:
