@@ -109,16 +109,15 @@ def _platform_of(program, leaves):
     """The device platform of the mesh a call runs on: its first ``Array`` argument's, else
     one its program names (a ``shard_map``'s mesh, an Explicit sharding's), else None."""
     for x in leaves:
-        if type(x) is Array and isinstance(x.sharding.mesh, Mesh) and x.sharding.mesh.size:
-            return x.sharding.mesh.devices.flat[0].platform
+        if type(x) is Array and isinstance(x.sharding.mesh, Mesh):
+            return x.sharding.mesh.platform
     hit = _PLATFORMS.get(id(program))
     if hit is None or hit[0] is not program:
         if len(_PLATFORMS) > 256:
             _PLATFORMS.clear()
         meshes = [e.params.get("mesh") for e in program.eqns]
         meshes += [getattr(v.aval.sharding, "mesh", None) for v in program.in_vars]
-        found = next((m.devices.flat[0].platform for m in meshes
-                      if isinstance(m, Mesh) and m.size), None)
+        found = next((m.platform for m in meshes if isinstance(m, Mesh)), None)
         hit = _PLATFORMS[id(program)] = (program, found)
     return hit[1]
 
@@ -762,8 +761,8 @@ def run_compiled(comp: Compiled, leaves, paths, executor=None):
         else:
             x = device_put(np.asarray(x), want)
         placed.append(x)
-    executor = executor or default_executor(lambda: mesh.devices.flat[0].platform
-                                            if isinstance(mesh, Mesh) and mesh.size else None)
+    executor = executor or default_executor(lambda: mesh.platform if isinstance(mesh, Mesh)
+                                            else None)
     if not executor.takes_padded_storage:
         # executors that split global arrays themselves get them padded like the blocks
         # (an Array whose shards live in other processes is passed as is when nothing is padded)

@@ -221,6 +221,11 @@ class Mesh(AbstractMesh):
         return [d for d in self.devices.flat if d.process_index == me]
 
     @functools.cached_property
+    def platform(self) -> str:
+        """The platform of the mesh's devices ("cpu", "gpu"; "none" for an empty mesh)."""
+        return self.devices.flat[0].platform if self.size else "none"
+
+    @functools.cached_property
     def is_multi_process(self) -> bool:
         return len({d.process_index for d in self.devices.flat}) > 1
 
@@ -266,8 +271,7 @@ class Mesh(AbstractMesh):
 
     def __repr__(self):
         inner = ", ".join(f"{n!r}: {s}" for n, s in zip(self.axis_names, self.axis_sizes))
-        platform = self.devices.flat[0].platform if self.size else "none"
-        return f"Mesh({{{inner}}}, {self.size} {platform} devices, {self._types_str()})"
+        return f"Mesh({{{inner}}}, {self.size} {self.platform} devices, {self._types_str()})"
 
     def _repr_html_(self):
         return None if _html_renderer is None else _html_renderer(self)
