@@ -197,7 +197,7 @@ DEVICE_REDUCE: dict = {}
 
 def _reduce_ranks(xp, y, op):
     """``y`` (G, g, rest...) reduced over the ranks: (G, rest...)."""
-    device = DEVICE_REDUCE.get(xp.__name__) if xp is not np else None
+    device = DEVICE_REDUCE.get(getattr(xp, "__name__", None)) if xp is not np else None
     if device is not None and (out := device(y, op)) is not None:
         return out
     if y.nbytes < _host_parallel.REDUCE_LOOP_MIN_BYTES:
