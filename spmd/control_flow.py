@@ -355,8 +355,8 @@ class _Split:
         value made for all steps before the loop): the step passes the carry through and
         gives the product's other operand as an extra stacked output, and after the loop the
         carry takes all the products at once, as one product that also contracts over the
-        steps (``accumulators``: ``(carry, product, where each operand comes from)``).  The
-        sum then runs as one big product instead of one small product and one addition per
+        steps (``accumulators``: ``(carry, product or sum, where each operand comes from)``).
+        The sum then runs as one big product instead of one small product and one addition per
         step."""
         stacked = self.batched[3] if self.batched is not None else []   # made for all steps
         uses: dict[int, int] = {}
@@ -399,6 +399,28 @@ class _Split:
             self.accumulators.append((j, dot, tuple(where)))
             out_vars[j] = c
             dropped |= {id(add), id(dot)}
+        # sums of a value stacked already (``db = db + g.sum(0)``, a bias's gradient beside its
+        # weight's): one sum over the steps too after the loop, no reduction and addition a step
+        for j, c in enumerate(carry):
+            add = made.get(id(body.out_vars[j]))
+            if out_vars[j] is c or add is None or add.prim is not prims.add_p \
+                    or c not in add.inputs or uses.get(id(c)) != 1 \
+                    or uses.get(id(body.out_vars[j])) != 1:
+                continue
+            d = next((a for a in add.inputs if a is not c), None)
+            red = made.get(id(d)) if isinstance(d, Var) and uses.get(id(d)) == 1 else None
+            if (red is None or red.prim is not prims.reduce_sum_p or d.aval.shape != c.aval.shape
+                    or d.aval.dtype != c.aval.dtype or not isinstance(red.inputs[0], Var)):
+                continue
+            a = red.inputs[0]
+            at = next((i for i, e in enumerate(extra) if e is a), None)
+            where = (("xs", xs.index(a)) if a in xs else ("batched", stacked.index(a))
+                     if a in stacked else ("ys", at) if at is not None else None)
+            if where is None:                    # stacking it for this alone costs more
+                continue
+            self.accumulators.append((j, red, (where,)))
+            out_vars[j] = c
+            dropped |= {id(add), id(red)}
         return [e for e in rest if id(e) not in dropped], budget
 
 
@@ -459,7 +481,9 @@ def _scan_execute(run, *, body, length, reverse, unroll, n_consts, n_carry, name
     n_ys = len(body.out_vars) - n_carry
     n_out = n_ys + len(split.extra_ys)
     order = range(length - 1, -1, -1) if reverse else range(length)
-    summed = [run.local(functools.partial(_all_steps_product, dot)) for _, dot, _ in split.accumulators]
+    summed = [run.local(functools.partial(
+        _all_steps_sum if eqn.prim is prims.reduce_sum_p else _all_steps_product, eqn))
+        for _, eqn, _ in split.accumulators]
     # the steps as one call of native code, where the executor has it for this body
     native = run.native_scan(split.step, split.n_consts, n_carry, reverse)
 
@@ -510,6 +534,14 @@ def _all_steps_product(dot, xp, k, c, a, b):
             xp.broadcast_to(x, x.shape[:k] + (steps,) + x.shape[k + 1:]) for x in (a, b))
     total = dot.prim.rule("impl")(xp, k, a, b, contract=((0,) + up(xc), (0,) + up(yc)),
                                   batch=(up(xb), up(yb)))
+    return [xp.add(_with_dims(xp, c, total.ndim), total)]
+
+
+def _all_steps_sum(red, xp, k, c, a):
+    """``[c`` plus the sum over the steps of ``red`` (a ``reduce_sum``) of each step's
+    operand``]``: ``a`` stacked, the steps one more summed dim after the ``k`` mesh dims."""
+    a = _with_dims(xp, a, k + 1 + red.inputs[0].aval.ndim)
+    total = red.prim.rule("impl")(xp, k, a, axes=(0,) + tuple(d + 1 for d in red.params["axes"]))
     return [xp.add(_with_dims(xp, c, total.ndim), total)]
 
 

@@ -606,6 +606,29 @@ def test_weight_gradients_of_a_scan_are_one_product_after_the_loop(monkeypatch, 
                    for e in backward[0].step.eqns)
 
 
+def test_bias_gradients_of_a_scan_are_one_sum_after_the_loop(monkeypatch):
+    """Beside the weight's product, the backward scan sums ``g.sum(0)`` into the bias's
+    gradient at every step; ``g`` is stacked for the product already, so that carry leaves the
+    loop too and is one sum over all steps; JAX's gradients, on both executors."""
+    splits = _splits(monkeypatch)
+    w, b, h0, xs = _f32(5, 5) * 0.4, _f32(5) * 0.1, _f32(2, 5), _f32(9, 2, 5)
+
+    def loss(L, N, w, b):
+        def cell(h, x):
+            h = N.tanh(h @ w + x + b)
+            return h, h
+        return (L.scan(cell, h0, xs)[1] ** 2).sum()
+    grad = spmd.grad(lambda w, b: loss(slax, np, w, b), argnums=(0, 1))
+    jax, lax, jnp = _jax()
+    want = _jax_run(jax.grad(lambda w, b: loss(lax, jnp, w, b), argnums=(0, 1)), w, b)
+    _close(spmd.jit(grad)(w, b), want, tol=5e-5)
+    _close(spmd.jit(grad, executor=REFERENCE)(w, b), want, tol=5e-5)
+    backward = [s for s in splits if s.accumulators]
+    assert backward and all(sorted(e.prim.name for _, e, _ in s.accumulators)
+                            == ["dot_general", "reduce_sum"] for s in backward)
+    assert not any(e.prim.name == "reduce_sum" for s in backward for e in s.step.eqns)
+
+
 def test_summed_products_inside_shard_map_and_a_carry_read_in_the_body_stays(monkeypatch):
     """Per device inside shard_map (the pipeline's backward): the same values as the reference
     executor; a carry the body also reads (here: scaled each step) is left in the loop."""
