@@ -367,7 +367,7 @@ def _select_impl(xp, k, c, x, y):
         shape = np.broadcast_shapes(c.shape, np.shape(x), np.shape(y))
         if (len(shape) == c.ndim and math.prod(shape[:k]) <= _PICK_MAX_DEVICES
                 and math.prod(shape) >= _PICK_MIN_ELEMENTS):
-            out = np.empty(shape, np.result_type(x, y))
+            out = _host_parallel.empty(np, shape, np.result_type(x, y))   # pooled: no page faults
             x, y = np.broadcast_to(x, shape), np.broadcast_to(y, shape)
             for idx in np.ndindex(*shape[:k]):
                 at = tuple(min(i, n - 1) for i, n in zip(idx, c.shape)) + (0,) * (c.ndim - k)
