@@ -367,60 +367,64 @@ class _Split:
             uses[id(a)] = uses.get(id(a), 0) + 1
         made = {id(v): e for e in rest for v in e.outputs}
         dropped = set()
-        for j, c in enumerate(carry):
+
+        def summand(j, c, prim):
+            """``(the addition, the equation of prim)`` where carry ``c`` adds the result of an
+            equation of ``prim`` (read by nothing else) to itself each step, or None."""
             add = made.get(id(body.out_vars[j]))
-            if add is None or add.prim is not prims.add_p or uses.get(id(c)) != 1 \
+            if out_vars[j] is c or add is None or add.prim is not prims.add_p \
+                    or c not in add.inputs or uses.get(id(c)) != 1 \
                     or uses.get(id(body.out_vars[j])) != 1:
-                continue
+                return None
             d = next((a for a in add.inputs if a is not c), None)
-            dot = made.get(id(d)) if isinstance(d, Var) and uses.get(id(d)) == 1 else None
+            term = made.get(id(d)) if isinstance(d, Var) and uses.get(id(d)) == 1 else None
+            if (term is None or term.prim is not prim or d.aval.shape != c.aval.shape
+                    or d.aval.dtype != c.aval.dtype):
+                return None
+            return add, term
+
+        def stacked_at(a):
+            """Where ``a`` is stacked for all steps already (an ``xs``, a value made for all
+            steps, an extra stacked output), or None."""
+            if a in xs:
+                return "xs", xs.index(a)
+            if a in stacked:
+                return "batched", stacked.index(a)
+            at = next((i for i, e in enumerate(extra) if e is a), None)
+            return None if at is None else ("ys", at)
+
+        def accept(j, c, found, where):
+            add, term = found
+            self.accumulators.append((j, term, tuple(where)))
+            out_vars[j] = c
+            dropped.update((id(add), id(term)))
+
+        for j, c in enumerate(carry):
+            found = summand(j, c, prims.dot_general_p)
+            dot = found[1] if found else None
             # one operand must be stacked already (an ``xs``: a forward pass's residual), so
             # stacking the other costs no more memory than the loop holds anyway (a loop
             # that keeps a bounded stash, as 1F1B does, keeps its products in the loop)
-            if (dot is None or dot.prim is not prims.dot_general_p or c not in add.inputs
-                    or d.aval.shape != c.aval.shape or d.aval.dtype != c.aval.dtype
-                    or not all(isinstance(a, Var) and kind[id(a)] in ("x", "carry")
-                               for a in dot.inputs)
+            if (dot is None or not all(isinstance(a, Var) and kind[id(a)] in ("x", "carry")
+                                       for a in dot.inputs)
                     or not any(a in xs or a in stacked for a in dot.inputs)):
                 continue
             cost = length * _nbytes(a.aval for a in dot.inputs if a not in xs and a not in stacked)
             if cost > budget:
                 continue
             budget -= cost
-            where = []
             for a in dot.inputs:
-                if a in xs:
-                    where.append(("xs", xs.index(a)))
-                elif a in stacked:
-                    where.append(("batched", stacked.index(a)))
-                else:
-                    where.append(("ys", len(extra)))
+                if stacked_at(a) is None:
                     extra.append(a)
-            self.accumulators.append((j, dot, tuple(where)))
-            out_vars[j] = c
-            dropped |= {id(add), id(dot)}
+            accept(j, c, found, [stacked_at(a) for a in dot.inputs])
         # sums of a value stacked already (``db = db + g.sum(0)``, a bias's gradient beside its
         # weight's): one sum over the steps too after the loop, no reduction and addition a step
         for j, c in enumerate(carry):
-            add = made.get(id(body.out_vars[j]))
-            if out_vars[j] is c or add is None or add.prim is not prims.add_p \
-                    or c not in add.inputs or uses.get(id(c)) != 1 \
-                    or uses.get(id(body.out_vars[j])) != 1:
-                continue
-            d = next((a for a in add.inputs if a is not c), None)
-            red = made.get(id(d)) if isinstance(d, Var) and uses.get(id(d)) == 1 else None
-            if (red is None or red.prim is not prims.reduce_sum_p or d.aval.shape != c.aval.shape
-                    or d.aval.dtype != c.aval.dtype or not isinstance(red.inputs[0], Var)):
-                continue
-            a = red.inputs[0]
-            at = next((i for i, e in enumerate(extra) if e is a), None)
-            where = (("xs", xs.index(a)) if a in xs else ("batched", stacked.index(a))
-                     if a in stacked else ("ys", at) if at is not None else None)
-            if where is None:                    # stacking it for this alone costs more
-                continue
-            self.accumulators.append((j, red, (where,)))
-            out_vars[j] = c
-            dropped |= {id(add), id(red)}
+            found = summand(j, c, prims.reduce_sum_p)
+            a = found[1].inputs[0] if found else None
+            where = stacked_at(a) if isinstance(a, Var) else None
+            if where is not None:                # (stacking it for this alone costs more)
+                accept(j, c, found, [where])
         return [e for e in rest if id(e) not in dropped], budget
 
 

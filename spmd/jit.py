@@ -102,7 +102,7 @@ def default_executor(platform=None):
     return executor
 
 
-_PLATFORMS: dict = {}     # id(program) -> (program, the platform of its meshes or None)
+_PLATFORMS = _cache.LRU()     # program -> the platform of the meshes it names, or None
 
 
 def _platform_of(program, leaves):
@@ -111,15 +111,13 @@ def _platform_of(program, leaves):
     for x in leaves:
         if type(x) is Array and isinstance(x.sharding.mesh, Mesh):
             return x.sharding.mesh.platform
-    hit = _PLATFORMS.get(id(program))
-    if hit is None or hit[0] is not program:
-        if len(_PLATFORMS) > 256:
-            _PLATFORMS.clear()
+    found = _PLATFORMS.get(program, _cache._MISSING)
+    if found is _cache._MISSING:
         meshes = [e.params.get("mesh") for e in program.eqns]
         meshes += [getattr(v.aval.sharding, "mesh", None) for v in program.in_vars]
         found = next((m.platform for m in meshes if isinstance(m, Mesh)), None)
-        hit = _PLATFORMS[id(program)] = (program, found)
-    return hit[1]
+        _PLATFORMS.put(program, found)
+    return found
 
 
 def _as_array(x):

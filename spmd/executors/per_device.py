@@ -182,7 +182,7 @@ class PerDeviceExecutor:
                 outs = e.prim.per_device(comm, *vals, **e.params)
                 return [outs] if e.prim.multiple_results is False else outs
             impl = e.prim.rule("impl")
-            per = {p: _placement(comm).call(p, impl, 0, *[v[p] for v in vals], **e.params)
+            per = {p: placement.call(p, impl, 0, *[v[p] for v in vals], **e.params)
                    for p in positions}
             return ([{p: per[p][i] for p in positions} for i in range(len(e.outputs))]
                     if e.prim.multiple_results else [per])
