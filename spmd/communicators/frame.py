@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import CollectiveTimeoutError, ProcessExitedError, SpmdError
 from ..flight_recorder import ARGUMENT_FIELDS, check_same_calls, dump_quietly, recorder
-from ..runtime import collective_timeout_seconds
+from ..runtime import _timeout_override, collective_timeout_seconds
 
 
 def signature_check(default: bool) -> bool:
@@ -77,6 +77,8 @@ class CollectiveFrame:
     :func:`spmd.runtime.collective_timeout_seconds`.  :meth:`begin` makes one from a
     :class:`FrameCall` made beforehand."""
 
+    __slots__ = ("call", "me", "entry", "_timeout", "_started", "_deadline")
+
     def __init__(self, op: str, axes, ranks, x, *, me: int, timeout: float | None = None,
                  groups=None, perm=None):
         call = FrameCall(op, axes, ranks, x.shape, x.dtype, x.nbytes, groups=groups, perm=perm)
@@ -89,12 +91,37 @@ class CollectiveFrame:
         return frame
 
     def _start(self, call: FrameCall, me: int, timeout):
-        self.call, self.me = call, me
-        self.op, self.axes, self.ranks, self.shape = call.op, call.axes, call.ranks, call.shape
-        self.groups, self.perm, self.dtype = call.groups, call.perm, call.dtype
-        self.timeout = collective_timeout_seconds() if timeout is None else float(timeout)
+        # The deadline is worked out when something asks for it (a wait, the watchdog): most
+        # collectives complete without anyone asking, and reading the environment costs as
+        # much as the rest of the frame.  ``collective_timeout(s)`` is read now, in the
+        # caller's context.
+        self.call, self.me, self._deadline = call, me, None
+        self._timeout = float(timeout) if timeout is not None else _timeout_override.get()
+        self._started = time.monotonic()
         self.entry = recorder().begin(call.entry)
-        self.deadline = time.monotonic() + self.timeout
+
+    op = property(lambda self: self.call.op)
+    axes = property(lambda self: self.call.axes)
+    ranks = property(lambda self: self.call.ranks)
+    shape = property(lambda self: self.call.shape)
+    dtype = property(lambda self: self.call.dtype)
+    groups = property(lambda self: self.call.groups)
+    perm = property(lambda self: self.call.perm)
+
+    @property
+    def timeout(self) -> float:
+        """Seconds from the start to the deadline: ``timeout``, else ``collective_timeout(s)``
+        at the start, else ``SPMD_COLLECTIVE_TIMEOUT`` (read on first use)."""
+        if self._timeout is None:
+            self._timeout = collective_timeout_seconds()
+        return self._timeout
+
+    @property
+    def deadline(self) -> float:
+        """The ``time.monotonic()`` past which the collective has failed."""
+        if self._deadline is None:
+            self._deadline = self._started + self.timeout
+        return self._deadline
 
     # -- entering and leaving --------------------------------------------------------------------
     def __enter__(self) -> "CollectiveFrame":

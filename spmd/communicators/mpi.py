@@ -45,7 +45,7 @@ import numpy as np
 from .. import _host_parallel
 from ..comm_protocol import Communicator, group_of
 from ..errors import SpmdError
-from ..runtime import collective_timeout_seconds
+from ..runtime import DEFAULT_COLLECTIVE_TIMEOUT, collective_timeout_seconds
 from .frame import CollectiveFrame, FrameCall
 
 _SIGNATURE_BYTES = 512            # one check message: seq (8 bytes), digest (16), the call as JSON
@@ -176,7 +176,12 @@ class _Watchdog:
         while True:
             time.sleep(_WATCH_PERIOD)
             frame = self.frame
-            if frame is None or not frame.expired():
+            try:
+                expired = frame is not None and frame.expired()
+            except SpmdError:        # SPMD_COLLECTIVE_TIMEOUT made unreadable since the start
+                frame._timeout = DEFAULT_COLLECTIVE_TIMEOUT
+                expired = frame.expired()
+            if not expired:
                 continue
             error = frame.timed_out("every rank arrived, but the data exchange did not finish "
                                     "(a peer stopped or died inside the collective)")
@@ -327,24 +332,21 @@ class MPICommunicator(Communicator):
         if call.work is None:         # no MPI reduction for this dtype: gather, reduce in order
             g = self.all_gather(bufs, axes, groups, timeout=timeout)[p]
             return {p: np.array(_NUMPY_REDUCE[op].reduce(g, axis=0), dtype=x.dtype)}
-        send = np.ascontiguousarray(x, dtype=call.work)
-        recv = _host_parallel.empty(np, send.shape, call.work)
+        send, recv = call.operand(x), call.receive()
 
         def data(comm):
             comm.Allreduce(send, recv, call.mpi_op)
-            # ascontiguousarray makes a 0-d operand 1-d: give the result the operand's shape
-            return recv.astype(x.dtype, copy=False).reshape(x.shape)
+            return call.result(recv)
         return {p: self._run(call, data, timeout)}
 
     def all_gather(self, bufs, axes, groups, *, timeout=None):
         p, x = self._one(bufs)
         call = self._call("all_gather", axes, groups, x)
-        send = _bytes(x)
-        recv = _host_parallel.empty(np, (call.size * send.size,), np.uint8)
+        send, recv = call.operand(x), call.receive()
 
         def data(comm):
             comm.Allgather(send, recv)
-            return _from_bytes(recv, x.dtype, (call.size,) + x.shape)
+            return call.result(recv)
         return {p: self._run(call, data, timeout)}
 
     def reduce_scatter(self, bufs, axes, groups, op, *, timeout=None):
@@ -354,23 +356,21 @@ class MPICommunicator(Communicator):
         if call.work is None:
             g = self.all_to_all(bufs, axes, groups, timeout=timeout)[p]
             return {p: np.array(_NUMPY_REDUCE[op].reduce(g, axis=0), dtype=x.dtype)}
-        send = np.ascontiguousarray(x, dtype=call.work)
-        recv = _host_parallel.empty(np, x.shape[1:], call.work)
+        send, recv = call.operand(x), call.receive()
 
         def data(comm):
             comm.Reduce_scatter_block(send, recv, call.mpi_op)
-            return recv.astype(x.dtype, copy=False)
+            return call.result(recv)
         return {p: self._run(call, data, timeout)}
 
     def all_to_all(self, bufs, axes, groups, *, timeout=None):
         p, x = self._one(bufs)
         call = self._call("all_to_all", axes, groups, x)
-        send = _bytes(x)
-        recv = _host_parallel.empty(np, send.shape, np.uint8)
+        send, recv = call.operand(x), call.receive()
 
         def data(comm):
             comm.Alltoall(send, recv)
-            return _from_bytes(recv, x.dtype, x.shape)
+            return call.result(recv)
         return {p: self._run(call, data, timeout)}
 
     def permute(self, bufs, axes, perm, *, timeout=None):
@@ -381,9 +381,9 @@ class MPICommunicator(Communicator):
                 self._perms.clear()
             known = self._perms[id(perm)] = (perm, tuple((int(s), int(d)) for s, d in perm))
         call = self._call("ppermute", axes, None, x, known[1])
-        send = _bytes(x)
+        send = call.operand(x)
         src, dst = call.sources, call.dests
-        recv = _host_parallel.empty(np, send.shape, np.uint8) if src else np.zeros_like(send)
+        recv = call.receive() if src else np.zeros(x.shape, x.dtype)
 
         def data(comm):
             if len(src) == len(dst) == 1:            # a ring step: one combined call
@@ -391,7 +391,7 @@ class MPICommunicator(Communicator):
             else:
                 _MPI.Request.Waitall([comm.Isend(send, dest=d, tag=_PERMUTE_TAG) for d in dst]
                                      + [comm.Irecv(recv, source=s, tag=_PERMUTE_TAG) for s in src])
-            return _from_bytes(recv, x.dtype, x.shape)
+            return call.result(recv)
         return {p: self._run(call, data, timeout)}
 
     def broadcast(self, bufs, axes, groups, source, *, timeout=None):
@@ -412,11 +412,12 @@ class MPICommunicator(Communicator):
 class _Call:
     """One distinct collective of this process (op, axes, groups, perm, shape, dtype), with
     everything that does not change from one call to the next worked out once: the group's
-    ranks, the check and its message, the flight-recorder entry, the
-    reduction's dtype and MPI op, a permutation's sources and destinations."""
+    ranks, the check and its message, the flight-recorder entry, the reduction's dtype and MPI
+    op, a permutation's sources and destinations, and the shapes and dtypes of the buffers MPI
+    sends from and receives into."""
 
     __slots__ = ("frame", "check", "message", "expected", "size", "work", "mpi_op",
-                 "sources", "dests")
+                 "sources", "dests", "_bytes", "_cast", "_recv", "_pooled", "_out")
 
     def __init__(self, owner: MPICommunicator, op, axes, groups, perm, x, reduce):
         ranks, whole = owner._group(axes, groups)
@@ -432,6 +433,48 @@ class _Call:
             index = ranks.index(owner.me)
             self.sources = [s for s, d in perm if d == index]
             self.dests = [d for s, d in perm if s == index]
+        # MPI moves a reduction's operand in ``work`` (a 0-d one as one element), and other
+        # data as it is, or, in dtypes mpi4py cannot describe (bfloat16, float8, non-native
+        # byte order), as raw bytes; the result is ``_out`` (dtype, shape) of what arrived
+        work = self.work if self.work is not None else x.dtype
+        self._bytes = self.work is None and not _described(x.dtype)
+        self._cast = work != x.dtype or x.ndim == 0 or self._bytes
+        if self._bytes:
+            work = np.dtype(np.uint8)
+        count = max(x.size, 1) * (x.dtype.itemsize if self._bytes else 1)
+        scatter = op == "psum_scatter" or op.startswith("reduce_scatter")
+        count = count * self.size if op == "all_gather" else count // self.size if scatter else count
+        self._recv = ((count,), work)
+        self._pooled = count * work.itemsize >= _host_parallel.POOL_MIN_BYTES
+        shape = ((self.size,) + x.shape if op == "all_gather" else
+                 x.shape[1:] if scatter else x.shape)
+        self._out = (x.dtype, shape)
+
+    def operand(self, x: np.ndarray) -> np.ndarray:
+        """``x`` as MPI sends it: C-contiguous, in the reduction's dtype."""
+        if self._bytes:
+            return np.ascontiguousarray(x).reshape(-1).view(np.uint8)
+        if self._cast or not x.flags.c_contiguous:
+            return np.ascontiguousarray(x, dtype=self.work).reshape(-1)
+        return x
+
+    def receive(self) -> np.ndarray:
+        """A buffer for MPI to receive into (from the host pool when it is big)."""
+        shape, dtype = self._recv
+        return (_host_parallel.empty(np, shape, dtype) if self._pooled else
+                np.empty(shape, dtype))
+
+    def result(self, recv: np.ndarray) -> np.ndarray:
+        """The received buffer as the collective's result (its dtype and shape)."""
+        dtype, shape = self._out
+        if self._bytes:
+            return recv.view(dtype).reshape(shape)
+        return recv.astype(dtype, copy=False).reshape(shape)
+
+
+def _described(dtype: np.dtype) -> bool:
+    """Whether mpi4py can describe ``dtype`` to MPI (NumPy's own numeric types, native order)."""
+    return dtype.kind in "biufc" and dtype.isnative and dtype.num < 256
 
 
 _REDUCE_NAMES = {"sum": "psum", "max": "pmax", "min": "pmin"}
