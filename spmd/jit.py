@@ -141,7 +141,10 @@ def _on_devices(outs, leaves):
     JAX they land on the concrete mesh of that shape the arguments are on, or else the one of
     ``with spmd.set_mesh(mesh):`` (if neither gives one, they keep the abstract mesh, and the
     methods that need devices say so)."""
-    if all(isinstance(o.sharding.mesh, Mesh) for o in outs):
+    for o in outs:
+        if not isinstance(o.sharding.mesh, Mesh):
+            break
+    else:
         return outs
     meshes = [x.sharding.mesh for x in leaves if type(x) is Array] + [get_mesh()]
     for i, o in enumerate(outs):
@@ -338,9 +341,10 @@ class Jitted:
         else:
             static, static_kw, dyn_args, dyn_kwargs = (), (), list(args), kwargs
         leaves, in_tree = optree.tree_flatten((dyn_args, dyn_kwargs), none_is_leaf=False)
-        if any(isinstance(x, Array) and x.is_deleted() for x in leaves):
+        signatures = tuple(map(_signature, leaves))
+        if _DELETED in signatures:
             self._refuse_deleted(args, kwargs)
-        key = (in_tree, tuple(map(_signature, leaves)), static, static_kw)
+        key = (in_tree, signatures, static, static_kw)
         hit = self._traces.get(key)
         if hit is None:
             avals = tuple(aval_of(x) for x in leaves)
@@ -626,13 +630,19 @@ def _output_names(out_tree) -> list[str]:
     return ["output" + _path_text(p) for p in optree.tree_paths(struct, none_is_leaf=False)]
 
 
+_DELETED = object()         # the signature of a donated or deleted Array (the call is refused)
+
+
 def _signature(x):
     """What the program traced for argument ``x`` depends on: its shape and dtype (and, on
     Explicit mesh axes, its sharding), or, for a Python scalar (weakly typed), its type."""
     t = type(x)
     if t is Array:
-        sig = x.__dict__.get("_signature")       # an Array's type never changes: once per Array
-        if sig is None:
+        known = x.__dict__
+        sig = known.get("_signature")            # an Array's type never changes: once per Array
+        if sig is None or "_deleted" in known:
+            if x.is_deleted():
+                return _DELETED
             sig = x._signature = (aval_of(x) if x.sharding.mesh.explicit_axes
                                   else (x.shape, x.dtype))
         return sig

@@ -350,11 +350,15 @@ def _own_blocks(v, mesh, fit):
         blocks, sharding = v.bufs, v.sharding
     elif isinstance(v, GlobalValue) and v._blocks is not None:
         blocks, sharding = v._blocks, v.sharding
+        if v.__dict__.get("_fits") is fit:     # a value's layout never changes: checked once
+            return blocks
     else:
         return None
     if (v.shape != fit[1] or sharding.mesh != mesh
             or sharding._dim_axes(len(v.shape)) != fit[0]):
         return None
+    if type(v) is not _Blocks:
+        v._fits = fit
     return blocks
 
 
