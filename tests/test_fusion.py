@@ -27,8 +27,8 @@ def _forced_blocks(on: bool):
     (tiny blocks, many of them)."""
     with contextlib.ExitStack() as stack:
         if on:
-            for name, value in (("PARALLEL_MIN_BYTES", 0), ("ELEMENTWISE_BLOCK_BYTES", 8),
-                                ("MATMUL_MIN_FLOPS", 0)):
+            for name, value in (("PARALLEL_MIN_BYTES", 0), ("ELEMENTWISE_PARALLEL_MIN_BYTES", 0),
+                                ("ELEMENTWISE_BLOCK_BYTES", 8), ("MATMUL_MIN_FLOPS", 0)):
                 stack.enter_context(mock.patch.object(_host_parallel, name, value))
         yield
 

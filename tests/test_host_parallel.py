@@ -19,6 +19,7 @@ def big_paths(monkeypatch):
     monkeypatch.setattr(_host_parallel, "LOOP_MIN_BYTES", 0)
     monkeypatch.setattr(_host_parallel, "REDUCE_LOOP_MIN_BYTES", 0)
     monkeypatch.setattr(_host_parallel, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(_host_parallel, "ELEMENTWISE_PARALLEL_MIN_BYTES", 0)
     monkeypatch.setattr(_host_parallel, "COPY_PARALLEL_MIN_BYTES", 0)
     monkeypatch.setattr(_host_parallel, "num_threads", lambda: 3)   # uneven chunks
 

@@ -113,7 +113,7 @@ class ElementwiseChain:
             # blocks only when every member has the one shape (they line up) and one dtype
             # (scratch blocks are shared between them)
             small = math.prod(full) * dtypes[0].itemsize < min(
-                IN_TURN_MAX_BYTES, _host_parallel.PARALLEL_MIN_BYTES)
+                IN_TURN_MAX_BYTES, _host_parallel.ELEMENTWISE_PARALLEL_MIN_BYTES)
             blocked = (all(sh == full for sh in shapes[self.n_in:]) and len(set(dtypes)) == 1
                        and not small)
             hit = self.layouts[key] = (blocked, dtypes)
