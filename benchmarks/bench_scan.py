@@ -16,7 +16,7 @@ import numpy as np
 
 import spmd
 import spmd.lax as slax
-from spmd.executors import native
+from spmd import _cbuild
 from spmd.executors.stacked import StackedExecutor
 from ._harness import Row, benchmark, jax_peer, skip_rows, timeit, timeit_pair
 
@@ -62,14 +62,14 @@ def compile_time(quick: bool) -> list[Row]:
 
     def cold():
         with tempfile.TemporaryDirectory() as where:
-            os.environ[native.CACHE_ENV_VAR] = where
-            native._libraries.clear()
+            os.environ[_cbuild.CACHE_ENV_VAR] = where
+            _cbuild._libraries.clear()
             try:
                 lowered = spmd.jit(lambda *a: rnn(slax, np, *a)).lower(*args)
                 return StackedExecutor()._compile(lowered.per_device_program, None)
             finally:
-                del os.environ[native.CACHE_ENV_VAR]
-                native._libraries.clear()
+                del os.environ[_cbuild.CACHE_ENV_VAR]
+                _cbuild._libraries.clear()
     case = "trace+compile, 1000 steps, C built (empty cache)"
     cold_s = timeit(cold, repeat=2 if quick else 5, min_time=0.0)
     if jax is None:

@@ -1,13 +1,16 @@
 """The big-value paths of the stacked collectives (slab loops into output buffers, split over
-host threads), forced on small arrays and compared bit for bit with the reference executor."""
+host threads), forced on small arrays and compared bit for bit with the reference executor;
+the C pool of matrix products against NumPy."""
 import collections
 import math
+import threading
+import time
 
 import numpy as np
 import pytest
 
 import spmd
-from spmd import P, _host_parallel
+from spmd import P, _cbuild, _gemm, _host_parallel
 from spmd.executors import reference_executor
 
 REFERENCE = reference_executor()
@@ -255,3 +258,117 @@ def test_device_ppermute_copies_runs(monkeypatch, perm):
     got = rule(xp, Mesh, x, axes=("i",), perm=tuple(perm))
     np.testing.assert_array_equal(got, rule(np, Mesh, x, axes=("i",), perm=tuple(perm)))
     assert xp.calls["take"] == 0 and xp.calls["copyto"] >= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the C pool of matrix products (spmd._gemm)
+# ---------------------------------------------------------------------------------------------
+
+def _pool_products(a, b, parts=1):
+    """``a @ b`` through ``_gemm.products`` (asserting the pool took it), row blocks ``parts``."""
+    lead = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    a, b = (np.broadcast_to(x, lead + x.shape[-2:]) for x in (a, b))
+    out = np.full(lead + (a.shape[-2], b.shape[-1]), np.nan, np.result_type(a, b))
+    cuts = [a.shape[-2] * j // parts for j in range(parts + 1)]
+    assert _gemm.products(a, b, out, cuts, 3), "the product pool refused the product"
+    return out
+
+
+needs_pool = pytest.mark.skipif(
+    not _gemm._openblas_cblas() or _cbuild.compiler() is None,
+    reason="the product pool needs NumPy's bundled OpenBLAS and a C compiler")
+
+
+@needs_pool
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["plain", "a transposed", "b transposed", "a broadcast",
+                                    "row blocks", "one product, row blocks", "strided rows"])
+def test_pool_products_equal_numpy(dtype, layout):
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((4, 3, 24, 16)).astype(dtype)
+    b = rng.standard_normal((4, 3, 16, 40)).astype(dtype)
+    parts = 1
+    if layout == "a transposed":
+        a = np.ascontiguousarray(np.swapaxes(a, -1, -2)).swapaxes(-1, -2)
+    elif layout == "b transposed":
+        b = np.ascontiguousarray(np.swapaxes(b, -1, -2)).swapaxes(-1, -2)
+    elif layout == "a broadcast":
+        a = a[:1]
+    elif layout == "row blocks":
+        parts = 5
+    elif layout == "one product, row blocks":
+        a, b, parts = a[0, 0], b[0, 0], 7
+    elif layout == "strided rows":
+        a = rng.standard_normal((4, 3, 48, 20)).astype(dtype)[..., ::2, 2:18]
+    got = _pool_products(a, b, parts)
+    np.testing.assert_allclose(got, np.matmul(a, b), rtol=1e-5 if dtype == np.float32 else 1e-12,
+                               atol=1e-5)
+
+
+@needs_pool
+def test_pool_refuses_what_blas_cannot_read_and_writes_nothing(monkeypatch):
+    a, b = np.ones((2, 4, 6), np.float32), np.ones((2, 6, 5), np.float32)
+    out = np.full((2, 4, 5), -1.0, np.float32)
+    strided = np.ones((2, 4, 12), np.float32)[..., ::2]          # a column stride BLAS lacks
+    assert not _gemm.products(strided, b, out, [0, 4], 2)
+    assert not _gemm.products(a.astype(np.int32), b.astype(np.int32), out.astype(np.int32),
+                              [0, 4], 2)
+    assert not _gemm.products(a, b.astype(np.float64), out, [0, 4], 2)
+    monkeypatch.setenv("SPMD_NATIVE", "0")
+    assert not _gemm.products(a, b, out, [0, 4], 2)
+    assert (out == -1).all()
+
+
+@needs_pool
+def test_pool_products_from_many_threads_at_once():
+    """Threads that call the pool together: one takes the pool, the others run their products
+    on their own thread; every result is right."""
+    rng = np.random.default_rng(5)
+    pairs = [(rng.standard_normal((8, 32, 48)), rng.standard_normal((8, 48, 16)))
+             for _ in range(6)]
+    errors, barrier = [], threading.Barrier(len(pairs))
+
+    def one(a, b):
+        try:
+            barrier.wait()
+            for _ in range(20):
+                np.testing.assert_allclose(_pool_products(a, b), a @ b, rtol=1e-12)
+        except BaseException as e:               # noqa: BLE001 (reported by the main thread)
+            errors.append(e)
+    threads = [threading.Thread(target=one, args=p) for p in pairs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+
+
+@needs_pool
+@pytest.mark.timeout(60)
+def test_pool_works_in_a_forked_child():
+    """A forked child has none of its parent's helper threads; its products start new ones."""
+    import multiprocessing
+    rng = np.random.default_rng(6)
+    a, b = rng.standard_normal((8, 40, 24)), rng.standard_normal((8, 24, 8))
+    _pool_products(a, b)                        # the parent's helpers exist
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_pool_products, (a, b)).get(timeout=30)
+    np.testing.assert_allclose(got, a @ b, rtol=1e-12)
+
+
+@needs_pool
+def test_a_helper_sleeps_once_the_products_stop():
+    """After its spin a helper waits without using the CPU: a process that does nothing uses
+    next to none."""
+    import resource
+    a, b = np.ones((8, 64, 64)), np.ones((8, 64, 64))
+    _pool_products(a, b)
+    time.sleep(_gemm.SPIN_SECONDS * 5)
+
+    def cpu():
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+    before = cpu()
+    time.sleep(0.3)
+    assert cpu() - before < 0.05

@@ -9,6 +9,7 @@ import pytest
 import spmd
 import spmd.lax as slax
 from spmd import P
+from spmd import _cbuild
 from spmd.executors import native
 from spmd.executors.per_device import reference_executor
 
@@ -275,7 +276,7 @@ def test_a_built_loop_is_loaded_from_the_disk_cache_without_the_compiler(tmp_pat
     f = lambda c, xs: slax.scan(lambda c, x: (np.sinh(c) * 0.1 + x, c), c, xs)
     first = spmd.jit(f)(_arr((3,)), _arr((4, 3)))
     assert len(list(tmp_path.glob("*.so"))) == 1
-    monkeypatch.setattr(native, "_libraries", {})          # a new process, as far as it knows
+    monkeypatch.setattr(_cbuild, "_libraries", {})          # a new process, as far as it knows
 
     def no_compiler(*a, **k):
         raise AssertionError("the compiler ran again")
@@ -292,7 +293,7 @@ def test_spmd_native_0_turns_native_loops_off(monkeypatch, calls):
 
 def test_the_disk_cache_keeps_the_most_recently_built_libraries(tmp_path, monkeypatch):
     monkeypatch.setenv("SPMD_NATIVE_CACHE", str(tmp_path))
-    monkeypatch.setattr(native, "CACHE_MAX_FILES", 2)
+    monkeypatch.setattr(_cbuild, "CACHE_MAX_FILES", 2)
     for scale in (0.1, 0.2, 0.3):               # three bodies, three libraries
         spmd.jit(lambda c, xs: slax.scan(lambda c, x: (np.sin(c) * scale + x, c), c, xs))(
             _arr((3,)), _arr((4, 3)))

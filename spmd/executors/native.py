@@ -24,26 +24,18 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
-import hashlib
 import itertools
 import math
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
 import warnings
 
 import numpy as np
 
-from .. import _host_parallel
+from .. import _cbuild, _host_parallel
 from ..core import Literal, Program
 from . import profiling
 
 ENV_VAR = "SPMD_NATIVE"
-CACHE_ENV_VAR = "SPMD_NATIVE_CACHE"
-CACHE_MAX_FILES = 2000              # libraries kept on disk (about 16 KiB each)
 # -O2: vectorised, and faster than -O3 on these loops (0.47 against 0.77 us per RNN step);
 # -fwrapv: integers wrap around on overflow, as NumPy's do
 FLAGS = ("-O2", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fwrapv", "-fPIC",
@@ -567,82 +559,16 @@ def _write(step: Program, n_consts: int, n_carry: int):
 # building and loading
 # ---------------------------------------------------------------------------------------------
 
-_lock = threading.Lock()
-_libraries: dict[str, object] = {}       # key -> the loaded function, or the error it gave
 _warned = []
-
-
-def _cpu_key() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return f"{platform.machine()} {flags}"
-
-
-def cache_dir() -> str:
-    base = os.environ.get(CACHE_ENV_VAR) or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-        "spmd", "native")
-    os.makedirs(base, exist_ok=True)
-    return base
-
-
-def _prune(where: str, keep: str) -> None:
-    """At most ``CACHE_MAX_FILES`` libraries in the cache: the least recently built go."""
-    try:
-        libs = [e for e in os.scandir(where) if e.name.endswith(".so") and e.path != keep]
-        if len(libs) < CACHE_MAX_FILES:
-            return
-        libs.sort(key=lambda e: e.stat().st_mtime)
-        for e in libs[:len(libs) + 1 - CACHE_MAX_FILES]:
-            os.unlink(e.path)
-    except OSError:
-        pass                        # another process pruned the same files first
-
-
-def _compiler():
-    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
 
 
 def build(source: str):
     """The ``spmd_loop`` function of ``source``, built (or found built) and loaded.  Raises
     ``RuntimeError`` with the compiler's message where it fails."""
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found (set CC, or install gcc)")
-    key = hashlib.sha256("\n".join([source, cc, *FLAGS, _cpu_key()]).encode()).hexdigest()[:32]
-    with _lock:
-        got = _libraries.get(key)
-        if got is None:
-            got = _libraries[key] = _load(source, cc, key)
-    if isinstance(got, Exception):
-        raise got
-    return got
-
-
-def _load(source, cc, key):
-    try:
-        where = cache_dir()
-        lib = os.path.join(where, f"{key}.so")
-        if not os.path.exists(lib):
-            with tempfile.TemporaryDirectory(dir=where) as tmp:
-                c, so = os.path.join(tmp, "loop.c"), os.path.join(tmp, "loop.so")
-                with open(c, "w") as f:
-                    f.write(source)
-                done = subprocess.run([cc, *FLAGS, "-o", so, c, "-lm"], capture_output=True,
-                                      text=True, timeout=120)
-                if done.returncode:
-                    raise RuntimeError(f"{cc} failed on a loop body:\n{done.stderr[-2000:]}")
-                os.replace(so, lib)             # atomic: another process may race us here
-            _prune(where, keep=lib)
-        fn = ctypes.CDLL(lib).spmd_loop
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p]
-        return fn
-    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        return RuntimeError(str(err))
+    fn = _cbuild.library(source, FLAGS, what="a loop body").spmd_loop
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p]
+    return fn
 
 
 class Loop:
