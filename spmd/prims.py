@@ -299,7 +299,7 @@ class _power(ufunc):
 
 pow_p = binary("pow", _power("power"),
                partials=lambda x, y, o: (_pow_dx(x, y), np.log(np.where(x > 0, x, 1)) * o),
-               c=c_math("powf({0}, {1})", "pow({0}, {1})"))
+               c=c_math("spmd_powf({0}, {1})", "spmd_pow({0}, {1})"))
 max_p = binary("max", ufunc("maximum"), partials=lambda x, y, o: _chooser(x > y, x == y),
                monoid="max",
                c=c_expr("(({0} != {0} || {0} > {1}) ? {0} : {1})"))

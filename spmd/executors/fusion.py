@@ -25,6 +25,7 @@ from .._shapes import broadcast_shapes
 
 from .. import _host_parallel
 from ..collectives import psum_p
+from . import native
 
 
 def dot_then_psum(xp, mesh, dot_impl, x, y, *, contract, batch, axes):
@@ -78,7 +79,10 @@ class Fused:
             dot = self.params["dot"]
             return functools.partial(dot_then_psum, xp, mesh, dot.prim.rule("impl"), **dot.params,
                                      axes=self.params["axes"])
-        return ElementwiseChain(xp, self.params["members"], self.params["results"], len(self.inputs))
+        k = len(mesh.axis_sizes) if mesh is not None else 0
+        return ElementwiseChain(xp, self.params["members"], self.params["results"], len(self.inputs),
+                                native.chain(self.eqns, self.inputs, self.outputs, k)
+                                if xp is np else None)
 
 
 # A chain whose result is smaller than this runs its members in turn: each is one quick NumPy
@@ -95,10 +99,11 @@ class ElementwiseChain:
     others into this thread's scratch blocks (reused once their value is dead), so a chain
     allocates no temporary of the whole size and copies nothing."""
 
-    def __init__(self, xp, members, results, n_in):
+    def __init__(self, xp, members, results, n_in, native=None):
         self.xp, self.members, self.results, self.n_in = xp, members, results, n_in
+        self.native = native            # the chain as C loops (``native.Chain``), or None
         self.ops = _registers(members, results, n_in)
-        self.layouts: dict = {}         # (shape, dtype) of the inputs -> (blocked?, dtypes)
+        self.layouts: dict = {}         # (shape, dtype) of the inputs -> (blocked?, dtypes, shape)
 
     def layout(self, vals):
         key = tuple((np.shape(v), getattr(v, "dtype", type(v))) for v in vals)
@@ -116,14 +121,18 @@ class ElementwiseChain:
                 IN_TURN_MAX_BYTES, _host_parallel.ELEMENTWISE_PARALLEL_MIN_BYTES)
             blocked = (all(sh == full for sh in shapes[self.n_in:]) and len(set(dtypes)) == 1
                        and not small)
-            hit = self.layouts[key] = (blocked, dtypes)
+            hit = self.layouts[key] = (blocked, dtypes, full)
         return hit
 
     def __call__(self, *vals):
         xp, n_in = self.xp, self.n_in
-        blocked, dtypes = self.layout(vals)
+        blocked, dtypes, full = self.layout(vals)
         if not blocked:
             return _in_turn(xp, self.members, self.results, vals)
+        if self.native is not None:
+            outs = self.native(full, vals)
+            if outs is not None:
+                return tuple(outs) if len(self.results) > 1 else outs[0]
         ops = self.ops
 
         def fill(xp, args, outs):
