@@ -71,6 +71,15 @@ _local = threading.local()              # set inside pool workers: no nested han
 
 @functools.lru_cache(maxsize=None)
 def num_threads() -> int:
+    """Host threads for one process's work: ``SPMD_HOST_THREADS``, else the cores it may run
+    on (at most 8).  ``spmd-run`` gives each of N processes on one machine its share of the
+    cores, so that ranks do not take cores from each other."""
+    raw = os.environ.get("SPMD_HOST_THREADS", "").strip()
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"SPMD_HOST_THREADS={raw!r}: use a whole number of threads, 1 or "
+                             f"more (or unset it: the cores this process may run on).")
+        return int(raw)
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:

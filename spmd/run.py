@@ -171,6 +171,13 @@ def _hosts(args) -> list[str]:
     return []
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def _placement(args) -> list[str]:
     """mpiexec's arguments for where the ranks run.  Hosts that are all names of this machine
     (a test of a many-host job on one machine) are started by fork; other hosts by mpiexec's
@@ -227,6 +234,8 @@ class _Job:
                    SPMD_RESTART_COUNT=str(attempt), SPMD_RUN_DIR=self.run_dir,
                    PYTHONUNBUFFERED="1")
         env.setdefault("SPMD_FLIGHT_RECORDER_DIR", os.path.join(self.run_dir, "flight-recorder"))
+        if not _hosts(args):              # every rank on this machine: a share of its cores each
+            env.setdefault("SPMD_HOST_THREADS", str(max(1, _cores() // args.n)))
         self.recorder_dir = env["SPMD_FLIGHT_RECORDER_DIR"]
         script = _command(args)
         self.ranks: list[_Rank] = []

@@ -174,3 +174,30 @@ def test_nccl_collective_table_on_two_gpus():
                                  timeout=170)
     assert code == 0, err[-3000:]
     assert ranks_saying(out, r"OK \d+ on 2 processes") == [0, 1], out
+
+
+@pytest.mark.timeout(60)
+def test_ranks_on_one_machine_share_its_cores(monkeypatch):
+    """spmd-run gives each of its N local processes cores // N host threads (ranks that each
+    took every core would spin against each other); a user's SPMD_HOST_THREADS wins."""
+    monkeypatch.delenv("SPMD_HOST_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    code, out, err, _ = spmd_run("-n", "2", script("threads.py"), timeout=40)
+    assert code == 0, err[-2000:]
+    assert ranks_saying(out, f"threads {max(1, cores // 2)} of {cores} cores") == [0, 1], out
+    code, out, err, _ = spmd_run("-n", "2", script("threads.py"), timeout=40,
+                                 env={"SPMD_HOST_THREADS": "3"})
+    assert code == 0, err[-2000:]
+    assert ranks_saying(out, f"threads 3 of {cores} cores") == [0, 1], out
+
+
+def test_host_threads_setting_is_checked(monkeypatch):
+    from spmd import _host_parallel
+    monkeypatch.setenv("SPMD_HOST_THREADS", "two")
+    _host_parallel.num_threads.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="SPMD_HOST_THREADS='two'"):
+            _host_parallel.num_threads()
+    finally:
+        monkeypatch.delenv("SPMD_HOST_THREADS")
+        _host_parallel.num_threads.cache_clear()
