@@ -369,6 +369,13 @@ def _select_impl(xp, k, c, x, y):
                 and math.prod(shape) >= _PICK_MIN_ELEMENTS):
             out = _host_parallel.empty(np, shape, np.result_type(x, y))   # pooled: no page faults
             x, y = np.broadcast_to(x, shape), np.broadcast_to(y, shape)
+            if k == 1:              # devices in a row that pick the same side: one copy
+                pick = np.broadcast_to(c[(slice(None),) + (0,) * (c.ndim - 1)], shape[:1])
+                start = 0
+                for end in [*(np.flatnonzero(pick[1:] != pick[:-1]) + 1).tolist(), shape[0]]:
+                    np.copyto(out[start:end], (x if pick[start] else y)[start:end])
+                    start = end
+                return out
             for idx in np.ndindex(*shape[:k]):
                 at = tuple(min(i, n - 1) for i, n in zip(idx, c.shape)) + (0,) * (c.ndim - k)
                 np.copyto(out[idx], x[idx] if c[at] else y[idx])
