@@ -89,6 +89,9 @@ class Fused:
 # call on arrays that stay in cache, and the block path's bookkeeping (tens of microseconds)
 # costs more than the temporaries it saves (an Adam update of a bias or a small weight).
 IN_TURN_MAX_BYTES = 128 << 10
+# A chain that runs as C (``native.Chain``) costs a few microseconds to call: it pays from
+# smaller results on.
+NATIVE_IN_TURN_MAX_BYTES = 32 << 10
 
 
 class ElementwiseChain:
@@ -117,8 +120,9 @@ class ElementwiseChain:
             dtypes = [np.result_type(p) for p in (probe if len(self.results) > 1 else (probe,))]
             # blocks only when every member has the one shape (they line up) and one dtype
             # (scratch blocks are shared between them)
+            limit = IN_TURN_MAX_BYTES if self.native is None else NATIVE_IN_TURN_MAX_BYTES
             small = math.prod(full) * dtypes[0].itemsize < min(
-                IN_TURN_MAX_BYTES, _host_parallel.ELEMENTWISE_PARALLEL_MIN_BYTES)
+                limit, _host_parallel.ELEMENTWISE_PARALLEL_MIN_BYTES)
             blocked = (all(sh == full for sh in shapes[self.n_in:]) and len(set(dtypes)) == 1
                        and not small)
             hit = self.layouts[key] = (blocked, dtypes, full)
